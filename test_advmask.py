@@ -1,0 +1,553 @@
+"""Tests of advmask.py, in the order of its sections: hypothesis properties, oracles, and CLI runs in subprocesses.
+
+Everything runs on CPU with tiny open_clip models built from a config (random weights, no downloads).
+"""
+import copy
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torch.nn.utils import parametrize
+
+import advmask as am
+
+HERE = Path(__file__).resolve().parent
+MODEL_SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SIZE = am.TINY_CLIP["vision_cfg"]["image_size"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_clip(seed):
+    torch.manual_seed(seed)
+    return open_clip.CLIP(**am.TINY_CLIP).eval()
+
+
+def tiny_clip(seed=0):
+    """A fresh copy of a tiny random CLIP (built once per seed)."""
+    return copy.deepcopy(_tiny_clip(seed))
+
+
+def tiny_classifier(n_classes=3, seed=0):
+    return am.ClipClassifier(tiny_clip(seed), [f"thing {c}" for c in range(n_classes)], ["a photo of a {}.", "a {}."])
+
+
+def images(batch, seed=0):
+    return torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_scores(model, seed, threshold=am.MASK_THRESHOLD):
+    """Scores spread around the threshold (some exactly on it), so that about half of the weights are off."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for *_, mask in am._masks(model):
+            s = threshold + 1e-2 * torch.randn(mask.scores.shape, generator=g)
+            s[torch.rand(s.shape, generator=g) < 0.05] = threshold
+            mask.scores.copy_(s)
+
+
+def masked_weights(model):
+    """(θ original, θ' effective, scores, threshold) for every masked weight."""
+    return [(module.parametrizations[name].original, getattr(module, name), mask.scores, mask.threshold)
+            for _, module, name, mask in am._masks(model)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLIP as a classifier
+
+def test_classifier_logits_equal_clip_computed_independently():
+    """Logits are exp(logit_scale)·f̂(x)·T̂ᵀ with CLIP's own normalisation and the template-averaged text features."""
+    clip, names, templates = tiny_clip(), ["cat", "dog", "axolotl"], ["a photo of a {}.", "art of a {}."]
+    clf = am.ClipClassifier(clip, names, templates)
+    x = images(5)
+    with torch.no_grad():
+        text = []
+        for name in names:
+            t = clip.encode_text(open_clip.tokenize([tpl.format(name) for tpl in templates]), normalize=True)
+            text.append(F.normalize(t.mean(0), dim=0))
+        norm = T.Normalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+        f = clip.encode_image(norm(x), normalize=True)
+        expected = clip.logit_scale.exp() * f @ torch.stack(text).T
+        got = clf(x)
+    assert got.shape == (5, 3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_features_are_every_visual_block_output():
+    """return_features gives one (B, T, D) tensor per visual block, equal to the block's output, and the same logits."""
+    clf, x = tiny_classifier(), images(2)
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o)) for b in clf.clip.visual.transformer.resblocks]
+    with torch.no_grad():
+        logits, feats = clf(x, return_features=True)
+    for h in hooks:
+        h.remove()
+    tokens = (SIZE // am.TINY_CLIP["vision_cfg"]["patch_size"]) ** 2 + 1
+    assert len(feats) == am.TINY_CLIP["vision_cfg"]["layers"]
+    for got, block_out in zip(feats, seen):
+        assert got.shape == (2, tokens, am.TINY_CLIP["vision_cfg"]["width"])
+        assert torch.equal(got, block_out)
+    with torch.no_grad():
+        assert torch.equal(logits, clf(x))
+
+
+def test_text_tower_runs_only_at_construction():
+    """Text features are computed once: a forward pass never calls the text tower."""
+    clf = tiny_classifier()
+    clf.clip.encode_text = None  # calling it would raise TypeError
+    with torch.no_grad():
+        assert clf(images(1)).shape == (1, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Binary masks with a straight-through estimator
+
+@pytest.mark.parametrize("target", ["mhsa", "mlp", "all"])
+@pytest.mark.parametrize("bare", [False, True])
+def test_apply_masks_leaves_only_scores_trainable(target, bare):
+    """Only the chosen visual weights get masks; every other parameter, text tower included, is frozen and unmasked."""
+    model = tiny_clip() if bare else tiny_classifier()
+    visual = am.visual_tower(model)
+    want = {f"transformer.resblocks.{i}.{p}" for i in range(len(visual.transformer.resblocks))
+            for p in am.MASK_TARGETS[target]}
+    n_want = sum(visual.get_parameter(n).numel() for n in want)
+    scores = am.apply_masks(model, target)
+    assert {name for name, *_ in am._masks(model)} == want
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(s) for s in scores}
+    assert sum(s.numel() for s in scores) == n_want
+    assert all(torch.all(s == am.MASK_INIT) for s in scores)
+    text_tower = model.clip.transformer if not bare else model.transformer
+    assert not any(parametrize.is_parametrized(m) for m in text_tower.modules())
+    with pytest.raises(ValueError, match="already has masks"):
+        am.apply_masks(model, target)
+    with pytest.raises(ValueError, match="unknown mask target"):
+        am.apply_masks(tiny_clip(), "heads")
+
+
+@MODEL_SETTINGS
+@given(seed=st.integers(0, 10_000), threshold=st.floats(-1, 1, allow_nan=False, width=32))
+def test_effective_weight_is_theta_where_on_and_zero_where_off(seed, threshold):
+    """M_bin = 1[M > threshold] ∈ {0, 1}; θ' equals θ bit for bit where on and 0 where off."""
+    model = tiny_clip()
+    am.apply_masks(model, "all", threshold=threshold)
+    randomize_scores(model, seed, threshold)
+    for theta, effective, scores, thr in masked_weights(model):
+        on = scores > thr
+        assert torch.equal(effective[on], theta[on])
+        assert torch.all(effective[~on] == 0)
+        m_bin = am._BinarizeSTE.apply(scores, thr)
+        assert set(m_bin.unique().tolist()) <= {0.0, 1.0} and torch.equal(m_bin.bool(), on)
+
+
+@MODEL_SETTINGS
+@given(seed=st.integers(0, 10_000))
+def test_ste_gradient_equals_effective_gradient_times_theta(seed):
+    """∂L/∂M equals (∂L/∂θ') ⊙ θ, with ∂L/∂θ' taken independently on a plain model holding the weights θ'."""
+    masked, x, y = tiny_classifier(), images(3, seed), torch.tensor([0, 2, 1])
+    am.apply_masks(masked, "all")
+    randomize_scores(masked, seed)
+    plain = am.bake_masks(copy.deepcopy(masked))
+    F.cross_entropy(masked(x), y).backward()
+    names = [name for name, *_ in am._masks(masked)]
+    weights = [am.visual_tower(plain).get_parameter(n) for n in names]
+    for w in weights:
+        w.requires_grad_(True)
+    grads = torch.autograd.grad(F.cross_entropy(plain(x), y), weights)
+    for (theta, _, scores, _), grad_effective in zip(masked_weights(masked), grads):
+        assert grad_effective.abs().sum() > 0
+        torch.testing.assert_close(scores.grad, grad_effective * theta, rtol=1e-5, atol=1e-12)
+
+
+def test_all_on_mask_gives_the_unmasked_logits_exactly():
+    """With every score above the threshold the masked model is bit for bit the unmasked one."""
+    plain, masked, x = tiny_classifier(), tiny_classifier(), images(4)
+    am.apply_masks(masked, "all")
+    with torch.no_grad():
+        assert torch.equal(masked(x), plain(x))
+
+
+@MODEL_SETTINGS
+@given(seed=st.integers(0, 10_000))
+def test_bake_and_fixed_masks_give_the_masked_logits(seed):
+    """bake_masks and fixed_masks reproduce the masked model's logits exactly; baking leaves no masks behind."""
+    masked, x = tiny_classifier(), images(3, seed)
+    am.apply_masks(masked, "mhsa")
+    randomize_scores(masked, seed)
+    with torch.no_grad():
+        expected = masked(x)
+    with am.fixed_masks(masked):
+        assert not any(effective.requires_grad for _, effective, *_ in masked_weights(masked))
+        assert torch.equal(masked(x), expected)
+    baked = am.bake_masks(copy.deepcopy(masked))
+    assert not any(parametrize.is_parametrized(m) for m in baked.modules())
+    assert isinstance(baked.clip.visual.transformer.resblocks[0].attn.in_proj_weight, torch.nn.Parameter)
+    with torch.no_grad():
+        assert torch.equal(baked(x), expected)
+
+
+@MODEL_SETTINGS
+@given(seed=st.integers(0, 10_000))
+def test_mask_sparsity_is_the_fraction_of_weights_off(seed):
+    """mask_sparsity counts the weights whose score is not above the threshold."""
+    model = tiny_clip()
+    am.apply_masks(model, "mhsa")
+    randomize_scores(model, seed)
+    off = sum((s <= t).sum().item() for _, _, s, t in masked_weights(model))
+    total = sum(s.numel() for _, _, s, _ in masked_weights(model))
+    assert am.mask_sparsity(model) == pytest.approx(off / total, abs=1e-12)
+
+
+@MODEL_SETTINGS
+@given(seed=st.integers(0, 10_000), target=st.sampled_from(["mhsa", "mlp", "all"]))
+def test_mask_file_round_trip_is_bit_exact_and_one_bit_per_weight(tmp_path_factory, seed, target):
+    """save/load reproduces every bit, onto a bare or an unmasked model, in a file of about n/8 bytes."""
+    path = tmp_path_factory.mktemp("m") / "masks.pt"
+    model = tiny_classifier()
+    am.apply_masks(model, target)
+    randomize_scores(model, seed)
+    am.save_masks(model, path)
+    n = sum(s.numel() for _, _, s, _ in masked_weights(model))
+    assert n / 8 <= path.stat().st_size <= n / 8 + 4096
+    fresh = tiny_clip()  # bare open_clip model, no masks yet
+    am.load_masks(fresh, path)
+    for (_, ours, s, t), (_, theirs, s2, t2) in zip(masked_weights(model), masked_weights(fresh)):
+        assert torch.equal(s > t, s2 > t2) and torch.equal(ours, theirs)
+
+
+def test_vit_b32_mhsa_mask_file_is_about_3_5_mb(tmp_path):
+    """A ViT-B/32 attention mask (28.3 M weights) packs into 3.54 MB, not 113 MB of float scores."""
+    model = open_clip.create_model("ViT-B-32")  # random weights: only the shapes matter
+    scores = am.apply_masks(model, "mhsa")
+    am.save_masks(model, tmp_path / "b32.pt")
+    n = sum(s.numel() for s in scores)
+    assert n == 12 * (3 * 768 * 768 + 768 * 768)
+    assert n / 8 <= (tmp_path / "b32.pt").stat().st_size <= n / 8 * 1.01
+
+
+def test_mask_file_refuses_models_it_does_not_fit(tmp_path):
+    """Loading onto another architecture or target, or from a truncated or altered file, fails with a clear error."""
+    model = tiny_clip()
+    am.apply_masks(model, "mhsa")
+    path = tmp_path / "masks.pt"
+    am.save_masks(model, path)
+    other = open_clip.CLIP(**{**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], "width": 32}})
+    with pytest.raises(ValueError, match=r"was made for VisionTransformer\(layers=2, width=64"):
+        am.load_masks(other, path)
+    mlp_masked = tiny_clip()
+    am.apply_masks(mlp_masked, "mlp")
+    with pytest.raises(ValueError, match="masked with --mask-target mhsa"):
+        am.load_masks(mlp_masked, path)
+    data = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        am.load_masks(tiny_clip(), tmp_path / "cut.pt")
+    blob = torch.load(path, weights_only=True)
+    blob["bits"][0] ^= 1
+    torch.save(blob, tmp_path / "flipped.pt")
+    with pytest.raises(ValueError, match="fails its checksum"):
+        am.load_masks(tiny_clip(), tmp_path / "flipped.pt")
+    with pytest.raises(ValueError, match="does not exist"):
+        am.load_masks(tiny_clip(), tmp_path / "missing.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PGD
+
+def torchattacks_pgd(model, images, labels, eps, alpha, steps):
+    """torchattacks.PGD.forward (v3.5.1, MIT licence) with random_start=False, transcribed as the oracle."""
+    images = images.clone().detach()
+    labels = labels.clone().detach()
+    loss = torch.nn.CrossEntropyLoss()
+    adv_images = images.clone().detach()
+    for _ in range(steps):
+        adv_images.requires_grad = True
+        outputs = model(adv_images)
+        cost = loss(outputs, labels)
+        grad = torch.autograd.grad(cost, adv_images, retain_graph=False, create_graph=False)[0]
+        adv_images = adv_images.detach() + alpha * grad.sign()
+        delta = torch.clamp(adv_images - images, min=-eps, max=eps)
+        adv_images = torch.clamp(images + delta, min=0, max=1).detach()
+    return adv_images
+
+
+@MODEL_SETTINGS
+@given(batch=st.integers(1, 4), eps=st.floats(0, 16 / 255), alpha=st.floats(1e-3, 8 / 255),
+       steps=st.integers(0, 4), random_start=st.booleans(), seed=st.integers(0, 10_000))
+def test_pgd_stays_in_the_eps_ball_and_the_pixel_range(batch, eps, alpha, steps, random_start, seed):
+    """x_adv lies within ε of x in l∞ (up to float rounding) and inside [0, 1], for any ε, α, steps and batch."""
+    model, x = tiny_classifier(), images(batch, seed)
+    x[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # pixels on the box edges
+    y = torch.randint(0, 3, (batch,), generator=torch.Generator().manual_seed(seed))
+    x_adv = am.pgd_attack(model, x, y, eps, alpha, steps, random_start)
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_pgd_leaves_no_grad_and_restores_the_mode(training):
+    """The attack runs in eval mode, restores the caller's mode, and leaves no .grad on any parameter."""
+    model = tiny_classifier()
+    am.apply_masks(model)
+    model.train(training)
+    modes = []
+    model.clip.visual.register_forward_hook(lambda m, i, o: modes.append(m.training))
+    am.pgd_attack(model, images(2), torch.tensor([0, 1]), steps=3)
+    assert modes == [False] * 3
+    assert model.training == training
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_pgd_equals_torchattacks_without_random_start(masked):
+    """With random_start=False pgd_attack gives exactly torchattacks' PGD images."""
+    model, x, y = tiny_classifier(), images(4, seed=3), torch.tensor([0, 1, 2, 0])
+    if masked:
+        am.apply_masks(model)
+        randomize_scores(model, 0)
+    model.eval()
+    for eps, alpha, steps in [(1 / 255, 1 / 255, 2), (4 / 255, 1 / 255, 10), (8 / 255, 2 / 255, 5)]:
+        expected = torchattacks_pgd(model, x, y, eps, alpha, steps)
+        assert torch.equal(am.pgd_attack(model, x, y, eps, alpha, steps, random_start=False), expected)
+        assert not torch.equal(expected, x)
+
+
+def test_pgd_on_baked_or_fixed_masks_equals_the_masked_path():
+    """The attack finds the same images on the masked model, inside fixed_masks, and on the baked copy."""
+    model, x, y = tiny_classifier(), images(4, seed=5), torch.tensor([2, 1, 0, 0])
+    am.apply_masks(model)
+    randomize_scores(model, 1)
+    expected = am.pgd_attack(model, x, y, 4 / 255, 1 / 255, 5, random_start=False)
+    with am.fixed_masks(model):
+        assert torch.equal(am.pgd_attack(model, x, y, 4 / 255, 1 / 255, 5, random_start=False), expected)
+    baked = am.bake_masks(copy.deepcopy(model))
+    assert torch.equal(am.pgd_attack(baked, x, y, 4 / 255, 1 / 255, 5, random_start=False), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses
+
+feature_shapes = st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 4), st.integers(1, 6))  # L, B, T, D
+
+
+def random_lafa_inputs(shape, seed, classes=4):
+    n_layers, b, t, d = shape
+    g = torch.Generator().manual_seed(seed)
+    clean = [torch.randn(b, t, d, generator=g) for _ in range(n_layers)]
+    adv = [c + torch.randn(b, t, d, generator=g) for c in clean]
+    logits = 3 * torch.randn(b, classes, generator=g)
+    labels = torch.randint(0, classes, (b,), generator=g)
+    return clean, adv, logits, labels
+
+
+@settings(max_examples=50, deadline=None)
+@given(shape=feature_shapes, seed=st.integers(0, 10_000), adaptive=st.booleans())
+def test_lafa_equals_the_formula_computed_sample_by_sample(shape, seed, adaptive):
+    """LAFA = 1/(|L||B|) Σ_l Σ_i w_i · mean_{t,d} (z_clean − z_adv)², w_i = p_i / (mean p + ε), computed in loops."""
+    clean, adv, logits, labels = random_lafa_inputs(shape, seed)
+    n_layers, b, t, d = shape
+    p = [math.exp(logits[i, labels[i]].item()) / sum(math.exp(v) for v in logits[i].tolist()) for i in range(b)]
+    w = [pi / (sum(p) / b + 1e-8) if adaptive else 1.0 for pi in p]
+    total = 0.0
+    for layer in range(n_layers):
+        for i in range(b):
+            sq = sum((clean[layer][i, k, j].item() - adv[layer][i, k, j].item()) ** 2 for k in range(t) for j in range(d))
+            total += w[i] * sq / (t * d)
+    expected = total / (n_layers * b)
+    got = am.lafa_loss(clean, adv, logits, labels, adaptive=adaptive)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(shape=feature_shapes, seed=st.integers(0, 10_000), adaptive=st.booleans())
+def test_lafa_is_nonnegative_and_zero_when_features_match(shape, seed, adaptive):
+    """LAFA ≥ 0, and exactly 0 when adversarial features equal the clean ones."""
+    clean, adv, logits, labels = random_lafa_inputs(shape, seed)
+    assert am.lafa_loss(clean, adv, logits, labels, adaptive=adaptive) >= 0
+    assert am.lafa_loss(clean, [c.clone() for c in clean], logits, labels, adaptive=adaptive) == 0
+
+
+@settings(max_examples=50, deadline=None)
+@given(shape=feature_shapes, seed=st.integers(0, 10_000), offset=st.sampled_from([0.25, 0.5, 1.0, 3.0]))
+def test_lafa_adaptive_weights_average_one(shape, seed, offset):
+    """When every sample is equally far from its clean features, adaptive LAFA equals plain LAFA: the weights mean 1."""
+    _, _, logits, labels = random_lafa_inputs(shape, seed)
+    g = torch.Generator().manual_seed(seed)
+    clean = [torch.randint(-64, 64, shape[1:], generator=g) / 8 for _ in range(shape[0])]  # exact in float32
+    adv = [c + offset for c in clean]
+    plain = am.lafa_loss(clean, adv, logits, labels, adaptive=False)
+    assert plain.item() == offset ** 2
+    # weights are p_i / (mean p + 1e-8): they average 1 to within 1e-8 / mean p, tiny for confidences ≥ 1e-3
+    logits = logits / 3
+    assert am.lafa_loss(clean, adv, logits, labels, adaptive=True).item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_lafa_sends_no_gradient_into_clean_features_or_weights():
+    """Clean features and the confidence weights are targets: gradient reaches the adversarial features only."""
+    clean, adv, logits, labels = random_lafa_inputs((2, 3, 4, 5), 0)
+    for t in clean + adv + [logits]:
+        t.requires_grad_(True)
+    am.lafa_loss(clean, adv, logits, labels).backward()
+    assert all(c.grad is None for c in clean) and logits.grad is None
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in adv)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# K-shot data
+
+@settings(max_examples=100, deadline=None)
+@given(counts=st.lists(st.integers(1, 20), min_size=1, max_size=8), data=st.data())
+def test_k_shot_sampler_takes_exactly_k_per_class_deterministically(counts, data):
+    """Exactly K distinct images of every class, the same indices for the same seed."""
+    shots = data.draw(st.integers(1, min(counts)))
+    seed = data.draw(st.integers(0, 2**31))
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    labels = [labels[i] for i in data.draw(st.permutations(range(len(labels))))]
+    idx = am.sample_k_shot(labels, shots, seed)
+    assert len(set(idx)) == len(idx) == shots * len(counts)
+    assert all(sum(labels[i] == c for i in idx) == shots for c in range(len(counts)))
+    assert idx == am.sample_k_shot(labels, shots, seed)
+
+
+@settings(max_examples=50, deadline=None)
+@given(counts=st.lists(st.integers(1, 10), min_size=2, max_size=6), data=st.data())
+def test_k_shot_sampler_names_a_class_that_is_too_small(counts, data):
+    """Asking for more shots than a class has is a ValueError naming that class and its count."""
+    small = data.draw(st.integers(0, len(counts) - 1))
+    shots = counts[small] + 1
+    counts = [max(n, shots) if c != small else n for c, n in enumerate(counts)]
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    names = [f"breed {c}" for c in range(len(counts))]
+    with pytest.raises(ValueError, match=f"class 'breed {small}' has {counts[small]} training images"):
+        am.sample_k_shot(labels, shots, 0, names)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+
+def synthetic_training_set(n_classes, shots, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images_u8 = torch.randint(0, 256, (n_classes * shots, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+    return images_u8, torch.arange(n_classes).repeat_interleave(shots)
+
+
+def test_training_changes_only_the_scores():
+    """After several training steps every pre-trained parameter and buffer is bitwise unchanged; scores moved."""
+    model = tiny_classifier(n_classes=4)
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".scores")}
+    scores = am.apply_masks(model)
+    x, y = synthetic_training_set(4, 4)
+    am.train(model, scores, x, y, epochs=3, batch_size=8, lr=1e-2, log_every=100)
+    after = {k.replace("parametrizations.", "").replace(".original", ""): v for k, v in model.state_dict().items()
+             if not k.endswith(".scores")}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not torch.all(s == am.MASK_INIT) for s in scores)
+    assert all(p.grad is None or p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("shots", [1, 16])
+def test_default_budget_turns_weights_off_at_every_shot_count(shots):
+    """With the default lr and epochs the mask leaves all-ones (it would otherwise be zero-shot CLIP) at 1 and 16 shots."""
+    model = tiny_classifier(n_classes=4)
+    scores = am.apply_masks(model)
+    x, y = synthetic_training_set(4, shots)
+    epochs = am.default_epochs(len(y), am.BATCH_SIZE)
+    assert epochs * math.ceil(len(y) / am.BATCH_SIZE) >= am.TRAIN_BUDGET_STEPS
+    history = am.train(model, scores, x, y, epochs, log_every=10**6)
+    assert history[-1]["off"] > 0
+    assert am.mask_sparsity(model) == history[-1]["off"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+def test_evaluate_counts_like_a_direct_computation():
+    """With ε = 0 the robust accuracy equals the clean one, and both equal a direct count of correct argmaxes."""
+    model = tiny_classifier(n_classes=3)
+    x_u8, y = synthetic_training_set(3, 5, seed=4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_u8, y), batch_size=4)
+    with torch.no_grad():
+        correct = (model(x_u8.float() / 255).argmax(1) == y).sum().item()
+    result = am.evaluate(model, loader, eps=0.0, alpha=1 / 255, steps=3)
+    assert result == {"clean_acc": correct / 15, "adv_acc": correct / 15, "n": 15}
+    attacked = am.evaluate(model, loader, eps=16 / 255, alpha=4 / 255, steps=5)
+    assert attacked["clean_acc"] == correct / 15 and attacked["adv_acc"] <= attacked["clean_acc"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line (subprocesses of the real CLI)
+
+PET_CLASSES = ["Abyssinian", "american_bulldog", "Bengal", "yorkshire_terrier"]  # cats capitalised, dogs not
+
+
+def fabricate_oxford_pets(root, train_per_class=3, test_per_class=2):
+    """A tiny Oxford-IIIT Pet tree in torchvision's layout: images/<Breed>_<n>.jpg and annotations/{trainval,test}.txt."""
+    base = Path(root) / "oxford-iiit-pet"
+    (base / "images").mkdir(parents=True)
+    (base / "annotations").mkdir()
+    rng = np.random.default_rng(0)
+    for split, per_class, first in (("trainval", train_per_class, 1), ("test", test_per_class, 100)):
+        lines = []
+        for label, breed in enumerate(PET_CLASSES, start=1):
+            for n in range(first, first + per_class):
+                pixels = rng.integers(0, 256, (30 + n % 7, 40, 3), dtype=np.uint8)  # odd sizes: resize and crop
+                Image.fromarray(pixels).save(base / "images" / f"{breed}_{n}.jpg")
+                lines.append(f"{breed}_{n} {label} {1 if breed[0].isupper() else 2} 1")
+        (base / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(HERE / "advmask.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """A model-config JSON, a checkpoint of that model, and a fabricated Oxford-IIIT Pet tree."""
+    root = tmp_path_factory.mktemp("files")
+    config = root / "tiny-test-clip.json"
+    config.write_text(json.dumps(am.TINY_CLIP))
+    torch.save(tiny_clip(7).state_dict(), root / "tiny.pt")
+    fabricate_oxford_pets(root / "data")
+    return root
+
+
+def test_cli_trains_and_evaluates_on_a_fabricated_oxford_pets_tree(tiny_files, tmp_path):
+    """The real CLI, with a config JSON, a local checkpoint and torchvision's loader, writes sane results and masks."""
+    out = tmp_path / "run"
+    proc = run_cli("--dataset", "oxford_pets", "--data-root", str(tiny_files / "data"), "--no-download",
+                   "--model", str(tiny_files / "tiny-test-clip.json"), "--pretrained", str(tiny_files / "tiny.pt"),
+                   "--shots", "2", "--epochs", "3", "--batch-size", "4", "--test-steps", "2", "--device", "cpu",
+                   "--workers", "0", "--out-dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "step 6/6 | ce" in proc.stdout and "result | clean" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "masks.pt", "results.json"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["n"] == 2 * len(PET_CLASSES)
+    assert 0 <= results["adv_acc"] <= 1 and 0 <= results["clean_acc"] <= 1
+    assert 0 <= results["sparsity"] < 1 and results["settings"]["shots"] == 2
+    model = tiny_clip(7)
+    am.load_masks(model, out / "masks.pt")
+    assert am.mask_sparsity(model) == pytest.approx(results["sparsity"], abs=1e-12)
+
+
+def test_cli_dry_run_needs_no_files(tmp_path):
+    """--dry-run runs the whole pipeline on a tiny random CLIP and synthetic images."""
+    proc = run_cli("--dry-run", "--out-dir", "dry", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "dry" / "results.json").read_text())["n"] == 16
