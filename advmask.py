@@ -22,7 +22,9 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
+import zlib
 from functools import partial
 from pathlib import Path
 
@@ -62,6 +64,9 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+# A small CLIP for --benchmark on a CPU: 65 tokens × batch 32 gives each weight about as much matrix-product work as
+# ViT-B/32 at batch 32 (50 tokens), so the cost of masking relative to the rest is comparable.
+BENCH_CLIP = {**TINY_CLIP, "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32}}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -113,6 +118,7 @@ class ClipClassifier(nn.Module):
 MASK_TARGETS = {"mhsa": ("attn.in_proj_weight", "attn.out_proj.weight"), "mlp": ("mlp.c_fc.weight", "mlp.c_proj.weight")}
 MASK_TARGETS["all"] = MASK_TARGETS["mhsa"] + MASK_TARGETS["mlp"]
 MASK_FILE_FORMAT = 1
+MASK_MAGIC = b"ADVMASK\n"
 
 
 class _BinarizeSTE(torch.autograd.Function):
@@ -238,20 +244,23 @@ def _atomic_write(path, write):
 def save_masks(model, path):
     """Store M_bin only, packed 1 bit per masked weight, with what load_masks needs to refuse a model it does not fit.
 
+    The file is MASK_MAGIC, the header length (4 bytes, little-endian), a zlib-compressed JSON header (format, arch,
+    target, threshold, names, shapes, n_weights, sha256 of the bits) and the bits, packed 8 to a byte in
+    np.packbits order; numpy alone can read it.
     Args:
         model: a masked ClipClassifier or open_clip model.
         path: file to write (atomically); a ViT-B/32 "mhsa" mask is 28.3 M weights, about 3.5 MB.
     Example:
-        >>> save_masks(classifier, "runs/masks.pt"); load_masks(fresh_classifier, "runs/masks.pt")
+        >>> save_masks(classifier, "runs/masks.bin"); load_masks(fresh_classifier, "runs/masks.bin")
     """
     entries = list(_masks(model))
     if not entries:
         raise ValueError("this model has no masks; call apply_masks and train before saving")
     bits = torch.cat([(mask.scores > mask.threshold).flatten().cpu() for *_, mask in entries])  # (n,)
-    packed = np.packbits(bits.numpy())  # (⌈n/8⌉,) uint8
+    packed = np.packbits(bits.numpy()).tobytes()  # ⌈n/8⌉ bytes
     names = [name for name, *_ in entries]
     suffixes = {name.split(".", 3)[3] for name in names}  # "transformer.resblocks.0.attn.in_proj_weight" -> "attn..."
-    blob = {
+    header = zlib.compress(json.dumps({
         "format": MASK_FILE_FORMAT,
         "arch": _arch(model),
         "target": next(t for t, params in MASK_TARGETS.items() if set(params) == suffixes),
@@ -259,10 +268,10 @@ def save_masks(model, path):
         "names": names,
         "shapes": [list(mask.scores.shape) for *_, mask in entries],
         "n_weights": bits.numel(),
-        "sha256": hashlib.sha256(packed.tobytes()).hexdigest(),
-        "bits": torch.from_numpy(packed),
-    }
-    _atomic_write(path, partial(torch.save, blob))
+        "sha256": hashlib.sha256(packed).hexdigest(),
+    }).encode())
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(MASK_MAGIC + len(header).to_bytes(4, "little") + header
+                                                          + packed))
 
 
 def load_masks(model, path):
@@ -271,43 +280,46 @@ def load_masks(model, path):
     Every piece of metadata is checked; a file that does not fit raises ValueError saying what differs.
     Loaded scores sit at threshold ± 1: only the bits are stored, so the old scores cannot be recovered.
     Example:
-        >>> load_masks(classifier, "runs/masks.pt"); bake_masks(classifier)
+        >>> load_masks(classifier, "runs/masks.bin"); bake_masks(classifier)
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"mask file {path} does not exist; pass the masks.pt that a training run wrote")
+        raise ValueError(f"mask file {path} does not exist; pass the masks.bin that a training run wrote")
+    data = path.read_bytes()
+    if not data.startswith(MASK_MAGIC):
+        raise ValueError(f"{path} is not an advmask mask file; pass a file that save_masks wrote")
+    start = len(MASK_MAGIC) + 4 + int.from_bytes(data[len(MASK_MAGIC):len(MASK_MAGIC) + 4], "little")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # whatever the parser trips on, the file is not an intact mask file
-        raise ValueError(f"{path} is not a readable mask file ({type(e).__name__}): it is truncated or corrupted; "
-                         f"copy it again or re-run the training that wrote it") from None
-    keys = {"format", "arch", "target", "threshold", "names", "shapes", "n_weights", "sha256", "bits"}
-    if not isinstance(blob, dict) or blob.keys() != keys or blob["format"] != MASK_FILE_FORMAT:
-        raise ValueError(f"{path} is not an advmask mask file of format {MASK_FILE_FORMAT}; pass a file save_masks wrote")
-    packed = blob["bits"].numpy()
-    if hashlib.sha256(packed.tobytes()).hexdigest() != blob["sha256"]:
+        header = json.loads(zlib.decompress(data[len(MASK_MAGIC) + 4:start]))
+    except (zlib.error, ValueError):  # a cut or altered header fails to decompress or to parse
+        raise ValueError(f"{path} has an unreadable header: it is truncated or corrupted; copy it again or re-run "
+                         f"the training that wrote it") from None
+    if header.get("format") != MASK_FILE_FORMAT:
+        raise ValueError(f"{path} has mask format {header.get('format')}, this code reads {MASK_FILE_FORMAT}; use the "
+                         f"advmask version that wrote it")
+    packed = data[start:]
+    n = header["n_weights"]
+    if len(packed) != math.ceil(n / 8):
+        raise ValueError(f"{path} holds {len(packed)} bytes of bits for {n} weights: it is truncated; copy it again "
+                         f"or re-run the training that wrote it")
+    if hashlib.sha256(packed).hexdigest() != header["sha256"]:
         raise ValueError(f"{path} fails its checksum: the bits are corrupted; copy it again or re-run the training")
-    if blob["arch"] != _arch(model):
-        raise ValueError(f"{path} was made for {blob['arch']}, but this model is {_arch(model)}; "
+    if header["arch"] != _arch(model):
+        raise ValueError(f"{path} was made for {header['arch']}, but this model is {_arch(model)}; "
                          f"load it onto the architecture it was trained with")
     if next(_masks(model), None) is None:
-        apply_masks(model, blob["target"], threshold=blob["threshold"])
+        apply_masks(model, header["target"], threshold=header["threshold"])
     entries = list(_masks(model))
     ours = [(name, list(mask.scores.shape)) for name, *_, mask in entries]
-    theirs = list(zip(blob["names"], blob["shapes"]))
-    if ours != theirs:
-        raise ValueError(f"{path} masks {len(theirs)} weights ({blob['target']}) but this model masks {len(ours)} "
-                         f"different ones; load it onto an unmasked model or one masked with --mask-target "
-                         f"{blob['target']}")
-    n = blob["n_weights"]
-    bits = torch.from_numpy(np.unpackbits(packed, count=n)).bool()  # (n,)
-    if n != sum(mask.scores.numel() for *_, mask in entries) or len(bits) != n:
-        raise ValueError(f"{path} holds {len(bits)} bits for {n} weights; it is corrupted, re-run the training")
+    if ours != list(zip(header["names"], header["shapes"])):
+        raise ValueError(f"{path} masks the {header['target']} weights, which are not the ones this model masks; "
+                         f"load it onto an unmasked model or one masked with --mask-target {header['target']}")
+    bits = torch.from_numpy(np.unpackbits(np.frombuffer(packed, np.uint8), count=n).astype(bool))  # (n,)
     with torch.no_grad():
         for chunk, (*_, mask) in zip(bits.split([m.scores.numel() for *_, m in entries]), entries):
             on = chunk.view(mask.scores.shape).to(mask.scores.device)
+            mask.threshold = header["threshold"]
             mask.scores.copy_(torch.where(on, mask.threshold + 1.0, mask.threshold - 1.0))
-            mask.threshold = blob["threshold"]
     return model
 
 
@@ -458,6 +470,25 @@ def default_epochs(n_images, batch_size, budget_steps=TRAIN_BUDGET_STEPS):
     return max(1, math.ceil(budget_steps / math.ceil(n_images / batch_size)))
 
 
+def train_step(model, optimizer, x, y, lam=LAM, eps=1 / 255, alpha=1 / 255, steps=2, adaptive=True):
+    """One min-max step on images x in [0, 1]; returns (L_CE, L_LAFA, adversarial logits), detached."""
+    # inner max: x_adv = argmax_{‖x_adv − x‖∞ ≤ ε} L_CE(f(x_adv), y), with the mask held fixed (formed once)
+    with fixed_masks(model):
+        x_adv = pgd_attack(model, x, y, eps, alpha, steps)
+    with torch.no_grad():
+        clean_logits, clean_feats = model(x, return_features=True)
+    adv_logits, adv_feats = model(x_adv, return_features=True)
+    ce = F.cross_entropy(adv_logits, y)
+    lafa = lafa_loss(clean_feats, adv_feats, clean_logits, y, adaptive=adaptive)
+    # L_mask = L_CE(x_adv, y) + λ · L_LAFA(x, x_adv, y)
+    loss = ce + lam * lafa
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # straight-through: M ← M − γ · Adam(∂L/∂M_bin)
+    optimizer.step()
+    return ce.detach(), lafa.detach(), adv_logits.detach()
+
+
 def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, lam=LAM, eps=1 / 255, alpha=1 / 255,
           steps=2, adaptive=True, seed=0, log_every=20):
     """Adversarial mask tuning: only the scores change; every pre-trained weight stays bit for bit as it was.
@@ -484,7 +515,9 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
     total = epochs * math.ceil(len(labels) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     generator = torch.Generator().manual_seed(seed)
-    history, sums, seen, step, tic = [], {"ce": 0.0, "lafa": 0.0, "correct": 0}, 0, 0, time.perf_counter()
+    # running sums of CE·B, LAFA·B, correct, images; kept on the device so that a step never waits for the GPU
+    sums = torch.zeros(4, device=labels.device)
+    history, step, tic = [], 0, time.perf_counter()
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(labels), generator=generator).to(labels.device).split(batch_size):
@@ -494,35 +527,19 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
             # cached tensor, so no image is decoded twice
             flip = (torch.rand(len(y), generator=generator) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-            # inner max: x_adv = argmax_{‖x_adv − x‖∞ ≤ ε} L_CE(f(x_adv), y), with the mask held fixed
-            with fixed_masks(model):
-                x_adv = pgd_attack(model, x, y, eps, alpha, steps)
-            with torch.no_grad():
-                clean_logits, clean_feats = model(x, return_features=True)
-            adv_logits, adv_feats = model(x_adv, return_features=True)
-            ce = F.cross_entropy(adv_logits, y)
-            lafa = lafa_loss(clean_feats, adv_feats, clean_logits, y, adaptive=adaptive)
-            # L_mask = L_CE(x_adv, y) + λ · L_LAFA(x, x_adv, y)
-            loss = ce + lam * lafa
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # straight-through: M ← M − γ · Adam(∂L/∂M_bin)
-            optimizer.step()
+            ce, lafa, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, adaptive)
             scheduler.step()
-
-            sums["ce"] += ce.item() * len(y)
-            sums["lafa"] += lafa.item() * len(y)
-            sums["correct"] += (adv_logits.argmax(1) == y).sum().item()
-            seen += len(y)
+            sums += torch.stack([ce * len(y), lafa * len(y), (adv_logits.argmax(1) == y).sum(), sums.new_tensor(len(y))])
             if step % log_every == 0 or step == total:
-                row = {"step": step, "ce": sums["ce"] / seen, "lafa": sums["lafa"] / seen,
-                       "adv_acc": sums["correct"] / seen, "off": mask_sparsity(model),
-                       "img_per_s": seen / (time.perf_counter() - tic)}
+                ce_sum, lafa_sum, correct, seen = sums.tolist()
+                row = {"step": step, "ce": ce_sum / seen, "lafa": lafa_sum / seen, "adv_acc": correct / seen,
+                       "off": mask_sparsity(model), "img_per_s": seen / (time.perf_counter() - tic)}
+                memory = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if labels.is_cuda else ""
                 print(f"step {step}/{total} | ce {row['ce']:.3f} | lafa {row['lafa']:.4f} | adv-acc {row['adv_acc']:.2f} "
-                      f"| off {100 * row['off']:.2f}% | {row['img_per_s']:.0f} img/s", flush=True)
+                      f"| off {100 * row['off']:.2f}% | {row['img_per_s']:.0f} img/s{memory}", flush=True)
                 history.append(row)
-                sums, seen, tic = dict.fromkeys(sums, 0.0), 0, time.perf_counter()
+                sums.zero_()
+                tic = time.perf_counter()
     return history
 
 
@@ -555,11 +572,105 @@ def evaluate(model, loader, eps=1 / 255, alpha=1 / 255, steps=100):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Results: what a run leaves in --out-dir (config.json, masks.pt, results.json), each written atomically
+# Results: what a run leaves in --out-dir (config.json, masks.bin, results.json), each written atomically
 
 def write_json(path, obj):
     """Write obj as indented JSON, atomically."""
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Benchmark: what masking adds to plain adversarial training, and what a baked mask costs at evaluation
+
+def _bench_model(clip_config, device, target, masked, n_classes=10):
+    """A ClipClassifier and an Adam over either mask scores or, unmasked, the same weights made trainable."""
+    model = ClipClassifier(open_clip.CLIP(**clip_config).to(device), [f"class {c}" for c in range(n_classes)],
+                           ["a photo of a {}."])
+    if masked:
+        params = apply_masks(model, target)
+    else:
+        model.requires_grad_(False)
+        blocks = visual_tower(model).transformer.resblocks
+        params = [block.get_parameter(name).requires_grad_(True) for block in blocks for name in MASK_TARGETS[target]]
+    return model, torch.optim.Adam(params, lr=LR)
+
+
+def _bench_batch(clip_config, batch_size, device, n_classes=10):
+    size = clip_config["vision_cfg"]["image_size"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch_size, 3, size, size, generator=g).to(device)
+    return x, torch.randint(0, n_classes, (batch_size,), generator=g).to(device)
+
+
+def _min_seconds(fns, device, repeats):
+    """Fastest time of each fn over interleaved rounds after a warm-up round. Rounds alternate the order, so drifts in
+    machine speed and order effects hit all alike; the minimum, as timeit advises, is the least noisy estimate of
+    what the computation itself costs."""
+    times = {name: [] for name in fns}
+    for i in range(repeats + 1):
+        for name, fn in list(fns.items())[:: 1 if i % 2 else -1]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tic = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - tic)
+    return {name: min(t[1:]) for name, t in times.items()}
+
+
+def _train_peak_memory(clip_config, batch_size, device, target, masked, precision):
+    """Peak memory of two training steps in this (fresh) process: CUDA max allocated, or RSS growth on CPU."""
+    device = torch.device(device)
+    model, optimizer = _bench_model(clip_config, device, target, masked)
+    x, y = _bench_batch(clip_config, batch_size, device)
+    rss_before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+        for _ in range(2):
+            train_step(model, optimizer, x, y)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    import resource  # Unix only, like /proc above; the benchmark is for Linux machines
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+
+
+def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats=9, pgd_steps=10):
+    """Masked vs unmasked training step and baked vs plain PGD evaluation, as ratios measured in one process.
+
+    "Unmasked" trains the very weights the mask would cover, directly: the ratio is the price of masking over plain
+    adversarial fine-tuning of the same weights. Random weights: only speed and memory are measured.
+    """
+    amp = partial(torch.autocast, device.type, torch.bfloat16, enabled=precision == "bf16")
+    x, y = _bench_batch(clip_config, batch_size, device)
+    masked, masked_opt = _bench_model(clip_config, device, target, masked=True)
+    plain, plain_opt = _bench_model(clip_config, device, target, masked=False)
+    with amp():
+        train_s = _min_seconds({"masked": lambda: train_step(masked, masked_opt, x, y),
+                                   "plain": lambda: train_step(plain, plain_opt, x, y)}, device, repeats)
+        baked, frozen = bake_masks(masked), plain.requires_grad_(False)
+        eval_s = _min_seconds({"baked": lambda: pgd_attack(baked, x, y, steps=pgd_steps),
+                                  "plain": lambda: pgd_attack(frozen, x, y, steps=pgd_steps)}, device, repeats)
+    # each training variant's peak memory comes from a fresh process, so the two peaks do not mix
+    with torch.multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        memory = {name: pool.apply(_train_peak_memory, (clip_config, batch_size, str(device), target, name == "masked",
+                                                        precision)) for name in ("masked", "plain")}
+    n_weights = sum(p.numel() for p in plain_opt.param_groups[0]["params"])
+    with tempfile.TemporaryDirectory() as tmp:
+        scored, _ = _bench_model(clip_config, "cpu", target, masked=True)
+        save_masks(scored, Path(tmp) / "masks.bin")
+        bits_per_weight = (Path(tmp) / "masks.bin").stat().st_size * 8 / n_weights
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "precision": precision,
+        "batch_size": batch_size, "masked_weights": n_weights, "pgd_steps": pgd_steps,
+        "train_img_s_masked": batch_size / train_s["masked"], "train_img_s_plain": batch_size / train_s["plain"],
+        "train_time_ratio": train_s["masked"] / train_s["plain"],
+        "eval_img_s_baked": batch_size / eval_s["baked"], "eval_img_s_plain": batch_size / eval_s["plain"],
+        "eval_time_ratio": eval_s["baked"] / eval_s["plain"],
+        "train_peak_mem_masked_mb": memory["masked"] / 2**20, "train_peak_mem_plain_mb": memory["plain"] / 2**20,
+        "train_mem_ratio": memory["masked"] / memory["plain"], "mask_bits_per_weight": bits_per_weight,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -602,7 +713,12 @@ def parse_args(argv):
     p.add_argument("--shots", type=int, default=16, help="training images per class (K)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--model", default="ViT-B-32", help="open_clip model name, or path to an open_clip config JSON")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp32"],
+                   help="autocast precision of forward and backward passes; scores, optimiser and accuracies stay "
+                        "fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--model", default=None,
+                   help="open_clip model name, or path to an open_clip config JSON (default: ViT-B-32; with "
+                        "--benchmark, a small built-in config)")
     p.add_argument("--pretrained", default="openai", help="open_clip tag, local checkpoint path, or none (random)")
     p.add_argument("--mask-target", default="mhsa", choices=list(MASK_TARGETS))
     p.add_argument("--lam", type=float, default=LAM, help="λ, weight of LAFA")
@@ -622,6 +738,9 @@ def parse_args(argv):
     p.add_argument("--out-dir", default=None, help="default: runs/few_shot/<dataset>/<shots>shot/seed<seed>")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny random CLIP, synthetic images, 2 epochs, PGD-3 eval: the whole pipeline in seconds")
+    p.add_argument("--benchmark", action="store_true",
+                   help="print one JSON line: masked vs unmasked training speed and memory, baked vs plain PGD speed, "
+                        "mask-file bits per weight (random weights)")
     args = p.parse_args(argv)
     for flag in ("shots", "batch_size", "eval_batch_size", "epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
@@ -643,7 +762,22 @@ def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is visible; pass --device cpu")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    amp = partial(torch.autocast, device.type, torch.bfloat16, enabled=precision == "bf16")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls may use TF32
     torch.manual_seed(args.seed)
+    if args.benchmark:
+        if args.model is None:
+            config = BENCH_CLIP
+        elif args.model.endswith(".json"):
+            config = json.loads(Path(args.model).read_text())
+        else:
+            config = open_clip.get_model_config(args.model)
+        if config is None:
+            raise ValueError(f"unknown model {args.model!r}; pass an open_clip model name or a config JSON")
+        print(json.dumps({"model": args.model or "BENCH_CLIP", **benchmark(config, args.batch_size, device, precision,
+                                                                            args.mask_target)}))
+        return None
     out_dir = Path(args.out_dir or f"runs/few_shot/{args.dataset}/{args.shots}shot/seed{args.seed}")
 
     if args.dry_run:
@@ -653,7 +787,7 @@ def run(args):
         test_set = synthetic_dataset(4, 4, size, args.seed + 1)[0]
         args.epochs, args.test_steps = args.epochs or 2, 3
     else:
-        clip, tokenizer = load_clip(args.model, args.pretrained)
+        clip, tokenizer = load_clip(args.model or "ViT-B-32", args.pretrained)
         size = clip.visual.image_size[0]
         train_set, train_labels, class_names = load_dataset(args.dataset, args.data_root, True, size,
                                                             not args.no_download)
@@ -665,18 +799,20 @@ def run(args):
     epochs = args.epochs or default_epochs(len(labels), args.batch_size)
     print(f"{args.dataset}: {len(labels)} training images ({args.shots} per class, {len(class_names)} classes), "
           f"{len(test_set)} test images; {sum(s.numel() for s in scores):,} masked weights; {epochs} epochs on {device}")
-    write_json(out_dir / "config.json", {**vars(args), "device": str(device), "epochs": epochs})
+    write_json(out_dir / "config.json", {**vars(args), "device": str(device), "precision": precision, "epochs": epochs})
 
-    history = train(classifier, scores, images, labels, epochs, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
-                    eps=args.train_eps / 255, alpha=args.train_alpha / 255, steps=args.train_steps,
-                    adaptive=not args.no_adaptive, seed=args.seed)
+    with amp():
+        history = train(classifier, scores, images, labels, epochs, batch_size=args.batch_size, lr=args.lr,
+                        lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255, steps=args.train_steps,
+                        adaptive=not args.no_adaptive, seed=args.seed)
     train_seconds = time.perf_counter() - start
-    save_masks(classifier, out_dir / "masks.pt")
+    save_masks(classifier, out_dir / "masks.bin")
     sparsity = mask_sparsity(classifier)
     bake_masks(classifier)  # evaluation on plain weights costs what plain CLIP costs
     loader = torch.utils.data.DataLoader(test_set, batch_size=args.eval_batch_size, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
-    result = evaluate(classifier, loader, args.test_eps / 255, args.test_alpha / 255, args.test_steps)
+    with amp():
+        result = evaluate(classifier, loader, args.test_eps / 255, args.test_alpha / 255, args.test_steps)
     seconds = time.perf_counter() - start
     print(f"result | clean {100 * result['clean_acc']:.2f}% | adv {100 * result['adv_acc']:.2f}% "
           f"(PGD-{args.test_steps}, eps {args.test_eps:g}/255) | n {result['n']} | off {100 * sparsity:.2f}% "
