@@ -17,10 +17,13 @@ only torch / open_clip / torchvision and the sections above it, so any one can b
 """
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import math
 import os
+import re
+import statistics
 import sys
 import tempfile
 import time
@@ -41,10 +44,49 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------------------------------------------------
 # Config: datasets, prompt templates and the defaults of every hyperparameter (paper values or our choices)
 
-# CoOp's prompt template per dataset; torchvision supplies the class names.
-TEMPLATES = {
-    "oxford_pets": ["a photo of a {}, a type of pet."],
+# The CoOp suite of 11 datasets, plus any train/<class>/ test/<class>/ tree. Per dataset: CoOp's prompt template; the
+# torchvision splits used for training and for testing (None: torchvision has no split, so a fixed stratified one is
+# made, see stratified_split); the folder under --data-root that CoOp's split_zhou_*.json paths are relative to.
+DATASETS = {
+    #                 prompt template                          train splits         test    images for --split-json
+    "imagenet":      ("a photo of a {}.",                      ("train",),          "val",  "imagenet/train"),
+    "caltech101":    ("a photo of a {}.",                      None,                None,   "caltech101/101_ObjectCategories"),
+    "oxford_pets":   ("a photo of a {}, a type of pet.",       ("trainval",),       "test", "oxford-iiit-pet/images"),
+    "stanford_cars": ("a photo of a {}.",                      ("train",),          "test", "stanford_cars"),
+    "flowers102":    ("a photo of a {}, a type of flower.",    ("train", "val"),    "test", "flowers-102/jpg"),
+    "food101":       ("a photo of {}, a type of food.",        ("train",),          "test", "food-101/images"),
+    "fgvc_aircraft": ("a photo of a {}, a type of aircraft.",  ("trainval",),       "test", "fgvc-aircraft-2013b/data/images"),
+    "sun397":        ("a photo of a {}.",                      None,                None,   "SUN397"),
+    "dtd":           ("{} texture.",                           ("train", "val"),    "test", "dtd/dtd/images"),
+    "eurosat":       ("a centered satellite photo of {}.",     None,                None,   "eurosat/2750"),
+    "ucf101":        ("a photo of a person doing {}.",         None,                None,   "ucf101/UCF-101-midframes"),
+    "imagefolder":   ("a photo of a {}.",                      ("train",),          "test", ""),
 }
+# Class names as CoOp writes them, where they differ from torchvision's (after "_" -> " ").
+CLASS_RENAMES = {
+    "AnnualCrop": "Annual Crop Land", "HerbaceousVegetation": "Herbaceous Vegetation Land",
+    "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "SeaLake": "Sea or Lake",
+    "airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike",
+}
+# torchvision's Flowers102 has no class names; these are CoOp's (from github.com/jimgoo/caffe-oxford102), in label order.
+FLOWERS102_CLASSES = [
+    "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold", "tiger lily",
+    "moon orchid", "bird of paradise", "monkshood", "globe thistle", "snapdragon", "colt's foot", "king protea",
+    "spear thistle", "yellow iris", "globe-flower", "purple coneflower", "peruvian lily", "balloon flower",
+    "giant white arum lily", "fire lily", "pincushion flower", "fritillary", "red ginger", "grape hyacinth",
+    "corn poppy", "prince of wales feathers", "stemless gentian", "artichoke", "sweet william", "carnation",
+    "garden phlox", "love in the mist", "mexican aster", "alpine sea holly", "ruby-lipped cattleya", "cape flower",
+    "great masterwort", "siam tulip", "lenten rose", "barbeton daisy", "daffodil", "sword lily", "poinsettia",
+    "bolero deep blue", "wallflower", "marigold", "buttercup", "oxeye daisy", "common dandelion", "petunia",
+    "wild pansy", "primula", "sunflower", "pelargonium", "bishop of llandaff", "gaura", "geranium", "orange dahlia",
+    "pink-yellow dahlia", "cautleya spicata", "japanese anemone", "black-eyed susan", "silverbush", "californian poppy",
+    "osteospermum", "spring crocus", "bearded iris", "windflower", "tree poppy", "gazania", "azalea", "water lily",
+    "rose", "thorn apple", "morning glory", "passion flower", "lotus", "toad lily", "anthurium", "frangipani",
+    "clematis", "hibiscus", "columbine", "desert-rose", "tree mallow", "magnolia", "cyclamen", "watercress",
+    "canna lily", "hippeastrum", "bee balm", "ball moss", "foxglove", "bougainvillea", "camellia", "mallow",
+    "mexican petunia", "bromelia", "blanket flower", "trumpet creeper", "blackberry lily",
+]
 
 # paper: λ = 50; ε = α = 1/255 with 2 PGD steps in training and 100 at test (ε, α in /255 units on the CLI).
 LAM = 50.0
@@ -326,8 +368,15 @@ def load_masks(model, path):
 # ----------------------------------------------------------------------------------------------------------------------
 # PGD: the l∞ attack of the inner maximisation (2 steps in training, 100 at test)
 
-def pgd_attack(model, images, labels, eps=1 / 255, alpha=1 / 255, steps=2, random_start=True):
-    """l∞ projected gradient ascent on the cross-entropy, in [0, 1] pixel space (Madry et al., 2018).
+def cw_loss(logits, labels):
+    """CW margin loss, batch mean of max_{j≠y} z_j − z_y: positive once the image is misclassified."""
+    z_y = logits.gather(1, labels[:, None]).squeeze(1)  # (B,)
+    z_other = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(dim=1)  # (B,)
+    return (z_other - z_y).mean()
+
+
+def pgd_attack(model, images, labels, eps=1 / 255, alpha=1 / 255, steps=2, random_start=True, loss_fn=F.cross_entropy):
+    """l∞ projected gradient ascent on a loss (cross-entropy by default), in [0, 1] pixel space (Madry et al., 2018).
 
     Same algorithm as torchattacks' PGD: with random_start=False the two give identical images.
     Args:
@@ -338,6 +387,7 @@ def pgd_attack(model, images, labels, eps=1 / 255, alpha=1 / 255, steps=2, rando
         alpha: step size, in pixel units.
         steps: number of gradient steps.
         random_start: start from a uniform point in the ε-ball (FAP and torchattacks do).
+        loss_fn: the loss to maximise, (logits, labels) -> scalar; cw_loss gives PGD on the CW margin.
     Returns:
         Adversarial images, detached, with ‖x_adv − x‖∞ ≤ eps and values in [0, 1].
     Example:
@@ -352,7 +402,7 @@ def pgd_attack(model, images, labels, eps=1 / 255, alpha=1 / 255, steps=2, rando
             x = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
         for _ in range(steps):
             x.requires_grad_(True)
-            loss = F.cross_entropy(model(x), labels)
+            loss = loss_fn(model(x), labels)
             # only the input's gradient: nothing accumulates in any parameter's .grad
             (grad,) = torch.autograd.grad(loss, x)
             # x ← clamp(x₀ + clamp(x + α·sign(∇ₓ L) − x₀, −ε, ε), 0, 1)
@@ -394,6 +444,40 @@ def lafa_loss(clean_feats, adv_feats, clean_logits, labels, adaptive=True, eps=1
     return (d * w).mean()
 
 
+def kl_loss(clean_logits, adv_logits):
+    """KL(p_clean ‖ p_adv), batch mean: the "+ KL" row of the paper's loss ablation (TRADES' regulariser)."""
+    return F.kl_div(adv_logits.float().log_softmax(-1), clean_logits.float().log_softmax(-1), log_target=True,
+                    reduction="batchmean")
+
+
+def js_loss(clean_logits, adv_logits):
+    """Jensen-Shannon divergence between the clean and adversarial output distributions, batch mean ("+ JS")."""
+    log_p, log_q = clean_logits.float().log_softmax(-1), adv_logits.float().log_softmax(-1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2)  # log((p + q) / 2)
+    # JS(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)
+    return 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="batchmean")
+                  + F.kl_div(log_m, log_q, log_target=True, reduction="batchmean"))
+
+
+# The rows of the paper's loss ablation; each adds λ · (its regulariser) to L_CE(x_adv, y). The paper does not give
+# the ablation rows' weights; we use the one λ for all (50 by default).
+LOSSES = ("ce", "ce+js", "ce+kl", "ce+lafa_plain", "ce+lafa")
+
+
+def mask_loss(kind, clean_logits, clean_feats, adv_logits, adv_feats, labels, lam=LAM):
+    """(L_CE(x_adv, y), regulariser) for one of LOSSES; the training loss is L_CE + λ · regulariser."""
+    ce = F.cross_entropy(adv_logits, labels)
+    if kind == "ce":
+        return ce, torch.zeros_like(ce)
+    if kind == "ce+js":
+        return ce, js_loss(clean_logits, adv_logits)
+    if kind == "ce+kl":
+        return ce, kl_loss(clean_logits, adv_logits)
+    if kind in ("ce+lafa_plain", "ce+lafa"):
+        return ce, lafa_loss(clean_feats, adv_feats, clean_logits, labels, adaptive=kind == "ce+lafa")
+    raise ValueError(f"unknown loss {kind!r}; use one of {', '.join(LOSSES)}")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # K-shot data: datasets on disk, the K-shot sampler, and the training set decoded once into a uint8 tensor
 
@@ -429,29 +513,146 @@ def to_unit(images):
     return images.float() / 255
 
 
-def load_dataset(name, root, train, image_size, download=True):
-    """One split of a dataset as (torchvision dataset of (uint8 (3, H, W), label), labels, class names)."""
-    transform = T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+class ImageFiles(torch.utils.data.Dataset):
+    """Images listed as (path, label) pairs, as a CoOp split JSON lists them; the labels are in .targets."""
+
+    def __init__(self, items, transform):
+        self.items, self.transform, self.targets = list(items), transform, [label for _, label in items]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.transform(torchvision.datasets.folder.default_loader(self.items[i][0])), self.targets[i]
+
+
+class Split(torch.utils.data.Dataset):
+    """The images `indices` of a dataset, with the given labels (e.g. new classes renumbered from 0) in .targets."""
+
+    def __init__(self, dataset, indices, labels):
+        self.dataset, self.indices, self.targets = dataset, list(indices), list(labels)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]][0], self.targets[i]
+
+
+def stratified_split(labels, test_fraction=0.3, seed=0):
+    """Fixed per-class split for datasets without an official one: (train indices, test indices).
+
+    not in the paper: 30 % of every class for testing, as in CoOp's splits, drawn with seed 0 whatever the run's seed,
+    so that every run and every seed of a dataset is tested on the same images.
+    """
+    labels = torch.as_tensor(labels)
+    generator = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in labels.unique():
+        pool = (labels == c).nonzero().flatten()
+        pool = pool[torch.randperm(len(pool), generator=generator)].tolist()
+        n_test = round(test_fraction * len(pool))
+        test, train = test + pool[:n_test], train + pool[n_test:]
+    return sorted(train), sorted(test)
+
+
+def base_new_split(split, n_classes):
+    """Base classes = the first ⌈n/2⌉ labels, new = the rest renumbered from 0: (base Split, new Split, n_base)."""
+    n_base = math.ceil(n_classes / 2)
+    base = [i for i, y in enumerate(split.targets) if y < n_base]
+    new = [i for i, y in enumerate(split.targets) if y >= n_base]
+    return (Split(split, base, [split.targets[i] for i in base]),
+            Split(split, new, [split.targets[i] - n_base for i in new]), n_base)
+
+
+def _rgb(image):
+    return image.convert("RGB")  # Caltech101 and others hold some greyscale images
+
+
+def _torchvision_dataset(name, root, split, transform, download):
+    """One split (or, for split None, the whole) of a dataset through its torchvision class."""
+    tv, kw = torchvision.datasets, {"transform": transform, "download": download}
+    if name == "imagenet":
+        return tv.ImageNet(root, split=split, transform=transform)  # torchvision cannot download ImageNet
+    if name in ("ucf101", "imagefolder"):  # UCF101 as CoOp reads it: one middle frame per video, a class per folder
+        return tv.ImageFolder(Path(root) / (split or DATASETS[name][3]), transform=transform)
+    if split is None:
+        return {"caltech101": tv.Caltech101, "eurosat": tv.EuroSAT, "sun397": tv.SUN397}[name](root, **kw)
+    return {"oxford_pets": tv.OxfordIIITPet, "stanford_cars": tv.StanfordCars, "flowers102": tv.Flowers102,
+            "food101": tv.Food101, "fgvc_aircraft": tv.FGVCAircraft, "dtd": tv.DTD}[name](root, split=split, **kw)
+
+
+def _labels(ds):
+    """The class of every image, read from torchvision's index of the dataset instead of decoding every image."""
+    for attr in ("_labels", "targets", "y"):  # private in some torchvision classes, public in others
+        if hasattr(ds, attr):
+            return list(getattr(ds, attr))
+    return [label for _, label in ds._samples]  # StanfordCars
+
+
+def _class_names(name, ds):
+    """Human-readable class names, as CoOp writes them."""
+    if name == "flowers102":
+        return FLOWERS102_CLASSES
+    raw = ds.categories if name == "caltech101" else ds.classes
+    if name == "imagenet":
+        raw = [synonyms[0] for synonyms in raw]
+    if name == "sun397":  # "bakery/shop" -> "shop bakery"
+        raw = [" ".join(reversed(c.split("/"))) for c in raw]
+    if name == "ucf101":  # "ApplyEyeMakeup" -> "Apply Eye Makeup"
+        raw = [" ".join(re.findall(r"[A-Z][^A-Z]*", c)) or c for c in raw]
+    return [CLASS_RENAMES.get(c, c.replace("_", " ")) for c in raw]
+
+
+def load_dataset(name, root, image_size, download=True, split_json=None):
+    """A dataset's train and test splits and class names: {"train": Split, "test": Split, "classes": [str]}.
+
+    Images come resized (shorter side, bicubic) and centre-cropped to image_size, as uint8 (3, H, W) tensors.
+    With split_json (CoOp's split_zhou_<Name>.json) its "train" and "test" lists are used exactly.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+    transform = T.Compose([T.Lambda(_rgb), T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
                            T.CenterCrop(image_size), T.PILToTensor()])
-    if name != "oxford_pets":
-        raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(TEMPLATES)}")
+    _, train_splits, test_split, image_dir = DATASETS[name]
+    if split_json is not None:
+        spec = json.loads(Path(split_json).read_text())  # {"train": [[relpath, label, classname], ...], "test": ...}
+        folder = Path(root) / image_dir
+        missing = next((p for p, _, _ in spec["train"] + spec["test"] if not (folder / p).is_file()), None)
+        if missing is not None:
+            raise ValueError(f"{split_json} lists {missing}, which is not under {folder}; put {name}'s images there")
+        names = dict(sorted({(label, cname.replace("_", " ")) for _, label, cname in spec["train"] + spec["test"]}))
+        return {part: ImageFiles([(folder / p, label) for p, label, _ in spec[part]], transform)
+                for part in ("train", "test")} | {"classes": [names[c] for c in range(len(names))]}
     try:
-        ds = torchvision.datasets.OxfordIIITPet(root, split="trainval" if train else "test", transform=transform,
-                                                download=download)
-    except (RuntimeError, OSError) as e:  # torchvision raises these for a missing tree or a failed download
-        raise ValueError(f"Oxford-IIIT Pet is not under {Path(root) / 'oxford-iiit-pet'} ({e}); torchvision expects "
-                         f"images/<name>.jpg and annotations/trainval.txt, test.txt there: place them or allow "
-                         f"the download") from None
-    # torchvision keeps the labels in a private list; reading it avoids decoding every image to learn its class
-    return ds, list(ds._labels), list(ds.classes)
+        if train_splits is None:
+            whole = _torchvision_dataset(name, root, None, transform, download)
+            labels = _labels(whole)
+            train_idx, test_idx = stratified_split(labels)
+            parts = {"train": Split(whole, train_idx, [labels[i] for i in train_idx]),
+                     "test": Split(whole, test_idx, [labels[i] for i in test_idx])}
+        else:
+            train = [_torchvision_dataset(name, root, s, transform, download) for s in train_splits]
+            test = _torchvision_dataset(name, root, test_split, transform, download)
+            whole = train[0]
+            joined = torch.utils.data.ConcatDataset(train)
+            parts = {"train": Split(joined, range(len(joined)), sum((_labels(d) for d in train), [])),
+                     "test": Split(test, range(len(test)), _labels(test))}
+    except (RuntimeError, OSError, ValueError) as e:  # how torchvision reports a missing tree or a failed download
+        raise ValueError(f"{name} could not be loaded from {root} ({str(e).splitlines()[0]}); put it there in "
+                         f"torchvision's layout (images under {Path(root) / image_dir}) or allow the download") from None
+    return {**parts, "classes": _class_names(name, whole)}
 
 
 def synthetic_dataset(n_classes, per_class, image_size, seed):
-    """Random uint8 images with balanced labels, the data of --dry-run, in load_dataset's return format."""
-    labels = torch.arange(n_classes).repeat_interleave(per_class)  # (N,)
+    """Random uint8 images in balanced classes, in load_dataset's format: the data of --dry-run."""
+    labels = torch.arange(n_classes).repeat_interleave(2 * per_class)  # (N,): half for training, half for testing
     images = torch.randint(0, 256, (len(labels), 3, image_size, image_size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(seed))  # (N, 3, H, W)
-    return torch.utils.data.TensorDataset(images, labels), labels.tolist(), [f"class {c}" for c in range(n_classes)]
+    whole = torch.utils.data.TensorDataset(images, labels)
+    train, test = range(0, len(labels), 2), range(1, len(labels), 2)
+    return {"train": Split(whole, train, labels[0::2].tolist()), "test": Split(whole, test, labels[1::2].tolist()),
+            "classes": [f"class {c}" for c in range(n_classes)]}
 
 
 def cache_images(dataset, indices, device, num_workers=0):
@@ -470,27 +671,26 @@ def default_epochs(n_images, batch_size, budget_steps=TRAIN_BUDGET_STEPS):
     return max(1, math.ceil(budget_steps / math.ceil(n_images / batch_size)))
 
 
-def train_step(model, optimizer, x, y, lam=LAM, eps=1 / 255, alpha=1 / 255, steps=2, adaptive=True):
-    """One min-max step on images x in [0, 1]; returns (L_CE, L_LAFA, adversarial logits), detached."""
+def train_step(model, optimizer, x, y, lam=LAM, eps=1 / 255, alpha=1 / 255, steps=2, loss="ce+lafa"):
+    """One min-max step on images x in [0, 1]; returns (L_CE, regulariser, adversarial logits), detached."""
     # inner max: x_adv = argmax_{‖x_adv − x‖∞ ≤ ε} L_CE(f(x_adv), y), with the mask held fixed (formed once)
     with fixed_masks(model):
         x_adv = pgd_attack(model, x, y, eps, alpha, steps)
     with torch.no_grad():
         clean_logits, clean_feats = model(x, return_features=True)
     adv_logits, adv_feats = model(x_adv, return_features=True)
-    ce = F.cross_entropy(adv_logits, y)
-    lafa = lafa_loss(clean_feats, adv_feats, clean_logits, y, adaptive=adaptive)
+    ce, reg = mask_loss(loss, clean_logits, clean_feats, adv_logits, adv_feats, y)
     # L_mask = L_CE(x_adv, y) + λ · L_LAFA(x, x_adv, y)
-    loss = ce + lam * lafa
+    total = ce + lam * reg
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total.backward()
     # straight-through: M ← M − γ · Adam(∂L/∂M_bin)
     optimizer.step()
-    return ce.detach(), lafa.detach(), adv_logits.detach()
+    return ce.detach(), reg.detach(), adv_logits.detach()
 
 
 def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, lam=LAM, eps=1 / 255, alpha=1 / 255,
-          steps=2, adaptive=True, seed=0, log_every=20):
+          steps=2, loss="ce+lafa", seed=0, log_every=20):
     """Adversarial mask tuning: only the scores change; every pre-trained weight stays bit for bit as it was.
 
     Args:
@@ -502,7 +702,7 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
         batch_size, lr: Adam on the scores with a cosine schedule to 0.
         lam: λ, the weight of LAFA (50 in the paper; 0 gives CE-only adversarial mask tuning).
         eps, alpha, steps: the training PGD, in pixel units.
-        adaptive: LAFA with confidence weights (the paper) or without.
+        loss: one of LOSSES; "ce+lafa" is the paper's method, the others its ablation rows.
         seed: order of batches and flips.
         log_every: print a line every this many steps.
     Returns:
@@ -515,7 +715,7 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
     total = epochs * math.ceil(len(labels) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     generator = torch.Generator().manual_seed(seed)
-    # running sums of CE·B, LAFA·B, correct, images; kept on the device so that a step never waits for the GPU
+    # running sums of CE·B, regulariser·B ("lafa" in the log, whichever the loss), correct, images; kept on the device so that a step never waits for the GPU
     sums = torch.zeros(4, device=labels.device)
     history, step, tic = [], 0, time.perf_counter()
     model.train()
@@ -527,7 +727,7 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
             # cached tensor, so no image is decoded twice
             flip = (torch.rand(len(y), generator=generator) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            ce, lafa, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, adaptive)
+            ce, lafa, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, loss)
             scheduler.step()
             sums += torch.stack([ce * len(y), lafa * len(y), (adv_logits.argmax(1) == y).sum(), sums.new_tensor(len(y))])
             if step % log_every == 0 or step == total:
@@ -546,13 +746,14 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: clean accuracy and accuracy under PGD (100 steps in the paper)
 
-def evaluate(model, loader, eps=1 / 255, alpha=1 / 255, steps=100):
+def evaluate(model, loader, eps=1 / 255, alpha=1 / 255, steps=100, loss_fn=F.cross_entropy):
     """Clean and robust accuracy of model over a loader of (uint8 images, labels).
 
     Args:
         model: maps images in [0, 1] to logits (bake the masks first: it is then exactly as fast as plain CLIP).
         loader: yields ((B, 3, H, W) uint8, (B,) labels).
         eps, alpha, steps: the test PGD, in pixel units, with a random start.
+        loss_fn: the loss PGD maximises: F.cross_entropy (the paper's) or cw_loss.
     Returns:
         {"clean_acc": fraction correct on clean images, "adv_acc": fraction correct under PGD, "n": images}.
     Example:
@@ -564,7 +765,7 @@ def evaluate(model, loader, eps=1 / 255, alpha=1 / 255, steps=100):
         x, y = to_unit(images.to(device, non_blocking=True)), labels.to(device)
         with torch.no_grad():
             clean += (model(x).argmax(1) == y).sum().item()
-        x_adv = pgd_attack(model, x, y, eps, alpha, steps, random_start=True)
+        x_adv = pgd_attack(model, x, y, eps, alpha, steps, random_start=True, loss_fn=loss_fn)
         with torch.no_grad():
             adv += (model(x_adv).argmax(1) == y).sum().item()
         n += len(y)
@@ -577,6 +778,103 @@ def evaluate(model, loader, eps=1 / 255, alpha=1 / 255, steps=100):
 def write_json(path, obj):
     """Write obj as indented JSON, atomically."""
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def harmonic_mean(values):
+    """n / Σ 1/v: the H of the paper's base-to-new table over (base clean, base adv, new clean, new adv)."""
+    return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
+
+
+def _cell(values, n_seeds):
+    """'mean ± std' in % over seeds, '(k/n)' when seeds are missing, '—' when none finished."""
+    if not values:
+        return "—"
+    mean = 100 * sum(values) / len(values)
+    text = f"{mean:.1f}"
+    if len(values) > 1:
+        text += f" ± {100 * statistics.stdev(values):.1f}"
+    return text + (f" ({len(values)}/{n_seeds})" if len(values) < n_seeds else "")
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def summarize(runs_dir):
+    """Aggregate runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json into summary.md and summary.csv.
+
+    Mean ± std over seeds (in %), an "Average" row over datasets, and for base2new the paper's five columns with H
+    (the harmonic mean of the four averaged accuracies, as in the paper). A cell with no finished seed is "—", never
+    0, and so is an average over a column with such a cell. Returns the markdown text.
+    """
+    runs_dir = Path(runs_dir)
+    # (protocol, model, attack, eps, dataset, shots, eval) -> {seed: (clean, adv)}
+    acc, seen = {}, {}  # seen: protocol -> (datasets, shots, seeds) that have a run folder, finished or not
+    for cell in sorted(runs_dir.glob("*/*/*shot/seed*")):
+        protocol, dataset, shots, seed = cell.parts[-4], cell.parts[-3], int(cell.parts[-2][:-4]), int(cell.name[4:])
+        for group, value in zip(seen.setdefault(protocol, (set(), set(), set())), (dataset, shots, seed)):
+            group.add(value)
+        if (cell / "results.json").is_file():
+            for e in json.loads((cell / "results.json").read_text())["results"]:
+                key = (protocol, e["model"], e["attack"], e["eps"], dataset, shots, e["eval"])
+                acc.setdefault(key, {})[seed] = (e["clean_acc"], e["adv_acc"])
+    if not acc:
+        raise ValueError(f"no results.json under {runs_dir}/<protocol>/<dataset>/<K>shot/seed<s>/; run some first")
+    order = {name: i for i, name in enumerate(DATASETS)}
+    md, csv_rows = [f"# AdvMask results ({runs_dir})", ""], [["protocol", "model", "attack", "eps", "dataset",
+                                                               "shots", "eval", "metric", "mean", "std", "seeds"]]
+    for protocol, model, attack, eps in sorted({k[:4] for k in acc}):
+        datasets, all_shots, seeds = (sorted(g, key=lambda d: (order.get(d, len(order)), d)) if i == 0 else sorted(g)
+                                      for i, g in enumerate(seen[protocol]))
+
+        def stat(dataset, shots, eval_name, metric):  # per-seed values of one metric of one cell
+            runs = acc.get((protocol, model, attack, eps, dataset, shots, eval_name), {})
+            values = [pair[metric] for pair in runs.values()]
+            if values:
+                csv_rows.append([protocol, model, attack, eps, dataset, shots, eval_name, "clean adv".split()[metric],
+                                 _mean(values), statistics.stdev(values) if len(values) > 1 else "", len(values)])
+            return values
+
+        title = f"## {protocol} | {'AdvMask' if model == 'advmask' else 'CLIP (no mask)'} | {attack.upper()} " \
+                f"ε = {eps:g}/255 | mean ± std over seeds {', '.join(map(str, seeds))} (%)"
+        if protocol == "few_shot":
+            columns = [f"{k}-shot {m}" for k in all_shots for m in ("clean", "adv")]
+            rows = {d: [stat(d, k, d, m) for k in all_shots for m in (0, 1)] for d in datasets}
+            tables = [(title, "dataset", columns, rows)]
+        elif protocol == "base2new":
+            tables = []
+            for k in all_shots:
+                rows = {d: [stat(d, k, part, m) for part in ("base", "new") for m in (0, 1)] for d in datasets}
+                tables.append((f"{title}, {k} shots", "dataset",
+                               ["base clean", "base adv", "new clean", "new adv"], rows))
+        else:  # transfer: one table per source dataset and shot count, a row per evaluated dataset
+            tables = []
+            for d in datasets:
+                for k in all_shots:
+                    targets = sorted({key[6] for key in acc if key[:6] == (protocol, model, attack, eps, d, k)},
+                                     key=lambda t: (order.get(t, len(order)), t))
+                    rows = {t: [stat(d, k, t, m) for m in (0, 1)] for t in targets}
+                    tables.append((f"{title}, trained on {d}, {k} shots", "evaluated on", ["clean", "adv"], rows))
+        for heading, first, columns, rows in tables:
+            with_h = protocol == "base2new"
+            md += [heading, "", "| " + " | ".join([first] + columns + (["H"] if with_h else [])) + " |",
+                   "|" + "---|" * (len(columns) + 1 + with_h)]
+            averages = [_mean([_mean(r[j]) for r in rows.values()]) if all(r[j] for r in rows.values()) else None
+                        for j in range(len(columns))]
+            for name, cells in list(rows.items()) + [("Average", None)]:
+                means = [_mean(c) for c in cells] if cells else averages
+                texts = [_cell(c, len(seeds)) for c in cells] if cells else [
+                    "—" if m is None else f"{100 * m:.1f}" for m in averages]
+                if with_h:
+                    texts.append("—" if None in means else f"{100 * harmonic_mean(means):.1f}")
+                md.append("| " + " | ".join([f"**{name}**" if cells is None else name] + texts) + " |")
+            md.append("")
+    text = "\n".join(md)
+    _atomic_write(runs_dir / "summary.md", lambda tmp: Path(tmp).write_text(text))
+    _atomic_write(runs_dir / "summary.csv", lambda tmp: Path(tmp).write_text(
+        "\n".join(",".join(str(v) for v in row) for row in csv_rows) + "\n"))
+    print(text)
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -702,14 +1000,29 @@ def load_clip(model, pretrained):
     return clip, open_clip.get_tokenizer(model)
 
 
+ATTACKS = {"pgd": F.cross_entropy, "cw": cw_loss}  # --attack: the loss test-time PGD maximises
+
+
+def _list(kind):
+    """argparse type for a comma-separated list, e.g. --test-eps 1,2,4."""
+    return lambda text: [kind(item) for item in text.split(",") if item]
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="AdvMask: few-shot adversarial mask tuning of CLIP.",
+    p = argparse.ArgumentParser(description="AdvMask: few-shot adversarial mask tuning of CLIP. "
+                                            "'advmask.py summarize RUNS_DIR' aggregates finished runs.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # every usage error ends in one line and exit status 2, without argparse's usage block
     p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
-    p.add_argument("--dataset", default="oxford_pets", choices=sorted(TEMPLATES))
-    p.add_argument("--data-root", default="data", help="where the torchvision datasets live (or get downloaded)")
+    p.add_argument("--dataset", default="oxford_pets", choices=list(DATASETS), help="training (source) dataset")
+    p.add_argument("--data-root", default="data", help="where the datasets live (or get downloaded)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
+    p.add_argument("--split-json", default=None, help="CoOp split_zhou_<Name>.json: use exactly its train/test split")
+    p.add_argument("--protocol", default="few_shot", choices=["few_shot", "base2new", "transfer"])
+    p.add_argument("--eval-datasets", type=_list(str), default=[d for d in DATASETS if d not in ("imagenet", "imagefolder")],
+                   help="transfer: comma-separated datasets evaluated zero-shot")
+    p.add_argument("--masks", default=None, help="transfer: evaluate this mask file instead of training one")
+    p.add_argument("--baseline", action="store_true", help="also evaluate unmasked CLIP under the same attacks")
     p.add_argument("--shots", type=int, default=16, help="training images per class (K)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -721,8 +1034,8 @@ def parse_args(argv):
                         "--benchmark, a small built-in config)")
     p.add_argument("--pretrained", default="openai", help="open_clip tag, local checkpoint path, or none (random)")
     p.add_argument("--mask-target", default="mhsa", choices=list(MASK_TARGETS))
-    p.add_argument("--lam", type=float, default=LAM, help="λ, weight of LAFA")
-    p.add_argument("--no-adaptive", action="store_true", help="LAFA without confidence weights (ablation)")
+    p.add_argument("--loss", default="ce+lafa", choices=LOSSES, help="ce+lafa is AdvMask; the rest are its ablation")
+    p.add_argument("--lam", type=float, default=LAM, help="λ, weight of the regulariser (LAFA)")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"default: enough for about {TRAIN_BUDGET_STEPS} optimisation steps, at least 1")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
@@ -731,11 +1044,12 @@ def parse_args(argv):
     p.add_argument("--train-eps", type=float, default=TRAIN_EPS, help="in /255 units")
     p.add_argument("--train-alpha", type=float, default=TRAIN_ALPHA, help="in /255 units")
     p.add_argument("--train-steps", type=int, default=TRAIN_STEPS)
-    p.add_argument("--test-eps", type=float, default=TEST_EPS, help="in /255 units")
+    p.add_argument("--attack", type=_list(str), default=["pgd"], help="comma-separated: pgd (CE loss), cw (CW margin)")
+    p.add_argument("--test-eps", type=_list(float), default=[TEST_EPS], help="comma-separated, in /255 units")
     p.add_argument("--test-alpha", type=float, default=TEST_ALPHA, help="in /255 units")
     p.add_argument("--test-steps", type=int, default=TEST_STEPS)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    p.add_argument("--out-dir", default=None, help="default: runs/few_shot/<dataset>/<shots>shot/seed<seed>")
+    p.add_argument("--out-dir", default=None, help="default: runs/<protocol>/<dataset>/<shots>shot/seed<seed>")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny random CLIP, synthetic images, 2 epochs, PGD-3 eval: the whole pipeline in seconds")
     p.add_argument("--benchmark", action="store_true",
@@ -745,19 +1059,43 @@ def parse_args(argv):
     for flag in ("shots", "batch_size", "eval_batch_size", "epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer")
-    for flag in ("train_eps", "train_alpha", "test_eps", "test_alpha"):
+    for flag in ("train_eps", "train_alpha", "test_alpha"):
         if not 0 <= getattr(args, flag) <= 255:
             p.error(f"--{flag.replace('_', '-')} is in /255 units and must lie in [0, 255]")
+    if not args.test_eps or not all(0 <= eps <= 255 for eps in args.test_eps):
+        p.error("--test-eps takes values in /255 units in [0, 255], e.g. 1 or 1,2,4")
     for flag in ("train_steps", "test_steps", "workers"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
     if args.lam < 0 or args.lr <= 0:
         p.error("--lam must be 0 or more and --lr positive")
+    if not args.attack or not set(args.attack) <= set(ATTACKS):
+        p.error(f"--attack takes a comma-separated list of {', '.join(ATTACKS)}")
+    if not set(args.eval_datasets) <= set(DATASETS):
+        p.error(f"--eval-datasets takes a comma-separated list of {', '.join(DATASETS)}")
+    if args.masks and args.protocol != "transfer":
+        p.error("--masks goes with --protocol transfer; the other protocols train their mask")
     return args
 
 
+def _evaluate_heads(model_name, evals, args, device, amp):
+    """Clean and robust accuracy of every class set under every attack and ε: one results entry each."""
+    rows = []
+    for name, (test_set, head) in evals.items():
+        loader = torch.utils.data.DataLoader(test_set, batch_size=args.eval_batch_size, num_workers=args.workers,
+                                             pin_memory=device.type == "cuda")
+        for attack in args.attack:
+            for eps in args.test_eps:
+                with amp():
+                    result = evaluate(head, loader, eps / 255, args.test_alpha / 255, args.test_steps, ATTACKS[attack])
+                print(f"{model_name} | {name} | {attack}-{args.test_steps} eps {eps:g}/255 | clean "
+                      f"{100 * result['clean_acc']:.2f}% | adv {100 * result['adv_acc']:.2f}% | n {result['n']}")
+                rows.append({"model": model_name, "eval": name, "attack": attack, "eps": eps, **result})
+    return rows
+
+
 def run(args):
-    """One AdvMask run: load CLIP and data, tune the mask on K shots, save it, evaluate clean and under PGD."""
+    """One run of a protocol: load CLIP and data, tune (or load) the mask, save it, evaluate clean and under attack."""
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -778,54 +1116,85 @@ def run(args):
         print(json.dumps({"model": args.model or "BENCH_CLIP", **benchmark(config, args.batch_size, device, precision,
                                                                             args.mask_target)}))
         return None
-    out_dir = Path(args.out_dir or f"runs/few_shot/{args.dataset}/{args.shots}shot/seed{args.seed}")
+    out_dir = Path(args.out_dir or f"runs/{args.protocol}/{args.dataset}/{args.shots}shot/seed{args.seed}")
 
     if args.dry_run:
         clip, tokenizer = open_clip.CLIP(**TINY_CLIP), None
-        size = TINY_CLIP["vision_cfg"]["image_size"]
-        train_set, train_labels, class_names = synthetic_dataset(4, max(args.shots, 4), size, args.seed)
-        test_set = synthetic_dataset(4, 4, size, args.seed + 1)[0]
         args.epochs, args.test_steps = args.epochs or 2, 3
     else:
         clip, tokenizer = load_clip(args.model or "ViT-B-32", args.pretrained)
-        size = clip.visual.image_size[0]
-        train_set, train_labels, class_names = load_dataset(args.dataset, args.data_root, True, size,
-                                                            not args.no_download)
-        test_set = load_dataset(args.dataset, args.data_root, False, size, not args.no_download)[0]
-    indices = sample_k_shot(train_labels, args.shots, args.seed, class_names)
-    classifier = ClipClassifier(clip.to(device), class_names, TEMPLATES[args.dataset], tokenizer)
-    scores = apply_masks(classifier, args.mask_target)
-    images, labels = cache_images(train_set, indices, device, args.workers)
-    epochs = args.epochs or default_epochs(len(labels), args.batch_size)
-    print(f"{args.dataset}: {len(labels)} training images ({args.shots} per class, {len(class_names)} classes), "
-          f"{len(test_set)} test images; {sum(s.numel() for s in scores):,} masked weights; {epochs} epochs on {device}")
-    write_json(out_dir / "config.json", {**vars(args), "device": str(device), "precision": precision, "epochs": epochs})
+    clip = clip.to(device)
+    size = clip.visual.image_size[0]
 
-    with amp():
-        history = train(classifier, scores, images, labels, epochs, batch_size=args.batch_size, lr=args.lr,
-                        lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255, steps=args.train_steps,
-                        adaptive=not args.no_adaptive, seed=args.seed)
+    def data(name):
+        if args.dry_run:  # every dataset name gets its own synthetic data
+            return synthetic_dataset(4, max(args.shots, 4), size, seed=list(DATASETS).index(name))
+        return load_dataset(name, args.data_root, size, not args.no_download,
+                            args.split_json if name == args.dataset else None)
+
+    # what is trained on, and the class sets evaluated: name -> (test split, class names, prompt templates)
+    train_on = None if args.masks else data(args.dataset)
+    template = [DATASETS[args.dataset][0]]
+    if args.protocol == "base2new":
+        base_train, _, n_base = base_new_split(train_on["train"], len(train_on["classes"]))
+        base_test, new_test, _ = base_new_split(train_on["test"], len(train_on["classes"]))
+        train_set, train_names = base_train, train_on["classes"][:n_base]
+        sets = {"base": (base_test, train_names, template), "new": (new_test, train_on["classes"][n_base:], template)}
+    elif args.protocol == "transfer":
+        train_set, train_names = (None, None) if args.masks else (train_on["train"], train_on["classes"])
+        sets = {name: (d["test"], d["classes"], [DATASETS[name][0]]) for name in args.eval_datasets
+                for d in [data(name)]}
+    else:
+        train_set, train_names = train_on["train"], train_on["classes"]
+        sets = {args.dataset: (train_on["test"], train_names, template)}
+    # one text-tower pass per class set; the heads share the one image tower, which the mask then changes
+    evals = {name: (test_set, ClipClassifier(clip, names, templates, tokenizer))
+             for name, (test_set, names, templates) in sets.items()}
+    if args.masks:
+        load_masks(copy.deepcopy(clip), args.masks)  # refuse a misfit file before anything is written
+    else:
+        indices = sample_k_shot(train_set.targets, args.shots, args.seed, train_names)
+        head = next((h for n, (_, h) in evals.items() if n in ("base", args.dataset)), None)
+        head = head or ClipClassifier(clip, train_names, template, tokenizer)
+        images, labels = cache_images(train_set, indices, device, args.workers)
+        epochs = args.epochs or default_epochs(len(labels), args.batch_size)
+        print(f"{args.protocol} on {args.dataset}: {len(labels)} training images ({args.shots} per class, "
+              f"{len(train_names)} classes), {epochs} epochs on {device} ({precision})")
+    write_json(out_dir / "config.json", {**vars(args), "device": str(device), "precision": precision})
+
+    results = _evaluate_heads("clip", evals, args, device, amp) if args.baseline else []
+    history = []
+    if args.masks:
+        load_masks(clip, args.masks)
+    else:
+        scores = apply_masks(clip, args.mask_target)
+        with amp():
+            history = train(head, scores, images, labels, epochs, batch_size=args.batch_size, lr=args.lr,
+                            lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255,
+                            steps=args.train_steps, loss=args.loss, seed=args.seed)
+        save_masks(clip, out_dir / "masks.bin")
     train_seconds = time.perf_counter() - start
-    save_masks(classifier, out_dir / "masks.bin")
-    sparsity = mask_sparsity(classifier)
-    bake_masks(classifier)  # evaluation on plain weights costs what plain CLIP costs
-    loader = torch.utils.data.DataLoader(test_set, batch_size=args.eval_batch_size, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda")
-    with amp():
-        result = evaluate(classifier, loader, args.test_eps / 255, args.test_alpha / 255, args.test_steps)
+    sparsity = mask_sparsity(clip)
+    bake_masks(clip)  # evaluation on plain weights costs what plain CLIP costs
+    results += _evaluate_heads("advmask", evals, args, device, amp)
     seconds = time.perf_counter() - start
-    print(f"result | clean {100 * result['clean_acc']:.2f}% | adv {100 * result['adv_acc']:.2f}% "
-          f"(PGD-{args.test_steps}, eps {args.test_eps:g}/255) | n {result['n']} | off {100 * sparsity:.2f}% "
-          f"| {seconds:.0f} s")
-    write_json(out_dir / "results.json", {**result, "sparsity": sparsity, "train_seconds": train_seconds,
-                                          "seconds": seconds, "train_log": history, "settings": vars(args)})
-    return result
+    print(f"done | off {100 * sparsity:.2f}% of masked weights | {seconds:.0f} s | {out_dir}")
+    write_json(out_dir / "results.json", {
+        "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
+        "sparsity": sparsity, "train_seconds": train_seconds, "seconds": seconds, "results": results,
+        "train_log": history, "settings": {**vars(args), "precision": precision}})
+    return results
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        run(args)
+        if argv[:1] == ["summarize"]:
+            if len(argv) != 2:
+                raise ValueError("usage: advmask.py summarize RUNS_DIR")
+            summarize(argv[1])
+        else:
+            run(parse_args(argv))
     except ValueError as e:  # library functions raise ValueError with a sentence that says what to do
         print(f"advmask: error: {e}", file=sys.stderr)
         sys.exit(2)

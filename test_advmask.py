@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -403,6 +404,47 @@ def test_lafa_sends_no_gradient_into_clean_features_or_weights():
     assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in adv)
 
 
+@settings(max_examples=50, deadline=None)
+@given(b=st.integers(1, 6), c=st.integers(2, 6), seed=st.integers(0, 10_000))
+def test_cw_loss_is_the_best_other_logit_minus_the_true_one(b, c, seed):
+    """cw_loss = mean over the batch of max_{j≠y} z_j − z_y, checked against a loop over classes."""
+    g = torch.Generator().manual_seed(seed)
+    logits, labels = 5 * torch.randn(b, c, generator=g), torch.randint(0, c, (b,), generator=g)
+    margins = [max(logits[i, j].item() for j in range(c) if j != labels[i]) - logits[i, labels[i]].item()
+               for i in range(b)]
+    assert am.cw_loss(logits, labels).item() == pytest.approx(sum(margins) / b, rel=1e-5, abs=1e-5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(b=st.integers(1, 6), c=st.integers(2, 6), seed=st.integers(0, 10_000))
+def test_kl_and_js_equal_their_definitions(b, c, seed):
+    """kl_loss = KL(p_clean ‖ p_adv) and js_loss = ½KL(p‖m) + ½KL(q‖m), summed by hand; JS is symmetric, 0 at p = q."""
+    g = torch.Generator().manual_seed(seed)
+    clean, adv = 3 * torch.randn(b, c, generator=g), 3 * torch.randn(b, c, generator=g)
+    p, q = clean.softmax(-1).double(), adv.softmax(-1).double()
+    kl = lambda a, b_: (a * (a / b_).log()).sum(-1).mean().item()  # noqa: E731
+    m = (p + q) / 2
+    assert am.kl_loss(clean, adv).item() == pytest.approx(kl(p, q), rel=1e-4, abs=1e-6)
+    assert am.js_loss(clean, adv).item() == pytest.approx(0.5 * kl(p, m) + 0.5 * kl(q, m), rel=1e-4, abs=1e-6)
+    assert am.js_loss(adv, clean).item() == pytest.approx(am.js_loss(clean, adv).item(), rel=1e-5, abs=1e-7)
+    assert am.js_loss(clean, clean).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_mask_loss_rows_of_the_ablation():
+    """Each --loss adds the right regulariser: none, JS, KL, plain LAFA, adaptive LAFA; unknown names are refused."""
+    clean_feats, adv_feats, logits, labels = random_lafa_inputs((2, 3, 4, 5), 1)
+    adv_logits = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    expected = {"ce": 0.0, "ce+js": am.js_loss(logits, adv_logits), "ce+kl": am.kl_loss(logits, adv_logits),
+                "ce+lafa_plain": am.lafa_loss(clean_feats, adv_feats, logits, labels, adaptive=False),
+                "ce+lafa": am.lafa_loss(clean_feats, adv_feats, logits, labels, adaptive=True)}
+    assert set(expected) == set(am.LOSSES)
+    for kind, reg in expected.items():
+        ce, got = am.mask_loss(kind, logits, clean_feats, adv_logits, adv_feats, labels)
+        assert ce == F.cross_entropy(adv_logits, labels) and got == reg
+    with pytest.raises(ValueError, match="unknown loss"):
+        am.mask_loss("ce+trades", logits, clean_feats, adv_logits, adv_feats, labels)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # K-shot data
 
@@ -431,6 +473,104 @@ def test_k_shot_sampler_names_a_class_that_is_too_small(counts, data):
     names = [f"breed {c}" for c in range(len(counts))]
     with pytest.raises(ValueError, match=f"class 'breed {small}' has {counts[small]} training images"):
         am.sample_k_shot(labels, shots, 0, names)
+
+
+@settings(max_examples=100, deadline=None)
+@given(labels=st.lists(st.integers(0, 9), min_size=1, max_size=60))
+def test_base_new_split_is_disjoint_covering_and_renumbered(labels):
+    """Base = the first ⌈n/2⌉ classes, new = the rest renumbered from 0; together they hold every image once."""
+    n = max(labels) + 1
+    split = am.Split(list(zip(range(len(labels)), labels)), range(len(labels)), labels)
+    base, new, n_base = am.base_new_split(split, n)
+    assert n_base == math.ceil(n / 2)
+    assert sorted(base.indices + new.indices) == list(range(len(labels)))
+    assert all(labels[i] < n_base and y == labels[i] for i, y in zip(base.indices, base.targets))
+    assert all(labels[i] >= n_base and y == labels[i] - n_base for i, y in zip(new.indices, new.targets))
+    assert all(new[k][1] == new.targets[k] for k in range(len(new)))
+
+
+@settings(max_examples=50, deadline=None)
+@given(counts=st.lists(st.integers(1, 30), min_size=1, max_size=6), seed=st.integers(0, 100))
+def test_stratified_split_keeps_30_percent_of_every_class_for_testing(counts, seed):
+    """The split is a partition, 30 % (rounded) of each class is test, and it is the same every time."""
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    train, test = am.stratified_split(labels, seed=seed)
+    assert sorted(train + test) == list(range(len(labels)))
+    assert all(sum(labels[i] == c for i in test) == round(0.3 * n) for c, n in enumerate(counts))
+    assert (train, test) == am.stratified_split(labels, seed=seed)
+
+
+def jpeg(path, seed, size=(30, 40)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def fabricate_dtd(root, classes=("banded", "zigzagged", "waffled"), per_split=2):
+    """DTD as torchvision reads it: dtd/dtd/images/<class>/<class>_<n>.jpg and dtd/dtd/labels/{train,val,test}1.txt."""
+    base = Path(root) / "dtd" / "dtd"
+    (base / "labels").mkdir(parents=True)
+    for s, split in enumerate(("train", "val", "test")):
+        lines = []
+        for c in classes:
+            for n in range(per_split):
+                name = f"{c}_{s}{n:03d}.jpg"
+                jpeg(base / "images" / c / name, hash(name) % 1000)
+                lines.append(f"{c}/{name}")
+        (base / "labels" / f"{split}1.txt").write_text("\n".join(lines) + "\n")
+
+
+def fabricate_eurosat(root, classes=("AnnualCrop", "SeaLake", "River"), per_class=10):
+    """EuroSAT as torchvision reads it: eurosat/2750/<Class>/<Class>_<n>.jpg (no official split)."""
+    for c in classes:
+        for n in range(per_class):
+            jpeg(Path(root) / "eurosat" / "2750" / c / f"{c}_{n}.jpg", n, size=(64, 64))
+
+
+def fabricate_imagefolder(root, classes=("red_fox", "tabby cat"), per_class=(3, 2)):
+    """Any image tree: <root>/train/<class>/*.jpg and <root>/test/<class>/*.jpg."""
+    for split, n in zip(("train", "test"), per_class):
+        for c in classes:
+            for i in range(n):
+                jpeg(Path(root) / split / c / f"{i}.jpg", i)
+
+
+def test_dtd_eurosat_and_imagefolder_load_through_torchvision(tmp_path):
+    """Fabricated trees in the real layouts load with their official or fixed splits and CoOp's class names."""
+    fabricate_dtd(tmp_path)
+    dtd = am.load_dataset("dtd", tmp_path, SIZE, download=False)
+    assert dtd["classes"] == ["banded", "waffled", "zigzagged"]
+    assert len(dtd["train"]) == 3 * 4 and len(dtd["test"]) == 3 * 2  # train + val, test
+    image, label = dtd["train"][0]
+    assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE) and label == dtd["train"].targets[0]
+    fabricate_eurosat(tmp_path)
+    euro = am.load_dataset("eurosat", tmp_path, SIZE, download=False)
+    assert euro["classes"] == ["Annual Crop Land", "River", "Sea or Lake"]
+    assert len(euro["test"]) == 3 * 3 and len(euro["train"]) == 3 * 7
+    assert set(euro["train"].indices).isdisjoint(euro["test"].indices)
+    fabricate_imagefolder(tmp_path / "tiny")
+    folder = am.load_dataset("imagefolder", tmp_path / "tiny", SIZE, download=False)
+    assert folder["classes"] == ["red fox", "tabby cat"] and folder["test"].targets == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="could not be loaded from .*put it there"):
+        am.load_dataset("food101", tmp_path, SIZE, download=False)
+
+
+def test_coop_split_json_is_used_exactly(tmp_path):
+    """--split-json: exactly its train and test lists, paths under the dataset's image folder, its class names."""
+    fabricate_oxford_pets(tmp_path)
+    spec = {"train": [["Abyssinian_1.jpg", 0, "abyssinian"], ["american_bulldog_2.jpg", 1, "american_bulldog"]],
+            "val": [], "test": [["american_bulldog_100.jpg", 1, "american_bulldog"]]}
+    (tmp_path / "split_zhou_OxfordPets.json").write_text(json.dumps(spec))
+    data = am.load_dataset("oxford_pets", tmp_path, SIZE, split_json=tmp_path / "split_zhou_OxfordPets.json")
+    assert data["classes"] == ["abyssinian", "american bulldog"]
+    assert data["train"].targets == [0, 1] and data["test"].targets == [1] and len(data["test"]) == 1
+    pets = am.load_dataset("oxford_pets", tmp_path, SIZE, download=False)["test"]  # same file through torchvision
+    k = [p.name for p in pets.dataset._images].index("american_bulldog_100.jpg")
+    assert torch.equal(data["test"][0][0], pets[k][0])
+    spec["test"].append(["missing_7.jpg", 0, "abyssinian"])
+    (tmp_path / "bad.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="lists missing_7.jpg"):
+        am.load_dataset("oxford_pets", tmp_path, SIZE, split_json=tmp_path / "bad.json")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -487,6 +627,57 @@ def test_evaluate_counts_like_a_direct_computation():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Results
+
+@pytest.mark.parametrize("row", [  # the paper's base-to-new table: base clean, base adv, new clean, new adv, H
+    (66.9, 3.4, 71.5, 3.8, 6.9), (31.7, 14.4, 30.4, 13.4, 19.2), (59.0, 32.4, 46.9, 21.6, 34.6),
+    (60.4, 30.7, 46.2, 20.3, 33.3), (70.5, 38.0, 49.6, 21.9, 37.6), (69.5, 43.6, 50.2, 26.1, 41.9)])
+def test_harmonic_mean_reproduces_the_papers_h(row):
+    """H of the four accuracies gives the paper's H for every method, within the rounding of the printed inputs."""
+    # H rises in every input, so the accuracies behind the printed ones (±0.05) bound it from both sides
+    low, high = am.harmonic_mean([v - 0.05 for v in row[:4]]), am.harmonic_mean([v + 0.05 for v in row[:4]])
+    assert low - 0.05 <= row[4] <= high + 0.05
+    assert high - low < 0.25  # tight enough that an arithmetic mean or a 2-term H could not pass
+
+
+def write_results(runs, protocol, dataset, shots, seed, entries):
+    cell = Path(runs) / protocol / dataset / f"{shots}shot" / f"seed{seed}"
+    cell.mkdir(parents=True)
+    rows = [{"model": "advmask", "attack": "pgd", "eps": 1.0, "eval": e, "clean_acc": c, "adv_acc": a, "n": 10}
+            for e, c, a in entries]
+    (cell / "results.json").write_text(json.dumps({"results": rows}))
+
+
+def table(markdown, heading):
+    """The data rows of the markdown table under the first heading containing `heading`, as lists of cells."""
+    lines = markdown.split("## ")[[i for i, part in enumerate(markdown.split("## ")) if heading in part][0]].splitlines()
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[4:] if line.startswith("|")]
+
+
+def test_summary_means_stds_averages_and_missing_cells(tmp_path):
+    """Mean ± std over seeds, an Average row over datasets, "—" for a cell without finished seeds, and H."""
+    write_results(tmp_path, "few_shot", "oxford_pets", 16, 1, [("oxford_pets", 0.60, 0.40)])
+    write_results(tmp_path, "few_shot", "oxford_pets", 16, 2, [("oxford_pets", 0.70, 0.50)])
+    write_results(tmp_path, "few_shot", "dtd", 16, 1, [("dtd", 0.30, 0.10)])
+    (tmp_path / "few_shot" / "dtd" / "16shot" / "seed2").mkdir()  # a failed run: folder, no results.json
+    write_results(tmp_path, "few_shot", "dtd", 1, 1, [("dtd", 0.20, 0.05)])  # oxford_pets 1-shot: never run
+    md = am.summarize(tmp_path)
+    rows = {r[0]: r[1:] for r in table(md, "few_shot")}
+    assert rows["oxford_pets"] == ["—", "—", "65.0 ± 7.1", "45.0 ± 7.1"]
+    assert rows["dtd"] == ["20.0 (1/2)", "5.0 (1/2)", "30.0 (1/2)", "10.0 (1/2)"]
+    assert rows["**Average**"] == ["—", "—", "47.5", "27.5"]
+    csv = {tuple(r[:8]): r[8:] for r in (line.split(",") for line in (tmp_path / "summary.csv").read_text().splitlines())}
+    mean, std, seeds = csv[("few_shot", "advmask", "pgd", "1.0", "oxford_pets", "16", "oxford_pets", "clean")]
+    assert float(mean) == pytest.approx(0.65) and float(std) == pytest.approx(statistics.stdev([0.6, 0.7]))
+    assert seeds == "2" and ("few_shot", "advmask", "pgd", "1.0", "oxford_pets", "1", "oxford_pets", "clean") not in csv
+    write_results(tmp_path, "base2new", "eurosat", 16, 1, [("base", 0.695, 0.436), ("new", 0.502, 0.261)])
+    rows = {r[0]: r[1:] for r in table(am.summarize(tmp_path), "base2new")}
+    assert rows["eurosat"] == ["69.5", "43.6", "50.2", "26.1", "41.9"]
+    with pytest.raises(ValueError, match="no results.json"):
+        am.summarize(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Benchmark
 
 def test_benchmark_reports_every_figure_and_one_bit_per_weight():
@@ -537,6 +728,8 @@ def tiny_files(tmp_path_factory):
     config.write_text(json.dumps(am.TINY_CLIP))
     torch.save(tiny_clip(7).state_dict(), root / "tiny.pt")
     fabricate_oxford_pets(root / "data")
+    fabricate_dtd(root / "data")
+    fabricate_eurosat(root / "data")
     return root
 
 
@@ -548,19 +741,61 @@ def test_cli_trains_and_evaluates_on_a_fabricated_oxford_pets_tree(tiny_files, t
                    "--shots", "2", "--epochs", "3", "--batch-size", "4", "--test-steps", "2", "--device", "cpu",
                    "--workers", "0", "--out-dir", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "step 6/6 | ce" in proc.stdout and "result | clean" in proc.stdout
+    assert "step 6/6 | ce" in proc.stdout and "advmask | oxford_pets | pgd-2 eps 1/255 | clean" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "masks.bin", "results.json"]
     results = json.loads((out / "results.json").read_text())
-    assert results["n"] == 2 * len(PET_CLASSES)
-    assert 0 <= results["adv_acc"] <= 1 and 0 <= results["clean_acc"] <= 1
-    assert 0 <= results["sparsity"] < 1 and results["settings"]["shots"] == 2
+    (entry,) = results["results"]
+    assert entry["n"] == 2 * len(PET_CLASSES) and entry["eval"] == "oxford_pets" and entry["model"] == "advmask"
+    assert 0 <= entry["adv_acc"] <= entry["clean_acc"] <= 1
+    assert 0 <= results["sparsity"] < 1 and results["settings"]["shots"] == 2 and len(results["train_log"]) == 1
     model = tiny_clip(7)
     am.load_masks(model, out / "masks.bin")
     assert am.mask_sparsity(model) == pytest.approx(results["sparsity"], abs=1e-12)
+
+
+def test_cli_base2new_and_transfer_protocols(tiny_files, tmp_path):
+    """base2new evaluates base and new classes (with the CLIP baseline, two attacks, two ε); transfer reuses its mask
+    zero-shot on other datasets, one entry each."""
+    common = ["--data-root", str(tiny_files / "data"), "--no-download", "--model", str(tiny_files / "tiny-test-clip.json"),
+              "--pretrained", str(tiny_files / "tiny.pt"), "--device", "cpu", "--workers", "0", "--test-steps", "2"]
+    proc = run_cli("--protocol", "base2new", "--shots", "2", "--epochs", "1", "--baseline", "--attack", "pgd,cw",
+                   "--test-eps", "1,4", "--out-dir", "b2n", *common, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    entries = json.loads((tmp_path / "b2n" / "results.json").read_text())["results"]
+    assert {(e["model"], e["eval"], e["attack"], e["eps"]) for e in entries} == {
+        (m, part, a, eps) for m in ("clip", "advmask") for part in ("base", "new") for a in ("pgd", "cw") for eps in (1, 4)}
+    assert all(e["n"] == 2 * len(PET_CLASSES) // 2 for e in entries)  # 2 test images × 2 classes per half
+    proc = run_cli("--protocol", "transfer", "--masks", str(tmp_path / "b2n" / "masks.bin"), "--eval-datasets",
+                   "dtd,eurosat", "--out-dir", "transfer", *common, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    entries = json.loads((tmp_path / "transfer" / "results.json").read_text())["results"]
+    assert [(e["eval"], e["n"]) for e in entries] == [("dtd", 6), ("eurosat", 9)]
 
 
 def test_cli_dry_run_needs_no_files(tmp_path):
     """--dry-run runs the whole pipeline on a tiny random CLIP and synthetic images."""
     proc = run_cli("--dry-run", "--out-dir", "dry", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "dry" / "results.json").read_text())["n"] == 16
+    assert json.loads((tmp_path / "dry" / "results.json").read_text())["results"][0]["n"] == 64
+
+
+def test_run_all_dry_sweep_summarises_and_resumes(tmp_path):
+    """run_all.sh --dry-run runs 2 datasets × 2 shots × 2 seeds and writes the summary; run again after one cell is
+    lost, it redoes that cell only."""
+    env = {**os.environ, "RUNS": str(tmp_path / "runs")}
+    sweep = lambda: subprocess.run(["bash", str(HERE / "run_all.sh"), "--dry-run"], env=env, capture_output=True,  # noqa: E731
+                                   text=True, timeout=600)
+    proc = sweep()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = tmp_path / "runs"
+    done = sorted(runs.glob("few_shot/*/*shot/seed*/results.json"))
+    assert len(done) == 8 and proc.stdout.count("run  ") == 8
+    rows = {r[0]: r[1:] for r in table((runs / "summary.md").read_text(), "few_shot")}
+    assert set(rows) == {"oxford_pets", "dtd", "**Average**"} and all("—" not in c for c in rows["dtd"])
+    lost = runs / "few_shot" / "dtd" / "2shot" / "seed1" / "results.json"
+    lost.unlink()
+    before = {p: p.stat().st_mtime_ns for p in done if p != lost}
+    proc = sweep()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("skip ") == 7 and f"run  {lost.parent}" in proc.stdout and lost.is_file()
+    assert {p: p.stat().st_mtime_ns for p in before} == before

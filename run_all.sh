@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The AdvMask experiment sweep: DATASETS × SHOTS × SEEDS for one PROTOCOL, one advmask.py run per cell, then the
+# aggregated tables. Cells whose results.json exists are skipped, so a stopped sweep continues where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() {
+  cat <<'EOF'
+usage: run_all.sh [--datasets "a b"] [--shots "1 2"] [--seeds "1 2 3"] [--protocol P] [--gpus "0 1"]
+                  [--runs DIR] [--dry-run] [-- ARGS FOR advmask.py]
+
+Runs advmask.py once per (dataset, shots, seed) into RUNS/PROTOCOL/DATASET/<K>shot/seed<S>/ (its log beside the
+results there, in log.txt), skipping cells that already have a results.json, then writes RUNS/summary.md and
+RUNS/summary.csv (mean ± std over seeds; missing cells shown as missing).
+
+Every option can also be set by the environment variable of the same name (flags win):
+  DATASETS  default: the 11 datasets of the paper
+  SHOTS     default: "1 2 4 8 16"
+  SEEDS     default: "1 2 3"
+  PROTOCOL  few_shot (default), base2new or transfer
+  GPUS      e.g. "0 1 2 3": one job per GPU in parallel (CUDA_VISIBLE_DEVICES); empty: one job at a time
+  RUNS      default: runs (runs_dry with --dry-run)
+--dry-run   a tiny CPU sweep: oxford_pets dtd × 1 2 shots × seeds 1 2 with advmask.py --dry-run (synthetic data)
+Arguments after -- go to every advmask.py run, e.g. -- --data-root /data --baseline --attack pgd,cw
+EOF
+}
+
+DATASETS=${DATASETS:-"imagenet caltech101 oxford_pets stanford_cars flowers102 food101 fgvc_aircraft sun397 dtd eurosat ucf101"}
+SHOTS=${SHOTS:-"1 2 4 8 16"}
+SEEDS=${SEEDS:-"1 2 3"}
+PROTOCOL=${PROTOCOL:-few_shot}
+GPUS=${GPUS:-}
+RUNS=${RUNS:-}
+DRY=0
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --datasets) DATASETS=$2; shift 2 ;;
+    --shots) SHOTS=$2; shift 2 ;;
+    --seeds) SEEDS=$2; shift 2 ;;
+    --protocol) PROTOCOL=$2; shift 2 ;;
+    --gpus) GPUS=$2; shift 2 ;;
+    --runs) RUNS=$2; shift 2 ;;
+    --dry-run) DATASETS="oxford_pets dtd"; SHOTS="1 2"; SEEDS="1 2"; GPUS=""; DRY=1
+               EXTRA+=(--dry-run --device cpu); shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; EXTRA+=("$@"); break ;;
+    *) echo "run_all.sh: unknown option $1; see run_all.sh --help" >&2; exit 2 ;;
+  esac
+done
+
+if [ -z "$RUNS" ]; then if [ "$DRY" = 1 ]; then RUNS=runs_dry; else RUNS=runs; fi; fi
+
+cells=()
+for dataset in $DATASETS; do for shots in $SHOTS; do for seed in $SEEDS; do
+  cells+=("$dataset $shots $seed")
+done; done; done
+
+run_cell() {  # dataset shots seed [gpu]
+  local out="$RUNS/$PROTOCOL/$1/${2}shot/seed$3"
+  if [ -f "$out/results.json" ]; then echo "skip $out (done)"; return 0; fi
+  mkdir -p "$out"
+  echo "run  $out"
+  if CUDA_VISIBLE_DEVICES=${4:-${CUDA_VISIBLE_DEVICES:-}} python advmask.py --protocol "$PROTOCOL" --dataset "$1" \
+      --shots "$2" --seed "$3" --out-dir "$out" "${EXTRA[@]}" > "$out/log.txt" 2>&1; then
+    tail -n 1 "$out/log.txt"
+  else
+    echo "FAILED $out (see $out/log.txt)"
+  fi
+}
+
+if [ -z "$GPUS" ]; then
+  for cell in "${cells[@]}"; do run_cell $cell; done
+else  # GPU g takes every n-th cell, so that the GPUs share the sweep without a job queue
+  gpus=($GPUS)
+  for g in "${!gpus[@]}"; do
+    (for i in "${!cells[@]}"; do
+       if [ $((i % ${#gpus[@]})) -eq "$g" ]; then run_cell ${cells[$i]} "${gpus[$g]}"; fi
+     done) &
+  done
+  wait
+fi
+
+python advmask.py summarize "$RUNS" > /dev/null
+echo "wrote $RUNS/summary.md and $RUNS/summary.csv"
