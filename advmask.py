@@ -20,8 +20,10 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
+import pickle
 import re
 import statistics
 import sys
@@ -61,6 +63,21 @@ DATASETS = {
     "eurosat":       ("a centered satellite photo of {}.",     None,                None,   "eurosat/2750"),
     "ucf101":        ("a photo of a person doing {}.",         None,                None,   "ucf101/UCF-101-midframes"),
     "imagefolder":   ("a photo of a {}.",                      ("train",),          "test", ""),
+}
+# What torchvision expects under --data-root, for the error a missing dataset gets.
+LAYOUTS = {
+    "imagenet": "imagenet/ILSVRC2012_devkit_t12.tar.gz and imagenet/ILSVRC2012_img_{train,val}.tar (never downloaded)",
+    "caltech101": "caltech101/101_ObjectCategories/<class>/image_<n>.jpg and caltech101/Annotations/",
+    "oxford_pets": "oxford-iiit-pet/images/<Breed>_<n>.jpg and oxford-iiit-pet/annotations/{trainval,test}.txt",
+    "stanford_cars": "stanford_cars/cars_{train,test}/ and stanford_cars/devkit/ (never downloaded)",
+    "flowers102": "flowers-102/jpg/image_<n>.jpg, flowers-102/imagelabels.mat and flowers-102/setid.mat",
+    "food101": "food-101/images/<class>/<n>.jpg and food-101/meta/{train,test}.json",
+    "fgvc_aircraft": "fgvc-aircraft-2013b/data/images/<n>.jpg and fgvc-aircraft-2013b/data/images_variant_*.txt",
+    "sun397": "SUN397/<letter>/<class>/*.jpg and SUN397/ClassName.txt",
+    "dtd": "dtd/dtd/images/<class>/<name>.jpg and dtd/dtd/labels/{train,val,test}1.txt",
+    "eurosat": "eurosat/2750/<Class>/<Class>_<n>.jpg",
+    "ucf101": "ucf101/UCF-101-midframes/<Class>/<video>.jpg (CoOp's middle frames; never downloaded)",
+    "imagefolder": "train/<class>/*.jpg and test/<class>/*.jpg",
 }
 # Class names as CoOp writes them, where they differ from torchvision's (after "_" -> " ").
 CLASS_RENAMES = {
@@ -403,8 +420,9 @@ def pgd_attack(model, images, labels, eps=1 / 255, alpha=1 / 255, steps=2, rando
         for _ in range(steps):
             x.requires_grad_(True)
             loss = loss_fn(model(x), labels)
-            # only the input's gradient: nothing accumulates in any parameter's .grad
-            (grad,) = torch.autograd.grad(loss, x)
+            # only the input's gradient: nothing accumulates in any parameter's .grad; a model whose output does not
+            # depend differentiably on its input (gradient masking) gets a zero gradient instead of an error
+            (grad,) = torch.autograd.grad(loss, x, materialize_grads=True)
             # x ← clamp(x₀ + clamp(x + α·sign(∇ₓ L) − x₀, −ε, ε), 0, 1)
             x = x.detach() + alpha * grad.sign()
             x = (x0 + (x - x0).clamp(-eps, eps)).clamp(0, 1)
@@ -573,7 +591,7 @@ def _torchvision_dataset(name, root, split, transform, download):
     """One split (or, for split None, the whole) of a dataset through its torchvision class."""
     tv, kw = torchvision.datasets, {"transform": transform, "download": download}
     if name == "imagenet":
-        return tv.ImageNet(root, split=split, transform=transform)  # torchvision cannot download ImageNet
+        return tv.ImageNet(Path(root) / "imagenet", split=split, transform=transform)  # never downloaded
     if name in ("ucf101", "imagefolder"):  # UCF101 as CoOp reads it: one middle frame per video, a class per folder
         return tv.ImageFolder(Path(root) / (split or DATASETS[name][3]), transform=transform)
     if split is None:
@@ -616,12 +634,17 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
                            T.CenterCrop(image_size), T.PILToTensor()])
     _, train_splits, test_split, image_dir = DATASETS[name]
     if split_json is not None:
-        spec = json.loads(Path(split_json).read_text())  # {"train": [[relpath, label, classname], ...], "test": ...}
+        try:  # {"train": [[relpath, label, classname], ...], "val": ..., "test": ...}
+            spec = json.loads(Path(split_json).read_text())
+            entries = [(p, int(label), str(c)) for part in ("train", "test") for p, label, c in spec[part]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{split_json} is not a readable CoOp split JSON ({type(e).__name__}: {e}); pass a "
+                             f"split_zhou_<Name>.json") from None
         folder = Path(root) / image_dir
-        missing = next((p for p, _, _ in spec["train"] + spec["test"] if not (folder / p).is_file()), None)
+        missing = next((p for p, _, _ in entries if not (folder / p).is_file()), None)
         if missing is not None:
             raise ValueError(f"{split_json} lists {missing}, which is not under {folder}; put {name}'s images there")
-        names = dict(sorted({(label, cname.replace("_", " ")) for _, label, cname in spec["train"] + spec["test"]}))
+        names = dict(sorted({(label, cname.replace("_", " ")) for _, label, cname in entries}))
         return {part: ImageFiles([(folder / p, label) for p, label, _ in spec[part]], transform)
                 for part in ("train", "test")} | {"classes": [names[c] for c in range(len(names))]}
     try:
@@ -639,8 +662,8 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
             parts = {"train": Split(joined, range(len(joined)), sum((_labels(d) for d in train), [])),
                      "test": Split(test, range(len(test)), _labels(test))}
     except (RuntimeError, OSError, ValueError) as e:  # how torchvision reports a missing tree or a failed download
-        raise ValueError(f"{name} could not be loaded from {root} ({str(e).splitlines()[0]}); put it there in "
-                         f"torchvision's layout (images under {Path(root) / image_dir}) or allow the download") from None
+        raise ValueError(f"{name} could not be loaded from {root} ({str(e).splitlines()[0]}); torchvision expects "
+                         f"{LAYOUTS[name]} under {root}: put it there, or drop --no-download") from None
     return {**parts, "classes": _class_names(name, whole)}
 
 
@@ -689,8 +712,36 @@ def train_step(model, optimizer, x, y, lam=LAM, eps=1 / 255, alpha=1 / 255, step
     return ce.detach(), reg.detach(), adv_logits.detach()
 
 
+def _save_training_state(path, epoch, scores, optimizer, scheduler, generator, history):
+    """Everything a resumed run needs to continue exactly: scores, Adam, schedule, every RNG, the log so far."""
+    state = {"epoch": epoch, "scores": [s.detach().cpu() for s in scores], "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(), "rng_train": generator.get_state(),
+             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "history": history}
+    _atomic_write(path, partial(torch.save, state))
+
+
+def _load_training_state(path, scores, optimizer, scheduler, generator):
+    """Restore what _save_training_state wrote; returns (epochs done, log so far)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever the parser trips on, the file is not an intact checkpoint
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start the run over") from None
+    if [s.shape for s in state["scores"]] != [s.shape for s in scores]:
+        raise ValueError(f"checkpoint {path} holds masks of other shapes; delete it or use another --out-dir")
+    with torch.no_grad():
+        for s, saved in zip(scores, state["scores"]):
+            s.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    generator.set_state(state["rng_train"])
+    if state["rng_cuda"]:
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["epoch"], state["history"]
+
+
 def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, lam=LAM, eps=1 / 255, alpha=1 / 255,
-          steps=2, loss="ce+lafa", seed=0, log_every=20):
+          steps=2, loss="ce+lafa", seed=0, log_every=20, checkpoint=None, checkpoint_every=50):
     """Adversarial mask tuning: only the scores change; every pre-trained weight stays bit for bit as it was.
 
     Args:
@@ -705,21 +756,34 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
         loss: one of LOSSES; "ce+lafa" is the paper's method, the others its ablation rows.
         seed: order of batches and flips.
         log_every: print a line every this many steps.
+        checkpoint: file for the training state, resumed from if it exists and written (atomically) at the end of
+            an epoch once checkpoint_every steps have passed since the last one, and at the end. A run killed at any
+            point and started again ends with the same mask, bit for bit. (Not every epoch: a 1-shot epoch is 2
+            steps, and a ViT-B/32 state is 340 MB.)
     Returns:
         List of the logged rows (dicts), the last one at the final step.
+    Raises:
+        FloatingPointError: the loss became NaN or infinite; the last checkpoint, written before it, is kept.
     Example:
         >>> scores = apply_masks(classifier)
         >>> train(classifier, scores, x_u8, y, epochs=default_epochs(len(y), 32))
     """
     optimizer = torch.optim.Adam(scores, lr=lr)
-    total = epochs * math.ceil(len(labels) / batch_size)
+    steps_per_epoch = math.ceil(len(labels) / batch_size)
+    total = epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     generator = torch.Generator().manual_seed(seed)
-    # running sums of CE·B, regulariser·B ("lafa" in the log, whichever the loss), correct, images; kept on the device so that a step never waits for the GPU
+    first_epoch, history = 0, []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        first_epoch, history = _load_training_state(checkpoint, scores, optimizer, scheduler, generator)
+        print(f"resuming from {checkpoint} after epoch {first_epoch}/{epochs}", flush=True)
+    # running sums of CE·B, regulariser·B ("lafa" in the log, whichever the loss), correct, images; kept on the device,
+    # like the finiteness flag, so that a step never waits for the GPU
     sums = torch.zeros(4, device=labels.device)
-    history, step, tic = [], 0, time.perf_counter()
+    finite = torch.ones((), dtype=torch.bool, device=labels.device)
+    step, saved_at, tic = first_epoch * steps_per_epoch, first_epoch * steps_per_epoch, time.perf_counter()
     model.train()
-    for _ in range(epochs):
+    for epoch in range(first_epoch, epochs):
         for batch in torch.randperm(len(labels), generator=generator).to(labels.device).split(batch_size):
             step += 1
             x, y = to_unit(images[batch]), labels[batch]
@@ -729,8 +793,11 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             ce, lafa, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, loss)
             scheduler.step()
+            finite &= torch.isfinite(ce + lam * lafa)
             sums += torch.stack([ce * len(y), lafa * len(y), (adv_logits.argmax(1) == y).sum(), sums.new_tensor(len(y))])
             if step % log_every == 0 or step == total:
+                if not finite:
+                    break
                 ce_sum, lafa_sum, correct, seen = sums.tolist()
                 row = {"step": step, "ce": ce_sum / seen, "lafa": lafa_sum / seen, "adv_acc": correct / seen,
                        "off": mask_sparsity(model), "img_per_s": seen / (time.perf_counter() - tic)}
@@ -740,6 +807,15 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
                 history.append(row)
                 sums.zero_()
                 tic = time.perf_counter()
+        if not finite:
+            raise FloatingPointError(
+                f"the training loss became NaN or infinite in epoch {epoch + 1}; the run stops, keeping the "
+                f"checkpoint of step {saved_at}" + (f" in {checkpoint}" if checkpoint else "") +
+                "; lower --lr or --lam, or check the data, and start again with another --out-dir")
+        if checkpoint is not None and (step - saved_at >= checkpoint_every or epoch + 1 == epochs):
+            _save_training_state(checkpoint, epoch + 1, scores, optimizer, scheduler, generator, history)
+            saved_at = step
+            print(f"checkpoint | epoch {epoch + 1}/{epochs} | step {step}/{total} | {checkpoint}", flush=True)
     return history
 
 
@@ -747,29 +823,46 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
 # Evaluation: clean accuracy and accuracy under PGD (100 steps in the paper)
 
 def evaluate(model, loader, eps=1 / 255, alpha=1 / 255, steps=100, loss_fn=F.cross_entropy):
-    """Clean and robust accuracy of model over a loader of (uint8 images, labels).
+    """Clean and robust accuracy of model over a loader of (uint8 images, labels), with two sanity checks.
 
+    Like RobustBench-style evaluations, it warns when robust accuracy exceeds clean accuracy, or when the loss has
+    an exactly zero input gradient for over 5 % of the images: both are symptoms of a broken attack or of
+    gradient masking, under which a PGD number means little.
     Args:
-        model: maps images in [0, 1] to logits (bake the masks first: it is then exactly as fast as plain CLIP).
+        model: maps images in [0, 1] to logits; left in eval mode (bake the masks first: it is then exactly as fast
+            as plain CLIP).
         loader: yields ((B, 3, H, W) uint8, (B,) labels).
         eps, alpha, steps: the test PGD, in pixel units, with a random start.
         loss_fn: the loss PGD maximises: F.cross_entropy (the paper's) or cw_loss.
     Returns:
-        {"clean_acc": fraction correct on clean images, "adv_acc": fraction correct under PGD, "n": images}.
+        {"clean_acc", "adv_acc": fractions correct, "n": images, "zero_grad_share": fraction of images whose loss
+        has an all-zero gradient with respect to the input}.
     Example:
         >>> evaluate(bake_masks(classifier), test_loader, eps=1/255, alpha=1/255, steps=100)
     """
     device = next(model.parameters()).device
-    clean = adv = n = 0
+    model.eval()
+    clean = adv = zero_grad = n = 0
     for images, labels in tqdm(loader, desc=f"eval PGD-{steps}", leave=False):
         x, y = to_unit(images.to(device, non_blocking=True)), labels.to(device)
-        with torch.no_grad():
-            clean += (model(x).argmax(1) == y).sum().item()
-        x_adv = pgd_attack(model, x, y, eps, alpha, steps, random_start=True, loss_fn=loss_fn)
+        # the clean pass keeps its graph for one input gradient: clean accuracy and the gradient check in one go
+        x.requires_grad_(True)
+        logits = model(x)
+        (grad,) = torch.autograd.grad(loss_fn(logits, y), x, materialize_grads=True)
+        clean += (logits.argmax(1) == y).sum().item()
+        zero_grad += (grad.flatten(1).abs().amax(1) == 0).sum().item()
+        x_adv = pgd_attack(model, x.detach(), y, eps, alpha, steps, random_start=True, loss_fn=loss_fn)
         with torch.no_grad():
             adv += (model(x_adv).argmax(1) == y).sum().item()
         n += len(y)
-    return {"clean_acc": clean / n, "adv_acc": adv / n, "n": n}
+    result = {"clean_acc": clean / n, "adv_acc": adv / n, "n": n, "zero_grad_share": zero_grad / n}
+    if adv > clean:
+        print(f"WARNING: robust accuracy {100 * adv / n:.2f}% exceeds clean accuracy {100 * clean / n:.2f}% on the same "
+              f"images: the attack is not working (broken attack or gradient masking)", file=sys.stderr)
+    if zero_grad > 0.05 * n:
+        print(f"WARNING: the input gradient is exactly zero for {100 * zero_grad / n:.1f}% of the images: PGD cannot "
+              f"move them, so robust accuracy is overstated (saturated softmax or gradient masking)", file=sys.stderr)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -989,14 +1082,17 @@ def load_clip(model, pretrained):
     elif pretrained not in tags and not Path(pretrained).is_file():
         raise ValueError(f"--pretrained {pretrained} is neither an open_clip tag of {model} ({', '.join(tags) or 'none'}) "
                          f"nor an existing file; pass a tag, a checkpoint path, or none")
+    logging.disable(logging.ERROR)  # open_clip and the hub log their failures too; ours below is the one line shown
     try:
         clip = open_clip.create_model(model, pretrained=None if pretrained == "none" else pretrained)
-    except RuntimeError as e:  # open_clip raises RuntimeError both for a failed download and a misfit checkpoint
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # failed download, misfit or unreadable checkpoint
         if pretrained in tags:
             raise ValueError(f"could not fetch the {pretrained!r} weights of {model} (no network?); download them "
                              f"where there is one and pass the file with --pretrained PATH") from None
-        raise ValueError(f"checkpoint {pretrained} does not fit {model} ({str(e).splitlines()[0][:200]}); pass the "
-                         f"--model it was saved from") from None
+        raise ValueError(f"checkpoint {pretrained} is not a state dict of {model} ({str(e).splitlines()[0][:200]}); "
+                         f"pass the --model it was saved from, or a checkpoint of this one") from None
+    finally:
+        logging.disable(logging.NOTSET)
     return clip, open_clip.get_tokenizer(model)
 
 
@@ -1026,6 +1122,9 @@ def parse_args(argv):
     p.add_argument("--shots", type=int, default=16, help="training images per class (K)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="CUDA: reproducible kernels only (cuDNN/cuBLAS), bit-identical reruns at some speed cost; "
+                        "CPU runs are reproducible without it")
     p.add_argument("--precision", default=None, choices=["bf16", "fp32"],
                    help="autocast precision of forward and backward passes; scores, optimiser and accuracies stay "
                         "fp32 (default: bf16 on CUDA, fp32 on CPU)")
@@ -1078,6 +1177,22 @@ def parse_args(argv):
     return args
 
 
+# Settings that only change the evaluation: a checkpoint may be resumed with other values of these.
+EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "baseline", "workers", "eval_datasets",
+             "device", "precision"}
+
+
+def _check_resumable(out_dir, checkpoint, args):
+    """A checkpoint in out_dir is resumed only by a run with the same training settings."""
+    if not checkpoint.is_file() or not (out_dir / "config.json").is_file():
+        return
+    saved = json.loads((out_dir / "config.json").read_text())
+    differ = sorted(k for k, v in vars(args).items() if k not in EVAL_ONLY and saved.get(k) != v)
+    if differ:
+        raise ValueError(f"{out_dir} holds a checkpoint of a run with other settings ({', '.join(differ)}); pass "
+                         f"another --out-dir, or delete {checkpoint} to start over")
+
+
 def _evaluate_heads(model_name, evals, args, device, amp):
     """Clean and robust accuracy of every class set under every attack and ε: one results entry each."""
     rows = []
@@ -1098,11 +1213,16 @@ def run(args):
     """One run of a protocol: load CLIP and data, tune (or load) the mask, save it, evaluate clean and under attack."""
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is visible; pass --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device} was asked for but {torch.cuda.device_count()} CUDA devices are visible; "
+                         f"pass --device cpu or an existing GPU")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     amp = partial(torch.autocast, device.type, torch.bfloat16, enabled=precision == "bf16")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls may use TF32
+    if args.deterministic:  # cuBLAS needs this workspace setting to be deterministic; cuDNN autotuning is off
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     torch.manual_seed(args.seed)
     if args.benchmark:
         if args.model is None:
@@ -1150,9 +1270,13 @@ def run(args):
     # one text-tower pass per class set; the heads share the one image tower, which the mask then changes
     evals = {name: (test_set, ClipClassifier(clip, names, templates, tokenizer))
              for name, (test_set, names, templates) in sets.items()}
-    if args.masks:
-        load_masks(copy.deepcopy(clip), args.masks)  # refuse a misfit file before anything is written
+    checkpoint = out_dir / "checkpoint.pt"
+    if args.masks:  # refuse a misfit file before anything is written
+        probe = copy.deepcopy(clip)
+        apply_masks(probe, args.mask_target)
+        load_masks(probe, args.masks)
     else:
+        _check_resumable(out_dir, checkpoint, args)
         indices = sample_k_shot(train_set.targets, args.shots, args.seed, train_names)
         head = next((h for n, (_, h) in evals.items() if n in ("base", args.dataset)), None)
         head = head or ClipClassifier(clip, train_names, template, tokenizer)
@@ -1165,13 +1289,14 @@ def run(args):
     results = _evaluate_heads("clip", evals, args, device, amp) if args.baseline else []
     history = []
     if args.masks:
+        apply_masks(clip, args.mask_target)
         load_masks(clip, args.masks)
     else:
         scores = apply_masks(clip, args.mask_target)
         with amp():
             history = train(head, scores, images, labels, epochs, batch_size=args.batch_size, lr=args.lr,
                             lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255,
-                            steps=args.train_steps, loss=args.loss, seed=args.seed)
+                            steps=args.train_steps, loss=args.loss, seed=args.seed, checkpoint=checkpoint)
         save_masks(clip, out_dir / "masks.bin")
     train_seconds = time.perf_counter() - start
     sparsity = mask_sparsity(clip)
@@ -1183,6 +1308,7 @@ def run(args):
         "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
         "sparsity": sparsity, "train_seconds": train_seconds, "seconds": seconds, "results": results,
         "train_log": history, "settings": {**vars(args), "precision": precision}})
+    checkpoint.unlink(missing_ok=True)  # the run is complete; masks.bin holds its result
     return results
 
 
@@ -1198,6 +1324,9 @@ def main(argv=None):
     except ValueError as e:  # library functions raise ValueError with a sentence that says what to do
         print(f"advmask: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:  # the loss diverged: not a usage error, but one line all the same
+        print(f"advmask: stopped: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

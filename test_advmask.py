@@ -2,6 +2,7 @@
 
 Everything runs on CPU with tiny open_clip models built from a config (random weights, no downloads).
 """
+import concurrent.futures
 import copy
 import functools
 import json
@@ -610,6 +611,26 @@ def test_default_budget_turns_weights_off_at_every_shot_count(shots):
     assert am.mask_sparsity(model) == history[-1]["off"]
 
 
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    """When the loss turns NaN in epoch 3, training stops with FloatingPointError; the checkpoint of epoch 2 stays."""
+    model = tiny_classifier(n_classes=4)
+    scores = am.apply_masks(model)
+    calls = []
+
+    def poison(module, inputs, out):  # 4 forward passes a step (2 PGD, clean, adversarial): NaN logits from step 3 on
+        calls.append(1)
+        if len(calls) <= 8:
+            return out
+        return (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")
+
+    model.register_forward_hook(poison)
+    x, y = synthetic_training_set(4, 2)
+    with pytest.raises(FloatingPointError, match="NaN or infinite in epoch 3.*checkpoint of step 2"):
+        am.train(model, scores, x, y, epochs=5, batch_size=8, checkpoint=tmp_path / "ckpt.pt", checkpoint_every=1)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["epoch"] == 2 and all(torch.isfinite(s).all() for s in state["scores"])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -621,9 +642,33 @@ def test_evaluate_counts_like_a_direct_computation():
     with torch.no_grad():
         correct = (model(x_u8.float() / 255).argmax(1) == y).sum().item()
     result = am.evaluate(model, loader, eps=0.0, alpha=1 / 255, steps=3)
-    assert result == {"clean_acc": correct / 15, "adv_acc": correct / 15, "n": 15}
+    assert result == {"clean_acc": correct / 15, "adv_acc": correct / 15, "n": 15, "zero_grad_share": 0.0}
     attacked = am.evaluate(model, loader, eps=16 / 255, alpha=4 / 255, steps=5)
     assert attacked["clean_acc"] == correct / 15 and attacked["adv_acc"] <= attacked["clean_acc"]
+
+
+class OffGridOracle(torch.nn.Module):
+    """Right only on images off the 1/255 grid, i.e. only after an attack has moved them; flat in its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        off = ((x * 255 - (x * 255).round()).abs().flatten(1).amax(1) > 1e-3).float()  # (B,)
+        return torch.stack([1 - off, off], dim=1) + self.bias
+
+
+def test_evaluate_warns_about_a_broken_attack(capsys):
+    """Robust accuracy above clean accuracy, and all-zero input gradients, are reported on stderr."""
+    x_u8, _ = synthetic_training_set(2, 4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_u8, torch.ones(8, dtype=torch.long)),
+                                         batch_size=4)
+    result = am.evaluate(OffGridOracle(), loader, eps=1 / 255, alpha=1 / 255, steps=2)
+    assert result == {"clean_acc": 0.0, "adv_acc": 1.0, "n": 8, "zero_grad_share": 1.0}
+    err = capsys.readouterr().err
+    assert "robust accuracy 100.00% exceeds clean accuracy 0.00%" in err
+    assert "input gradient is exactly zero for 100.0% of the images" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -799,3 +844,132 @@ def test_run_all_dry_sweep_summarises_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("skip ") == 7 and f"run  {lost.parent}" in proc.stdout and lost.is_file()
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def bad_input_cases(files):
+    """(arguments, message) for every user error the CLI must turn into one line and exit status 2."""
+    tiny = ["--model", str(files / "tiny-test-clip.json"), "--pretrained", str(files / "tiny.pt"), "--no-download",
+            "--data-root", str(files / "data"), "--device", "cpu", "--workers", "0"]
+    transfer = [*tiny, "--protocol", "transfer", "--eval-datasets", "dtd"]
+    return [
+        (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
+        (["--shots", "0"], "--shots must be a positive integer"),
+        ([*tiny, "--shots", "5"], "class 'Abyssinian' has 3 training images, fewer than --shots 5; lower --shots"),
+        (["--train-eps", "-1"], "--train-eps is in /255 units and must lie in"),
+        (["--test-alpha", "256"], "--test-alpha is in /255 units and must lie in"),
+        (["--test-eps", "1,300"], "--test-eps takes values in /255 units"),
+        (["--test-steps", "-1"], "--test-steps must be 0 or more"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--lam", "-1"], "--lam must be 0 or more"),
+        (["--mask-target", "heads"], "argument --mask-target: invalid choice: 'heads'"),
+        (["--loss", "ce+trades"], "argument --loss: invalid choice: 'ce+trades'"),
+        (["--attack", "fgsm"], "--attack takes a comma-separated list of pgd, cw"),
+        (["--device", "cuda:99", "--dry-run"], "--device cuda:99 was asked for but"),
+        ([*tiny, "--data-root", str(files / "nowhere")], "torchvision expects oxford-iiit-pet/images/<Breed>_<n>.jpg"),
+        (["--model", "ViT-B-32", "--pretrained", "openai"], "could not fetch the 'openai' weights of ViT-B-32 (no network?)"),
+        (["--pretrained", str(files / "missing.pt")], "is neither an open_clip tag of ViT-B-32"),
+        ([*tiny, "--pretrained", str(files / "other.pt")], "is not a state dict of tiny-test-clip"),
+        ([*tiny, "--pretrained", str(files / "garbage.pt")], "is not a state dict of tiny-test-clip"),
+        ([*tiny, "--split-json", str(files / "garbage.pt")], "is not a readable CoOp split JSON"),
+        ([*transfer, "--masks", str(files / "masks-cut.bin")], "truncated"),
+        ([*transfer, "--masks", str(files / "masks-flipped.bin")], "fails its checksum"),
+        ([*transfer, "--masks", str(files / "masks-other-arch.bin")], "was made for VisionTransformer(layers=2, width=32"),
+        ([*transfer, "--masks", str(files / "masks-mlp.bin")], "masked with --mask-target mlp"),
+        (["--masks", str(files / "masks-mlp.bin")], "--masks goes with --protocol transfer"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tiny_files):
+    """Broken and misfit files next to the good ones: checkpoints and mask files."""
+    torch.save(open_clip.CLIP(**{**am.TINY_CLIP, "embed_dim": 16}).state_dict(), tiny_files / "other.pt")
+    (tiny_files / "garbage.pt").write_bytes(b"not a checkpoint")
+    model = tiny_clip(7)
+    am.apply_masks(model)
+    am.save_masks(model, tiny_files / "masks.bin")
+    data = (tiny_files / "masks.bin").read_bytes()
+    (tiny_files / "masks-cut.bin").write_bytes(data[:-3])
+    (tiny_files / "masks-flipped.bin").write_bytes(data[:-1] + bytes([data[-1] ^ 4]))
+    other = open_clip.CLIP(**{**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], "width": 32}})
+    am.apply_masks(other)
+    am.save_masks(other, tiny_files / "masks-other-arch.bin")
+    mlp = tiny_clip(7)
+    am.apply_masks(mlp, "mlp")
+    am.save_masks(mlp, tiny_files / "masks-mlp.bin")
+    return tiny_files
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(bad_files, tmp_path_factory):
+    """Every bad-input case run by the real CLI, four at a time, each in an empty directory of its own."""
+    def one(case):
+        cwd = tmp_path_factory.mktemp(f"bad{case}")
+        return run_cli(*cases[case][0], "--out-dir", "out", cwd=cwd), cwd
+
+    cases = bad_input_cases(bad_files)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        return [(*run, message) for run, (_, message) in zip(pool.map(one, range(len(cases))), cases)]
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_every_bad_input_ends_in_one_line_exit_2_and_no_files(bad_input_runs, case):
+    """Each user error gives one stderr line saying what to do, exit status 2, and writes nothing."""
+    assert len(bad_input_runs) == 24
+    proc, cwd, message = bad_input_runs[case]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("advmask: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr
+    assert list(cwd.iterdir()) == []
+
+
+def dry_run_args(out, epochs):
+    return ["--dry-run", "--epochs", str(epochs), "--lr", "0.01", "--out-dir", out]
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path):
+    """SIGKILL after the checkpoint of epoch 25 of 40, then the same command again: masks and accuracies equal those
+    of a run never interrupted, and the mask has moved."""
+    assert run_cli(*dry_run_args("whole", 40), cwd=tmp_path).returncode == 0
+    cmd = [sys.executable, str(HERE / "advmask.py"), *dry_run_args("killed", 40)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("checkpoint | epoch 25/40"):
+            proc.kill()  # SIGKILL, somewhere in epoch 26
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -9
+    killed = tmp_path / "killed"
+    assert (killed / "checkpoint.pt").is_file() and not (killed / "results.json").exists()
+    resumed = run_cli(*dry_run_args("killed", 40), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "after epoch 25/40" in resumed.stdout
+    assert (killed / "masks.bin").read_bytes() == (tmp_path / "whole" / "masks.bin").read_bytes()
+    whole, again = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "killed"))
+    assert whole["results"] == again["results"] and 0 < whole["sparsity"] == again["sparsity"]
+    assert not (killed / "checkpoint.pt").exists()
+    rerun = run_cli(*dry_run_args("killed", 40), "--lr", "0.02", cwd=tmp_path)  # a finished run leaves no checkpoint
+    assert rerun.returncode == 0 and "resuming" not in rerun.stdout
+
+
+def test_a_checkpoint_is_resumed_only_with_the_same_training_settings(tmp_path):
+    """A checkpoint left by a killed run is refused by a run whose training settings differ."""
+    cmd = [sys.executable, str(HERE / "advmask.py"), *dry_run_args("run", 40)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("checkpoint | epoch 25/40"):
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    refused = run_cli(*dry_run_args("run", 40), "--lam", "10", cwd=tmp_path)
+    assert refused.returncode == 2 and "holds a checkpoint of a run with other settings (lam)" in refused.stderr
+
+
+def test_same_seed_same_masks_and_accuracies(tmp_path):
+    """Two CPU runs with the same seed and settings give the same mask bits and accuracies; another seed does not."""
+    runs = [run_cli(*dry_run_args(name, 4), "--seed", seed, cwd=tmp_path) for name, seed in
+            (("a", "3"), ("b", "3"), ("c", "4"))]
+    assert all(r.returncode == 0 for r in runs)
+    masks = [(tmp_path / d / "masks.bin").read_bytes() for d in "abc"]
+    results = [json.loads((tmp_path / d / "results.json").read_text()) for d in "abc"]
+    assert masks[0] == masks[1] and results[0]["results"] == results[1]["results"]
+    assert masks[0] != masks[2]
