@@ -46,9 +46,10 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------------------------------------------------
 # Config: datasets, prompt templates and the defaults of every hyperparameter (paper values or our choices)
 
-# The CoOp suite of 11 datasets, plus any train/<class>/ test/<class>/ tree. Per dataset: CoOp's prompt template; the
-# torchvision splits used for training and for testing (None: torchvision has no split, so a fixed stratified one is
-# made, see stratified_split); the folder under --data-root that CoOp's split_zhou_*.json paths are relative to.
+# The CoOp suite of 11 datasets, plus any tree imagefolder/{train,test}/<class>/ (TinyImageNet, your own data). Per
+# dataset: CoOp's prompt template; the torchvision splits used for training and for testing (None: torchvision has
+# no split, so a fixed stratified one is made, see stratified_split); the folder under --data-root that holds its
+# images, which CoOp's split_zhou_*.json paths are relative to.
 DATASETS = {
     #                 prompt template                          train splits         test    images for --split-json
     "imagenet":      ("a photo of a {}.",                      ("train",),          "val",  "imagenet/train"),
@@ -62,7 +63,7 @@ DATASETS = {
     "dtd":           ("{} texture.",                           ("train", "val"),    "test", "dtd/dtd/images"),
     "eurosat":       ("a centered satellite photo of {}.",     None,                None,   "eurosat/2750"),
     "ucf101":        ("a photo of a person doing {}.",         None,                None,   "ucf101/UCF-101-midframes"),
-    "imagefolder":   ("a photo of a {}.",                      ("train",),          "test", ""),
+    "imagefolder":   ("a photo of a {}.",                      ("train",),          "test", "imagefolder"),
 }
 # What torchvision expects under --data-root, for the error a missing dataset gets.
 LAYOUTS = {
@@ -77,7 +78,7 @@ LAYOUTS = {
     "dtd": "dtd/dtd/images/<class>/<name>.jpg and dtd/dtd/labels/{train,val,test}1.txt",
     "eurosat": "eurosat/2750/<Class>/<Class>_<n>.jpg",
     "ucf101": "ucf101/UCF-101-midframes/<Class>/<video>.jpg (CoOp's middle frames; never downloaded)",
-    "imagefolder": "train/<class>/*.jpg and test/<class>/*.jpg",
+    "imagefolder": "imagefolder/train/<class>/*.jpg and imagefolder/test/<class>/*.jpg",
 }
 # Class names as CoOp writes them, where they differ from torchvision's (after "_" -> " ").
 CLASS_RENAMES = {
@@ -593,7 +594,7 @@ def _torchvision_dataset(name, root, split, transform, download):
     if name == "imagenet":
         return tv.ImageNet(Path(root) / "imagenet", split=split, transform=transform)  # never downloaded
     if name in ("ucf101", "imagefolder"):  # UCF101 as CoOp reads it: one middle frame per video, a class per folder
-        return tv.ImageFolder(Path(root) / (split or DATASETS[name][3]), transform=transform)
+        return tv.ImageFolder(Path(root) / DATASETS[name][3] / (split or ""), transform=transform)
     if split is None:
         return {"caltech101": tv.Caltech101, "eurosat": tv.EuroSAT, "sun397": tv.SUN397}[name](root, **kw)
     return {"oxford_pets": tv.OxfordIIITPet, "stanford_cars": tv.StanfordCars, "flowers102": tv.Flowers102,
@@ -1027,7 +1028,7 @@ def _train_peak_memory(clip_config, batch_size, device, target, masked, precisio
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
 
 
-def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats=9, pgd_steps=10):
+def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats=25, pgd_steps=3):
     """Masked vs unmasked training step and baked vs plain PGD evaluation, as ratios measured in one process.
 
     "Unmasked" trains the very weights the mask would cover, directly: the ratio is the price of masking over plain

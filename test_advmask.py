@@ -529,7 +529,7 @@ def fabricate_eurosat(root, classes=("AnnualCrop", "SeaLake", "River"), per_clas
 
 
 def fabricate_imagefolder(root, classes=("red_fox", "tabby cat"), per_class=(3, 2)):
-    """Any image tree: <root>/train/<class>/*.jpg and <root>/test/<class>/*.jpg."""
+    """Any image tree, as --dataset imagefolder reads it: <root>/train/<class>/*.jpg and <root>/test/<class>/*.jpg."""
     for split, n in zip(("train", "test"), per_class):
         for c in classes:
             for i in range(n):
@@ -549,8 +549,8 @@ def test_dtd_eurosat_and_imagefolder_load_through_torchvision(tmp_path):
     assert euro["classes"] == ["Annual Crop Land", "River", "Sea or Lake"]
     assert len(euro["test"]) == 3 * 3 and len(euro["train"]) == 3 * 7
     assert set(euro["train"].indices).isdisjoint(euro["test"].indices)
-    fabricate_imagefolder(tmp_path / "tiny")
-    folder = am.load_dataset("imagefolder", tmp_path / "tiny", SIZE, download=False)
+    fabricate_imagefolder(tmp_path / "imagefolder")
+    folder = am.load_dataset("imagefolder", tmp_path, SIZE, download=False)
     assert folder["classes"] == ["red fox", "tabby cat"] and folder["test"].targets == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="could not be loaded from .*put it there"):
         am.load_dataset("food101", tmp_path, SIZE, download=False)
