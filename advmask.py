@@ -51,19 +51,19 @@ from tqdm import tqdm
 # no split, so a fixed stratified one is made, see stratified_split); the folder under --data-root that holds its
 # images, which CoOp's split_zhou_*.json paths are relative to.
 DATASETS = {
-    #                 prompt template                          train splits         test    images for --split-json
-    "imagenet":      ("a photo of a {}.",                      ("train",),          "val",  "imagenet/train"),
-    "caltech101":    ("a photo of a {}.",                      None,                None,   "caltech101/101_ObjectCategories"),
-    "oxford_pets":   ("a photo of a {}, a type of pet.",       ("trainval",),       "test", "oxford-iiit-pet/images"),
-    "stanford_cars": ("a photo of a {}.",                      ("train",),          "test", "stanford_cars"),
-    "flowers102":    ("a photo of a {}, a type of flower.",    ("train", "val"),    "test", "flowers-102/jpg"),
-    "food101":       ("a photo of {}, a type of food.",        ("train",),          "test", "food-101/images"),
-    "fgvc_aircraft": ("a photo of a {}, a type of aircraft.",  ("trainval",),       "test", "fgvc-aircraft-2013b/data/images"),
-    "sun397":        ("a photo of a {}.",                      None,                None,   "SUN397"),
-    "dtd":           ("{} texture.",                           ("train", "val"),    "test", "dtd/dtd/images"),
-    "eurosat":       ("a centered satellite photo of {}.",     None,                None,   "eurosat/2750"),
-    "ucf101":        ("a photo of a person doing {}.",         None,                None,   "ucf101/UCF-101-midframes"),
-    "imagefolder":   ("a photo of a {}.",                      ("train",),          "test", "imagefolder"),
+    #                 prompt template                          train splits       test    image folder
+    "imagenet":      ("a photo of a {}.",                      ("train",),        "val",  "imagenet/train"),
+    "caltech101":    ("a photo of a {}.",                      None,              None,   "caltech101/101_ObjectCategories"),
+    "oxford_pets":   ("a photo of a {}, a type of pet.",       ("trainval",),     "test", "oxford-iiit-pet/images"),
+    "stanford_cars": ("a photo of a {}.",                      ("train",),        "test", "stanford_cars"),
+    "flowers102":    ("a photo of a {}, a type of flower.",    ("train", "val"),  "test", "flowers-102/jpg"),
+    "food101":       ("a photo of {}, a type of food.",        ("train",),        "test", "food-101/images"),
+    "fgvc_aircraft": ("a photo of a {}, a type of aircraft.",  ("trainval",),     "test", "fgvc-aircraft-2013b/data/images"),
+    "sun397":        ("a photo of a {}.",                      None,              None,   "SUN397"),
+    "dtd":           ("{} texture.",                           ("train", "val"),  "test", "dtd/dtd/images"),
+    "eurosat":       ("a centered satellite photo of {}.",     None,              None,   "eurosat/2750"),
+    "ucf101":        ("a photo of a person doing {}.",         None,              None,   "ucf101/UCF-101-midframes"),
+    "imagefolder":   ("a photo of a {}.",                      ("train",),        "test", "imagefolder"),
 }
 # What torchvision expects under --data-root, for the error a missing dataset gets.
 LAYOUTS = {
@@ -87,7 +87,7 @@ CLASS_RENAMES = {
     "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "SeaLake": "Sea or Lake",
     "airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike",
 }
-# torchvision's Flowers102 has no class names; these are CoOp's (from github.com/jimgoo/caffe-oxford102), in label order.
+# torchvision's Flowers102 has no class names; these are CoOp's (from github.com/jimgoo/caffe-oxford102), by label.
 FLOWERS102_CLASSES = [
     "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold", "tiger lily",
     "moon orchid", "bird of paradise", "monkshood", "globe thistle", "snapdragon", "colt's foot", "king protea",
@@ -126,7 +126,8 @@ TINY_CLIP = {
 }
 # A small CLIP for --benchmark on a CPU: 65 tokens × batch 32 gives each weight about as much matrix-product work as
 # ViT-B/32 at batch 32 (50 tokens), so the cost of masking relative to the rest is comparable.
-BENCH_CLIP = {**TINY_CLIP, "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32}}
+BENCH_CLIP = {**TINY_CLIP,
+              "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32}}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -162,7 +163,8 @@ class ClipClassifier(nn.Module):
             out = self.clip.visual.forward_intermediates(x, output_fmt="NLC", output_extra_tokens=True)
             image = out["image_features"]
             # each block's output with its class token put back in front: L × (B, T, D)
-            feats = [torch.cat(pair, dim=1) for pair in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
+            feats = [torch.cat(pair, dim=1)
+                     for pair in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
         else:
             image = self.clip.visual(x)
         # logits = exp(logit_scale) · f̂(x) · T̂ᵀ
@@ -175,7 +177,8 @@ class ClipClassifier(nn.Module):
 
 # Parameter names inside each visual block. Names, not module types, so they also fit open_clip versions that
 # replace nn.MultiheadAttention.
-MASK_TARGETS = {"mhsa": ("attn.in_proj_weight", "attn.out_proj.weight"), "mlp": ("mlp.c_fc.weight", "mlp.c_proj.weight")}
+MASK_TARGETS = {"mhsa": ("attn.in_proj_weight", "attn.out_proj.weight"),
+                "mlp": ("mlp.c_fc.weight", "mlp.c_proj.weight")}
 MASK_TARGETS["all"] = MASK_TARGETS["mhsa"] + MASK_TARGETS["mlp"]
 MASK_FILE_FORMAT = 1
 MASK_MAGIC = b"ADVMASK\n"
@@ -483,7 +486,7 @@ def js_loss(clean_logits, adv_logits):
 LOSSES = ("ce", "ce+js", "ce+kl", "ce+lafa_plain", "ce+lafa")
 
 
-def mask_loss(kind, clean_logits, clean_feats, adv_logits, adv_feats, labels, lam=LAM):
+def mask_loss(kind, clean_logits, clean_feats, adv_logits, adv_feats, labels):
     """(L_CE(x_adv, y), regulariser) for one of LOSSES; the training loss is L_CE + λ · regulariser."""
     ce = F.cross_entropy(adv_logits, labels)
     if kind == "ce":
@@ -726,7 +729,8 @@ def _load_training_state(path, scores, optimizer, scheduler, generator):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever the parser trips on, the file is not an intact checkpoint
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start the run over") from None
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start the run "
+                         f"over") from None
     if [s.shape for s in state["scores"]] != [s.shape for s in scores]:
         raise ValueError(f"checkpoint {path} holds masks of other shapes; delete it or use another --out-dir")
     with torch.no_grad():
@@ -795,7 +799,8 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
             ce, lafa, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, loss)
             scheduler.step()
             finite &= torch.isfinite(ce + lam * lafa)
-            sums += torch.stack([ce * len(y), lafa * len(y), (adv_logits.argmax(1) == y).sum(), sums.new_tensor(len(y))])
+            hits = (adv_logits.argmax(1) == y).sum()
+            sums += torch.stack([ce * len(y), lafa * len(y), hits, sums.new_tensor(len(y))])
             if step % log_every == 0 or step == total:
                 if not finite:
                     break
@@ -803,8 +808,9 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
                 row = {"step": step, "ce": ce_sum / seen, "lafa": lafa_sum / seen, "adv_acc": correct / seen,
                        "off": mask_sparsity(model), "img_per_s": seen / (time.perf_counter() - tic)}
                 memory = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if labels.is_cuda else ""
-                print(f"step {step}/{total} | ce {row['ce']:.3f} | lafa {row['lafa']:.4f} | adv-acc {row['adv_acc']:.2f} "
-                      f"| off {100 * row['off']:.2f}% | {row['img_per_s']:.0f} img/s{memory}", flush=True)
+                print(f"step {step}/{total} | ce {row['ce']:.3f} | lafa {row['lafa']:.4f} "
+                      f"| adv-acc {row['adv_acc']:.2f} | off {100 * row['off']:.2f}% "
+                      f"| {row['img_per_s']:.0f} img/s{memory}", flush=True)
                 history.append(row)
                 sums.zero_()
                 tic = time.perf_counter()
@@ -858,8 +864,8 @@ def evaluate(model, loader, eps=1 / 255, alpha=1 / 255, steps=100, loss_fn=F.cro
         n += len(y)
     result = {"clean_acc": clean / n, "adv_acc": adv / n, "n": n, "zero_grad_share": zero_grad / n}
     if adv > clean:
-        print(f"WARNING: robust accuracy {100 * adv / n:.2f}% exceeds clean accuracy {100 * clean / n:.2f}% on the same "
-              f"images: the attack is not working (broken attack or gradient masking)", file=sys.stderr)
+        print(f"WARNING: robust accuracy {100 * adv / n:.2f}% exceeds clean accuracy {100 * clean / n:.2f}% on the "
+              f"same images: the attack is not working (broken attack or gradient masking)", file=sys.stderr)
     if zero_grad > 0.05 * n:
         print(f"WARNING: the input gradient is exactly zero for {100 * zero_grad / n:.1f}% of the images: PGD cannot "
               f"move them, so robust accuracy is overstated (saturated softmax or gradient masking)", file=sys.stderr)
@@ -1040,10 +1046,10 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
     plain, plain_opt = _bench_model(clip_config, device, target, masked=False)
     with amp():
         train_s = _min_seconds({"masked": lambda: train_step(masked, masked_opt, x, y),
-                                   "plain": lambda: train_step(plain, plain_opt, x, y)}, device, repeats)
+                                "plain": lambda: train_step(plain, plain_opt, x, y)}, device, repeats)
         baked, frozen = bake_masks(masked), plain.requires_grad_(False)
         eval_s = _min_seconds({"baked": lambda: pgd_attack(baked, x, y, steps=pgd_steps),
-                                  "plain": lambda: pgd_attack(frozen, x, y, steps=pgd_steps)}, device, repeats)
+                               "plain": lambda: pgd_attack(frozen, x, y, steps=pgd_steps)}, device, repeats)
     # each training variant's peak memory comes from a fresh process, so the two peaks do not mix
     with torch.multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         memory = {name: pool.apply(_train_peak_memory, (clip_config, batch_size, str(device), target, name == "masked",
@@ -1081,8 +1087,8 @@ def load_clip(model, pretrained):
     if pretrained == "none":
         print("WARNING: --pretrained none: the model has RANDOM weights, its accuracies mean nothing", file=sys.stderr)
     elif pretrained not in tags and not Path(pretrained).is_file():
-        raise ValueError(f"--pretrained {pretrained} is neither an open_clip tag of {model} ({', '.join(tags) or 'none'}) "
-                         f"nor an existing file; pass a tag, a checkpoint path, or none")
+        raise ValueError(f"--pretrained {pretrained} is neither an open_clip tag of {model} "
+                         f"({', '.join(tags) or 'none'}) nor an existing file; pass a tag, a checkpoint path, or none")
     logging.disable(logging.ERROR)  # open_clip and the hub log their failures too; ours below is the one line shown
     try:
         clip = open_clip.create_model(model, pretrained=None if pretrained == "none" else pretrained)
@@ -1116,7 +1122,8 @@ def parse_args(argv):
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
     p.add_argument("--split-json", default=None, help="CoOp split_zhou_<Name>.json: use exactly its train/test split")
     p.add_argument("--protocol", default="few_shot", choices=["few_shot", "base2new", "transfer"])
-    p.add_argument("--eval-datasets", type=_list(str), default=[d for d in DATASETS if d not in ("imagenet", "imagefolder")],
+    p.add_argument("--eval-datasets", type=_list(str),
+                   default=[d for d in DATASETS if d not in ("imagenet", "imagefolder")],
                    help="transfer: comma-separated datasets evaluated zero-shot")
     p.add_argument("--masks", default=None, help="transfer: evaluate this mask file instead of training one")
     p.add_argument("--baseline", action="store_true", help="also evaluate unmasked CLIP under the same attacks")
@@ -1179,8 +1186,8 @@ def parse_args(argv):
 
 
 # Settings that only change the evaluation: a checkpoint may be resumed with other values of these.
-EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "baseline", "workers", "eval_datasets",
-             "device", "precision"}
+EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "baseline", "workers",
+             "eval_datasets", "device", "precision"}
 
 
 def _check_resumable(out_dir, checkpoint, args):
@@ -1228,7 +1235,7 @@ def run(args):
     if args.benchmark:
         if args.model is None:
             config = BENCH_CLIP
-        elif args.model.endswith(".json"):
+        elif Path(args.model).is_file():
             config = json.loads(Path(args.model).read_text())
         else:
             config = open_clip.get_model_config(args.model)

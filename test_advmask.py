@@ -253,7 +253,8 @@ def test_mask_file_refuses_models_it_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match="masked with --mask-target mhsa"):
         am.load_masks(mlp_masked, path)
     data = path.read_bytes()
-    for name, broken, message in [("cut.bin", data[:-1], "truncated"), ("headless.bin", data[:20], "truncated or corrupted"),
+    for name, broken, message in [("cut.bin", data[:-1], "truncated"),
+                                  ("headless.bin", data[:20], "truncated or corrupted"),
                                   ("flipped.bin", data[:-1] + bytes([data[-1] ^ 1]), "fails its checksum"),
                                   ("other.bin", b"PK\x03\x04" + data[4:], "not an advmask mask file")]:
         (tmp_path / name).write_bytes(broken)
@@ -364,7 +365,8 @@ def test_lafa_equals_the_formula_computed_sample_by_sample(shape, seed, adaptive
     total = 0.0
     for layer in range(n_layers):
         for i in range(b):
-            sq = sum((clean[layer][i, k, j].item() - adv[layer][i, k, j].item()) ** 2 for k in range(t) for j in range(d))
+            sq = sum((clean[layer][i, k, j].item() - adv[layer][i, k, j].item()) ** 2
+                     for k in range(t) for j in range(d))
             total += w[i] * sq / (t * d)
     expected = total / (n_layers * b)
     got = am.lafa_loss(clean, adv, logits, labels, adaptive=adaptive)
@@ -423,7 +425,10 @@ def test_kl_and_js_equal_their_definitions(b, c, seed):
     g = torch.Generator().manual_seed(seed)
     clean, adv = 3 * torch.randn(b, c, generator=g), 3 * torch.randn(b, c, generator=g)
     p, q = clean.softmax(-1).double(), adv.softmax(-1).double()
-    kl = lambda a, b_: (a * (a / b_).log()).sum(-1).mean().item()  # noqa: E731
+
+    def kl(a, b_):
+        return (a * (a / b_).log()).sum(-1).mean().item()
+
     m = (p + q) / 2
     assert am.kl_loss(clean, adv).item() == pytest.approx(kl(p, q), rel=1e-4, abs=1e-6)
     assert am.js_loss(clean, adv).item() == pytest.approx(0.5 * kl(p, m) + 0.5 * kl(q, m), rel=1e-4, abs=1e-6)
@@ -600,7 +605,7 @@ def test_training_changes_only_the_scores():
 
 @pytest.mark.parametrize("shots", [1, 16])
 def test_default_budget_turns_weights_off_at_every_shot_count(shots):
-    """With the default lr and epochs the mask leaves all-ones (it would otherwise be zero-shot CLIP) at 1 and 16 shots."""
+    """With the default lr and epochs the mask leaves all-ones (else it is zero-shot CLIP), at 1 and at 16 shots."""
     model = tiny_classifier(n_classes=4)
     scores = am.apply_masks(model)
     x, y = synthetic_training_set(4, shots)
@@ -695,7 +700,7 @@ def write_results(runs, protocol, dataset, shots, seed, entries):
 
 def table(markdown, heading):
     """The data rows of the markdown table under the first heading containing `heading`, as lists of cells."""
-    lines = markdown.split("## ")[[i for i, part in enumerate(markdown.split("## ")) if heading in part][0]].splitlines()
+    lines = next(part for part in markdown.split("## ") if heading in part).splitlines()
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[4:] if line.startswith("|")]
 
 
@@ -711,7 +716,8 @@ def test_summary_means_stds_averages_and_missing_cells(tmp_path):
     assert rows["oxford_pets"] == ["—", "—", "65.0 ± 7.1", "45.0 ± 7.1"]
     assert rows["dtd"] == ["20.0 (1/2)", "5.0 (1/2)", "30.0 (1/2)", "10.0 (1/2)"]
     assert rows["**Average**"] == ["—", "—", "47.5", "27.5"]
-    csv = {tuple(r[:8]): r[8:] for r in (line.split(",") for line in (tmp_path / "summary.csv").read_text().splitlines())}
+    lines = (tmp_path / "summary.csv").read_text().splitlines()
+    csv = {tuple(r[:8]): r[8:] for r in (line.split(",") for line in lines)}
     mean, std, seeds = csv[("few_shot", "advmask", "pgd", "1.0", "oxford_pets", "16", "oxford_pets", "clean")]
     assert float(mean) == pytest.approx(0.65) and float(std) == pytest.approx(statistics.stdev([0.6, 0.7]))
     assert seeds == "2" and ("few_shot", "advmask", "pgd", "1.0", "oxford_pets", "1", "oxford_pets", "clean") not in csv
@@ -726,7 +732,7 @@ def test_summary_means_stds_averages_and_missing_cells(tmp_path):
 # Benchmark
 
 def test_benchmark_reports_every_figure_and_one_bit_per_weight():
-    """benchmark() returns positive speeds and memories, and a mask file of one bit per weight plus ≤ 512 header bytes."""
+    """benchmark() gives positive speeds and memories, and a mask file of one bit per weight plus ≤ 512 bytes."""
     result = am.benchmark(am.TINY_CLIP, 8, torch.device("cpu"), "fp32", repeats=1, pgd_steps=2)
     assert result["masked_weights"] == 2 * (3 * 64 * 64 + 64 * 64)
     for key in ("train_img_s_masked", "train_img_s_plain", "eval_img_s_baked", "eval_img_s_plain",
@@ -744,7 +750,7 @@ PET_CLASSES = ["Abyssinian", "american_bulldog", "Bengal", "yorkshire_terrier"] 
 
 
 def fabricate_oxford_pets(root, train_per_class=3, test_per_class=2):
-    """A tiny Oxford-IIIT Pet tree in torchvision's layout: images/<Breed>_<n>.jpg and annotations/{trainval,test}.txt."""
+    """A tiny Oxford-IIIT Pet tree as torchvision reads it: images/<Breed>_<n>.jpg, annotations/{trainval,test}.txt."""
     base = Path(root) / "oxford-iiit-pet"
     (base / "images").mkdir(parents=True)
     (base / "annotations").mkdir()
@@ -801,14 +807,16 @@ def test_cli_trains_and_evaluates_on_a_fabricated_oxford_pets_tree(tiny_files, t
 def test_cli_base2new_and_transfer_protocols(tiny_files, tmp_path):
     """base2new evaluates base and new classes (with the CLIP baseline, two attacks, two ε); transfer reuses its mask
     zero-shot on other datasets, one entry each."""
-    common = ["--data-root", str(tiny_files / "data"), "--no-download", "--model", str(tiny_files / "tiny-test-clip.json"),
-              "--pretrained", str(tiny_files / "tiny.pt"), "--device", "cpu", "--workers", "0", "--test-steps", "2"]
+    common = ["--data-root", str(tiny_files / "data"), "--no-download",
+              "--model", str(tiny_files / "tiny-test-clip.json"), "--pretrained", str(tiny_files / "tiny.pt"),
+              "--device", "cpu", "--workers", "0", "--test-steps", "2"]
     proc = run_cli("--protocol", "base2new", "--shots", "2", "--epochs", "1", "--baseline", "--attack", "pgd,cw",
                    "--test-eps", "1,4", "--out-dir", "b2n", *common, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     entries = json.loads((tmp_path / "b2n" / "results.json").read_text())["results"]
     assert {(e["model"], e["eval"], e["attack"], e["eps"]) for e in entries} == {
-        (m, part, a, eps) for m in ("clip", "advmask") for part in ("base", "new") for a in ("pgd", "cw") for eps in (1, 4)}
+        (m, part, a, eps) for m in ("clip", "advmask") for part in ("base", "new") for a in ("pgd", "cw")
+        for eps in (1, 4)}
     assert all(e["n"] == 2 * len(PET_CLASSES) // 2 for e in entries)  # 2 test images × 2 classes per half
     proc = run_cli("--protocol", "transfer", "--masks", str(tmp_path / "b2n" / "masks.bin"), "--eval-datasets",
                    "dtd,eurosat", "--out-dir", "transfer", *common, cwd=tmp_path)
@@ -828,8 +836,11 @@ def test_run_all_dry_sweep_summarises_and_resumes(tmp_path):
     """run_all.sh --dry-run runs 2 datasets × 2 shots × 2 seeds and writes the summary; run again after one cell is
     lost, it redoes that cell only."""
     env = {**os.environ, "RUNS": str(tmp_path / "runs")}
-    sweep = lambda: subprocess.run(["bash", str(HERE / "run_all.sh"), "--dry-run"], env=env, capture_output=True,  # noqa: E731
-                                   text=True, timeout=600)
+
+    def sweep():
+        return subprocess.run(["bash", str(HERE / "run_all.sh"), "--dry-run"], env=env, capture_output=True,
+                              text=True, timeout=600)
+
     proc = sweep()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs = tmp_path / "runs"
@@ -866,14 +877,14 @@ def bad_input_cases(files):
         (["--attack", "fgsm"], "--attack takes a comma-separated list of pgd, cw"),
         (["--device", "cuda:99", "--dry-run"], "--device cuda:99 was asked for but"),
         ([*tiny, "--data-root", str(files / "nowhere")], "torchvision expects oxford-iiit-pet/images/<Breed>_<n>.jpg"),
-        (["--model", "ViT-B-32", "--pretrained", "openai"], "could not fetch the 'openai' weights of ViT-B-32 (no network?)"),
+        (["--model", "ViT-B-32", "--pretrained", "openai"], "could not fetch the 'openai' weights of ViT-B-32"),
         (["--pretrained", str(files / "missing.pt")], "is neither an open_clip tag of ViT-B-32"),
         ([*tiny, "--pretrained", str(files / "other.pt")], "is not a state dict of tiny-test-clip"),
         ([*tiny, "--pretrained", str(files / "garbage.pt")], "is not a state dict of tiny-test-clip"),
         ([*tiny, "--split-json", str(files / "garbage.pt")], "is not a readable CoOp split JSON"),
         ([*transfer, "--masks", str(files / "masks-cut.bin")], "truncated"),
         ([*transfer, "--masks", str(files / "masks-flipped.bin")], "fails its checksum"),
-        ([*transfer, "--masks", str(files / "masks-other-arch.bin")], "was made for VisionTransformer(layers=2, width=32"),
+        ([*transfer, "--masks", str(files / "masks-other-arch.bin")], "made for VisionTransformer(layers=2, width=32"),
         ([*transfer, "--masks", str(files / "masks-mlp.bin")], "masked with --mask-target mlp"),
         (["--masks", str(files / "masks-mlp.bin")], "--masks goes with --protocol transfer"),
     ]
