@@ -1155,6 +1155,8 @@ def parse_args(argv):
     p.add_argument("--test-eps", type=_list(float), default=[TEST_EPS], help="comma-separated, in /255 units")
     p.add_argument("--test-alpha", type=float, default=TEST_ALPHA, help="in /255 units")
     p.add_argument("--test-steps", type=int, default=TEST_STEPS)
+    p.add_argument("--checkpoint-every", type=int, default=50,
+                   help="save the training state at the first epoch end after this many steps (1: every epoch)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--out-dir", default=None, help="default: runs/<protocol>/<dataset>/<shots>shot/seed<seed>")
     p.add_argument("--dry-run", action="store_true",
@@ -1163,7 +1165,7 @@ def parse_args(argv):
                    help="print one JSON line: masked vs unmasked training speed and memory, baked vs plain PGD speed, "
                         "mask-file bits per weight (random weights)")
     args = p.parse_args(argv)
-    for flag in ("shots", "batch_size", "eval_batch_size", "epochs"):
+    for flag in ("shots", "batch_size", "eval_batch_size", "epochs", "checkpoint_every"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer")
     for flag in ("train_eps", "train_alpha", "test_alpha"):
@@ -1187,7 +1189,7 @@ def parse_args(argv):
 
 # Settings that only change the evaluation: a checkpoint may be resumed with other values of these.
 EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "baseline", "workers",
-             "eval_datasets", "device", "precision"}
+             "eval_datasets", "device", "precision", "checkpoint_every"}
 
 
 def _check_resumable(out_dir, checkpoint, args):
@@ -1304,7 +1306,8 @@ def run(args):
         with amp():
             history = train(head, scores, images, labels, epochs, batch_size=args.batch_size, lr=args.lr,
                             lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255,
-                            steps=args.train_steps, loss=args.loss, seed=args.seed, checkpoint=checkpoint)
+                            steps=args.train_steps, loss=args.loss, seed=args.seed, checkpoint=checkpoint,
+                            checkpoint_every=args.checkpoint_every)
         save_masks(clip, out_dir / "masks.bin")
     train_seconds = time.perf_counter() - start
     sparsity = mask_sparsity(clip)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The AdvMask experiment sweep: DATASETS × SHOTS × SEEDS for one PROTOCOL, one advmask.py run per cell, then the
+# The AdvMask experiment sweep: PROTOCOL × DATASETS × SHOTS × SEEDS, one advmask.py run per cell, then the
 # aggregated tables. Cells whose results.json exists are skipped, so a stopped sweep continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 usage() {
   cat <<'EOF'
-usage: run_all.sh [--datasets "a b"] [--shots "1 2"] [--seeds "1 2 3"] [--protocol P] [--gpus "0 1"]
+usage: run_all.sh [--datasets "a b"] [--shots "1 2"] [--seeds "1 2 3"] [--protocol "P Q"] [--gpus "0 1"]
                   [--runs DIR] [--dry-run] [-- ARGS FOR advmask.py]
 
 Runs advmask.py once per (dataset, shots, seed) into RUNS/PROTOCOL/DATASET/<K>shot/seed<S>/ (its log beside the
@@ -17,7 +17,7 @@ Every option can also be set by the environment variable of the same name (flags
   DATASETS  default: the 11 datasets of the paper
   SHOTS     default: "1 2 4 8 16"
   SEEDS     default: "1 2 3"
-  PROTOCOL  few_shot (default), base2new or transfer
+  PROTOCOL  few_shot (default), base2new, transfer, or several, e.g. "few_shot base2new"
   GPUS      e.g. "0 1 2 3": one job per GPU in parallel (CUDA_VISIBLE_DEVICES); empty: one job at a time
   RUNS      default: runs (runs_dry with --dry-run)
 --dry-run   a tiny CPU sweep: oxford_pets dtd × 1 2 shots × seeds 1 2 with advmask.py --dry-run (synthetic data)
@@ -52,17 +52,17 @@ done
 if [ -z "$RUNS" ]; then if [ "$DRY" = 1 ]; then RUNS=runs_dry; else RUNS=runs; fi; fi
 
 cells=()
-for dataset in $DATASETS; do for shots in $SHOTS; do for seed in $SEEDS; do
-  cells+=("$dataset $shots $seed")
-done; done; done
+for protocol in $PROTOCOL; do for dataset in $DATASETS; do for shots in $SHOTS; do for seed in $SEEDS; do
+  cells+=("$protocol $dataset $shots $seed")
+done; done; done; done
 
-run_cell() {  # dataset shots seed [gpu]
-  local out="$RUNS/$PROTOCOL/$1/${2}shot/seed$3"
+run_cell() {  # protocol dataset shots seed [gpu]
+  local out="$RUNS/$1/$2/${3}shot/seed$4"
   if [ -f "$out/results.json" ]; then echo "skip $out (done)"; return 0; fi
   mkdir -p "$out"
   echo "run  $out"
-  if CUDA_VISIBLE_DEVICES=${4:-${CUDA_VISIBLE_DEVICES:-}} python advmask.py --protocol "$PROTOCOL" --dataset "$1" \
-      --shots "$2" --seed "$3" --out-dir "$out" "${EXTRA[@]}" > "$out/log.txt" 2>&1; then
+  if CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} python advmask.py --protocol "$1" --dataset "$2" \
+      --shots "$3" --seed "$4" --out-dir "$out" "${EXTRA[@]}" > "$out/log.txt" 2>&1; then
     tail -n 1 "$out/log.txt"
   else
     echo "FAILED $out (see $out/log.txt)"
