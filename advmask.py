@@ -162,7 +162,8 @@ class ClipClassifier(nn.Module):
         if return_features:
             out = self.clip.visual.forward_intermediates(x, output_fmt="NLC", output_extra_tokens=True)
             image = out["image_features"]
-            # each block's output with its class token put back in front: L × (B, T, D)
+            # not in the paper: LAFA aligns each block's output, every token (the paper says "each layer's features");
+            # the class token goes back in front of the patch tokens: L × (B, T, D)
             feats = [torch.cat(pair, dim=1)
                      for pair in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
         else:
@@ -454,7 +455,8 @@ def lafa_loss(clean_feats, adv_feats, clean_logits, labels, adaptive=True, eps=1
         >>> loss = F.cross_entropy(adv_logits, y) + 50 * lafa_loss(clean_feats, adv_feats, clean_logits, y)
     """
     # not in the paper: ‖·‖² is taken as the mean over tokens and channels, not the sum, so that λ = 50 balances the
-    # CE at the scale of CLIP's residual stream whatever the width and token count.
+    # CE at the scale of CLIP's residual stream whatever the width and token count; and the clean features are
+    # detached targets, so LAFA moves the adversarial pass towards the clean one and not the reverse.
     d = torch.stack([(c.detach().float() - a.float()).pow(2).mean(dim=(1, 2))
                      for c, a in zip(clean_feats, adv_feats)])  # (L, B)
     with torch.no_grad():
@@ -535,6 +537,8 @@ def to_unit(images):
     return images.float() / 255
 
 
+# Two small Dataset classes, the only classes here that are not nn.Modules: torch's Subset cannot relabel (base/new
+# classes are renumbered), and torchvision has no dataset over a list of files (a CoOp split JSON).
 class ImageFiles(torch.utils.data.Dataset):
     """Images listed as (path, label) pairs, as a CoOp split JSON lists them; the labels are in .targets."""
 
@@ -873,7 +877,7 @@ def evaluate(model, loader, eps=1 / 255, alpha=1 / 255, steps=100, loss_fn=F.cro
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Results: what a run leaves in --out-dir (config.json, masks.bin, results.json), each written atomically
+# Results: atomic JSON files, the paper's H, and the tables over seeds that summarize writes
 
 def write_json(path, obj):
     """Write obj as indented JSON, atomically."""
@@ -1219,33 +1223,10 @@ def _evaluate_heads(model_name, evals, args, device, amp):
     return rows
 
 
-def run(args):
+def run(args, device, precision):
     """One run of a protocol: load CLIP and data, tune (or load) the mask, save it, evaluate clean and under attack."""
     start = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {device} was asked for but {torch.cuda.device_count()} CUDA devices are visible; "
-                         f"pass --device cpu or an existing GPU")
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     amp = partial(torch.autocast, device.type, torch.bfloat16, enabled=precision == "bf16")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls may use TF32
-    if args.deterministic:  # cuBLAS needs this workspace setting to be deterministic; cuDNN autotuning is off
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    torch.manual_seed(args.seed)
-    if args.benchmark:
-        if args.model is None:
-            config = BENCH_CLIP
-        elif Path(args.model).is_file():
-            config = json.loads(Path(args.model).read_text())
-        else:
-            config = open_clip.get_model_config(args.model)
-        if config is None:
-            raise ValueError(f"unknown model {args.model!r}; pass an open_clip model name or a config JSON")
-        print(json.dumps({"model": args.model or "BENCH_CLIP", **benchmark(config, args.batch_size, device, precision,
-                                                                            args.mask_target)}))
-        return None
     out_dir = Path(args.out_dir or f"runs/{args.protocol}/{args.dataset}/{args.shots}shot/seed{args.seed}")
 
     if args.dry_run:
@@ -1330,8 +1311,30 @@ def main(argv=None):
             if len(argv) != 2:
                 raise ValueError("usage: advmask.py summarize RUNS_DIR")
             summarize(argv[1])
+            return
+        args = parse_args(argv)
+        # device, precision and seed are decided here, once, and passed down
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {device} was asked for but {torch.cuda.device_count()} CUDA devices are "
+                             f"visible; pass --device cpu or an existing GPU")
+        precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls may use TF32
+        if args.deterministic:  # cuBLAS needs this workspace setting to be deterministic; cuDNN autotuning is off
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        torch.manual_seed(args.seed)
+        if args.benchmark:
+            model = args.model
+            config = BENCH_CLIP if model is None else (
+                json.loads(Path(model).read_text()) if Path(model).is_file() else open_clip.get_model_config(model))
+            if config is None:
+                raise ValueError(f"unknown model {model!r}; pass an open_clip model name or a config JSON")
+            print(json.dumps({"model": model or "BENCH_CLIP",
+                              **benchmark(config, args.batch_size, device, precision, args.mask_target)}))
         else:
-            run(parse_args(argv))
+            run(args, device, precision)
     except ValueError as e:  # library functions raise ValueError with a sentence that says what to do
         print(f"advmask: error: {e}", file=sys.stderr)
         sys.exit(2)
