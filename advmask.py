@@ -915,6 +915,8 @@ def summarize(runs_dir):
     # (protocol, model, attack, eps, dataset, shots, eval) -> {seed: (clean, adv)}
     acc, seen = {}, {}  # seen: protocol -> (datasets, shots, seeds) that have a run folder, finished or not
     for cell in sorted(runs_dir.glob("*/*/*shot/seed*")):
+        if not (cell.is_dir() and re.fullmatch(r"\d+shot/seed\d+", f"{cell.parent.name}/{cell.name}")):
+            continue
         protocol, dataset, shots, seed = cell.parts[-4], cell.parts[-3], int(cell.parts[-2][:-4]), int(cell.name[4:])
         for group, value in zip(seen.setdefault(protocol, (set(), set(), set())), (dataset, shots, seed)):
             group.add(value)
@@ -928,14 +930,15 @@ def summarize(runs_dir):
     md, csv_rows = [f"# AdvMask results ({runs_dir})", ""], [["protocol", "model", "attack", "eps", "dataset",
                                                                "shots", "eval", "metric", "mean", "std", "seeds"]]
     for protocol, model, attack, eps in sorted({k[:4] for k in acc}):
-        datasets, all_shots, seeds = (sorted(g, key=lambda d: (order.get(d, len(order)), d)) if i == 0 else sorted(g)
-                                      for i, g in enumerate(seen[protocol]))
+        datasets, all_shots, seeds = seen[protocol]
+        datasets = sorted(datasets, key=lambda d: (order.get(d, len(order)), d))  # the paper's order, then the rest
+        all_shots, seeds = sorted(all_shots), sorted(seeds)
 
         def stat(dataset, shots, eval_name, metric):  # per-seed values of one metric of one cell
             runs = acc.get((protocol, model, attack, eps, dataset, shots, eval_name), {})
             values = [pair[metric] for pair in runs.values()]
             if values:
-                csv_rows.append([protocol, model, attack, eps, dataset, shots, eval_name, "clean adv".split()[metric],
+                csv_rows.append([protocol, model, attack, eps, dataset, shots, eval_name, ("clean", "adv")[metric],
                                  _mean(values), statistics.stdev(values) if len(values) > 1 else "", len(values)])
             return values
 

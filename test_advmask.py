@@ -710,6 +710,7 @@ def test_summary_means_stds_averages_and_missing_cells(tmp_path):
     write_results(tmp_path, "few_shot", "oxford_pets", 16, 2, [("oxford_pets", 0.70, 0.50)])
     write_results(tmp_path, "few_shot", "dtd", 16, 1, [("dtd", 0.30, 0.10)])
     (tmp_path / "few_shot" / "dtd" / "16shot" / "seed2").mkdir()  # a failed run: folder, no results.json
+    (tmp_path / "few_shot" / "dtd" / "16shot" / "seed7.log").write_text("not a run folder")
     write_results(tmp_path, "few_shot", "dtd", 1, 1, [("dtd", 0.20, 0.05)])  # oxford_pets 1-shot: never run
     md = am.summarize(tmp_path)
     rows = {r[0]: r[1:] for r in table(md, "few_shot")}
