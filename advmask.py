@@ -1094,8 +1094,9 @@ def load_clip(model, pretrained):
     if pretrained == "none":
         print("WARNING: --pretrained none: the model has RANDOM weights, its accuracies mean nothing", file=sys.stderr)
     elif pretrained not in tags and not Path(pretrained).is_file():
-        raise ValueError(f"--pretrained {pretrained} is neither an open_clip tag of {model} "
-                         f"({', '.join(tags) or 'none'}) nor an existing file; pass a tag, a checkpoint path, or none")
+        some = ", ".join(tags[:4]) + (", ..." if len(tags) > 4 else "") or "none"
+        raise ValueError(f"--pretrained {pretrained} is neither an open_clip tag of {model} ({some}) nor an existing "
+                         f"file; pass a tag, a checkpoint path, or none")
     logging.disable(logging.ERROR)  # open_clip and the hub log their failures too; ours below is the one line shown
     try:
         clip = open_clip.create_model(model, pretrained=None if pretrained == "none" else pretrained)
@@ -1103,8 +1104,9 @@ def load_clip(model, pretrained):
         if pretrained in tags:
             raise ValueError(f"could not fetch the {pretrained!r} weights of {model} (no network?); download them "
                              f"where there is one and pass the file with --pretrained PATH") from None
-        raise ValueError(f"checkpoint {pretrained} is not a state dict of {model} ({str(e).splitlines()[0][:200]}); "
-                         f"pass the --model it was saved from, or a checkpoint of this one") from None
+        detail = "not a torch checkpoint" if not isinstance(e, RuntimeError) else " ".join(str(e).split())[:160]
+        raise ValueError(f"checkpoint {pretrained} is not a state dict of {model} ({detail}); pass the --model it was "
+                         f"saved from, or a checkpoint of this one") from None
     finally:
         logging.disable(logging.NOTSET)
     return clip, open_clip.get_tokenizer(model)
@@ -1183,8 +1185,10 @@ def parse_args(argv):
     for flag in ("train_steps", "test_steps", "workers"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
-    if args.lam < 0 or args.lr <= 0:
-        p.error("--lam must be 0 or more and --lr positive")
+    if args.lam < 0:
+        p.error("--lam must be 0 or more")
+    if args.lr <= 0:
+        p.error("--lr must be positive")
     if not args.attack or not set(args.attack) <= set(ATTACKS):
         p.error(f"--attack takes a comma-separated list of {', '.join(ATTACKS)}")
     if not set(args.eval_datasets) <= set(DATASETS):
