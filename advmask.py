@@ -644,17 +644,18 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
     if split_json is not None:
         try:  # {"train": [[relpath, label, classname], ...], "val": ..., "test": ...}
             spec = json.loads(Path(split_json).read_text())
-            entries = [(p, int(label), str(c)) for part in ("train", "test") for p, label, c in spec[part]]
+            parts = {part: [(p, int(label), str(c)) for p, label, c in spec[part]] for part in ("train", "test")}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{split_json} is not a readable CoOp split JSON ({type(e).__name__}: {e}); pass a "
                              f"split_zhou_<Name>.json") from None
         folder = Path(root) / image_dir
+        entries = parts["train"] + parts["test"]
         missing = next((p for p, _, _ in entries if not (folder / p).is_file()), None)
         if missing is not None:
             raise ValueError(f"{split_json} lists {missing}, which is not under {folder}; put {name}'s images there")
         names = dict(sorted({(label, cname.replace("_", " ")) for _, label, cname in entries}))
-        return {part: ImageFiles([(folder / p, label) for p, label, _ in spec[part]], transform)
-                for part in ("train", "test")} | {"classes": [names[c] for c in range(len(names))]}
+        return {part: ImageFiles([(folder / p, label) for p, label, _ in items], transform)
+                for part, items in parts.items()} | {"classes": [names[c] for c in range(len(names))]}
     try:
         if train_splits is None:
             whole = _torchvision_dataset(name, root, None, transform, download)
@@ -697,6 +698,11 @@ def cache_images(dataset, indices, device, num_workers=0):
 # ----------------------------------------------------------------------------------------------------------------------
 # Training: min over the mask of E[L_CE(x_adv) + λ · L_LAFA], with x_adv from PGD
 
+def autocast(device, precision):
+    """Mixed precision for forward and backward passes: bf16 autocast, or nothing for "fp32"."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+
+
 def default_epochs(n_images, batch_size, budget_steps=TRAIN_BUDGET_STEPS):
     """Epochs giving about budget_steps optimisation steps (at least one epoch), whatever the shot count."""
     return max(1, math.ceil(budget_steps / math.ceil(n_images / batch_size)))
@@ -704,11 +710,12 @@ def default_epochs(n_images, batch_size, budget_steps=TRAIN_BUDGET_STEPS):
 
 def train_step(model, optimizer, x, y, lam=LAM, eps=1 / 255, alpha=1 / 255, steps=2, loss="ce+lafa"):
     """One min-max step on images x in [0, 1]; returns (L_CE, regulariser, adversarial logits), detached."""
-    # inner max: x_adv = argmax_{‖x_adv − x‖∞ ≤ ε} L_CE(f(x_adv), y), with the mask held fixed (formed once)
+    # inner max: x_adv = argmax_{‖x_adv − x‖∞ ≤ ε} L_CE(f(x_adv), y), with the mask held fixed (formed once, and
+    # shared with the clean pass, which needs no gradient either)
     with fixed_masks(model):
         x_adv = pgd_attack(model, x, y, eps, alpha, steps)
-    with torch.no_grad():
-        clean_logits, clean_feats = model(x, return_features=True)
+        with torch.no_grad():
+            clean_logits, clean_feats = model(x, return_features=True)
     adv_logits, adv_feats = model(x_adv, return_features=True)
     ce, reg = mask_loss(loss, clean_logits, clean_feats, adv_logits, adv_feats, y)
     # L_mask = L_CE(x_adv, y) + λ · L_LAFA(x, x_adv, y)
@@ -1032,7 +1039,7 @@ def _train_peak_memory(clip_config, batch_size, device, target, masked, precisio
     rss_before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+    with autocast(device, precision):
         for _ in range(2):
             train_step(model, optimizer, x, y)
     if device.type == "cuda":
@@ -1047,11 +1054,10 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
     "Unmasked" trains the very weights the mask would cover, directly: the ratio is the price of masking over plain
     adversarial fine-tuning of the same weights. Random weights: only speed and memory are measured.
     """
-    amp = partial(torch.autocast, device.type, torch.bfloat16, enabled=precision == "bf16")
     x, y = _bench_batch(clip_config, batch_size, device)
     masked, masked_opt = _bench_model(clip_config, device, target, masked=True)
     plain, plain_opt = _bench_model(clip_config, device, target, masked=False)
-    with amp():
+    with autocast(device, precision):
         train_s = _min_seconds({"masked": lambda: train_step(masked, masked_opt, x, y),
                                 "plain": lambda: train_step(plain, plain_opt, x, y)}, device, repeats)
         baked, frozen = bake_masks(masked), plain.requires_grad_(False)
@@ -1081,8 +1087,8 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
-def load_clip(model, pretrained):
-    """An open_clip model and its tokenizer from a model name or config JSON, and a pretrained tag, file or "none"."""
+def model_name(model):
+    """The open_clip name of --model: a known name, or a config JSON registered under its file's stem."""
     if model.endswith(".json"):
         if not Path(model).is_file():
             raise ValueError(f"model config {model} does not exist; pass an open_clip model name or a config JSON")
@@ -1090,6 +1096,12 @@ def load_clip(model, pretrained):
         model = Path(model).stem
     if model not in open_clip.list_models():
         raise ValueError(f"unknown model {model!r}; pass an open_clip model name such as ViT-B-32 or a config JSON")
+    return model
+
+
+def load_clip(model, pretrained):
+    """An open_clip model and its tokenizer from a model name or config JSON, and a pretrained tag, file or "none"."""
+    model = model_name(model)
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained == "none":
         print("WARNING: --pretrained none: the model has RANDOM weights, its accuracies mean nothing", file=sys.stderr)
@@ -1233,7 +1245,7 @@ def _evaluate_heads(model_name, evals, args, device, amp):
 def run(args, device, precision):
     """One run of a protocol: load CLIP and data, tune (or load) the mask, save it, evaluate clean and under attack."""
     start = time.perf_counter()
-    amp = partial(torch.autocast, device.type, torch.bfloat16, enabled=precision == "bf16")
+    amp = partial(autocast, device, precision)
     out_dir = Path(args.out_dir or f"runs/{args.protocol}/{args.dataset}/{args.shots}shot/seed{args.seed}")
 
     if args.dry_run:
@@ -1333,12 +1345,8 @@ def main(argv=None):
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(args.seed)
         if args.benchmark:
-            model = args.model
-            config = BENCH_CLIP if model is None else (
-                json.loads(Path(model).read_text()) if Path(model).is_file() else open_clip.get_model_config(model))
-            if config is None:
-                raise ValueError(f"unknown model {model!r}; pass an open_clip model name or a config JSON")
-            print(json.dumps({"model": model or "BENCH_CLIP",
+            config = BENCH_CLIP if args.model is None else open_clip.get_model_config(model_name(args.model))
+            print(json.dumps({"model": args.model or "BENCH_CLIP",
                               **benchmark(config, args.batch_size, device, precision, args.mask_target)}))
         else:
             run(args, device, precision)
