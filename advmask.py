@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
+import torchattacks
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
@@ -74,12 +76,24 @@ LAYOUTS = {
     "flowers102": "flowers-102/jpg/image_<n>.jpg, flowers-102/imagelabels.mat and flowers-102/setid.mat",
     "food101": "food-101/images/<class>/<n>.jpg and food-101/meta/{train,test}.json",
     "fgvc_aircraft": "fgvc-aircraft-2013b/data/images/<n>.jpg and fgvc-aircraft-2013b/data/images_variant_*.txt",
-    "sun397": "SUN397/<letter>/<class>/*.jpg and SUN397/ClassName.txt",
+    "sun397": "SUN397/<letter>/<class>/*.jpg, SUN397/ClassName.txt (and for CoOp's test set SUN397/Testing_01.txt)",
     "dtd": "dtd/dtd/images/<class>/<name>.jpg and dtd/dtd/labels/{train,val,test}1.txt",
     "eurosat": "eurosat/2750/<Class>/<Class>_<n>.jpg",
-    "ucf101": "ucf101/UCF-101-midframes/<Class>/<video>.jpg (CoOp's middle frames; never downloaded)",
+    "ucf101": "ucf101/UCF-101-midframes/<Class_Name>/v_<Class>_gNN_cMM.jpg (CoOp's middle frames; never downloaded)",
     "imagefolder": "imagefolder/train/<class>/*.jpg and imagefolder/test/<class>/*.jpg",
 }
+# CoOp's split file of each dataset (CoOp's DATASETS.md links them): --split-dir DIR reads DIR/split_zhou_<Name>.json.
+# ImageNet and FGVC Aircraft have none; CoOp uses their official splits, as we do.
+COOP_SPLIT_FILES = {"caltech101": "Caltech101", "oxford_pets": "OxfordPets", "stanford_cars": "StanfordCars",
+                    "flowers102": "OxfordFlowers", "food101": "Food101", "sun397": "SUN397",
+                    "dtd": "DescribableTextures", "eurosat": "EuroSAT", "ucf101": "UCF101"}
+# (classes, test images) of each dataset's default split below, for --synthetic: a run of the real size with random
+# images. Caltech101's 2,472 is derived: 2,602 measured with Faces_easy, less its 130 test images; imagefolder's is
+# TinyImageNet's, the paper's transfer source.
+DATASET_SIZES = {"imagenet": (1000, 50_000), "caltech101": (100, 2_472), "oxford_pets": (37, 3_669),
+                 "stanford_cars": (196, 8_041), "flowers102": (102, 6_149), "food101": (101, 25_250),
+                 "fgvc_aircraft": (100, 3_333), "sun397": (397, 19_850), "dtd": (47, 1_880), "eurosat": (10, 8_100),
+                 "ucf101": (101, 3_783), "imagefolder": (200, 10_000)}
 # Class names as CoOp writes them, where they differ from torchvision's (after "_" -> " ").
 CLASS_RENAMES = {
     "AnnualCrop": "Annual Crop Land", "HerbaceousVegetation": "Herbaceous Vegetation Land",
@@ -155,7 +169,7 @@ class ClipClassifier(nn.Module):
                        for c in class_names]  # C × (n_templates, E)
             # T̂_c = normalize(mean over templates of normalize(text(template(c))))
             text = F.normalize(torch.stack([p.mean(0) for p in prompts]), dim=-1)  # (C, E)
-        self.register_buffer("text_features", text)
+        self.register_buffer("text_features", text.float())
 
     def forward(self, images, return_features=False):
         x = (images - self.mean) / self.std
@@ -168,8 +182,11 @@ class ClipClassifier(nn.Module):
                      for pair in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
         else:
             image = self.clip.visual(x)
-        # logits = exp(logit_scale) · f̂(x) · T̂ᵀ
-        logits = self.clip.logit_scale.exp() * F.normalize(image, dim=-1) @ self.text_features.T  # (B, C)
+        # not in the paper: the normalisation and the logits are fp32 under any autocast; in bf16, logits of 20-35
+        # (logit scale 100) would lie on a 0.125-0.25 grid and argmax ties would go to the lower class index
+        with torch.autocast(x.device.type, enabled=False):
+            # logits = exp(logit_scale) · f̂(x) · T̂ᵀ
+            logits = self.clip.logit_scale.exp() * F.normalize(image.float(), dim=-1) @ self.text_features.T  # (B, C)
         return (logits, feats) if return_features else logits
 
 
@@ -181,7 +198,7 @@ class ClipClassifier(nn.Module):
 MASK_TARGETS = {"mhsa": ("attn.in_proj_weight", "attn.out_proj.weight"),
                 "mlp": ("mlp.c_fc.weight", "mlp.c_proj.weight")}
 MASK_TARGETS["all"] = MASK_TARGETS["mhsa"] + MASK_TARGETS["mlp"]
-MASK_FILE_FORMAT = 1
+MASK_FILE_FORMAT = 2  # 2 adds "heads", the attention heads per block, for the per-head analysis; 1 still loads
 MASK_MAGIC = b"ADVMASK\n"
 
 
@@ -256,6 +273,7 @@ def apply_masks(model, target="mhsa", init=MASK_INIT, threshold=MASK_THRESHOLD):
             module_name, _, param_name = name.rpartition(".")
             module = block.get_submodule(module_name)
             mask = ScoreMask(getattr(module, param_name), init, threshold)
+            mask.param_order = tuple(module._parameters)  # register_parametrization moves the weight; bake restores
             parametrize.register_parametrization(module, param_name, mask)
             scores.append(mask.scores)
     return scores
@@ -280,16 +298,22 @@ def mask_sparsity(model):
 
 
 def bake_masks(model):
-    """Replace every masked weight by θ ⊙ M_bin in place and remove the masks: a plain open_clip model remains."""
+    """Replace every masked weight by θ ⊙ M_bin in place and remove the masks: a plain open_clip model remains, with
+    its parameters in their original order."""
     for module in {id(m): m for _, m, _, _ in _masks(model)}.values():
         with torch.no_grad():
             baked = {name: getattr(module, name) for name in module.parametrizations}
+        order = next(iter(module.parametrizations.values()))[0].param_order  # the first mask saw every parameter
         # not torch's remove_parametrizations: it deletes the property from the module's class, a class that
         # copy.deepcopy shares between a model and its copies, so baking a copy would break the original
         module.__class__ = module.__class__.__bases__[0]
         del module.parametrizations
         for name, weight in baked.items():
             module.register_parameter(name, nn.Parameter(weight, requires_grad=False))
+        # named_parameters() in a fresh model's order, so that code zipping two models' parameters pairs them right
+        params = dict(module._parameters)
+        module._parameters.clear()
+        module._parameters.update((name, params[name]) for name in order)
     return model
 
 
@@ -305,47 +329,22 @@ def _atomic_write(path, write):
         tmp.unlink(missing_ok=True)
 
 
-def save_masks(model, path):
-    """Store M_bin only, packed 1 bit per masked weight, with what load_masks needs to refuse a model it does not fit.
+def write_mask_file(path, header, bits):
+    """Write a mask file, atomically: header fields (arch, target, threshold, names, shapes, heads) and the bits.
 
-    The file is MASK_MAGIC, the header length (4 bytes, little-endian), a zlib-compressed JSON header (format, arch,
-    target, threshold, names, shapes, n_weights, sha256 of the bits) and the bits, packed 8 to a byte in
+    The file is MASK_MAGIC, the header length (4 bytes, little-endian), a zlib-compressed JSON header (those fields
+    plus format, n_weights and the sha256 of the bits) and the (n,) bool bits, True = on, packed 8 to a byte in
     np.packbits order; numpy alone can read it.
-    Args:
-        model: a masked ClipClassifier or open_clip model.
-        path: file to write (atomically); a ViT-B/32 "mhsa" mask is 28.3 M weights, about 3.5 MB.
-    Example:
-        >>> save_masks(classifier, "runs/masks.bin"); load_masks(fresh_classifier, "runs/masks.bin")
     """
-    entries = list(_masks(model))
-    if not entries:
-        raise ValueError("this model has no masks; call apply_masks and train before saving")
-    bits = torch.cat([(mask.scores > mask.threshold).flatten().cpu() for *_, mask in entries])  # (n,)
     packed = np.packbits(bits.numpy()).tobytes()  # ⌈n/8⌉ bytes
-    names = [name for name, *_ in entries]
-    suffixes = {name.split(".", 3)[3] for name in names}  # "transformer.resblocks.0.attn.in_proj_weight" -> "attn..."
-    header = zlib.compress(json.dumps({
-        "format": MASK_FILE_FORMAT,
-        "arch": _arch(model),
-        "target": next(t for t, params in MASK_TARGETS.items() if set(params) == suffixes),
-        "threshold": entries[0][3].threshold,
-        "names": names,
-        "shapes": [list(mask.scores.shape) for *_, mask in entries],
-        "n_weights": bits.numel(),
-        "sha256": hashlib.sha256(packed).hexdigest(),
-    }).encode())
-    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(MASK_MAGIC + len(header).to_bytes(4, "little") + header
+    blob = zlib.compress(json.dumps({"format": MASK_FILE_FORMAT, **header, "n_weights": bits.numel(),
+                                     "sha256": hashlib.sha256(packed).hexdigest()}).encode())
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(MASK_MAGIC + len(blob).to_bytes(4, "little") + blob
                                                           + packed))
 
 
-def load_masks(model, path):
-    """Put the masks of a file written by save_masks onto model (masking it first if it has no masks yet).
-
-    Every piece of metadata is checked; a file that does not fit raises ValueError saying what differs.
-    Loaded scores sit at threshold ± 1: only the bits are stored, so the old scores cannot be recovered.
-    Example:
-        >>> load_masks(classifier, "runs/masks.bin"); bake_masks(classifier)
-    """
+def read_mask_file(path):
+    """(header, bits) of a mask file, (n,) bool with True = on, after checking that the file is whole and intact."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"mask file {path} does not exist; pass the masks.bin that a training run wrote")
@@ -358,9 +357,9 @@ def load_masks(model, path):
     except (zlib.error, ValueError):  # a cut or altered header fails to decompress or to parse
         raise ValueError(f"{path} has an unreadable header: it is truncated or corrupted; copy it again or re-run "
                          f"the training that wrote it") from None
-    if header.get("format") != MASK_FILE_FORMAT:
-        raise ValueError(f"{path} has mask format {header.get('format')}, this code reads {MASK_FILE_FORMAT}; use the "
-                         f"advmask version that wrote it")
+    if header.get("format") not in (1, MASK_FILE_FORMAT):
+        raise ValueError(f"{path} has mask format {header.get('format')}, this code reads 1 and {MASK_FILE_FORMAT}; "
+                         f"use the advmask version that wrote it")
     packed = data[start:]
     n = header["n_weights"]
     if len(packed) != math.ceil(n / 8):
@@ -368,6 +367,43 @@ def load_masks(model, path):
                          f"or re-run the training that wrote it")
     if hashlib.sha256(packed).hexdigest() != header["sha256"]:
         raise ValueError(f"{path} fails its checksum: the bits are corrupted; copy it again or re-run the training")
+    return header, torch.from_numpy(np.unpackbits(np.frombuffer(packed, np.uint8), count=n).astype(bool))
+
+
+def save_masks(model, path):
+    """Store M_bin only, packed 1 bit per masked weight, with what load_masks needs to refuse a model it does not fit
+    and what the per-head analysis needs (the number of attention heads).
+
+    Args:
+        model: a masked ClipClassifier or open_clip model.
+        path: file to write (atomically); a ViT-B/32 "mhsa" mask is 28.3 M weights, about 3.5 MB.
+    Example:
+        >>> save_masks(classifier, "runs/masks.bin"); load_masks(fresh_classifier, "runs/masks.bin")
+    """
+    entries = list(_masks(model))
+    if not entries:
+        raise ValueError("this model has no masks; call apply_masks and train before saving")
+    names = [name for name, *_ in entries]
+    suffixes = {name.split(".", 3)[3] for name in names}  # "transformer.resblocks.0.attn.in_proj_weight" -> "attn..."
+    write_mask_file(path, {
+        "arch": _arch(model),
+        "target": next(t for t, params in MASK_TARGETS.items() if set(params) == suffixes),
+        "threshold": entries[0][3].threshold,
+        "names": names,
+        "shapes": [list(mask.scores.shape) for *_, mask in entries],
+        "heads": visual_tower(model).transformer.resblocks[0].attn.num_heads,
+    }, torch.cat([(mask.scores > mask.threshold).flatten().cpu() for *_, mask in entries]))
+
+
+def load_masks(model, path):
+    """Put the masks of a file written by save_masks onto model (masking it first if it has no masks yet).
+
+    Every piece of metadata is checked; a file that does not fit raises ValueError saying what differs.
+    Loaded scores sit at threshold ± 1: only the bits are stored, so the old scores cannot be recovered.
+    Example:
+        >>> load_masks(classifier, "runs/masks.bin"); bake_masks(classifier)
+    """
+    header, bits = read_mask_file(path)
     if header["arch"] != _arch(model):
         raise ValueError(f"{path} was made for {header['arch']}, but this model is {_arch(model)}; "
                          f"load it onto the architecture it was trained with")
@@ -378,7 +414,6 @@ def load_masks(model, path):
     if ours != list(zip(header["names"], header["shapes"])):
         raise ValueError(f"{path} masks the {header['target']} weights, which are not the ones this model masks; "
                          f"load it onto an unmasked model or one masked with --mask-target {header['target']}")
-    bits = torch.from_numpy(np.unpackbits(np.frombuffer(packed, np.uint8), count=n).astype(bool))  # (n,)
     with torch.no_grad():
         for chunk, (*_, mask) in zip(bits.split([m.scores.numel() for *_, m in entries]), entries):
             on = chunk.view(mask.scores.shape).to(mask.scores.device)
@@ -397,7 +432,8 @@ def cw_loss(logits, labels):
     return (z_other - z_y).mean()
 
 
-def pgd_attack(model, images, labels, eps=1 / 255, alpha=1 / 255, steps=2, random_start=True, loss_fn=F.cross_entropy):
+def pgd_attack(model, images, labels, eps=1 / 255, alpha=1 / 255, steps=2, random_start=True, loss_fn=F.cross_entropy,
+               generator=None):
     """l∞ projected gradient ascent on a loss (cross-entropy by default), in [0, 1] pixel space (Madry et al., 2018).
 
     Same algorithm as torchattacks' PGD: with random_start=False the two give identical images.
@@ -410,6 +446,7 @@ def pgd_attack(model, images, labels, eps=1 / 255, alpha=1 / 255, steps=2, rando
         steps: number of gradient steps.
         random_start: start from a uniform point in the ε-ball (FAP and torchattacks do).
         loss_fn: the loss to maximise, (logits, labels) -> scalar; cw_loss gives PGD on the CW margin.
+        generator: a torch.Generator on the images' device for the random start (default: torch's global one).
     Returns:
         Adversarial images, detached, with ‖x_adv − x‖∞ ≤ eps and values in [0, 1].
     Example:
@@ -421,7 +458,7 @@ def pgd_attack(model, images, labels, eps=1 / 255, alpha=1 / 255, steps=2, rando
         x0 = images.detach()
         x = x0.clone()
         if random_start:
-            x = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+            x = (x + torch.empty_like(x).uniform_(-eps, eps, generator=generator)).clamp(0, 1)
         for _ in range(steps):
             x.requires_grad_(True)
             loss = loss_fn(model(x), labels)
@@ -508,21 +545,23 @@ def mask_loss(kind, clean_logits, clean_feats, adv_logits, adv_feats, labels):
 def sample_k_shot(labels, shots, seed, class_names=None):
     """Indices of exactly `shots` images of every class, without repeats, the same for the same arguments.
 
+    Without class_names the classes are the label values present, whatever they are (e.g. {0, 2, 5, 9}); with
+    class_names they are 0 .. len(class_names) − 1, and each must have `shots` images.
     Args:
         labels: sequence of int class labels, one per image of the training split.
         shots: images per class (K).
         seed: the sample depends on nothing else.
-        class_names: optional, to name a class in the error and to require every one of them to be present.
+        class_names: optional, to require every named class and to name a short one in the error.
     Returns:
         A sorted list of indices into labels, len = shots × number of classes.
     Example:
         >>> idx = sample_k_shot(dataset_labels, shots=16, seed=1)
     """
     labels = torch.as_tensor(labels)
-    n_classes = len(class_names) if class_names is not None else int(labels.max()) + 1
+    classes = range(len(class_names)) if class_names is not None else labels.unique().tolist()
     generator = torch.Generator().manual_seed(seed)
     chosen = []
-    for c in range(n_classes):
+    for c in classes:
         pool = (labels == c).nonzero().flatten()
         if len(pool) < shots:
             name = f"{class_names[c]!r}" if class_names is not None else str(c)
@@ -617,24 +656,66 @@ def _labels(ds):
 
 
 def _class_names(name, ds):
-    """Human-readable class names, as CoOp writes them."""
+    """Class names as CoOp writes them, in torchvision's label order."""
     if name == "flowers102":
         return FLOWERS102_CLASSES
+    if name == "imagenet":  # CLIP's curated names, CoOp's classnames.txt; WordNet's first synonyms repeat ("crane")
+        return list(open_clip.IMAGENET_CLASSNAMES)
     raw = ds.categories if name == "caltech101" else ds.classes
-    if name == "imagenet":
-        raw = [synonyms[0] for synonyms in raw]
+    if name == "oxford_pets":  # CoOp lower-cases the breeds: "american bulldog"
+        raw = [c.lower() for c in raw]
+    if name == "stanford_cars":  # "AM General Hummer SUV 2000" -> "2000 AM General Hummer SUV"
+        raw = [" ".join(c.split()[-1:] + c.split()[:-1]) for c in raw]
     if name == "sun397":  # "bakery/shop" -> "shop bakery"
         raw = [" ".join(reversed(c.split("/"))) for c in raw]
-    if name == "ucf101":  # "ApplyEyeMakeup" -> "Apply Eye Makeup"
-        raw = [" ".join(re.findall(r"[A-Z][^A-Z]*", c)) or c for c in raw]
+    if name == "ucf101":  # "Apply_Eye_Makeup" (CoOp's folders) or "ApplyEyeMakeup" -> "Apply Eye Makeup"
+        raw = [" ".join(re.findall(r"[A-Z][^A-Z]*", c.replace("_", ""))) or c for c in raw]
     return [CLASS_RENAMES.get(c, c.replace("_", " ")) for c in raw]
 
 
+def _fixed_split(name, whole):
+    """(train indices, test indices, labels, class names) of a dataset that torchvision does not split: as close to
+    CoOp's as the official files allow, in CoOp's label order, and the same whatever order the files are listed in."""
+    labels, classes = _labels(whole), _class_names(name, whole)
+    order = list(range(len(labels)))  # the images that take part, in the order the split draws from
+    part = None  # image -> "train" / "test" / None (unused), where official files fix the split
+    if name == "caltech101":  # CoOp drops Faces_easy (the subjects of Faces again): 100 classes, later labels move up
+        gone = whole.categories.index("Faces_easy")
+        del classes[gone]
+        order = [i for i in order if labels[i] != gone]
+        labels = [y - (y > gone) for y in labels]
+    elif name == "ucf101":
+        # CoOp numbers the classes as classInd.txt does: CamelCase names sorted case-insensitively (sorting the
+        # folder names "Hammer_Throw", "Hammering" puts that pair, and "Jump_Rope"/"Jumping_Jack", the other way)
+        rank = sorted(range(len(classes)), key=lambda c: whole.classes[c].replace("_", "").lower())
+        new_label = {old: new for new, old in enumerate(rank)}
+        labels, classes = [new_label[y] for y in labels], [classes[c] for c in rank]
+        groups = []  # official split 1: groups 1-7 of v_<Class>_gNN_cMM are the test set, so no group is in both
+        for path, _ in whole.samples:
+            match = re.search(r"_g(\d+)_c\d+\.\w+$", path)
+            if match is None:
+                raise ValueError(f"{path} is not named v_<Class>_gNN_cMM.jpg as CoOp's UCF-101-midframes are")
+            groups.append(int(match.group(1)))
+        part = lambda i: "test" if groups[i] <= 7 else "train"
+    elif name == "sun397":
+        files = [p.relative_to(whole._data_dir).as_posix() for p in whole._image_files]
+        order.sort(key=files.__getitem__)  # torchvision lists the files with rglob, in no fixed order
+        if (whole._data_dir / "Testing_01.txt").is_file():  # the official partition 1, which CoOp uses
+            train, test = ({line.strip().lstrip("/") for line in (whole._data_dir / f).read_text().splitlines()}
+                           for f in ("Training_01.txt", "Testing_01.txt"))
+            part = lambda i: "train" if files[i] in train else "test" if files[i] in test else None
+    if part is None:
+        train, test = stratified_split([labels[i] for i in order])
+        return [order[j] for j in train], [order[j] for j in test], labels, classes
+    return [i for i in order if part(i) == "train"], [i for i in order if part(i) == "test"], labels, classes
+
+
 def load_dataset(name, root, image_size, download=True, split_json=None):
-    """A dataset's train and test splits and class names: {"train": Split, "test": Split, "classes": [str]}.
+    """A dataset's train and test splits and class names: {"train": Split, "test": Split, "classes": [str], "split"}.
 
     Images come resized (shorter side, bicubic) and centre-cropped to image_size, as uint8 (3, H, W) tensors.
-    With split_json (CoOp's split_zhou_<Name>.json) its "train" and "test" lists are used exactly.
+    With split_json (CoOp's split_zhou_<Name>.json) its "train" and "test" lists and class names are used exactly,
+    and "split" records the file and its sha256; otherwise "split" is {"source": "default"} (see README).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
@@ -643,7 +724,8 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
     _, train_splits, test_split, image_dir = DATASETS[name]
     if split_json is not None:
         try:  # {"train": [[relpath, label, classname], ...], "val": ..., "test": ...}
-            spec = json.loads(Path(split_json).read_text())
+            raw = Path(split_json).read_bytes()
+            spec = json.loads(raw)
             parts = {part: [(p, int(label), str(c)) for p, label, c in spec[part]] for part in ("train", "test")}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{split_json} is not a readable CoOp split JSON ({type(e).__name__}: {e}); pass a "
@@ -654,37 +736,43 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
         if missing is not None:
             raise ValueError(f"{split_json} lists {missing}, which is not under {folder}; put {name}'s images there")
         names = dict(sorted({(label, cname.replace("_", " ")) for _, label, cname in entries}))
+        split = {"source": "coop", "file": Path(split_json).name, "sha256": hashlib.sha256(raw).hexdigest()}
         return {part: ImageFiles([(folder / p, label) for p, label, _ in items], transform)
-                for part, items in parts.items()} | {"classes": [names[c] for c in range(len(names))]}
+                for part, items in parts.items()} | {"classes": [names[c] for c in range(len(names))], "split": split}
     try:
         if train_splits is None:
             whole = _torchvision_dataset(name, root, None, transform, download)
-            labels = _labels(whole)
-            train_idx, test_idx = stratified_split(labels)
+            train_idx, test_idx, labels, classes = _fixed_split(name, whole)
             parts = {"train": Split(whole, train_idx, [labels[i] for i in train_idx]),
                      "test": Split(whole, test_idx, [labels[i] for i in test_idx])}
         else:
             train = [_torchvision_dataset(name, root, s, transform, download) for s in train_splits]
             test = _torchvision_dataset(name, root, test_split, transform, download)
-            whole = train[0]
             joined = torch.utils.data.ConcatDataset(train)
+            classes = _class_names(name, train[0])
             parts = {"train": Split(joined, range(len(joined)), sum((_labels(d) for d in train), [])),
                      "test": Split(test, range(len(test)), _labels(test))}
     except (RuntimeError, OSError, ValueError) as e:  # how torchvision reports a missing tree or a failed download
         raise ValueError(f"{name} could not be loaded from {root} ({str(e).splitlines()[0]}); torchvision expects "
                          f"{LAYOUTS[name]} under {root}: put it there, or drop --no-download") from None
-    return {**parts, "classes": _class_names(name, whole)}
+    return {**parts, "classes": classes, "split": {"source": "default"}}
 
 
-def synthetic_dataset(n_classes, per_class, image_size, seed):
-    """Random uint8 images in balanced classes, in load_dataset's format: the data of --dry-run."""
-    labels = torch.arange(n_classes).repeat_interleave(2 * per_class)  # (N,): half for training, half for testing
-    images = torch.randint(0, 256, (len(labels), 3, image_size, image_size), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(seed))  # (N, 3, H, W)
-    whole = torch.utils.data.TensorDataset(images, labels)
-    train, test = range(0, len(labels), 2), range(1, len(labels), 2)
-    return {"train": Split(whole, train, labels[0::2].tolist()), "test": Split(whole, test, labels[1::2].tolist()),
-            "classes": [f"class {c}" for c in range(n_classes)]}
+def synthetic_dataset(n_classes, train_per_class, n_test, image_size, seed):
+    """Random images in load_dataset's format: train_per_class of every class, n_test balanced test images.
+
+    The data of --dry-run and --synthetic. Each image is drawn from its index when it is read (torchvision's
+    FakeData) and goes through the PIL -> tensor path of real files, so a test set of ImageNet's size takes no memory.
+    """
+    n_train = n_classes * train_per_class
+    transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
+    whole = torchvision.datasets.FakeData(n_train + n_test, (3, image_size, image_size), n_classes, transform,
+                                          random_offset=seed * 10_000_000)
+    train_labels = torch.arange(n_classes).repeat_interleave(train_per_class).tolist()
+    test_labels = (torch.arange(n_test) % n_classes).tolist()
+    return {"train": Split(whole, range(n_train), train_labels),
+            "test": Split(whole, range(n_train, n_train + n_test), test_labels),
+            "classes": [f"class {c}" for c in range(n_classes)], "split": {"source": "synthetic"}}
 
 
 def cache_images(dataset, indices, device, num_workers=0):
@@ -703,17 +791,25 @@ def autocast(device, precision):
     return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
 
+def steps_per_epoch(n_images, batch_size):
+    """Full batches per epoch: the incomplete last one is dropped, as Dassl's loader (CoOp, FAP) drops it, unless the
+    set is smaller than one batch, which is then one batch. Adam would weight a batch of 5 like one of 32."""
+    return max(1, n_images // batch_size)
+
+
 def default_epochs(n_images, batch_size, budget_steps=TRAIN_BUDGET_STEPS):
     """Epochs giving about budget_steps optimisation steps (at least one epoch), whatever the shot count."""
-    return max(1, math.ceil(budget_steps / math.ceil(n_images / batch_size)))
+    return max(1, math.ceil(budget_steps / steps_per_epoch(n_images, batch_size)))
 
 
-def train_step(model, optimizer, x, y, lam=LAM, eps=1 / 255, alpha=1 / 255, steps=2, loss="ce+lafa"):
-    """One min-max step on images x in [0, 1]; returns (L_CE, regulariser, adversarial logits), detached."""
+def train_step(model, optimizer, x, y, lam=LAM, eps=1 / 255, alpha=1 / 255, steps=2, loss="ce+lafa", generator=None):
+    """One min-max step on images x in [0, 1]; returns (L_CE, regulariser, adversarial logits), detached.
+
+    generator draws PGD's random start (a torch.Generator on x's device; default: torch's global one)."""
     # inner max: x_adv = argmax_{‖x_adv − x‖∞ ≤ ε} L_CE(f(x_adv), y), with the mask held fixed (formed once, and
     # shared with the clean pass, which needs no gradient either)
     with fixed_masks(model):
-        x_adv = pgd_attack(model, x, y, eps, alpha, steps)
+        x_adv = pgd_attack(model, x, y, eps, alpha, steps, generator=generator)
         with torch.no_grad():
             clean_logits, clean_feats = model(x, return_features=True)
     adv_logits, adv_feats = model(x_adv, return_features=True)
@@ -727,15 +823,16 @@ def train_step(model, optimizer, x, y, lam=LAM, eps=1 / 255, alpha=1 / 255, step
     return ce.detach(), reg.detach(), adv_logits.detach()
 
 
-def _save_training_state(path, epoch, scores, optimizer, scheduler, generator, history):
-    """Everything a resumed run needs to continue exactly: scores, Adam, schedule, every RNG, the log so far."""
+def _save_training_state(path, epoch, scores, optimizer, scheduler, generators, history, sums):
+    """Everything a resumed run needs to continue exactly: scores, Adam, schedule, the training generators, the log
+    so far and the running sums of the log row in progress."""
     state = {"epoch": epoch, "scores": [s.detach().cpu() for s in scores], "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(), "rng_train": generator.get_state(),
-             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "history": history}
+             "scheduler": scheduler.state_dict(), "generators": [g.get_state() for g in generators],
+             "history": history, "sums": sums.cpu()}
     _atomic_write(path, partial(torch.save, state))
 
 
-def _load_training_state(path, scores, optimizer, scheduler, generator):
+def _load_training_state(path, scores, optimizer, scheduler, generators, sums):
     """Restore what _save_training_state wrote; returns (epochs done, log so far)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -747,12 +844,11 @@ def _load_training_state(path, scores, optimizer, scheduler, generator):
     with torch.no_grad():
         for s, saved in zip(scores, state["scores"]):
             s.copy_(saved)
+        sums.copy_(state["sums"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    generator.set_state(state["rng_train"])
-    if state["rng_cuda"]:
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    for generator, saved in zip(generators, state["generators"]):
+        generator.set_state(saved)
     return state["epoch"], state["history"]
 
 
@@ -766,16 +862,18 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
         images: (N, 3, H, W) uint8 training images, already on the model's device.
         labels: (N,) their classes.
         epochs: passes over the images; default_epochs gives the budget we use.
-        batch_size, lr: Adam on the scores with a cosine schedule to 0.
+        batch_size, lr: Adam on the scores with a cosine schedule to 0; an epoch is steps_per_epoch full batches.
         lam: λ, the weight of LAFA (50 in the paper; 0 gives CE-only adversarial mask tuning).
         eps, alpha, steps: the training PGD, in pixel units.
         loss: one of LOSSES; "ce+lafa" is the paper's method, the others its ablation rows.
-        seed: order of batches and flips.
+        seed: seeds the two generators of all training randomness, batch order and flips (CPU) and PGD's random
+            starts (on the device), so the mask depends on nothing else: not on torch's global generator, which
+            an evaluation before training may have used.
         log_every: print a line every this many steps.
         checkpoint: file for the training state, resumed from if it exists and written (atomically) at the end of
             an epoch once checkpoint_every steps have passed since the last one, and at the end. A run killed at any
-            point and started again ends with the same mask, bit for bit. (Not every epoch: a 1-shot epoch is 2
-            steps, and a ViT-B/32 state is 340 MB.)
+            point and started again ends with the same mask, bit for bit, and the same log. (Not every epoch: a
+            1-shot epoch is 1 step, and a ViT-B/32 state is 340 MB.)
     Returns:
         List of the logged rows (dicts), the last one at the final step.
     Raises:
@@ -785,29 +883,30 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
         >>> train(classifier, scores, x_u8, y, epochs=default_epochs(len(y), 32))
     """
     optimizer = torch.optim.Adam(scores, lr=lr)
-    steps_per_epoch = math.ceil(len(labels) / batch_size)
-    total = epochs * steps_per_epoch
+    per_epoch = steps_per_epoch(len(labels), batch_size)
+    total = epochs * per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    generator = torch.Generator().manual_seed(seed)
-    first_epoch, history = 0, []
-    if checkpoint is not None and Path(checkpoint).is_file():
-        first_epoch, history = _load_training_state(checkpoint, scores, optimizer, scheduler, generator)
-        print(f"resuming from {checkpoint} after epoch {first_epoch}/{epochs}", flush=True)
+    order = torch.Generator().manual_seed(seed)  # batch order and flips
+    starts = torch.Generator(labels.device).manual_seed(seed)  # PGD's random starts
     # running sums of CE·B, regulariser·B ("lafa" in the log, whichever the loss), correct, images; kept on the device,
     # like the finiteness flag, so that a step never waits for the GPU
     sums = torch.zeros(4, device=labels.device)
     finite = torch.ones((), dtype=torch.bool, device=labels.device)
-    step, saved_at, tic = first_epoch * steps_per_epoch, first_epoch * steps_per_epoch, time.perf_counter()
+    first_epoch, history = 0, []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        first_epoch, history = _load_training_state(checkpoint, scores, optimizer, scheduler, (order, starts), sums)
+        print(f"resuming from {checkpoint} after epoch {first_epoch}/{epochs}", flush=True)
+    step, saved_at, tic = first_epoch * per_epoch, first_epoch * per_epoch, time.perf_counter()
     model.train()
     for epoch in range(first_epoch, epochs):
-        for batch in torch.randperm(len(labels), generator=generator).to(labels.device).split(batch_size):
+        for batch in torch.randperm(len(labels), generator=order).to(labels.device).split(batch_size)[:per_epoch]:
             step += 1
             x, y = to_unit(images[batch]), labels[batch]
             # not in the paper: random horizontal flips are the only augmentation; they run on the device, on the
             # cached tensor, so no image is decoded twice
-            flip = (torch.rand(len(y), generator=generator) < 0.5).to(x.device)
+            flip = (torch.rand(len(y), generator=order) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            ce, lafa, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, loss)
+            ce, lafa, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, loss, starts)
             scheduler.step()
             finite &= torch.isfinite(ce + lam * lafa)
             hits = (adv_logits.argmax(1) == y).sum()
@@ -831,56 +930,127 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
                 f"checkpoint of step {saved_at}" + (f" in {checkpoint}" if checkpoint else "") +
                 "; lower --lr or --lam, or check the data, and start again with another --out-dir")
         if checkpoint is not None and (step - saved_at >= checkpoint_every or epoch + 1 == epochs):
-            _save_training_state(checkpoint, epoch + 1, scores, optimizer, scheduler, generator, history)
+            _save_training_state(checkpoint, epoch + 1, scores, optimizer, scheduler, (order, starts), history, sums)
             saved_at = step
             print(f"checkpoint | epoch {epoch + 1}/{epochs} | step {step}/{total} | {checkpoint}", flush=True)
     return history
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Evaluation: clean accuracy and accuracy under PGD (100 steps in the paper)
+# Evaluation: clean accuracy, and accuracy under PGD (100 steps in the paper) or AutoAttack's APGD
 
-def evaluate(model, loader, eps=1 / 255, alpha=1 / 255, steps=100, loss_fn=F.cross_entropy):
-    """Clean and robust accuracy of model over a loader of (uint8 images, labels), with two sanity checks.
+def apgd_attack(model, images, labels, eps=1 / 255, steps=100, targeted=False, seed=0):
+    """APGD (Croce & Hein, 2020), torchattacks' implementation: l∞, step size adapted from the progress of the loss.
 
-    Like RobustBench-style evaluations, it warns when robust accuracy exceeds clean accuracy, or when the loss has
-    an exactly zero input gradient for over 5 % of the images: both are symptoms of a broken attack or of
-    gradient masking, under which a PGD number means little.
+    Args:
+        model: maps images in [0, 1] to logits.
+        images: (B, 3, H, W) float in [0, 1]; labels: (B,) true classes.
+        eps: radius of the l∞ ball, in pixel units.
+        steps: iterations (100 in AutoAttack).
+        targeted: False: APGD-CE, untargeted on the cross-entropy. True: APGD-T, the targeted DLR loss towards each
+            of the top min(9, C − 1) other classes in turn, as AutoAttack runs it; DLR needs at least 4 classes.
+        seed: torchattacks seeds torch's global generator with it on every call.
+    Returns:
+        Adversarial images, detached, within the ε-ball and [0, 1]; an image the attack did not break (or that was
+        misclassified already) comes back clean.
+    Example:
+        >>> x_adv = apgd_attack(classifier, x, y, eps=1/255, steps=100, targeted=True)
+    """
+    with torch.no_grad():
+        n_classes = model(images[:1]).shape[1]
+    if targeted and n_classes < 4:
+        raise ValueError(f"APGD-T's targeted DLR loss needs at least 4 classes, not {n_classes}; use APGD-CE or PGD")
+    if targeted:  # torchattacks targets the top n_classes − 1 other classes; AutoAttack's default is 9 of them
+        attack = torchattacks.APGDT(model, eps=eps, steps=steps, seed=seed, n_classes=min(10, n_classes))
+    else:
+        attack = torchattacks.APGD(model, eps=eps, steps=steps, seed=seed, loss="ce")
+    return attack(images, labels).detach()
+
+
+def autoattack(model, images, labels, eps=1 / 255, steps=100, seed=0):
+    """AutoAttack as the CLIP robustness literature runs it: APGD-CE, then APGD-T on the images APGD-CE did not break.
+
+    The second stage starts from the clean images, as in AutoAttack, and can only remove images from the robust set.
+    Example:
+        >>> x_adv = autoattack(classifier, x, y, eps=1/255)
+    """
+    x_adv = apgd_attack(model, images, labels, eps, steps, targeted=False, seed=seed)
+    with torch.no_grad():
+        robust = model(x_adv).argmax(1) == labels  # (B,)
+    if robust.any():
+        x_adv[robust] = apgd_attack(model, images[robust], labels[robust], eps, steps, targeted=True, seed=seed)
+    return x_adv
+
+
+def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
+    """Clean accuracy once, and accuracy under every attack, over one pass through a test set; with sanity checks.
+
+    Like RobustBench-style evaluations, it warns when an attack's accuracy exceeds clean accuracy, or when the loss
+    has an exactly zero input gradient for over 5 % of the images: both are symptoms of a broken attack or of
+    gradient masking, under which a robust number means little.
     Args:
         model: maps images in [0, 1] to logits; left in eval mode (bake the masks first: it is then exactly as fast
             as plain CLIP).
-        loader: yields ((B, 3, H, W) uint8, (B,) labels).
-        eps, alpha, steps: the test PGD, in pixel units, with a random start.
-        loss_fn: the loss PGD maximises: F.cross_entropy (the paper's) or cw_loss.
+        images: (N, 3, H, W) uint8 test images, decoded once (e.g. by cache_images); labels: (N,). Batches move to the
+            model's device.
+        attacks: {name: attack(model, x, y, generator=g) -> x_adv}, e.g.
+            {"pgd": partial(pgd_attack, eps=1/255, alpha=1/255, steps=100)}.
+        batch_size: images per batch.
+        seed: every attack gets a generator of its own, on the model's device, seeded with this: an attack's number
+            depends on the seed and its own settings, not on which other attacks run, in what order, or before.
     Returns:
-        {"clean_acc", "adv_acc": fractions correct, "n": images, "zero_grad_share": fraction of images whose loss
-        has an all-zero gradient with respect to the input}.
+        {"n", "clean_acc", "zero_grad_share" (images whose loss has an all-zero input gradient), "seconds",
+        "correct": (N,) bool, "attacks": {name: {"adv_acc", "seconds", "correct": (N,) bool}}}, on the CPU.
     Example:
-        >>> evaluate(bake_masks(classifier), test_loader, eps=1/255, alpha=1/255, steps=100)
+        >>> evaluate(bake_masks(classifier), x_u8, y, {"pgd": partial(pgd_attack, steps=100)})
     """
     device = next(model.parameters()).device
     model.eval()
-    clean = adv = zero_grad = n = 0
-    for images, labels in tqdm(loader, desc=f"eval PGD-{steps}", leave=False):
-        x, y = to_unit(images.to(device, non_blocking=True)), labels.to(device)
+    generators = {name: torch.Generator(device).manual_seed(seed) for name in attacks}
+    correct = {name: [] for name in ["clean", *attacks]}
+    seconds = dict.fromkeys(correct, 0.0)
+    zero_grad = 0
+    for start in tqdm(range(0, len(labels), batch_size), desc=f"eval, {len(attacks)} attacks", leave=False):
+        tic = time.perf_counter()
+        x = to_unit(images[start:start + batch_size].to(device, non_blocking=True))
+        y = labels[start:start + batch_size].to(device)
         # the clean pass keeps its graph for one input gradient: clean accuracy and the gradient check in one go
         x.requires_grad_(True)
         logits = model(x)
-        (grad,) = torch.autograd.grad(loss_fn(logits, y), x, materialize_grads=True)
-        clean += (logits.argmax(1) == y).sum().item()
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), x, materialize_grads=True)
+        correct["clean"].append((logits.argmax(1) == y).cpu())
         zero_grad += (grad.flatten(1).abs().amax(1) == 0).sum().item()
-        x_adv = pgd_attack(model, x.detach(), y, eps, alpha, steps, random_start=True, loss_fn=loss_fn)
-        with torch.no_grad():
-            adv += (model(x_adv).argmax(1) == y).sum().item()
-        n += len(y)
-    result = {"clean_acc": clean / n, "adv_acc": adv / n, "n": n, "zero_grad_share": zero_grad / n}
-    if adv > clean:
-        print(f"WARNING: robust accuracy {100 * adv / n:.2f}% exceeds clean accuracy {100 * clean / n:.2f}% on the "
-              f"same images: the attack is not working (broken attack or gradient masking)", file=sys.stderr)
+        x = x.detach()
+        seconds["clean"] += time.perf_counter() - tic
+        for name, attack in attacks.items():
+            tic = time.perf_counter()
+            x_adv = attack(model, x, y, generator=generators[name])
+            with torch.no_grad():
+                correct[name].append((model(x_adv).argmax(1) == y).cpu())
+            seconds[name] += time.perf_counter() - tic
+    correct = {name: torch.cat(c) for name, c in correct.items()}
+    n = len(labels)
+    accuracy = {name: c.sum().item() / n for name, c in correct.items()}
     if zero_grad > 0.05 * n:
-        print(f"WARNING: the input gradient is exactly zero for {100 * zero_grad / n:.1f}% of the images: PGD cannot "
-              f"move them, so robust accuracy is overstated (saturated softmax or gradient masking)", file=sys.stderr)
-    return result
+        print(f"WARNING: the input gradient is exactly zero for {100 * zero_grad / n:.1f}% of the images: attacks "
+              f"cannot move them, so robust accuracy is overstated (saturated softmax or gradient masking)",
+              file=sys.stderr)
+    for name in attacks:
+        if correct[name].sum() > correct["clean"].sum():
+            print(f"WARNING: accuracy under {name} {100 * accuracy[name]:.2f}% exceeds clean accuracy "
+                  f"{100 * accuracy['clean']:.2f}% on the same images: the attack is not working (broken attack or gradient "
+                  f"masking)", file=sys.stderr)
+    return {"n": n, "clean_acc": accuracy["clean"], "zero_grad_share": zero_grad / n, "seconds": seconds["clean"],
+            "correct": correct["clean"],
+            "attacks": {name: {"adv_acc": accuracy[name], "seconds": seconds[name],
+                               "correct": correct[name]} for name in attacks}}
+
+
+def worst_case_accuracy(correct):
+    """Accuracy under the worst of several attacks, image by image: an image counts only if no attack broke it
+    (RobustBench's convention; not the minimum of the attacks' accuracies). correct: list of (N,) bool tensors."""
+    all_robust = torch.stack(correct).all(dim=0)  # (N,)
+    return all_robust.sum().item() / len(all_robust)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -911,16 +1081,27 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def _split_source(splits, *datasets):
+    """The splits a results entry rests on, as one string: each dataset's default, synthetic, or CoOp file + sha256."""
+    if splits is None:
+        return "unrecorded"
+    named = [(d, splits[d]) for d in dict.fromkeys(datasets) if d in splits]
+    return ", ".join(f"{d}: " + (f"{s['file']} sha256 {s['sha256'][:12]}" if s["source"] == "coop" else s["source"])
+                     for d, s in named)
+
+
 def summarize(runs_dir):
     """Aggregate runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json into summary.md and summary.csv.
 
     Mean ± std over seeds (in %), an "Average" row over datasets, and for base2new the paper's five columns with H
     (the harmonic mean of the four averaged accuracies, as in the paper). A cell with no finished seed is "—", never
-    0, and so is an average over a column with such a cell. Returns the markdown text.
+    0, and so is an average over a column with such a cell. Runs of one protocol and dataset must share their split
+    source (default, synthetic, or one CoOp file): mixed ones are refused. Returns the markdown text.
     """
     runs_dir = Path(runs_dir)
     # (protocol, model, attack, eps, dataset, shots, eval) -> {seed: (clean, adv)}
     acc, seen = {}, {}  # seen: protocol -> (datasets, shots, seeds) that have a run folder, finished or not
+    sources = {}  # (protocol, dataset, eval) -> {split source: a run folder that used it}
     for cell in sorted(runs_dir.glob("*/*/*shot/seed*")):
         if not (cell.is_dir() and re.fullmatch(r"\d+shot/seed\d+", f"{cell.parent.name}/{cell.name}")):
             continue
@@ -928,9 +1109,17 @@ def summarize(runs_dir):
         for group, value in zip(seen.setdefault(protocol, (set(), set(), set())), (dataset, shots, seed)):
             group.add(value)
         if (cell / "results.json").is_file():
-            for e in json.loads((cell / "results.json").read_text())["results"]:
+            run = json.loads((cell / "results.json").read_text())
+            for e in run["results"]:
                 key = (protocol, e["model"], e["attack"], e["eps"], dataset, shots, e["eval"])
                 acc.setdefault(key, {})[seed] = (e["clean_acc"], e["adv_acc"])
+                source = _split_source(run.get("splits"), dataset, e["eval"])
+                sources.setdefault((protocol, dataset, e["eval"]), {}).setdefault(source, cell)
+    for (protocol, dataset, eval_name), used in sources.items():
+        if len(used) > 1:
+            (a, cell_a), (b, cell_b) = list(used.items())[:2]
+            raise ValueError(f"{protocol}/{dataset} (evaluated on {eval_name}) mixes splits, {a} in {cell_a} and {b} "
+                             f"in {cell_b}, which cannot be averaged; summarize runs of one split source at a time")
     if not acc:
         raise ValueError(f"no results.json under {runs_dir}/<protocol>/<dataset>/<K>shot/seed<s>/; run some first")
     order = {name: i for i, name in enumerate(DATASETS)}
@@ -949,7 +1138,8 @@ def summarize(runs_dir):
                                  _mean(values), statistics.stdev(values) if len(values) > 1 else "", len(values)])
             return values
 
-        title = f"## {protocol} | {'AdvMask' if model == 'advmask' else 'CLIP (no mask)'} | {attack.upper()} " \
+        attack_name = "worst case per image over the run's attacks" if attack == "worst" else attack.upper()
+        title = f"## {protocol} | {'AdvMask' if model == 'advmask' else 'CLIP (no mask)'} | {attack_name} " \
                 f"ε = {eps:g}/255 | mean ± std over seeds {', '.join(map(str, seeds))} (%)"
         if protocol == "few_shot":
             columns = [f"{k}-shot {m}" for k in all_shots for m in ("clean", "adv")]
@@ -992,6 +1182,203 @@ def summarize(runs_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Analysis and figures: where a mask cuts, how far masks agree beyond chance, a consensus mask, the few-shot plot.
+# Tooling around the method, not part of it: skip this section to learn AdvMask.
+
+def _pyplot():
+    """matplotlib's pyplot on its file-only backend, imported here: only the figure tools need it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def mask_breakdown(header, bits):
+    """Fraction of weights off per block and part: (block, part, head) -> (off, total), part q/k/v/out (attention:
+    in_proj_weight's rows in thirds, out_proj's weight) or fc/proj (MLP); head None for a whole part, else the head's
+    rows of q, k, v (its columns of out), when the header knows the number of heads (format 2)."""
+    cells = {}
+    for name, shape, b in zip(header["names"], header["shapes"], bits.split([math.prod(s) for s in header["shapes"]])):
+        block, param = int(name.split(".")[2]), name.split(".", 3)[3]
+        off = ~b.view(shape)  # (rows, cols)
+        if param == "attn.in_proj_weight":  # rows: q, k, v, each width × width
+            parts = dict(zip("qkv", off.chunk(3, dim=0)))
+        elif param == "attn.out_proj.weight":  # columns: the heads' outputs, concatenated
+            parts = {"out": off.T}
+        else:  # mlp.c_fc.weight, mlp.c_proj.weight
+            parts = {param.split(".")[1][2:]: off}
+        for part, m in parts.items():  # m: (rows, cols), the head's slice on dim 0
+            cells[block, part, None] = (m.sum().item(), m.numel())
+            if header.get("heads") and part in ("q", "k", "v", "out"):
+                for h, rows in enumerate(m.chunk(header["heads"], dim=0)):
+                    cells[block, part, h] = (rows.sum().item(), rows.numel())
+    return cells
+
+
+def jaccard(off_a, off_b):
+    """(|A ∩ B| / |A ∪ B|, its chance level) of two off-sets, (n,) bool with True = off. Two independent masks with
+    fractions p₁, p₂ off share p₁p₂ of the weights and cover p₁ + p₂ − p₁p₂, so chance is p₁p₂ / (p₁ + p₂ − p₁p₂)."""
+    union = (off_a | off_b).sum().item()
+    p1, p2 = off_a.float().mean().item(), off_b.float().mean().item()
+    chance = p1 * p2 / (p1 + p2 - p1 * p2) if p1 + p2 > 0 else 0.0
+    return ((off_a & off_b).sum().item() / union if union else 0.0), chance
+
+
+def consensus_bits(bits, k):
+    """The mask whose weight is off if and only if it is off in at least k of the masks; bits: (n,) bool, True = on."""
+    return torch.stack([~b for b in bits]).sum(dim=0) < k  # on where fewer than k masks switch it off
+
+
+def _mask_files(paths):
+    """Every mask file named: a masks.bin itself, or every masks.bin below a run folder or a runs root."""
+    files = []
+    for path in map(Path, paths):
+        found = [path] if path.is_file() else sorted(path.rglob("masks.bin"))
+        if not found:
+            raise ValueError(f"{path} holds no masks.bin; pass a mask file, a run folder or a runs root")
+        files += found
+    return files
+
+
+def _label(path):
+    """dataset/protocol/<K>shot/seed<S> from the config.json beside a mask file, else the file's path."""
+    config = path.parent / "config.json"
+    if not config.is_file():
+        return str(path)
+    c = json.loads(config.read_text())
+    return f"{c['dataset']}/{c['protocol']}/{c['shots']}shot/seed{c['seed']}"
+
+
+def _heatmap(path, panels, xticks, yticks, vmax, xlabel="", ylabel=""):
+    """One PNG with a heatmap per (title, matrix) panel, colour = value from 0 to vmax (None: the largest value)."""
+    plt = _pyplot()
+    vmax = vmax or max(max(max(row) for row in matrix) for _, matrix in panels) or 1
+    width = 1 + 0.35 * len(xticks) + max(map(len, map(str, yticks))) * 0.07
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(3.0, width) * len(panels) + 1, 2 + 0.35 * len(yticks)
+                                                      + max(map(len, map(str, xticks))) * 0.07),
+                             squeeze=False, layout="constrained")
+    for ax, (title, matrix) in zip(axes[0], panels):
+        image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=vmax)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.set_xticks(range(len(xticks)), xticks, rotation=90 if max(map(len, map(str, xticks))) > 3 else 0)
+        ax.set_yticks(range(len(yticks)), yticks)
+    fig.colorbar(image, ax=axes[0].tolist())
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def analyze(paths, out_dir, consensus=None, save=None):
+    """Where masks cut and how far they agree: DIR/analysis.md (printed), analysis.csv and heatmaps; with consensus K,
+    also the mask of the weights off in at least K of them, saved as a mask file to `save`. Returns the markdown."""
+    files = _mask_files(paths)
+    masks = [(_label(f), *read_mask_file(f)) for f in files]  # (label, header, bits)
+    if consensus is not None:
+        if not 1 <= consensus <= len(masks):
+            raise ValueError(f"--consensus {consensus} must lie between 1 and the number of masks, {len(masks)}")
+        fit = {(h["arch"], h["target"], tuple(h["names"])) for _, h, _ in masks}
+        if len(fit) > 1:
+            raise ValueError(f"--consensus needs masks of one architecture and target, these have {len(fit)} "
+                             f"({', '.join(sorted({a + ' ' + t for a, t, _ in fit}))}); pass masks of one kind")
+    out_dir = Path(out_dir)
+    md, csv = ["# Mask analysis", ""], [["view", "mask", "block", "part", "head", "value"]]
+    for i, (label, header, bits) in enumerate(masks):
+        cells = mask_breakdown(header, bits)
+        off = 1 - bits.float().mean().item()
+        md += [f"## {label}", "", f"{100 * off:.2f} % of {len(bits):,} {header['target']} weights off.", ""]
+        csv.append(["overall", label, "", "", "", off])
+        parts = list(dict.fromkeys(part for _, part, head in cells if head is None))
+        blocks = sorted({block for block, _, _ in cells})
+        md += ["| block | " + " | ".join(parts) + " |", "|---" * (len(parts) + 1) + "|"]
+        for b in blocks:
+            fractions = [cells[b, p, None][0] / cells[b, p, None][1] for p in parts]
+            md.append(f"| {b} | " + " | ".join(f"{100 * f:.1f}" for f in fractions) + " |")
+            csv += [["part", label, b, p, "", f] for p, f in zip(parts, fractions)]
+        md.append("")
+        if not header.get("heads"):
+            print(f"{files[i]}: a format-1 mask file does not record the number of heads; the per-head view is "
+                  f"skipped (re-save it with this version for it)")
+            continue
+        heads = range(header["heads"])
+        per_head = {(b, h): [sum(cells[b, p, h][j] for p in "q k v out".split()) for j in (0, 1)]
+                    for b in blocks for h in heads}
+        csv += [["head", label, b, p, h, cells[b, p, h][0] / cells[b, p, h][1]]
+                for b in blocks for p in ("q", "k", "v", "out") for h in heads]
+        top = sorted(per_head, key=lambda bh: -per_head[bh][0] / per_head[bh][1])[:5]
+        md += ["Heads with the most weights off (q, k, v rows and out columns): " + ", ".join(
+            f"block {b} head {h} {100 * per_head[b, h][0] / per_head[b, h][1]:.1f} %" for b, h in top), ""]
+        png = out_dir / f"heads_{i}.png"
+        _heatmap(png, [(f"{p}: % off", [[100 * cells[b, p, h][0] / cells[b, p, h][1] for h in heads] for b in blocks])
+                       for p in ("q", "k", "v", "out")], list(heads), blocks, None, "head", "block")
+        md += [f"![per-head % off of {label}]({png.name})", ""]
+    if len(masks) > 1:
+        md += ["## Overlap of the off-sets", "", "| mask A | mask B | Jaccard | chance | Jaccard ÷ chance |",
+               "|---|---|---|---|---|"]
+        grid = [[1.0] * len(masks) for _ in masks]
+        for (i, (a, ha, bits_a)), (j, (b, hb, bits_b)) in itertools.combinations(enumerate(masks), 2):
+            if ha["names"] != hb["names"] or ha["shapes"] != hb["shapes"]:
+                continue  # other weights: no overlap to speak of
+            value, chance = jaccard(~bits_a, ~bits_b)
+            grid[i][j] = grid[j][i] = value
+            ratio = value / chance if chance else float("nan")
+            md.append(f"| {a} | {b} | {value:.4f} | {chance:.4f} | {ratio:.2f} |")
+            csv += [[view, f"{a} | {b}", "", "", "", v] for view, v in (("jaccard", value), ("chance", chance),
+                                                                       ("ratio", ratio))]
+        labels = [label for label, *_ in masks]
+        _heatmap(out_dir / "overlap.png", [("Jaccard index of the off-sets", grid)], labels, labels, 1)
+        md += ["", "![Jaccard index between masks](overlap.png)", ""]
+    if consensus is not None:
+        bits = consensus_bits([b for *_, b in masks], consensus)
+        write_mask_file(save, {k: v for k, v in masks[0][1].items() if k not in ("format", "n_weights", "sha256")},
+                        bits)
+        md += [f"Consensus of {len(masks)} masks (off in ≥ {consensus}): {100 * (1 - bits.float().mean()):.2f} % off, "
+               f"saved to {save}; evaluate it with --protocol transfer --masks {save}.", ""]
+    text = "\n".join(md)
+    _atomic_write(out_dir / "analysis.md", lambda tmp: Path(tmp).write_text(text))
+    _atomic_write(out_dir / "analysis.csv", lambda tmp: Path(tmp).write_text(
+        "\n".join(",".join(str(v) for v in row) for row in csv) + "\n"))
+    print(text)
+    return text
+
+
+def plot_few_shot(runs_dir):
+    """summary.png from summary.csv: accuracy against shots per dataset and for the Average, clean solid and robust
+    dashed, a colour per model, under the paper's attack (PGD at the smallest ε) where it was run. Base-to-new and
+    transfer keep their tables alone: one shot count gives one point per line, which a table shows better."""
+    rows = [line.split(",") for line in (Path(runs_dir) / "summary.csv").read_text().splitlines()[1:]]
+    rows = [r for r in rows if r[0] == "few_shot" and r[6] == r[4]]  # protocol, model, attack, eps, dataset, ..
+    if not rows:
+        return None
+    attack, eps = min({(r[2], float(r[3])) for r in rows}, key=lambda a: (a[0] != "pgd", a[1], a[0]))
+    acc = {(r[1], r[4], int(r[5]), r[7]): float(r[8]) for r in rows if (r[2], float(r[3])) == (attack, eps)}
+    datasets = list(dict.fromkeys(d for _, d, _, _ in acc))
+    shots = sorted({k for _, _, k, _ in acc})
+    for model, metric, k in itertools.product({m for m, *_ in acc}, ("clean", "adv"), shots):  # Average of complete
+        values = [acc.get((model, d, k, metric)) for d in datasets]
+        if None not in values:
+            acc[model, "Average", k, metric] = sum(values) / len(values)
+    plt = _pyplot()
+    panels = datasets + ["Average"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3), squeeze=False)
+    for ax, dataset in zip(axes[0], panels):
+        for model, colour in (("advmask", "tab:red"), ("clip", "tab:blue")):
+            for metric, style in (("clean", "-"), ("adv", "--")):
+                points = [(k, 100 * acc[model, dataset, k, metric]) for k in shots if (model, dataset, k, metric) in acc]
+                if points:
+                    ax.plot(*zip(*points), style, color=colour, marker="o",
+                            label=f"{'AdvMask' if model == 'advmask' else 'CLIP'} {metric}")
+        ax.set(title=dataset, xscale="log", xlabel="shots per class", ylabel=f"accuracy (%), {attack.upper()} "
+                                                                                  f"ε = {eps:g}/255")
+        ax.set_xticks(shots, shots)
+        ax.minorticks_off()
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(runs_dir) / "summary.png"
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Benchmark: what masking adds to plain adversarial training, and what a baked mask costs at evaluation
 
 def _bench_model(clip_config, device, target, masked, n_classes=10):
@@ -1031,6 +1418,14 @@ def _min_seconds(fns, device, repeats):
     return {name: min(t[1:]) for name, t in times.items()}
 
 
+def _bench_train_step(model, optimizer, x, y, device, precision):
+    """One training step in an autocast block of its own, as train() runs it. One block per step matters: autocast
+    caches the bf16 casts of trainable leaf weights for a whole block, so the unmasked comparator would otherwise
+    train on stale weights and skip the casts the masked path pays."""
+    with autocast(device, precision):
+        train_step(model, optimizer, x, y)
+
+
 def _train_peak_memory(clip_config, batch_size, device, target, masked, precision):
     """Peak memory of two training steps in this (fresh) process: CUDA max allocated, or RSS growth on CPU."""
     device = torch.device(device)
@@ -1039,9 +1434,8 @@ def _train_peak_memory(clip_config, batch_size, device, target, masked, precisio
     rss_before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with autocast(device, precision):
-        for _ in range(2):
-            train_step(model, optimizer, x, y)
+    for _ in range(2):
+        _bench_train_step(model, optimizer, x, y, device, precision)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
     import resource  # Unix only, like /proc above; the benchmark is for Linux machines
@@ -1057,10 +1451,11 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
     x, y = _bench_batch(clip_config, batch_size, device)
     masked, masked_opt = _bench_model(clip_config, device, target, masked=True)
     plain, plain_opt = _bench_model(clip_config, device, target, masked=False)
-    with autocast(device, precision):
-        train_s = _min_seconds({"masked": lambda: train_step(masked, masked_opt, x, y),
-                                "plain": lambda: train_step(plain, plain_opt, x, y)}, device, repeats)
-        baked, frozen = bake_masks(masked), plain.requires_grad_(False)
+    train_s = _min_seconds({"masked": partial(_bench_train_step, masked, masked_opt, x, y, device, precision),
+                            "plain": partial(_bench_train_step, plain, plain_opt, x, y, device, precision)},
+                           device, repeats)
+    baked, frozen = bake_masks(masked), plain.requires_grad_(False)
+    with autocast(device, precision):  # frozen weights: nothing for autocast to cache
         eval_s = _min_seconds({"baked": lambda: pgd_attack(baked, x, y, steps=pgd_steps),
                                "plain": lambda: pgd_attack(frozen, x, y, steps=pgd_steps)}, device, repeats)
     # each training variant's peak memory comes from a fresh process, so the two peaks do not mix
@@ -1124,7 +1519,23 @@ def load_clip(model, pretrained):
     return clip, open_clip.get_tokenizer(model)
 
 
-ATTACKS = {"pgd": F.cross_entropy, "cw": cw_loss}  # --attack: the loss test-time PGD maximises
+ATTACKS = ("pgd", "cw", "apgd-ce", "apgd-t", "aa")
+MIN_CLASSES = {"apgd-t": 4, "aa": 4}  # the targeted DLR loss divides by the gap to the 4th-largest logit
+
+
+def make_attack(name, eps, alpha, steps):
+    """--attack NAME as evaluate calls it, attack(model, x, y, generator=g) -> x_adv: "pgd" and "cw" are PGD on the
+    cross-entropy and on the CW margin; "apgd-ce", "apgd-t" and "aa" (APGD-CE, then APGD-T) are seeded from g."""
+    if name in ("pgd", "cw"):
+        return partial(pgd_attack, eps=eps, alpha=alpha, steps=steps, random_start=True,
+                       loss_fn=F.cross_entropy if name == "pgd" else cw_loss)
+
+    def attack(model, x, y, generator):
+        seed = int(torch.randint(2**31 - 1, (), generator=generator, device=generator.device))
+        if name == "aa":
+            return autoattack(model, x, y, eps, steps, seed)
+        return apgd_attack(model, x, y, eps, steps, targeted=name == "apgd-t", seed=seed)
+    return attack
 
 
 def _list(kind):
@@ -1142,6 +1553,12 @@ def parse_args(argv):
     p.add_argument("--data-root", default="data", help="where the datasets live (or get downloaded)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
     p.add_argument("--split-json", default=None, help="CoOp split_zhou_<Name>.json: use exactly its train/test split")
+    p.add_argument("--split-dir", default=None,
+                   help="folder of CoOp's split_zhou_<Name>.json files: every dataset with a file there uses it "
+                        "(one flag for a whole sweep); the others keep their default split")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random images at the real size of each dataset (classes, K-shot set, whole test split): "
+                        "times the real job without the data")
     p.add_argument("--protocol", default="few_shot", choices=["few_shot", "base2new", "transfer"])
     p.add_argument("--eval-datasets", type=_list(str),
                    default=[d for d in DATASETS if d not in ("imagenet", "imagefolder")],
@@ -1172,10 +1589,14 @@ def parse_args(argv):
     p.add_argument("--train-eps", type=float, default=TRAIN_EPS, help="in /255 units")
     p.add_argument("--train-alpha", type=float, default=TRAIN_ALPHA, help="in /255 units")
     p.add_argument("--train-steps", type=int, default=TRAIN_STEPS)
-    p.add_argument("--attack", type=_list(str), default=["pgd"], help="comma-separated: pgd (CE loss), cw (CW margin)")
+    p.add_argument("--attack", type=_list(str), default=["pgd"],
+                   help="comma-separated: pgd (CE loss), cw (CW margin), apgd-ce, apgd-t, aa (AutoAttack: APGD-CE "
+                        "then APGD-T); with several, results also get the per-image worst case")
     p.add_argument("--test-eps", type=_list(float), default=[TEST_EPS], help="comma-separated, in /255 units")
     p.add_argument("--test-alpha", type=float, default=TEST_ALPHA, help="in /255 units")
-    p.add_argument("--test-steps", type=int, default=TEST_STEPS)
+    p.add_argument("--test-steps", type=int, default=TEST_STEPS, help="iterations of every test attack")
+    p.add_argument("--eval-precision", default=None, choices=["bf16", "fp32"],
+                   help="autocast precision of clean and attacked evaluation (default: fp32, see README)")
     p.add_argument("--checkpoint-every", type=int, default=50,
                    help="save the training state at the first epoch end after this many steps (1: every epoch)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
@@ -1205,49 +1626,79 @@ def parse_args(argv):
         p.error(f"--attack takes a comma-separated list of {', '.join(ATTACKS)}")
     if not set(args.eval_datasets) <= set(DATASETS):
         p.error(f"--eval-datasets takes a comma-separated list of {', '.join(DATASETS)}")
+    if args.split_json and args.split_dir:
+        p.error("pass --split-json (one dataset's file) or --split-dir (a folder for every dataset), not both")
+    if args.split_dir and not Path(args.split_dir).is_dir():
+        p.error(f"--split-dir {args.split_dir} is not a folder; pass the folder that holds CoOp's "
+                f"split_zhou_<Name>.json files")
     if args.masks and args.protocol != "transfer":
         p.error("--masks goes with --protocol transfer; the other protocols train their mask")
     return args
 
 
-# Settings that only change the evaluation: a checkpoint may be resumed with other values of these.
-EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "baseline", "workers",
-             "eval_datasets", "device", "precision", "checkpoint_every"}
+def parse_analyze_args(argv):
+    p = argparse.ArgumentParser(prog="advmask.py analyze", description="Where masks cut (per block, q/k/v/out and "
+                                "head), how far they overlap beyond chance, and a consensus mask.")
+    p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="a masks.bin, a run folder or a runs root")
+    p.add_argument("--out", default="analysis", help="folder for analysis.md, analysis.csv and the figures")
+    p.add_argument("--consensus", type=int, default=None, metavar="K",
+                   help="also make the mask of the weights off in at least K of the masks (needs --save)")
+    p.add_argument("--save", default=None, metavar="PATH", help="mask file for the consensus mask")
+    args = p.parse_args(argv)
+    if (args.consensus is None) != (args.save is None):
+        p.error("--consensus K and --save PATH go together: the consensus mask needs a file, and a file a consensus")
+    return args
 
 
-def _check_resumable(out_dir, checkpoint, args):
+# Settings that only change the evaluation: a checkpoint may be resumed with other values of these. Device and
+# precision are training settings: bf16 and fp32 training end in different masks, and devices draw other random starts.
+EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "eval_precision", "baseline",
+             "workers", "eval_datasets", "checkpoint_every"}
+
+
+def _check_resumable(out_dir, checkpoint, settings):
     """A checkpoint in out_dir is resumed only by a run with the same training settings."""
     if not checkpoint.is_file() or not (out_dir / "config.json").is_file():
         return
     saved = json.loads((out_dir / "config.json").read_text())
-    differ = sorted(k for k, v in vars(args).items() if k not in EVAL_ONLY and saved.get(k) != v)
+    differ = sorted(k for k, v in settings.items() if k not in EVAL_ONLY and saved.get(k) != v)
     if differ:
-        raise ValueError(f"{out_dir} holds a checkpoint of a run with other settings ({', '.join(differ)}); pass "
-                         f"another --out-dir, or delete {checkpoint} to start over")
+        raise ValueError(f"{out_dir} holds a checkpoint of a run with other training settings ({', '.join(differ)}), "
+                         f"which would give another mask; pass another --out-dir, or delete {checkpoint} to start over")
 
 
-def _evaluate_heads(model_name, evals, args, device, amp):
-    """Clean and robust accuracy of every class set under every attack and ε: one results entry each."""
+def _result_rows(model_name, set_name, result, args):
+    """results.json entries of one evaluate() call: one per attack × ε, and with several attacks the per-image
+    worst case over them at each ε."""
     rows = []
-    for name, (test_set, head) in evals.items():
-        loader = torch.utils.data.DataLoader(test_set, batch_size=args.eval_batch_size, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda")
-        for attack in args.attack:
-            for eps in args.test_eps:
-                with amp():
-                    result = evaluate(head, loader, eps / 255, args.test_alpha / 255, args.test_steps, ATTACKS[attack])
-                print(f"{model_name} | {name} | {attack}-{args.test_steps} eps {eps:g}/255 | clean "
-                      f"{100 * result['clean_acc']:.2f}% | adv {100 * result['adv_acc']:.2f}% | n {result['n']}")
-                rows.append({"model": model_name, "eval": name, "attack": attack, "eps": eps, **result})
+    for (attack, eps), r in result["attacks"].items():
+        rows.append({"model": model_name, "eval": set_name, "attack": attack, "eps": eps, "n": result["n"],
+                     "clean_acc": result["clean_acc"], "adv_acc": r["adv_acc"],
+                     "zero_grad_share": result["zero_grad_share"], "seconds": r["seconds"]})
+    if len(args.attack) > 1:
+        for eps in args.test_eps:
+            worst = worst_case_accuracy([result["attacks"][attack, eps]["correct"] for attack in args.attack])
+            rows.append({**rows[0], "attack": "worst", "attacks": args.attack, "eps": eps, "adv_acc": worst,
+                         "seconds": sum(r["seconds"] for r in rows if r["eps"] == eps)})
+    for r in rows:
+        print(f"{model_name} | {set_name} | {r['attack']}-{args.test_steps} eps {r['eps']:g}/255 | clean "
+              f"{100 * r['clean_acc']:.2f}% | adv {100 * r['adv_acc']:.2f}% | n {r['n']} | {r['seconds']:.1f} s")
     return rows
 
 
-def run(args, device, precision):
+def run(args, device, precision, eval_precision):
     """One run of a protocol: load CLIP and data, tune (or load) the mask, save it, evaluate clean and under attack."""
-    start = time.perf_counter()
-    amp = partial(autocast, device, precision)
-    out_dir = Path(args.out_dir or f"runs/{args.protocol}/{args.dataset}/{args.shots}shot/seed{args.seed}")
+    start = tic = time.perf_counter()
+    phases = {}  # seconds per phase, printed and stored in results.json
 
+    def lap(phase):
+        nonlocal tic
+        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - tic
+        tic = time.perf_counter()
+
+    out_dir = Path(args.out_dir or f"runs/{args.protocol}/{args.dataset}/{args.shots}shot/seed{args.seed}")
+    settings = {**vars(args), "device": str(device), "precision": precision, "eval_precision": eval_precision}
     if args.dry_run:
         clip, tokenizer = open_clip.CLIP(**TINY_CLIP), None
         args.epochs, args.test_steps = args.epochs or 2, 3
@@ -1255,12 +1706,24 @@ def run(args, device, precision):
         clip, tokenizer = load_clip(args.model or "ViT-B-32", args.pretrained)
     clip = clip.to(device)
     size = clip.visual.image_size[0]
+    splits = {}  # dataset -> which split it used: default, CoOp's file (with its sha256) or synthetic
 
     def data(name):
-        if args.dry_run:  # every dataset name gets its own synthetic data
-            return synthetic_dataset(4, max(args.shots, 4), size, seed=list(DATASETS).index(name))
-        return load_dataset(name, args.data_root, size, not args.no_download,
-                            args.split_json if name == args.dataset else None)
+        if args.synthetic or args.dry_run:  # every dataset name gets synthetic data of its own
+            n_classes, n_test = DATASET_SIZES[name] if args.synthetic else (4, 4 * max(args.shots, 4))
+            d = synthetic_dataset(n_classes, args.shots if args.synthetic else max(args.shots, 4), n_test, size,
+                                  seed=list(DATASETS).index(name))
+        else:
+            split_json = args.split_json if name == args.dataset else None
+            if args.split_dir:
+                split_json = Path(args.split_dir) / f"split_zhou_{COOP_SPLIT_FILES.get(name, '<none>')}.json"
+                if not split_json.is_file():
+                    print(f"{name}: no CoOp split file {split_json.name} in {args.split_dir}; using its default "
+                          f"split (README, 'Datasets and splits')")
+                    split_json = None
+            d = load_dataset(name, args.data_root, size, not args.no_download, split_json)
+        splits[name] = d["split"]
+        return d
 
     # what is trained on, and the class sets evaluated: name -> (test split, class names, prompt templates)
     train_on = None if args.masks else data(args.dataset)
@@ -1277,48 +1740,68 @@ def run(args, device, precision):
     else:
         train_set, train_names = train_on["train"], train_on["classes"]
         sets = {args.dataset: (train_on["test"], train_names, template)}
+    for name, (_, names, _) in sets.items():  # refuse an attack a class set is too small for, before any writing
+        for attack in args.attack:
+            if len(names) < MIN_CLASSES.get(attack, 0):
+                raise ValueError(f"class set {name!r} has {len(names)} classes, fewer than the {MIN_CLASSES[attack]} "
+                                 f"that {attack}'s targeted DLR loss needs; use apgd-ce, pgd or cw for it instead")
     # one text-tower pass per class set; the heads share the one image tower, which the mask then changes
-    evals = {name: (test_set, ClipClassifier(clip, names, templates, tokenizer))
-             for name, (test_set, names, templates) in sets.items()}
+    heads = {name: ClipClassifier(clip, names, templates, tokenizer) for name, (_, names, templates) in sets.items()}
+    # the unmasked baseline: a frozen copy, evaluated beside the mask on the same decoded images (no parameter of it
+    # requires grad, so attacks keep no activations for parameter gradients)
+    plain = copy.deepcopy(clip).requires_grad_(False) if args.baseline else None
+    lap("load")
     checkpoint = out_dir / "checkpoint.pt"
     if args.masks:  # refuse a misfit file before anything is written
         probe = copy.deepcopy(clip)
         apply_masks(probe, args.mask_target)
         load_masks(probe, args.masks)
     else:
-        _check_resumable(out_dir, checkpoint, args)
+        _check_resumable(out_dir, checkpoint, settings)
         indices = sample_k_shot(train_set.targets, args.shots, args.seed, train_names)
-        head = next((h for n, (_, h) in evals.items() if n in ("base", args.dataset)), None)
-        head = head or ClipClassifier(clip, train_names, template, tokenizer)
+        head = heads.get("base", heads.get(args.dataset)) or ClipClassifier(clip, train_names, template, tokenizer)
         images, labels = cache_images(train_set, indices, device, args.workers)
+        lap("cache")
         epochs = args.epochs or default_epochs(len(labels), args.batch_size)
         print(f"{args.protocol} on {args.dataset}: {len(labels)} training images ({args.shots} per class, "
               f"{len(train_names)} classes), {epochs} epochs on {device} ({precision})")
-    write_json(out_dir / "config.json", {**vars(args), "device": str(device), "precision": precision})
+    write_json(out_dir / "config.json", settings)
 
-    results = _evaluate_heads("clip", evals, args, device, amp) if args.baseline else []
     history = []
     if args.masks:
         apply_masks(clip, args.mask_target)
         load_masks(clip, args.masks)
     else:
         scores = apply_masks(clip, args.mask_target)
-        with amp():
+        with autocast(device, precision):
             history = train(head, scores, images, labels, epochs, batch_size=args.batch_size, lr=args.lr,
                             lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255,
                             steps=args.train_steps, loss=args.loss, seed=args.seed, checkpoint=checkpoint,
                             checkpoint_every=args.checkpoint_every)
         save_masks(clip, out_dir / "masks.bin")
-    train_seconds = time.perf_counter() - start
     sparsity = mask_sparsity(clip)
     bake_masks(clip)  # evaluation on plain weights costs what plain CLIP costs
-    results += _evaluate_heads("advmask", evals, args, device, amp)
+    lap("train")
+
+    attacks = {(attack, eps): make_attack(attack, eps / 255, args.test_alpha / 255, args.test_steps)
+               for attack in args.attack for eps in args.test_eps}
+    results = []
+    for name, (test_set, names, templates) in sets.items():
+        test_images, test_labels = cache_images(test_set, range(len(test_set)), "cpu", args.workers)  # decoded once
+        lap(f"decode {name}")
+        models = {"clip": ClipClassifier(plain, names, templates, tokenizer)} if args.baseline else {}
+        for model_name, model in {**models, "advmask": heads[name]}.items():
+            with autocast(device, eval_precision):
+                result = evaluate(model, test_images, test_labels, attacks, args.eval_batch_size, args.seed)
+            results += _result_rows(model_name, name, result, args)
+            lap(f"eval {model_name} {name}")
     seconds = time.perf_counter() - start
+    print("time | " + " | ".join(f"{phase} {s:.1f} s" for phase, s in phases.items()) + f" | total {seconds:.1f} s")
     print(f"done | off {100 * sparsity:.2f}% of masked weights | {seconds:.0f} s | {out_dir}")
     write_json(out_dir / "results.json", {
         "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
-        "sparsity": sparsity, "train_seconds": train_seconds, "seconds": seconds, "results": results,
-        "train_log": history, "settings": {**vars(args), "precision": precision}})
+        "sparsity": sparsity, "splits": splits, "seconds": seconds, "phases": phases, "results": results,
+        "train_log": history, "settings": settings})
     checkpoint.unlink(missing_ok=True)  # the run is complete; masks.bin holds its result
     return results
 
@@ -1330,6 +1813,11 @@ def main(argv=None):
             if len(argv) != 2:
                 raise ValueError("usage: advmask.py summarize RUNS_DIR")
             summarize(argv[1])
+            plot_few_shot(argv[1])
+            return
+        if argv[:1] == ["analyze"]:
+            args = parse_analyze_args(argv[1:])
+            analyze(args.paths, args.out, args.consensus, args.save)
             return
         args = parse_args(argv)
         # device, precision and seed are decided here, once, and passed down
@@ -1338,6 +1826,7 @@ def main(argv=None):
             raise ValueError(f"--device {device} was asked for but {torch.cuda.device_count()} CUDA devices are "
                              f"visible; pass --device cpu or an existing GPU")
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+        eval_precision = args.eval_precision or "fp32"
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls may use TF32
         if args.deterministic:  # cuBLAS needs this workspace setting to be deterministic; cuDNN autotuning is off
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -1349,7 +1838,7 @@ def main(argv=None):
             print(json.dumps({"model": args.model or "BENCH_CLIP",
                               **benchmark(config, args.batch_size, device, precision, args.mask_target)}))
         else:
-            run(args, device, precision)
+            run(args, device, precision, eval_precision)
     except ValueError as e:  # library functions raise ValueError with a sentence that says what to do
         print(f"advmask: error: {e}", file=sys.stderr)
         sys.exit(2)

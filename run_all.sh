@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 usage() {
   cat <<'EOF'
 usage: run_all.sh [--datasets "a b"] [--shots "1 2"] [--seeds "1 2 3"] [--protocol "P Q"] [--gpus "0 1"]
-                  [--runs DIR] [--dry-run] [-- ARGS FOR advmask.py]
+                  [--runs DIR] [--python PATH] [--dry-run] [-- ARGS FOR advmask.py]
 
 Runs advmask.py once per (dataset, shots, seed) into RUNS/PROTOCOL/DATASET/<K>shot/seed<S>/ (its log beside the
 results there, in log.txt), skipping cells that already have a results.json, then writes RUNS/summary.md and
@@ -20,8 +20,10 @@ Every option can also be set by the environment variable of the same name (flags
   PROTOCOL  few_shot (default), base2new, transfer, or several, e.g. "few_shot base2new"
   GPUS      e.g. "0 1 2 3": one job per GPU in parallel (CUDA_VISIBLE_DEVICES); empty: one job at a time
   RUNS      default: runs (runs_dry with --dry-run)
+  PYTHON    the interpreter that runs advmask.py, e.g. venv/bin/python (default: python on PATH)
 --dry-run   a tiny CPU sweep: oxford_pets dtd × 1 2 shots × seeds 1 2 with advmask.py --dry-run (synthetic data)
-Arguments after -- go to every advmask.py run, e.g. -- --data-root /data --baseline --attack pgd,cw
+Arguments after -- go to every advmask.py run, e.g. -- --data-root /data --baseline --attack pgd,aa
+CoOp's exact splits for the whole sweep: -- --data-root /data --split-dir /data/coop_splits
 EOF
 }
 
@@ -31,6 +33,7 @@ SEEDS=${SEEDS:-"1 2 3"}
 PROTOCOL=${PROTOCOL:-few_shot}
 GPUS=${GPUS:-}
 RUNS=${RUNS:-}
+PYTHON=${PYTHON:-python}
 DRY=0
 EXTRA=()
 while [ $# -gt 0 ]; do
@@ -41,6 +44,7 @@ while [ $# -gt 0 ]; do
     --protocol) PROTOCOL=$2; shift 2 ;;
     --gpus) GPUS=$2; shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
+    --python) PYTHON=$2; shift 2 ;;
     --dry-run) DATASETS="oxford_pets dtd"; SHOTS="1 2"; SEEDS="1 2"; GPUS=""; DRY=1
                EXTRA+=(--dry-run --device cpu); shift ;;
     -h|--help) usage; exit 0 ;;
@@ -61,7 +65,7 @@ run_cell() {  # protocol dataset shots seed [gpu]
   if [ -f "$out/results.json" ]; then echo "skip $out (done)"; return 0; fi
   mkdir -p "$out"
   echo "run  $out"
-  if CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} python advmask.py --protocol "$1" --dataset "$2" \
+  if CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" advmask.py --protocol "$1" --dataset "$2" \
       --shots "$3" --seed "$4" --out-dir "$out" "${EXTRA[@]}" > "$out/log.txt" 2>&1; then
     tail -n 1 "$out/log.txt"
   else
@@ -81,5 +85,5 @@ else  # GPU g takes every n-th cell, so that the GPUs share the sweep without a 
   wait
 fi
 
-python advmask.py summarize "$RUNS" > /dev/null
+"$PYTHON" advmask.py summarize "$RUNS" > /dev/null
 echo "wrote $RUNS/summary.md and $RUNS/summary.csv"
