@@ -5,12 +5,14 @@ Everything runs on CPU with tiny open_clip models built from a config (random we
 import copy
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
 import statistics
 import subprocess
 import sys
+import zlib
 from functools import partial
 from pathlib import Path
 
@@ -953,6 +955,197 @@ def test_summary_means_stds_averages_and_missing_cells(tmp_path):
     assert rows["eurosat"] == ["69.5", "43.6", "50.2", "26.1", "41.9"]
     with pytest.raises(ValueError, match="no results.json"):
         am.summarize(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Analysis and figures
+
+def masked_tiny_clip(seed=7, target="mhsa"):
+    model = tiny_clip(seed)
+    am.apply_masks(model, target)
+    return model
+
+
+def set_off(model, where):
+    """Scores below the threshold exactly where where(name, shape) is True, above it elsewhere."""
+    with torch.no_grad():
+        for name, _, _, mask in am._masks(model):
+            mask.scores.copy_(torch.where(where(name, mask.scores.shape), -1.0, 1.0))
+
+
+@pytest.mark.parametrize("block, head", [(0, 0), (0, 1), (1, 1)])
+def test_a_heads_q_rows_off_is_100_percent_in_its_cell_and_0_elsewhere(tmp_path, block, head):
+    """Switching off exactly head h's q rows of block b reads 100 % in (b, q, h) and 0 % in every other cell."""
+    width, head_width = am.TINY_CLIP["vision_cfg"]["width"], am.TINY_CLIP["vision_cfg"]["head_width"]
+    model = masked_tiny_clip()
+
+    def where(name, shape):
+        off = torch.zeros(shape, dtype=torch.bool)
+        if name == f"transformer.resblocks.{block}.attn.in_proj_weight":
+            off[head * head_width:(head + 1) * head_width] = True  # q rows come first
+        return off
+
+    set_off(model, where)
+    am.save_masks(model, tmp_path / "m.bin")
+    cells = am.mask_breakdown(*am.read_mask_file(tmp_path / "m.bin"))
+    assert {k for k, (off, _) in cells.items() if off} == {(block, "q", head), (block, "q", None)}
+    assert cells[block, "q", head] == (head_width * width,) * 2
+    assert cells[block, "q", None] == (head_width * width, width * width)
+    assert {part for _, part, _ in cells} == {"q", "k", "v", "out"} and {h for *_, h in cells} == {None, 0, 1}
+
+
+@MODEL_SETTINGS
+@given(seed=st.integers(0, 10_000), target=st.sampled_from(["mhsa", "all"]))
+def test_cell_fractions_weighted_by_size_add_back_to_the_total(tmp_path_factory, seed, target):
+    """On random masks the parts' off counts add up to the total off, and the heads' to their part's."""
+    model = masked_tiny_clip(target=target)
+    randomize_scores(model, seed)
+    path = tmp_path_factory.mktemp("m") / "m.bin"
+    am.save_masks(model, path)
+    header, bits = am.read_mask_file(path)
+    cells = am.mask_breakdown(header, bits)
+    wholes = {k: v for k, v in cells.items() if k[2] is None}
+    assert sum(off for off, _ in wholes.values()) == (~bits).sum().item()
+    assert sum(n for _, n in wholes.values()) == len(bits)
+    assert {p for _, p, _ in wholes} == ({"q", "k", "v", "out"} | ({"fc", "proj"} if target == "all" else set()))
+    for (b, p, _), (off, n) in wholes.items():
+        heads = [cells[k] for k in cells if k[:2] == (b, p) and k[2] is not None]
+        if heads:
+            assert (sum(h[0] for h in heads), sum(h[1] for h in heads)) == (off, n)
+    assert am.mask_sparsity(am.load_masks(tiny_clip(7), path)) == pytest.approx((~bits).sum().item() / len(bits))
+
+
+@settings(max_examples=100, deadline=None)
+@given(a=st.lists(st.booleans(), min_size=1, max_size=40), data=st.data())
+def test_jaccard_and_its_chance_level_equal_a_direct_set_computation(a, data):
+    """Jaccard = |A ∩ B| / |A ∪ B| over the off indices, chance = p₁p₂ / (p₁ + p₂ − p₁p₂), computed with sets."""
+    b = data.draw(st.lists(st.booleans(), min_size=len(a), max_size=len(a)))
+    off_a, off_b = {i for i, v in enumerate(a) if v}, {i for i, v in enumerate(b) if v}
+    value, chance = am.jaccard(torch.tensor(a), torch.tensor(b))
+    assert value == pytest.approx(len(off_a & off_b) / len(off_a | off_b) if off_a | off_b else 0.0)
+    p1, p2 = len(off_a) / len(a), len(off_b) / len(b)
+    assert chance == pytest.approx(p1 * p2 / (p1 + p2 - p1 * p2) if off_a or off_b else 0.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(masks=st.lists(st.lists(st.booleans(), min_size=12, max_size=12), min_size=1, max_size=5), data=st.data())
+def test_consensus_is_off_where_at_least_k_masks_are_off(masks, data):
+    """K = 1 gives the union of the off-sets, K = n their intersection, any K the count ≥ K per weight."""
+    bits = [~torch.tensor(m) for m in masks]  # True = on; m is the off-set
+    k = data.draw(st.integers(1, len(masks)))
+    off = ~am.consensus_bits(bits, k)
+    assert off.tolist() == [sum(m[i] for m in masks) >= k for i in range(12)]
+    assert (~am.consensus_bits(bits, 1)).tolist() == [any(m[i] for m in masks) for i in range(12)]
+    assert (~am.consensus_bits(bits, len(masks))).tolist() == [all(m[i] for m in masks) for i in range(12)]
+
+
+def write_format_1(path, model):
+    """A mask file exactly as advmask wrote it before format 2 (no "heads"), with an independent writer."""
+    entries = list(am._masks(model))
+    bits = torch.cat([(m.scores > m.threshold).flatten() for *_, m in entries]).numpy()
+    packed = np.packbits(bits).tobytes()
+    header = zlib.compress(json.dumps({
+        "format": 1, "arch": am._arch(model), "target": "mhsa", "threshold": am.MASK_THRESHOLD,
+        "names": [n for n, *_ in entries], "shapes": [list(m.scores.shape) for *_, m in entries],
+        "n_weights": len(bits), "sha256": hashlib.sha256(packed).hexdigest()}).encode())
+    path.write_bytes(b"ADVMASK\n" + len(header).to_bytes(4, "little") + header + packed)
+
+
+def test_a_format_1_mask_file_still_loads_and_skips_only_the_per_head_view(tmp_path, capsys):
+    """A file written before the header carried the number of heads loads bit for bit; analyze gives its block
+    table and says in one line that its per-head view is skipped."""
+    model = masked_tiny_clip()
+    randomize_scores(model, 4)
+    write_format_1(tmp_path / "old.bin", model)
+    loaded = am.load_masks(tiny_clip(7), tmp_path / "old.bin")
+    for (_, ours, s, t), (_, theirs, s2, t2) in zip(masked_weights(model), masked_weights(loaded)):
+        assert torch.equal(s > t, s2 > t2) and torch.equal(ours, theirs)
+    md = am.analyze([tmp_path / "old.bin"], tmp_path / "out")
+    out = capsys.readouterr().out
+    assert out.count("per-head view is skipped") == 1 and "| block | q | k | v | out |" in md
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["analysis.csv", "analysis.md"]
+
+
+def png_shape(path):
+    """(channels, height, width) of a PNG, decoded in full by PIL."""
+    with Image.open(path) as image:
+        image.load()
+        return len(image.getbands()), image.height, image.width
+
+
+def test_analyze_reports_overlaps_and_saves_a_consensus_that_transfer_evaluates(tiny_files, tmp_path, capsys):
+    """analyze over a runs root labels masks from their config.json, writes md, csv and decodable PNGs, compares
+    every pair with chance, and --consensus writes a mask file that the CLI's transfer protocol evaluates."""
+    runs = tmp_path / "runs"
+    for seed, shots in ((1, 4), (2, 4), (1, 16)):
+        model = masked_tiny_clip()
+        randomize_scores(model, seed * shots)
+        cell = runs / "few_shot" / "dtd" / f"{shots}shot" / f"seed{seed}"
+        am.save_masks(model, cell / "masks.bin")
+        (cell / "config.json").write_text(json.dumps({"dataset": "dtd", "protocol": "few_shot", "shots": shots,
+                                                      "seed": seed}))
+    out = tmp_path / "analysis"
+    am.main(["analyze", str(runs), "--out", str(out), "--consensus", "2", "--save", str(tmp_path / "cons.bin")])
+    md = (out / "analysis.md").read_text()
+    assert md in capsys.readouterr().out and "## dtd/few_shot/16shot/seed1" in md
+    assert sum(line.startswith("| dtd/few_shot/") for line in md.splitlines()) == 3  # three pairs
+    assert sorted(p.name for p in out.iterdir()) == ["analysis.csv", "analysis.md", "heads_0.png", "heads_1.png",
+                                                     "heads_2.png", "overlap.png"]
+    for png in out.glob("*.png"):
+        channels, height, width = png_shape(png)
+        assert channels in (3, 4) and height > 50 and width > 50
+    bits = [am.read_mask_file(f)[1] for f in sorted(runs.rglob("masks.bin"))]
+    header, cons = am.read_mask_file(tmp_path / "cons.bin")
+    assert torch.equal(cons, am.consensus_bits(bits, 2)) and header["heads"] == 2
+    rows = [r.split(",") for r in (out / "analysis.csv").read_text().splitlines()]
+    jaccards = [float(r[5]) for r in rows if r[0] == "jaccard"]
+    assert jaccards == pytest.approx([am.jaccard(~a, ~b)[0] for a, b in itertools.combinations(bits, 2)])
+    proc = run_cli("--protocol", "transfer", "--masks", str(tmp_path / "cons.bin"), "--eval-datasets", "dtd",
+                   "--data-root", str(tiny_files / "data"), "--no-download", "--model",
+                   str(tiny_files / "tiny-test-clip.json"), "--pretrained", str(tiny_files / "tiny.pt"),
+                   "--device", "cpu", "--workers", "0", "--test-steps", "1", "--out-dir", "t", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert result["sparsity"] == pytest.approx(1 - cons.float().mean().item())
+
+
+def test_summary_png_plots_the_few_shot_table(tmp_path):
+    """summarize's CLI command also writes summary.png, a decodable image, from the few-shot rows."""
+    write_results(tmp_path, "few_shot", "dtd", 1, 1, [("dtd", 0.4, 0.1)])
+    write_results(tmp_path, "few_shot", "dtd", 16, 1, [("dtd", 0.6, 0.3)])
+    am.main(["summarize", str(tmp_path)])
+    channels, height, width = png_shape(tmp_path / "summary.png")
+    assert channels in (3, 4) and height > 100 and width > 100
+
+
+def analyze_bad_inputs(root):
+    other = open_clip.CLIP(**{**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], "width": 32}})
+    am.apply_masks(other)
+    am.save_masks(other, root / "other" / "masks.bin")
+    am.save_masks(masked_tiny_clip(), root / "a" / "masks.bin")
+    am.save_masks(masked_tiny_clip(target="mlp"), root / "mlp" / "masks.bin")
+    (root / "empty").mkdir()
+    a, save = str(root / "a" / "masks.bin"), ["--save", "c.bin"]
+    return [
+        ([str(root / "empty")], "holds no masks.bin; pass a mask file, a run folder or a runs root"),
+        ([a, str(root / "other"), "--consensus", "1", *save], "--consensus needs masks of one architecture and target"),
+        ([a, str(root / "mlp"), "--consensus", "1", *save], "--consensus needs masks of one architecture and target"),
+        ([a, "--consensus", "0", *save], "--consensus 0 must lie between 1 and the number of masks, 1"),
+        ([a, a, "--consensus", "3", *save], "--consensus 3 must lie between 1 and the number of masks, 2"),
+        ([a, *save], "--consensus K and --save PATH go together"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_every_bad_analyze_input_ends_in_one_line_exit_2_and_no_files(case, tmp_path_factory, monkeypatch, capsys):
+    """A path without masks, a consensus over misfit masks, K outside 1..n, --save without --consensus: one line,
+    exit status 2, nothing written."""
+    args, message = analyze_bad_inputs(tmp_path_factory.mktemp("masks"))[case]
+    cwd = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as exit_:
+        am.main(["analyze", *args, "--out", "out"])
+    assert_one_line_exit_2_no_files(exit_.value.code, capsys.readouterr().err, cwd, message)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
