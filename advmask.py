@@ -12,8 +12,10 @@ ICLR 2026, https://openreview.net/forum?id=kzGkXpW4FT
     python advmask.py --dataset oxford_pets --shots 16 --device cuda
 
 Below, in the order of the paper's method: config, CLIP as a classifier, binary masks with a straight-through
-estimator, PGD, losses (CE + LAFA), K-shot data, training, evaluation, results, command line. Each section uses
-only torch / open_clip / torchvision and the sections above it, so any one can be copied out alone.
+estimator, PGD, losses (CE + LAFA), K-shot data, training, evaluation (PGD, and AutoAttack's APGD from
+torchattacks), results. Then tooling a reader may skip: mask analysis and figures (matplotlib), the benchmark, and
+the command line (`analyze` and `summarize` are subcommands). Each section uses only torch / open_clip / torchvision
+(and the library named) and the sections above it, so any one can be copied out alone.
 """
 import argparse
 import contextlib
@@ -1036,10 +1038,10 @@ def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
               f"cannot move them, so robust accuracy is overstated (saturated softmax or gradient masking)",
               file=sys.stderr)
     for name in attacks:
-        if correct[name].sum() > correct["clean"].sum():
+        if accuracy[name] > accuracy["clean"]:
             print(f"WARNING: accuracy under {name} {100 * accuracy[name]:.2f}% exceeds clean accuracy "
-                  f"{100 * accuracy['clean']:.2f}% on the same images: the attack is not working (broken attack or gradient "
-                  f"masking)", file=sys.stderr)
+                  f"{100 * accuracy['clean']:.2f}% on the same images: the attack is not working (broken attack or "
+                  f"gradient masking)", file=sys.stderr)
     return {"n": n, "clean_acc": accuracy["clean"], "zero_grad_share": zero_grad / n, "seconds": seconds["clean"],
             "correct": correct["clean"],
             "attacks": {name: {"adv_acc": accuracy[name], "seconds": seconds[name],
@@ -1079,6 +1081,14 @@ def _cell(values, n_seeds):
 
 def _mean(values):
     return sum(values) / len(values) if values else None
+
+
+def write_report(out_dir, name, text, rows):
+    """Write out_dir/<name>.md and out_dir/<name>.csv (rows: lists of values) atomically, and print the markdown."""
+    _atomic_write(Path(out_dir) / f"{name}.md", lambda tmp: Path(tmp).write_text(text))
+    _atomic_write(Path(out_dir) / f"{name}.csv", lambda tmp: Path(tmp).write_text(
+        "\n".join(",".join(str(v) for v in row) for row in rows) + "\n"))
+    print(text)
 
 
 def _split_source(splits, *datasets):
@@ -1174,10 +1184,7 @@ def summarize(runs_dir):
                 md.append("| " + " | ".join([f"**{name}**" if cells is None else name] + texts) + " |")
             md.append("")
     text = "\n".join(md)
-    _atomic_write(runs_dir / "summary.md", lambda tmp: Path(tmp).write_text(text))
-    _atomic_write(runs_dir / "summary.csv", lambda tmp: Path(tmp).write_text(
-        "\n".join(",".join(str(v) for v in row) for row in csv_rows) + "\n"))
-    print(text)
+    write_report(runs_dir, "summary", text, csv_rows)
     return text
 
 
@@ -1333,10 +1340,7 @@ def analyze(paths, out_dir, consensus=None, save=None):
         md += [f"Consensus of {len(masks)} masks (off in ≥ {consensus}): {100 * (1 - bits.float().mean()):.2f} % off, "
                f"saved to {save}; evaluate it with --protocol transfer --masks {save}.", ""]
     text = "\n".join(md)
-    _atomic_write(out_dir / "analysis.md", lambda tmp: Path(tmp).write_text(text))
-    _atomic_write(out_dir / "analysis.csv", lambda tmp: Path(tmp).write_text(
-        "\n".join(",".join(str(v) for v in row) for row in csv) + "\n"))
-    print(text)
+    write_report(out_dir, "analysis", text, csv)
     return text
 
 
@@ -1362,7 +1366,7 @@ def plot_few_shot(runs_dir):
     for ax, dataset in zip(axes[0], panels):
         for model, colour in (("advmask", "tab:red"), ("clip", "tab:blue")):
             for metric, style in (("clean", "-"), ("adv", "--")):
-                points = [(k, 100 * acc[model, dataset, k, metric]) for k in shots if (model, dataset, k, metric) in acc]
+                points = [(k, 100 * acc[key]) for k in shots if (key := (model, dataset, k, metric)) in acc]
                 if points:
                     ax.plot(*zip(*points), style, color=colour, marker="o",
                             label=f"{'AdvMask' if model == 'advmask' else 'CLIP'} {metric}")
@@ -1651,10 +1655,11 @@ def parse_analyze_args(argv):
     return args
 
 
-# Settings that only change the evaluation: a checkpoint may be resumed with other values of these. Device and
-# precision are training settings: bf16 and fp32 training end in different masks, and devices draw other random starts.
+# Settings that only change the evaluation, or how the run is saved: a checkpoint may be resumed with other values
+# of these. Device and precision are training settings: bf16 and fp32 training end in different masks, and devices
+# draw other random starts.
 EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "eval_precision", "baseline",
-             "workers", "eval_datasets", "checkpoint_every"}
+             "workers", "eval_datasets", "checkpoint_every", "out_dir"}
 
 
 def _check_resumable(out_dir, checkpoint, settings):
