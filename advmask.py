@@ -1703,7 +1703,6 @@ def run(args, device, precision, eval_precision):
         tic = time.perf_counter()
 
     out_dir = Path(args.out_dir or f"runs/{args.protocol}/{args.dataset}/{args.shots}shot/seed{args.seed}")
-    settings = {**vars(args), "device": str(device), "precision": precision, "eval_precision": eval_precision}
     if args.dry_run:
         clip, tokenizer = open_clip.CLIP(**TINY_CLIP), None
         args.epochs, args.test_steps = args.epochs or 2, 3
@@ -1711,6 +1710,7 @@ def run(args, device, precision, eval_precision):
         clip, tokenizer = load_clip(args.model or "ViT-B-32", args.pretrained)
     clip = clip.to(device)
     size = clip.visual.image_size[0]
+    settings = {**vars(args), "device": str(device), "precision": precision, "eval_precision": eval_precision}
     splits = {}  # dataset -> which split it used: default, CoOp's file (with its sha256) or synthetic
 
     def data(name):
@@ -1721,10 +1721,11 @@ def run(args, device, precision, eval_precision):
         else:
             split_json = args.split_json if name == args.dataset else None
             if args.split_dir:
-                split_json = Path(args.split_dir) / f"split_zhou_{COOP_SPLIT_FILES.get(name, '<none>')}.json"
-                if not split_json.is_file():
-                    print(f"{name}: no CoOp split file {split_json.name} in {args.split_dir}; using its default "
-                          f"split (README, 'Datasets and splits')")
+                coop = COOP_SPLIT_FILES.get(name)
+                split_json = Path(args.split_dir) / f"split_zhou_{coop}.json" if coop else None
+                if split_json is None or not split_json.is_file():
+                    missing = f"no CoOp split file {split_json.name} in {args.split_dir}" if coop else "CoOp has none"
+                    print(f"{name}: {missing}; using its default split (README, 'Datasets and splits')")
                     split_json = None
             d = load_dataset(name, args.data_root, size, not args.no_download, split_json)
         splits[name] = d["split"]

@@ -957,6 +957,21 @@ def test_summary_means_stds_averages_and_missing_cells(tmp_path):
         am.summarize(tmp_path / "empty")
 
 
+def test_summarize_refuses_to_average_runs_of_different_splits(tmp_path):
+    """Two seeds of one dataset, one on the default split and one on CoOp's file, are refused with one line."""
+    write_results(tmp_path, "few_shot", "dtd", 16, 1, [("dtd", 0.5, 0.2)])
+    write_results(tmp_path, "few_shot", "dtd", 16, 2, [("dtd", 0.5, 0.2)])
+    for seed, split in ((1, {"source": "default"}),
+                        (2, {"source": "coop", "file": "split_zhou_DescribableTextures.json", "sha256": "ab" * 32})):
+        path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "splits": {"dtd": split}}))
+    with pytest.raises(ValueError, match=r"^few_shot/dtd \(evaluated on dtd\) mixes splits, dtd: default in .*seed1 "
+                                         r"and dtd: split_zhou_DescribableTextures.json sha256 abababababab "
+                                         r"in .*seed2"):
+        am.summarize(tmp_path)
+    assert not (tmp_path / "summary.md").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Analysis and figures
 
@@ -1282,21 +1297,6 @@ def test_cli_split_dir_picks_each_datasets_coop_file_and_falls_back(tiny_files, 
                 "sha256": digest["split_zhou_DescribableTextures.json"]},
         "eurosat": {"source": "default"}}
     assert [(e["eval"], e["n"]) for e in results["results"]] == [("dtd", 2), ("eurosat", 9)]
-
-
-def test_summarize_refuses_to_average_runs_of_different_splits(tmp_path):
-    """Two seeds of one dataset, one on the default split and one on CoOp's file, are refused with one line."""
-    write_results(tmp_path, "few_shot", "dtd", 16, 1, [("dtd", 0.5, 0.2)])
-    write_results(tmp_path, "few_shot", "dtd", 16, 2, [("dtd", 0.5, 0.2)])
-    for seed, split in ((1, {"source": "default"}),
-                        (2, {"source": "coop", "file": "split_zhou_DescribableTextures.json", "sha256": "ab" * 32})):
-        path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "splits": {"dtd": split}}))
-    with pytest.raises(ValueError, match=r"^few_shot/dtd \(evaluated on dtd\) mixes splits, dtd: default in .*seed1 "
-                                         r"and dtd: split_zhou_DescribableTextures.json sha256 abababababab "
-                                         r"in .*seed2"):
-        am.summarize(tmp_path)
-    assert not (tmp_path / "summary.md").exists()
 
 
 def test_the_baseline_is_evaluated_with_no_parameter_requiring_grad(tmp_path, monkeypatch):
