@@ -1201,9 +1201,10 @@ def _pyplot():
 
 
 def mask_breakdown(header, bits):
-    """Fraction of weights off per block and part: (block, part, head) -> (off, total), part q/k/v/out (attention:
-    in_proj_weight's rows in thirds, out_proj's weight) or fc/proj (MLP); head None for a whole part, else the head's
-    rows of q, k, v (its columns of out), when the header knows the number of heads (format 2)."""
+    """Weights off per block and part: (block, part, head) -> (number off, number of weights). Parts are q, k, v
+    (in_proj_weight's rows in thirds) and out (out_proj's weight) of attention, fc and proj of the MLP; head None
+    stands for the whole part, a head h for its rows of q, k, v and its columns of out, when the header knows the
+    number of heads (format 2)."""
     cells = {}
     for name, shape, b in zip(header["names"], header["shapes"], bits.split([math.prod(s) for s in header["shapes"]])):
         block, param = int(name.split(".")[2]), name.split(".", 3)[3]
@@ -1320,10 +1321,10 @@ def analyze(paths, out_dir, consensus=None, save=None):
     if len(masks) > 1:
         md += ["## Overlap of the off-sets", "", "| mask A | mask B | Jaccard | chance | Jaccard ÷ chance |",
                "|---|---|---|---|---|"]
-        grid = [[1.0] * len(masks) for _ in masks]
+        grid = [[1.0 if i == j else float("nan") for j in range(len(masks))] for i in range(len(masks))]
         for (i, (a, ha, bits_a)), (j, (b, hb, bits_b)) in itertools.combinations(enumerate(masks), 2):
             if ha["names"] != hb["names"] or ha["shapes"] != hb["shapes"]:
-                continue  # other weights: no overlap to speak of
+                continue  # other weights: no overlap to speak of (a blank cell in the figure)
             value, chance = jaccard(~bits_a, ~bits_b)
             grid[i][j] = grid[j][i] = value
             ratio = value / chance if chance else float("nan")

@@ -1412,6 +1412,7 @@ def bad_input_cases(files):
         ([*tiny, "--protocol", "base2new", "--attack", "pgd,aa"],
          "class set 'base' has 2 classes, fewer than the 4 that aa's targeted DLR loss needs; use apgd-ce, pgd or cw"),
         (["--split-dir", str(files / "nowhere")], "--split-dir " + str(files / "nowhere") + " is not a folder"),
+        (["--eval-precision", "fp16"], "argument --eval-precision: invalid choice: 'fp16'"),
         (["--split-dir", str(files), "--split-json", str(files / "tiny.pt")], "(a folder for every dataset), not both"),
         (["--device", "cuda:99", "--dry-run"], "--device cuda:99 was asked for but"),
         ([*tiny, "--data-root", str(files / "nowhere")], "torchvision expects oxford-iiit-pet/images/<Breed>_<n>.jpg"),
