@@ -796,6 +796,7 @@ def autocast(device, precision):
 def steps_per_epoch(n_images, batch_size):
     """Full batches per epoch: the incomplete last one is dropped, as Dassl's loader (CoOp, FAP) drops it, unless the
     set is smaller than one batch, which is then one batch. Adam would weight a batch of 5 like one of 32."""
+    # not in the paper: Dassl's drop_last, which CoOp and FAP train with
     return max(1, n_images // batch_size)
 
 
@@ -1008,6 +1009,7 @@ def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
     """
     device = next(model.parameters()).device
     model.eval()
+    # not in the paper: a generator per attack, all seeded alike, so no number depends on which other cells ran
     generators = {name: torch.Generator(device).manual_seed(seed) for name in attacks}
     correct = {name: [] for name in ["clean", *attacks]}
     seconds = dict.fromkeys(correct, 0.0)
@@ -1833,6 +1835,8 @@ def main(argv=None):
             raise ValueError(f"--device {device} was asked for but {torch.cuda.device_count()} CUDA devices are "
                              f"visible; pass --device cpu or an existing GPU")
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+        # not in the paper: evaluation defaults to fp32, the reference for robust accuracy; bf16 did not weaken PGD or
+        # AutoAttack on a small CLIP (README, Evaluation), but on ViT-B/32 that is not measured yet
         eval_precision = args.eval_precision or "fp32"
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls may use TF32
         if args.deterministic:  # cuBLAS needs this workspace setting to be deterministic; cuDNN autotuning is off
