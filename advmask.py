@@ -942,6 +942,9 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: clean accuracy, and accuracy under PGD (100 steps in the paper) or AutoAttack's APGD
 
+DLR_MIN_CLASSES = 4  # the targeted DLR loss divides by the gap to the 4th-largest logit
+
+
 def apgd_attack(model, images, labels, eps=1 / 255, steps=100, targeted=False, seed=0):
     """APGD (Croce & Hein, 2020), torchattacks' implementation: l∞, step size adapted from the progress of the loss.
 
@@ -961,8 +964,9 @@ def apgd_attack(model, images, labels, eps=1 / 255, steps=100, targeted=False, s
     """
     with torch.no_grad():
         n_classes = model(images[:1]).shape[1]
-    if targeted and n_classes < 4:
-        raise ValueError(f"APGD-T's targeted DLR loss needs at least 4 classes, not {n_classes}; use APGD-CE or PGD")
+    if targeted and n_classes < DLR_MIN_CLASSES:
+        raise ValueError(f"APGD-T's targeted DLR loss needs at least {DLR_MIN_CLASSES} classes, not {n_classes}; use "
+                         f"APGD-CE or PGD")
     if targeted:  # torchattacks targets the top n_classes − 1 other classes; AutoAttack's default is 9 of them
         attack = torchattacks.APGDT(model, eps=eps, steps=steps, seed=seed, n_classes=min(10, n_classes))
     else:
@@ -1202,6 +1206,9 @@ def _pyplot():
     return plt
 
 
+ATTENTION_PARTS = ("q", "k", "v", "out")
+
+
 def mask_breakdown(header, bits):
     """Weights off per block and part: (block, part, head) -> (number off, number of weights). Parts are q, k, v
     (in_proj_weight's rows in thirds) and out (out_proj's weight) of attention, fc and proj of the MLP; head None
@@ -1219,7 +1226,7 @@ def mask_breakdown(header, bits):
             parts = {param.split(".")[1][2:]: off}
         for part, m in parts.items():  # m: (rows, cols), the head's slice on dim 0
             cells[block, part, None] = (m.sum().item(), m.numel())
-            if header.get("heads") and part in ("q", "k", "v", "out"):
+            if header.get("heads") and part in ATTENTION_PARTS:
                 for h, rows in enumerate(m.chunk(header["heads"], dim=0)):
                     cells[block, part, h] = (rows.sum().item(), rows.numel())
     return cells
@@ -1263,14 +1270,15 @@ def _heatmap(path, panels, xticks, yticks, vmax, xlabel="", ylabel=""):
     """One PNG with a heatmap per (title, matrix) panel, colour = value from 0 to vmax (None: the largest value)."""
     plt = _pyplot()
     vmax = vmax or max(max(max(row) for row in matrix) for _, matrix in panels) or 1
-    width = 1 + 0.35 * len(xticks) + max(map(len, map(str, yticks))) * 0.07
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(3.0, width) * len(panels) + 1, 2 + 0.35 * len(yticks)
-                                                      + max(map(len, map(str, xticks))) * 0.07),
-                             squeeze=False, layout="constrained")
+    longest_x, longest_y = (max(len(str(t)) for t in ticks) for ticks in (xticks, yticks))
+    width = max(3.0, 1 + 0.35 * len(xticks) + 0.07 * longest_y)
+    height = 2 + 0.35 * len(yticks) + 0.07 * longest_x
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) + 1, height), squeeze=False,
+                             layout="constrained")
     for ax, (title, matrix) in zip(axes[0], panels):
         image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=vmax)
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-        ax.set_xticks(range(len(xticks)), xticks, rotation=90 if max(map(len, map(str, xticks))) > 3 else 0)
+        ax.set_xticks(range(len(xticks)), xticks, rotation=90 if longest_x > 3 else 0)
         ax.set_yticks(range(len(yticks)), yticks)
     fig.colorbar(image, ax=axes[0].tolist())
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
@@ -1293,6 +1301,10 @@ def analyze(paths, out_dir, consensus=None, save=None):
     md, csv = ["# Mask analysis", ""], [["view", "mask", "block", "part", "head", "value"]]
     for i, (label, header, bits) in enumerate(masks):
         cells = mask_breakdown(header, bits)
+
+        def fraction(*cell):
+            off, n = cells[cell]
+            return off / n
         off = 1 - bits.float().mean().item()
         md += [f"## {label}", "", f"{100 * off:.2f} % of {len(bits):,} {header['target']} weights off.", ""]
         csv.append(["overall", label, "", "", "", off])
@@ -1300,7 +1312,7 @@ def analyze(paths, out_dir, consensus=None, save=None):
         blocks = sorted({block for block, _, _ in cells})
         md += ["| block | " + " | ".join(parts) + " |", "|---" * (len(parts) + 1) + "|"]
         for b in blocks:
-            fractions = [cells[b, p, None][0] / cells[b, p, None][1] for p in parts]
+            fractions = [fraction(b, p, None) for p in parts]
             md.append(f"| {b} | " + " | ".join(f"{100 * f:.1f}" for f in fractions) + " |")
             csv += [["part", label, b, p, "", f] for p, f in zip(parts, fractions)]
         md.append("")
@@ -1309,16 +1321,16 @@ def analyze(paths, out_dir, consensus=None, save=None):
                   f"skipped (re-save it with this version for it)")
             continue
         heads = range(header["heads"])
-        per_head = {(b, h): [sum(cells[b, p, h][j] for p in "q k v out".split()) for j in (0, 1)]
+        per_head = {(b, h): sum(cells[b, p, h][0] for p in ATTENTION_PARTS) / sum(cells[b, p, h][1]
+                                                                                  for p in ATTENTION_PARTS)
                     for b in blocks for h in heads}
-        csv += [["head", label, b, p, h, cells[b, p, h][0] / cells[b, p, h][1]]
-                for b in blocks for p in ("q", "k", "v", "out") for h in heads]
-        top = sorted(per_head, key=lambda bh: -per_head[bh][0] / per_head[bh][1])[:5]
+        csv += [["head", label, b, p, h, fraction(b, p, h)] for b in blocks for p in ATTENTION_PARTS for h in heads]
+        top = sorted(per_head, key=per_head.get, reverse=True)[:5]
         md += ["Heads with the most weights off (q, k, v rows and out columns): " + ", ".join(
-            f"block {b} head {h} {100 * per_head[b, h][0] / per_head[b, h][1]:.1f} %" for b, h in top), ""]
+            f"block {b} head {h} {100 * per_head[b, h]:.1f} %" for b, h in top), ""]
         png = out_dir / f"heads_{i}.png"
-        _heatmap(png, [(f"{p}: % off", [[100 * cells[b, p, h][0] / cells[b, p, h][1] for h in heads] for b in blocks])
-                       for p in ("q", "k", "v", "out")], list(heads), blocks, None, "head", "block")
+        _heatmap(png, [(f"{p}: % off", [[100 * fraction(b, p, h) for h in heads] for b in blocks])
+                       for p in ATTENTION_PARTS], list(heads), blocks, None, "head", "block")
         md += [f"![per-head % off of {label}]({png.name})", ""]
     if len(masks) > 1:
         md += ["## Overlap of the off-sets", "", "| mask A | mask B | Jaccard | chance | Jaccard ÷ chance |",
@@ -1527,7 +1539,7 @@ def load_clip(model, pretrained):
 
 
 ATTACKS = ("pgd", "cw", "apgd-ce", "apgd-t", "aa")
-MIN_CLASSES = {"apgd-t": 4, "aa": 4}  # the targeted DLR loss divides by the gap to the 4th-largest logit
+MIN_CLASSES = {"apgd-t": DLR_MIN_CLASSES, "aa": DLR_MIN_CLASSES}
 
 
 def make_attack(name, eps, alpha, steps):
