@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -50,26 +51,38 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------------------------------------------------
 # Config: datasets, prompt templates and the defaults of every hyperparameter (paper values or our choices)
 
-# The CoOp suite of 11 datasets, plus any tree imagefolder/{train,test}/<class>/ (TinyImageNet, your own data). Per
-# dataset: CoOp's prompt template; the torchvision splits used for training and for testing (None: torchvision has
-# no split, so a fixed stratified one is made, see stratified_split); the folder under --data-root that holds its
-# images, which CoOp's split_zhou_*.json paths are relative to.
+# The CoOp suite of 11 datasets; any tree imagefolder/{train,test}/<class>/ (your own data); TinyImageNet and the
+# five other targets of TGA-ZSR's zero-shot table; ImageNet's four shifted test sets (evaluation only). Per
+# dataset: its prompt template (CoOp's where CoOp has one; CLIP's prompt list for the others); the splits used for
+# training and for testing (None: no official split, so a fixed stratified one is made, see stratified_split; no
+# training split: evaluation only); the folder under --data-root that holds its images, which CoOp's
+# split_zhou_*.json paths are relative to.
 DATASETS = {
-    #                 prompt template                          train splits       test    image folder
-    "imagenet":      ("a photo of a {}.",                      ("train",),        "val",  "imagenet/train"),
-    "caltech101":    ("a photo of a {}.",                      None,              None,   "caltech101/101_ObjectCategories"),
-    "oxford_pets":   ("a photo of a {}, a type of pet.",       ("trainval",),     "test", "oxford-iiit-pet/images"),
-    "stanford_cars": ("a photo of a {}.",                      ("train",),        "test", "stanford_cars"),
-    "flowers102":    ("a photo of a {}, a type of flower.",    ("train", "val"),  "test", "flowers-102/jpg"),
-    "food101":       ("a photo of {}, a type of food.",        ("train",),        "test", "food-101/images"),
-    "fgvc_aircraft": ("a photo of a {}, a type of aircraft.",  ("trainval",),     "test", "fgvc-aircraft-2013b/data/images"),
-    "sun397":        ("a photo of a {}.",                      None,              None,   "SUN397"),
-    "dtd":           ("{} texture.",                           ("train", "val"),  "test", "dtd/dtd/images"),
-    "eurosat":       ("a centered satellite photo of {}.",     None,              None,   "eurosat/2750"),
-    "ucf101":        ("a photo of a person doing {}.",         None,              None,   "ucf101/UCF-101-midframes"),
-    "imagefolder":   ("a photo of a {}.",                      ("train",),        "test", "imagefolder"),
+    #                   prompt template                          train splits       test    image folder
+    "imagenet":        ("a photo of a {}.",                      ("train",),        "val",  "imagenet/train"),
+    "caltech101":      ("a photo of a {}.",                      None,              None,   "caltech101/101_ObjectCategories"),
+    "oxford_pets":     ("a photo of a {}, a type of pet.",       ("trainval",),     "test", "oxford-iiit-pet/images"),
+    "stanford_cars":   ("a photo of a {}.",                      ("train",),        "test", "stanford_cars"),
+    "flowers102":      ("a photo of a {}, a type of flower.",    ("train", "val"),  "test", "flowers-102/jpg"),
+    "food101":         ("a photo of {}, a type of food.",        ("train",),        "test", "food-101/images"),
+    "fgvc_aircraft":   ("a photo of a {}, a type of aircraft.",  ("trainval",),     "test", "fgvc-aircraft-2013b/data/images"),
+    "sun397":          ("a photo of a {}.",                      None,              None,   "SUN397"),
+    "dtd":             ("{} texture.",                           ("train", "val"),  "test", "dtd/dtd/images"),
+    "eurosat":         ("a centered satellite photo of {}.",     None,              None,   "eurosat/2750"),
+    "ucf101":          ("a photo of a person doing {}.",         None,              None,   "ucf101/UCF-101-midframes"),
+    "imagefolder":     ("a photo of a {}.",                      ("train",),        "test", "imagefolder"),
+    "tinyimagenet":    ("a photo of a {}.",                      ("train",),        "val",  "tiny-imagenet-200"),
+    "cifar10":         ("a photo of a {}.",                      ("train",),        "test", "cifar-10-batches-py"),
+    "cifar100":        ("a photo of a {}.",                      ("train",),        "test", "cifar-100-python"),
+    "stl10":           ("a photo of a {}.",                      ("train",),        "test", "stl10_binary"),
+    "caltech256":      ("a photo of a {}.",                      None,              None,   "caltech256/256_ObjectCategories"),
+    "pcam":            ("this is a photo of {}.",                ("train",),        "test", "pcam"),
+    "imagenet_v2":     ("a photo of a {}.",                      (),                "test", "imagenetv2/imagenetv2-matched-frequency-format-val"),
+    "imagenet_sketch": ("a photo of a {}.",                      (),                "test", "imagenet-sketch/images"),
+    "imagenet_a":      ("a photo of a {}.",                      (),                "test", "imagenet-adversarial/imagenet-a"),
+    "imagenet_r":      ("a photo of a {}.",                      (),                "test", "imagenet-rendition/imagenet-r"),
 }
-# What torchvision expects under --data-root, for the error a missing dataset gets.
+# What each dataset expects under --data-root, for the error a missing one gets; the ones torchvision can download.
 LAYOUTS = {
     "imagenet": "imagenet/ILSVRC2012_devkit_t12.tar.gz and imagenet/ILSVRC2012_img_{train,val}.tar (never downloaded)",
     "caltech101": "caltech101/101_ObjectCategories/<class>/image_<n>.jpg and caltech101/Annotations/",
@@ -82,20 +95,48 @@ LAYOUTS = {
     "dtd": "dtd/dtd/images/<class>/<name>.jpg and dtd/dtd/labels/{train,val,test}1.txt",
     "eurosat": "eurosat/2750/<Class>/<Class>_<n>.jpg",
     "ucf101": "ucf101/UCF-101-midframes/<Class_Name>/v_<Class>_gNN_cMM.jpg (CoOp's middle frames; never downloaded)",
-    "imagefolder": "imagefolder/train/<class>/*.jpg and imagefolder/test/<class>/*.jpg",
+    "tinyimagenet": "tiny-imagenet-200/{wnids.txt,words.txt}, tiny-imagenet-200/train/<wnid>/images/*.JPEG and "
+                    "tiny-imagenet-200/val/{val_annotations.txt,images/*.JPEG} (the zip as unpacked)",
+    "cifar10": "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
+    "cifar100": "cifar-100-python/{train,test,meta}",
+    "stl10": "stl10_binary/{train,test}_{X,y}.bin and stl10_binary/class_names.txt",
+    "caltech256": "caltech256/256_ObjectCategories/<NNN.class>/<NNN_nnnn>.jpg",
+    "pcam": "pcam/camelyonpatch_level_2_split_{train,test}_{x,y}.h5",
+    "imagenet_v2": "imagenetv2/imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg (never downloaded)",
+    "imagenet_sketch": "imagenet-sketch/images/<wnid>/*.JPEG (never downloaded)",
+    "imagenet_a": "imagenet-adversarial/imagenet-a/<wnid>/*.jpg (never downloaded)",
+    "imagenet_r": "imagenet-rendition/imagenet-r/<wnid>/*.jpg (never downloaded)",
+    "imagefolder": "imagefolder/train/<class>/*.jpg and imagefolder/test/<class>/*.jpg (your own images)",
 }
+DOWNLOADABLE = {"caltech101", "oxford_pets", "flowers102", "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat",
+                "cifar10", "cifar100", "stl10", "caltech256", "pcam"}
+# --eval-datasets presets. coop: CoOp's suite less ImageNet (the transfer default); tga-zsr: the 16 datasets of
+# TGA-ZSR's zero-shot table, in its order (its TGA-ZSR.py); imagenet-shifts: the domain-generalisation test sets.
+EVAL_PRESETS = {
+    "coop": ["caltech101", "oxford_pets", "stanford_cars", "flowers102", "food101", "fgvc_aircraft", "sun397", "dtd",
+             "eurosat", "ucf101"],
+    "tga-zsr": ["tinyimagenet", "cifar10", "cifar100", "stl10", "food101", "oxford_pets", "flowers102", "dtd",
+                "eurosat", "fgvc_aircraft", "caltech101", "caltech256", "stanford_cars", "pcam", "imagenet", "sun397"],
+    "imagenet-shifts": ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"],
+}
+# --templates tga-zsr: TGA-ZSR's one template for every dataset, in training and evaluation (its TGA-ZSR.py)
+TGA_ZSR_TEMPLATE = "This is a photo of a {}"
 # CoOp's split file of each dataset (CoOp's DATASETS.md links them): --split-dir DIR reads DIR/split_zhou_<Name>.json.
 # ImageNet and FGVC Aircraft have none; CoOp uses their official splits, as we do.
 COOP_SPLIT_FILES = {"caltech101": "Caltech101", "oxford_pets": "OxfordPets", "stanford_cars": "StanfordCars",
                     "flowers102": "OxfordFlowers", "food101": "Food101", "sun397": "SUN397",
                     "dtd": "DescribableTextures", "eurosat": "EuroSAT", "ucf101": "UCF101"}
 # (classes, test images) of each dataset's default split below, for --synthetic: a run of the real size with random
-# images. Caltech101's 2,472 is derived: 2,602 measured with Faces_easy, less its 130 test images; imagefolder's is
-# TinyImageNet's, the paper's transfer source.
+# images. Caltech101's 2,472 is derived: 2,602 measured with Faces_easy, less its 130 test images; Caltech-256's is
+# derived too: 30 % of each of its 256 classes, 29,780 images without clutter (our rounding, not measured);
+# imagefolder's is an arbitrary choice, TinyImageNet's.
 DATASET_SIZES = {"imagenet": (1000, 50_000), "caltech101": (100, 2_472), "oxford_pets": (37, 3_669),
                  "stanford_cars": (196, 8_041), "flowers102": (102, 6_149), "food101": (101, 25_250),
                  "fgvc_aircraft": (100, 3_333), "sun397": (397, 19_850), "dtd": (47, 1_880), "eurosat": (10, 8_100),
-                 "ucf101": (101, 3_783), "imagefolder": (200, 10_000)}
+                 "ucf101": (101, 3_783), "tinyimagenet": (200, 10_000), "cifar10": (10, 10_000),
+                 "cifar100": (100, 10_000), "stl10": (10, 8_000), "caltech256": (256, 8_934), "pcam": (2, 32_768),
+                 "imagenet_v2": (1000, 10_000), "imagenet_sketch": (1000, 50_889), "imagenet_a": (200, 7_500),
+                 "imagenet_r": (200, 30_000), "imagefolder": (200, 10_000)}
 # Class names as CoOp writes them, where they differ from torchvision's (after "_" -> " ").
 CLASS_RENAMES = {
     "AnnualCrop": "Annual Crop Land", "HerbaceousVegetation": "Herbaceous Vegetation Land",
@@ -103,6 +144,8 @@ CLASS_RENAMES = {
     "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "SeaLake": "Sea or Lake",
     "airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike",
 }
+# PCAM's labels 0/1 as CLIP's prompt list names them (torchvision's PCAM has no class names).
+PCAM_CLASSES = ["lymph node", "lymph node containing metastatic tumor tissue"]
 # torchvision's Flowers102 has no class names; these are CoOp's (from github.com/jimgoo/caffe-oxford102), by label.
 FLOWERS102_CLASSES = [
     "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold", "tiger lily",
@@ -623,6 +666,23 @@ def stratified_split(labels, test_fraction=0.3, seed=0):
     return sorted(train), sorted(test)
 
 
+def balanced_subset(labels, limit):
+    """Indices of at most `limit` images, as even over the classes as their counts allow, the same for any run.
+
+    not in the paper: a fixed evaluation subset (--eval-limit), as RobustVLM/FARE evaluate 1,000 images a dataset.
+    Every class's images are ordered by one seed-0 permutation; the subset takes the first of every class, then the
+    second, and so on, so a class with fewer images than its share leaves its place to the others.
+    """
+    labels = torch.as_tensor(labels)
+    if limit >= len(labels):
+        return list(range(len(labels)))
+    generator = torch.Generator().manual_seed(0)
+    queues = [pool[torch.randperm(len(pool), generator=generator)].tolist()
+              for pool in ((labels == c).nonzero().flatten() for c in labels.unique())]
+    round_robin = [q[r] for r in range(max(map(len, queues))) for q in queues if r < len(q)]
+    return sorted(round_robin[:limit])
+
+
 def base_new_split(split, n_classes):
     """Base classes = the first ⌈n/2⌉ labels, new = the rest renumbered from 0: (base Split, new Split, n_base)."""
     n_base = math.ceil(n_classes / 2)
@@ -643,17 +703,26 @@ def _torchvision_dataset(name, root, split, transform, download):
         return tv.ImageNet(Path(root) / "imagenet", split=split, transform=transform)  # never downloaded
     if name in ("ucf101", "imagefolder"):  # UCF101 as CoOp reads it: one middle frame per video, a class per folder
         return tv.ImageFolder(Path(root) / DATASETS[name][3] / (split or ""), transform=transform)
+    if name in ("cifar10", "cifar100"):
+        return {"cifar10": tv.CIFAR10, "cifar100": tv.CIFAR100}[name](root, train=split == "train", **kw)
+    if name == "pcam" and importlib.util.find_spec("h5py") is None:  # torchvision imports it only for PCAM
+        raise ImportError("pcam is stored as HDF5 files, which need the h5py package: pip install h5py")
     if split is None:
-        return {"caltech101": tv.Caltech101, "eurosat": tv.EuroSAT, "sun397": tv.SUN397}[name](root, **kw)
+        return {"caltech101": tv.Caltech101, "caltech256": tv.Caltech256, "eurosat": tv.EuroSAT,
+                "sun397": tv.SUN397}[name](root, **kw)
     return {"oxford_pets": tv.OxfordIIITPet, "stanford_cars": tv.StanfordCars, "flowers102": tv.Flowers102,
-            "food101": tv.Food101, "fgvc_aircraft": tv.FGVCAircraft, "dtd": tv.DTD}[name](root, split=split, **kw)
+            "food101": tv.Food101, "fgvc_aircraft": tv.FGVCAircraft, "dtd": tv.DTD, "stl10": tv.STL10,
+            "pcam": tv.PCAM}[name](root, split=split, **kw)
 
 
 def _labels(ds):
     """The class of every image, read from torchvision's index of the dataset instead of decoding every image."""
-    for attr in ("_labels", "targets", "y"):  # private in some torchvision classes, public in others
+    if isinstance(ds, torchvision.datasets.PCAM):  # its labels sit in an HDF5 file of their own
+        with ds.h5py.File(ds._base_folder / ds._FILES[ds._split]["targets"][0]) as f:
+            return f["y"][:, 0, 0, 0].tolist()
+    for attr in ("_labels", "targets", "y", "labels"):  # private in some torchvision classes, public in others
         if hasattr(ds, attr):
-            return list(getattr(ds, attr))
+            return [int(y) for y in getattr(ds, attr)]
     return [label for _, label in ds._samples]  # StanfordCars
 
 
@@ -661,9 +730,13 @@ def _class_names(name, ds):
     """Class names as CoOp writes them, in torchvision's label order."""
     if name == "flowers102":
         return FLOWERS102_CLASSES
+    if name == "pcam":
+        return PCAM_CLASSES
     if name == "imagenet":  # CLIP's curated names, CoOp's classnames.txt; WordNet's first synonyms repeat ("crane")
         return list(open_clip.IMAGENET_CLASSNAMES)
-    raw = ds.categories if name == "caltech101" else ds.classes
+    raw = ds.categories if name in ("caltech101", "caltech256") else ds.classes
+    if name == "caltech256":  # "001.ak47" -> "ak47", "252.car-side-101" -> "car side"
+        raw = [re.sub(r"^\d+\.|-101$", "", c).replace("-", " ") for c in raw]
     if name == "oxford_pets":  # CoOp lower-cases the breeds: "american bulldog"
         raw = [c.lower() for c in raw]
     if name == "stanford_cars":  # "AM General Hummer SUV 2000" -> "2000 AM General Hummer SUV"
@@ -675,14 +748,76 @@ def _class_names(name, ds):
     return [CLASS_RENAMES.get(c, c.replace("_", " ")) for c in raw]
 
 
+def _tinyimagenet(root, transform):
+    """TinyImageNet as its zip unpacks: train = train/<wnid>/images/ (500 a class), test = val/images/ (50 a class,
+    labelled by val/val_annotations.txt); classes in the sorted order of wnids.txt, each named by the first synonym of
+    its line in words.txt ("n01443537\tgoldfish, Carassius auratus" -> "goldfish"), as TGA-ZSR's class-name file."""
+    base = Path(root) / "tiny-imagenet-200"
+    wnids = sorted((base / "wnids.txt").read_text().split())
+    synonyms = dict(line.split("\t", 1) for line in (base / "words.txt").read_text().splitlines() if "\t" in line)
+    missing = [w for w in wnids if w not in synonyms or not (base / "train" / w / "images").is_dir()]
+    if missing:
+        raise ValueError(f"{base}/wnids.txt lists {missing[0]}, which has no line in words.txt or no folder "
+                         f"train/{missing[0]}/images/: unpack tiny-imagenet-200.zip there again")
+    label = {w: i for i, w in enumerate(wnids)}
+    train = [(path, label[w]) for w in wnids for path in sorted((base / "train" / w / "images").iterdir())
+             if torchvision.datasets.folder.is_image_file(path.name)]
+    test = []
+    for line in (base / "val" / "val_annotations.txt").read_text().splitlines():  # file, wnid, bounding box
+        file, wnid = line.split("\t")[:2]
+        if wnid not in label or not (base / "val" / "images" / file).is_file():
+            raise ValueError(f"{base}/val/val_annotations.txt names {file} of {wnid}, which is not in val/images/ or "
+                             f"wnids.txt: unpack tiny-imagenet-200.zip there again")
+        test.append((base / "val" / "images" / file, label[wnid]))
+    classes = [synonyms[w].split(",")[0].strip().replace("_", " ") for w in wnids]
+    return ImageFiles(train, transform), ImageFiles(test, transform), classes
+
+
+def _imagenet_wnids(root):
+    """ImageNet's 1000 wnids in label order (sorted), from whichever the user has: CoOp's imagenet/classnames.txt,
+    the class folders of imagenet/train/, or those of imagenet-sketch/images/."""
+    root = Path(root)
+    coop = root / "imagenet" / "classnames.txt"  # "n01440764 tench" per line
+    if coop.is_file():
+        wnids = [line.split()[0] for line in coop.read_text().splitlines() if line.strip()]
+    else:
+        folders = [f for f in (root / "imagenet" / "train", root / "imagenet-sketch" / "images") if f.is_dir()]
+        wnids = sorted(p.name for p in folders[0].iterdir() if p.is_dir()) if folders else []
+    if len(wnids) != 1000:
+        raise ValueError(f"ImageNet-A and -R are labelled by ImageNet's wnid order, which comes from "
+                         f"{root}/imagenet/classnames.txt (CoOp's), {root}/imagenet/train/<wnid>/ or "
+                         f"{root}/imagenet-sketch/images/<wnid>/; none of them lists 1000 wnids here: put one there")
+    return wnids
+
+
+def _imagenet_variant(name, root, transform):
+    """A shifted ImageNet test set as (Split, class names): CLIP's ImageNet names, labels in ImageNet's order; ImageNet-A
+    and -R hold 200 of its classes, renumbered 0..199 in that order."""
+    ds = torchvision.datasets.ImageFolder(Path(root) / DATASETS[name][3], transform=transform)
+    if name == "imagenet_v2":  # class folders are ImageNet's label numbers
+        index = [int(c) for c in ds.classes]
+    else:
+        position = {w: i for i, w in enumerate(_imagenet_wnids(root))}
+        unknown = [c for c in ds.classes if c not in position]
+        if unknown:
+            raise ValueError(f"{name} has a class folder {unknown[0]} that is not an ImageNet wnid; keep only the "
+                             f"dataset's own folders in {Path(root) / DATASETS[name][3]}")
+        index = [position[c] for c in ds.classes]
+    kept = sorted(index)
+    label = [kept.index(index[y]) for y in range(len(index))]  # ImageFolder's label -> ours
+    return Split(ds, range(len(ds)), [label[y] for y in ds.targets]), [open_clip.IMAGENET_CLASSNAMES[i] for i in kept]
+
+
 def _fixed_split(name, whole):
     """(train indices, test indices, labels, class names) of a dataset that torchvision does not split: as close to
     CoOp's as the official files allow, in CoOp's label order, and the same whatever order the files are listed in."""
     labels, classes = _labels(whole), _class_names(name, whole)
     order = list(range(len(labels)))  # the images that take part, in the order the split draws from
     part = None  # image -> "train" / "test" / None (unused), where official files fix the split
-    if name == "caltech101":  # CoOp drops Faces_easy (the subjects of Faces again): 100 classes, later labels move up
-        gone = whole.categories.index("Faces_easy")
+    # CoOp drops Caltech101's Faces_easy (the subjects of Faces again): 100 classes, later labels move up; we drop
+    # Caltech-256's clutter class likewise (no object to name), leaving its 256 object classes
+    if name in ("caltech101", "caltech256"):
+        gone = whole.categories.index("Faces_easy" if name == "caltech101" else "257.clutter")
         del classes[gone]
         order = [i for i in order if labels[i] != gone]
         labels = [y - (y > gone) for y in labels]
@@ -713,7 +848,8 @@ def _fixed_split(name, whole):
 
 
 def load_dataset(name, root, image_size, download=True, split_json=None):
-    """A dataset's train and test splits and class names: {"train": Split, "test": Split, "classes": [str], "split"}.
+    """A dataset's train and test splits and class names: {"train": Split, "test": Split, "classes": [str], "split"};
+    "train" is None for the evaluation-only sets (ImageNet-V2, -Sketch, -A, -R).
 
     Images come resized (shorter side, bicubic) and centre-cropped to image_size, as uint8 (3, H, W) tensors.
     With split_json (CoOp's split_zhou_<Name>.json) its "train" and "test" lists and class names are used exactly,
@@ -742,7 +878,13 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
         return {part: ImageFiles([(folder / p, label) for p, label, _ in items], transform)
                 for part, items in parts.items()} | {"classes": [names[c] for c in range(len(names))], "split": split}
     try:
-        if train_splits is None:
+        if name == "tinyimagenet":
+            train, test, classes = _tinyimagenet(root, transform)
+            parts = {"train": train, "test": test}
+        elif train_splits == ():  # an evaluation-only test set
+            test, classes = _imagenet_variant(name, root, transform)
+            parts = {"train": None, "test": test}
+        elif train_splits is None:
             whole = _torchvision_dataset(name, root, None, transform, download)
             train_idx, test_idx, labels, classes = _fixed_split(name, whole)
             parts = {"train": Split(whole, train_idx, [labels[i] for i in train_idx]),
@@ -754,9 +896,12 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
             classes = _class_names(name, train[0])
             parts = {"train": Split(joined, range(len(joined)), sum((_labels(d) for d in train), [])),
                      "test": Split(test, range(len(test)), _labels(test))}
-    except (RuntimeError, OSError, ValueError) as e:  # how torchvision reports a missing tree or a failed download
-        raise ValueError(f"{name} could not be loaded from {root} ({str(e).splitlines()[0]}); torchvision expects "
-                         f"{LAYOUTS[name]} under {root}: put it there, or drop --no-download") from None
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    except (RuntimeError, OSError) as e:  # how torchvision, and file reads, report a missing or odd tree
+        fetch = ", or drop --no-download to let torchvision fetch it" if name in DOWNLOADABLE and not download else ""
+        raise ValueError(f"{name} could not be loaded from {root} ({str(e).splitlines()[0]}); it is read from "
+                         f"{LAYOUTS[name]} under {root}: put it there{fetch}") from None
     return {**parts, "classes": classes, "split": {"source": "default"}}
 
 
@@ -1106,18 +1251,34 @@ def _split_source(splits, *datasets):
                      for d, s in named)
 
 
+# What a results entry's numbers rest on besides its seed: runs that differ in any of these are not averaged together.
+# The model and its weights, the data (synthetic or dry run), the prompts, the training and the evaluation settings.
+SAME_BASIS = ("model", "pretrained", "synthetic", "dry_run", "templates", "mask_target", "loss", "lam", "lr", "epochs",
+              "batch_size", "train_eps", "train_alpha", "train_steps", "precision", "test_alpha", "test_steps",
+              "eval_precision", "eval_limit")
+
+
+def _basis(run, dataset, entry):
+    """(what, value) pairs that must agree across the seeds of a summary cell: the split source of the datasets the
+    entry rests on, the settings of SAME_BASIS, and for a worst-case entry the attacks it is the worst of."""
+    settings = run.get("settings", {})
+    return (("splits", _split_source(run.get("splits"), dataset, entry["eval"])),
+            *((k, settings.get(k, "unrecorded")) for k in SAME_BASIS), ("attacks", entry.get("attacks")))
+
+
 def summarize(runs_dir):
     """Aggregate runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json into summary.md and summary.csv.
 
     Mean ± std over seeds (in %), an "Average" row over datasets, and for base2new the paper's five columns with H
     (the harmonic mean of the four averaged accuracies, as in the paper). A cell with no finished seed is "—", never
-    0, and so is an average over a column with such a cell. Runs of one protocol and dataset must share their split
-    source (default, synthetic, or one CoOp file): mixed ones are refused. Returns the markdown text.
+    0, and so is an average over a column with such a cell. The seeds of a cell must agree in everything else their
+    numbers rest on (_basis: split source, model, data, training and evaluation settings): mixed ones are refused.
+    Returns the markdown text.
     """
     runs_dir = Path(runs_dir)
     # (protocol, model, attack, eps, dataset, shots, eval) -> {seed: (clean, adv)}
     acc, seen = {}, {}  # seen: protocol -> (datasets, shots, seeds) that have a run folder, finished or not
-    sources = {}  # (protocol, dataset, eval) -> {split source: a run folder that used it}
+    bases = {}  # (protocol, dataset, eval, attack) -> {basis: a run folder that has it}
     for cell in sorted(runs_dir.glob("*/*/*shot/seed*")):
         if not (cell.is_dir() and re.fullmatch(r"\d+shot/seed\d+", f"{cell.parent.name}/{cell.name}")):
             continue
@@ -1129,13 +1290,15 @@ def summarize(runs_dir):
             for e in run["results"]:
                 key = (protocol, e["model"], e["attack"], e["eps"], dataset, shots, e["eval"])
                 acc.setdefault(key, {})[seed] = (e["clean_acc"], e["adv_acc"])
-                source = _split_source(run.get("splits"), dataset, e["eval"])
-                sources.setdefault((protocol, dataset, e["eval"]), {}).setdefault(source, cell)
-    for (protocol, dataset, eval_name), used in sources.items():
+                bases.setdefault((protocol, dataset, e["eval"], e["attack"]), {}).setdefault(
+                    _basis(run, dataset, e), cell)
+    for (protocol, dataset, eval_name, _), used in bases.items():
         if len(used) > 1:
             (a, cell_a), (b, cell_b) = list(used.items())[:2]
-            raise ValueError(f"{protocol}/{dataset} (evaluated on {eval_name}) mixes splits, {a} in {cell_a} and {b} "
-                             f"in {cell_b}, which cannot be averaged; summarize runs of one split source at a time")
+            what, value_a, value_b = next((k, va, vb) for (k, va), (_, vb) in zip(a, b) if va != vb)
+            raise ValueError(f"{protocol}/{dataset} (evaluated on {eval_name}) mixes {what}, {value_a} in {cell_a} "
+                             f"and {value_b} in {cell_b}, which cannot be averaged; summarize runs of one kind at a "
+                             f"time (one runs folder each)")
     if not acc:
         raise ValueError(f"no results.json under {runs_dir}/<protocol>/<dataset>/<K>shot/seed<s>/; run some first")
     order = {name: i for i, name in enumerate(DATASETS)}
@@ -1568,7 +1731,8 @@ def parse_args(argv):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # every usage error ends in one line and exit status 2, without argparse's usage block
     p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
-    p.add_argument("--dataset", default="oxford_pets", choices=list(DATASETS), help="training (source) dataset")
+    p.add_argument("--dataset", default="oxford_pets", choices=[d for d in DATASETS if DATASETS[d][1] != ()],
+                   help="training (source) dataset")
     p.add_argument("--data-root", default="data", help="where the datasets live (or get downloaded)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
     p.add_argument("--split-json", default=None, help="CoOp split_zhou_<Name>.json: use exactly its train/test split")
@@ -1579,9 +1743,15 @@ def parse_args(argv):
                    help="random images at the real size of each dataset (classes, K-shot set, whole test split): "
                         "times the real job without the data")
     p.add_argument("--protocol", default="few_shot", choices=["few_shot", "base2new", "transfer"])
-    p.add_argument("--eval-datasets", type=_list(str),
-                   default=[d for d in DATASETS if d not in ("imagenet", "imagefolder")],
-                   help="transfer: comma-separated datasets evaluated zero-shot")
+    p.add_argument("--eval-datasets", type=_list(str), default=["coop"],
+                   help="transfer: comma-separated datasets or presets evaluated zero-shot; presets: " + "; ".join(
+                       f"{k} = {' '.join(v)}" for k, v in EVAL_PRESETS.items()))
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="evaluate a fixed, class-balanced subset of at most this many test images per evaluated "
+                        "dataset, the same for every run (default: the whole test split)")
+    p.add_argument("--templates", default="coop", choices=["coop", "tga-zsr"],
+                   help=f"prompt templates, in training and evaluation: each dataset's own (CoOp's) or TGA-ZSR's "
+                        f"one {TGA_ZSR_TEMPLATE!r} for all")
     p.add_argument("--masks", default=None, help="transfer: evaluate this mask file instead of training one")
     p.add_argument("--baseline", action="store_true", help="also evaluate unmasked CLIP under the same attacks")
     p.add_argument("--shots", type=int, default=16, help="training images per class (K)")
@@ -1626,7 +1796,7 @@ def parse_args(argv):
                    help="print one JSON line: masked vs unmasked training speed and memory, baked vs plain PGD speed, "
                         "mask-file bits per weight (random weights)")
     args = p.parse_args(argv)
-    for flag in ("shots", "batch_size", "eval_batch_size", "epochs", "checkpoint_every"):
+    for flag in ("shots", "batch_size", "eval_batch_size", "epochs", "checkpoint_every", "eval_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer")
     for flag in ("train_eps", "train_alpha", "test_alpha"):
@@ -1643,8 +1813,12 @@ def parse_args(argv):
         p.error("--lr must be positive")
     if not args.attack or not set(args.attack) <= set(ATTACKS):
         p.error(f"--attack takes a comma-separated list of {', '.join(ATTACKS)}")
-    if not set(args.eval_datasets) <= set(DATASETS):
-        p.error(f"--eval-datasets takes a comma-separated list of {', '.join(DATASETS)}")
+    unknown = [name for name in args.eval_datasets if name not in DATASETS and name not in EVAL_PRESETS]
+    if unknown or not args.eval_datasets:
+        p.error(f"--eval-datasets: {unknown[0] if unknown else 'nothing'} is neither a dataset nor a preset; "
+                f"give a comma-separated list of presets ({', '.join(EVAL_PRESETS)}) or datasets ({', '.join(DATASETS)})")
+    args.eval_presets = {name: EVAL_PRESETS[name] for name in args.eval_datasets if name in EVAL_PRESETS}
+    args.eval_datasets = list(dict.fromkeys(d for name in args.eval_datasets for d in EVAL_PRESETS.get(name, [name])))
     if args.split_json and args.split_dir:
         p.error("pass --split-json (one dataset's file) or --split-dir (a folder for every dataset), not both")
     if args.split_dir and not Path(args.split_dir).is_dir():
@@ -1674,7 +1848,7 @@ def parse_analyze_args(argv):
 # of these. Device and precision are training settings: bf16 and fp32 training end in different masks, and devices
 # draw other random starts.
 EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "eval_precision", "baseline",
-             "workers", "eval_datasets", "checkpoint_every", "out_dir"}
+             "workers", "eval_datasets", "eval_presets", "eval_limit", "checkpoint_every", "out_dir"}
 
 
 def _check_resumable(out_dir, checkpoint, settings):
@@ -1686,6 +1860,11 @@ def _check_resumable(out_dir, checkpoint, settings):
     if differ:
         raise ValueError(f"{out_dir} holds a checkpoint of a run with other training settings ({', '.join(differ)}), "
                          f"which would give another mask; pass another --out-dir, or delete {checkpoint} to start over")
+
+
+def _template(dataset, templates):
+    """The prompt template of a dataset under --templates: its own (CoOp's) or TGA-ZSR's one for all."""
+    return TGA_ZSR_TEMPLATE if templates == "tga-zsr" else DATASETS[dataset][0]
 
 
 def _result_rows(model_name, set_name, result, args):
@@ -1748,7 +1927,7 @@ def run(args, device, precision, eval_precision):
 
     # what is trained on, and the class sets evaluated: name -> (test split, class names, prompt templates)
     train_on = None if args.masks else data(args.dataset)
-    template = [DATASETS[args.dataset][0]]
+    template = [_template(args.dataset, args.templates)]
     if args.protocol == "base2new":
         base_train, _, n_base = base_new_split(train_on["train"], len(train_on["classes"]))
         base_test, new_test, _ = base_new_split(train_on["test"], len(train_on["classes"]))
@@ -1756,7 +1935,7 @@ def run(args, device, precision, eval_precision):
         sets = {"base": (base_test, train_names, template), "new": (new_test, train_on["classes"][n_base:], template)}
     elif args.protocol == "transfer":
         train_set, train_names = (None, None) if args.masks else (train_on["train"], train_on["classes"])
-        sets = {name: (d["test"], d["classes"], [DATASETS[name][0]]) for name in args.eval_datasets
+        sets = {name: (d["test"], d["classes"], [_template(name, args.templates)]) for name in args.eval_datasets
                 for d in [data(name)]}
     else:
         train_set, train_names = train_on["train"], train_on["classes"]
@@ -1808,7 +1987,8 @@ def run(args, device, precision, eval_precision):
                for attack in args.attack for eps in args.test_eps}
     results = []
     for name, (test_set, names, templates) in sets.items():
-        test_images, test_labels = cache_images(test_set, range(len(test_set)), "cpu", args.workers)  # decoded once
+        chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
+        test_images, test_labels = cache_images(test_set, chosen, "cpu", args.workers)  # decoded once
         lap(f"decode {name}")
         models = {"clip": ClipClassifier(plain, names, templates, tokenizer)} if args.baseline else {}
         for model_name, model in {**models, "advmask": heads[name]}.items():

@@ -2,6 +2,7 @@
 
 Everything runs on CPU with tiny open_clip models built from a config (random weights, no downloads).
 """
+import collections
 import copy
 import functools
 import hashlib
@@ -9,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms as T
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -733,6 +736,155 @@ def test_coop_split_json_is_used_exactly(tmp_path):
         am.load_dataset("oxford_pets", tmp_path, SIZE, split_json=tmp_path / "bad.json")
 
 
+TINY_WNIDS = {"n01443537": "goldfish, Carassius auratus", "n01629819": "European fire salamander, Salamandra salamandra",
+              "n02124075": "Egyptian cat", "n04562935": "water_tower"}
+
+
+def fabricate_tinyimagenet(root, wnids=TINY_WNIDS, train_per_class=3, val=(("n02124075", 2), ("n01443537", 1),
+                                                                           ("n04562935", 2), ("n01629819", 1))):
+    """TinyImageNet as its zip unpacks: wnids.txt (unsorted), words.txt (more lines than classes, several synonyms a
+    line), train/<wnid>/images/<wnid>_<n>.JPEG with a boxes file beside, val/images/val_<n>.JPEG annotated in
+    val/val_annotations.txt (file, wnid, box). Returns the (file, wnid) pairs of val."""
+    base = Path(root) / "tiny-imagenet-200"
+    base.mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(reversed(list(wnids))) + "\n")
+    (base / "words.txt").write_text("n00001740\tentity\n" + "".join(f"{w}\t{n}\n" for w, n in wnids.items()))
+    for w in wnids:
+        for n in range(train_per_class):
+            jpeg(base / "train" / w / "images" / f"{w}_{n}.JPEG", n, size=(64, 64))
+        (base / "train" / w / f"{w}_boxes.txt").write_text("")
+    files = [(f"val_{i}.JPEG", w) for i, (w, count) in enumerate((w, c) for w, c in val for _ in range(c))]
+    for file, _ in files:
+        jpeg(base / "val" / "images" / file, len(file), size=(64, 64))
+    (base / "val" / "val_annotations.txt").write_text("".join(f"{f}\t{w}\t0\t0\t63\t63\n" for f, w in files))
+    return files
+
+
+def test_tinyimagenet_reads_the_official_tree_with_readable_names(tmp_path):
+    """TinyImageNet's classes are its wnids sorted, named by each one's first synonym (no wnid reaches a prompt);
+    train is train/<wnid>/images; the test set is exactly the val images with the labels val_annotations.txt gives."""
+    val = fabricate_tinyimagenet(tmp_path)
+    data = am.load_dataset("tinyimagenet", tmp_path, SIZE, download=False)
+    assert data["classes"] == ["goldfish", "European fire salamander", "Egyptian cat", "water tower"]
+    assert not any(re.search(r"n\d{8}", name) for name in data["classes"])
+    order = sorted(TINY_WNIDS)
+    test = data["test"]
+    assert [(p.name, order[y]) for p, y in test.items] == val and test.targets == [order.index(w) for _, w in val]
+    assert sorted((p.parent.parent.name, y) for p, y in data["train"].items) == sorted(
+        (w, order.index(w)) for w in order for _ in range(3))
+    image, label = test[0]
+    assert image.shape == (3, SIZE, SIZE) and label == order.index(val[0][1])
+
+
+def fabricate_cifar10(root, labels=(3, 0, 9, 3)):
+    """CIFAR-10's python pickles: data_batch_1..5, test_batch ({"data": (N, 3072) uint8, "labels"}), batches.meta."""
+    import pickle
+    base = Path(root) / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), "labels": list(labels)}
+        (base / name).write_bytes(pickle.dumps(batch))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+
+
+def fabricate_stl10(root, labels=(1, 10, 4)):
+    """STL-10's binaries: {train,test}_X.bin (N × 3 × 96 × 96 uint8), {train,test}_y.bin (labels 1..10), class_names."""
+    base = Path(root) / "stl10_binary"
+    base.mkdir(parents=True)
+    for split in ("train", "test"):
+        np.random.default_rng(1).integers(0, 256, len(labels) * 3 * 96 * 96, dtype=np.uint8).tofile(
+            base / f"{split}_X.bin")
+        np.array(labels, dtype=np.uint8).tofile(base / f"{split}_y.bin")
+    names = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+    (base / "class_names.txt").write_text("\n".join(names) + "\n")
+
+
+def test_cifar_stl10_caltech256_and_pcam_have_readable_names_and_official_tests(tmp_path, monkeypatch):
+    """CIFAR-10 and STL-10 (checksums patched out) read their official test files with torchvision's names;
+    Caltech-256 drops its clutter class, names without numbers or -101, split 70/30 per class; PCAM without h5py
+    says to install it."""
+    for module, cls in (("cifar", "CIFAR10"), ("stl10", "STL10")):
+        monkeypatch.setattr(getattr(torchvision.datasets, cls), "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    fabricate_cifar10(tmp_path)
+    cifar = am.load_dataset("cifar10", tmp_path, SIZE, download=False)
+    assert cifar["classes"][:4] == ["airplane", "automobile", "bird", "cat"] and cifar["test"].targets == [3, 0, 9, 3]
+    assert len(cifar["train"]) == 5 * 4 and cifar["test"][0][0].shape == (3, SIZE, SIZE)
+    fabricate_stl10(tmp_path)
+    stl = am.load_dataset("stl10", tmp_path, SIZE, download=False)
+    assert stl["classes"][:3] == ["airplane", "bird", "car"] and stl["test"].targets == [0, 9, 3]
+    folders = ["001.ak47", "002.american-flag", "251.airplanes-101", "252.car-side-101", "257.clutter"]
+    for folder in folders:
+        for n in range(1, 11):
+            jpeg(tmp_path / "caltech256" / "256_ObjectCategories" / folder / f"{folder[:3]}_{n:04d}.jpg", n)
+    caltech = am.load_dataset("caltech256", tmp_path, SIZE, download=False)
+    assert caltech["classes"] == ["ak47", "american flag", "airplane", "car side"]
+    for part, per_class in (("train", 7), ("test", 3)):
+        split = caltech[part]
+        assert sorted(split.targets) == [c for c in range(4) for _ in range(per_class)]
+        assert all(split.dataset.categories[split.dataset.y[i]] == folders[y]
+                   for i, y in zip(split.indices, split.targets))
+    monkeypatch.setattr(am.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="^pcam is stored as HDF5 files, which need the h5py package: pip install h5py"):
+        am.load_dataset("pcam", tmp_path, SIZE, download=False)
+    assert am._class_names("pcam", None) == ["lymph node", "lymph node containing metastatic tumor tissue"]
+
+
+def fabricate_imagenet_shift(root, folder, classes, per_class=2):
+    for c in classes:
+        for n in range(per_class):
+            jpeg(Path(root) / folder / str(c) / f"{n}.jpg", n)
+
+
+def test_imagenet_shifts_use_clips_names_in_imagenets_label_order(tmp_path):
+    """ImageNet-R (and -A, -Sketch) are labelled by the rank of each wnid among ImageNet's 1000, whose order comes
+    from CoOp's classnames.txt or the ImageNet train folders; ImageNet-V2's folders are ImageNet's label numbers
+    (sorted as numbers, not strings)."""
+    wnids = [f"n{7 * i + 1000:08d}" for i in range(1000)]  # sorted, as ImageNet's label order is
+    present = [wnids[999], wnids[1], wnids[207]]
+    fabricate_imagenet_shift(tmp_path, "imagenet-rendition/imagenet-r", present)
+    with pytest.raises(ValueError, match="none of them lists 1000 wnids here"):
+        am.load_dataset("imagenet_r", tmp_path, SIZE, download=False)
+    names = open_clip.IMAGENET_CLASSNAMES
+    for source in ("classnames", "train"):
+        if source == "classnames":
+            (tmp_path / "imagenet").mkdir()
+            (tmp_path / "imagenet" / "classnames.txt").write_text("".join(f"{w} {n}\n" for w, n in zip(wnids, names)))
+        else:
+            (tmp_path / "imagenet" / "classnames.txt").unlink()
+            for w in wnids:
+                (tmp_path / "imagenet" / "train" / w).mkdir(parents=True)
+        r = am.load_dataset("imagenet_r", tmp_path, SIZE, download=False)
+        assert r["train"] is None and r["classes"] == [names[1], names[207], names[999]]
+        folders = [Path(r["test"].dataset.samples[i][0]).parent.name for i in r["test"].indices]
+        assert [r["classes"][y] for y in r["test"].targets] == [names[wnids.index(f)] for f in folders]
+    fabricate_imagenet_shift(tmp_path, "imagenetv2/imagenetv2-matched-frequency-format-val", [2, 10, 1])
+    v2 = am.load_dataset("imagenet_v2", tmp_path, SIZE, download=False)
+    folders = [int(Path(v2["test"].dataset.samples[i][0]).parent.name) for i in v2["test"].indices]
+    assert v2["classes"] == [names[1], names[2], names[10]]
+    assert [v2["classes"][y] for y in v2["test"].targets] == [names[f] for f in folders]
+
+
+@settings(max_examples=100, deadline=None)
+@given(counts=st.lists(st.integers(1, 12), min_size=1, max_size=6), data=st.data())
+def test_eval_limit_subset_is_fixed_and_as_balanced_as_the_counts_allow(counts, data):
+    """At most `limit` distinct images; a class has fewer than another's count − 1 only when all its images are in;
+    the subset is the same whatever torch's global generator holds (no run seed can reach it)."""
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    labels = [labels[i] for i in data.draw(st.permutations(range(len(labels))))]
+    limit = data.draw(st.integers(1, len(labels) + 3))
+    torch.manual_seed(data.draw(st.integers(0, 100)))
+    chosen = am.balanced_subset(labels, limit)
+    torch.manual_seed(12345)
+    assert am.balanced_subset(labels, limit) == chosen
+    assert len(chosen) == min(limit, len(labels)) == len(set(chosen))
+    taken = [sum(labels[i] == c for i in chosen) for c in range(len(counts))]
+    for a, b in itertools.permutations(range(len(counts)), 2):
+        assert taken[a] >= taken[b] - 1 or taken[a] == counts[a]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training
 
@@ -970,6 +1122,22 @@ def test_summarize_refuses_to_average_runs_of_different_splits(tmp_path):
                                          r"in .*seed2"):
         am.summarize(tmp_path)
     assert not (tmp_path / "summary.md").exists()
+
+
+@pytest.mark.parametrize("what, first, second", [("eval_limit", 1000, None), ("dry_run", True, False),
+                                                  ("model", "ViT-B-32", "ViT-B-16"), ("test_steps", 10, 100)])
+def test_summarize_refuses_to_average_runs_that_rest_on_different_settings(tmp_path, what, first, second):
+    """Two seeds of one cell that differ in an evaluation limit, in being a dry run, in the model or in the attack's
+    steps are refused with one line naming the setting; the same settings average as usual."""
+    for seed, value in ((1, first), (2, second)):
+        write_results(tmp_path, "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)])
+        path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {what: value}}))
+    with pytest.raises(ValueError, match=rf"^few_shot/dtd \(evaluated on dtd\) mixes {what}, {first} in .*seed1 "
+                                         rf"and {second} in .*seed2"):
+        am.summarize(tmp_path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {what: first}}))
+    assert table(am.summarize(tmp_path), "few_shot")[0] == ["dtd", "50.0 ± 0.0", "20.0 ± 0.0"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1321,15 +1489,21 @@ def test_the_baseline_is_evaluated_with_no_parameter_requiring_grad(tmp_path, mo
 def test_a_seed_fixes_the_mask_whatever_the_evaluation_flags(tmp_path, monkeypatch):
     """Runs with one seed and training settings write byte-identical masks even when their evaluation flags differ
     (--baseline, --test-eps 1 vs 1,2, another attack beside PGD), and the evaluation cell they share reads the same;
-    another seed gives another mask. Training and each cell draw from generators of their own. (The runs share this
+    another seed gives another mask but, under --eval-limit, the same class-balanced test images. Training and each cell draw from generators of their own. (The runs share this
     process, as they would share torch's global generator if anything still drew from it.)"""
-    common = ["--dry-run", "--epochs", "4", "--lr", "0.01", "--device", "cpu"]
+    common = ["--dry-run", "--epochs", "4", "--lr", "0.01", "--device", "cpu", "--eval-limit", "10"]
     runs = {"a": ["--seed", "3", "--test-eps", "1"],
             "b": ["--seed", "3", "--baseline", "--test-eps", "1,2", "--attack", "cw,pgd"],
             "c": ["--seed", "4", "--test-eps", "1"]}
     monkeypatch.chdir(tmp_path)
+    decoded = []  # (test set, indices) of the last cache_images call of each run: its test images
+    cache = am.cache_images
+    monkeypatch.setattr(am, "cache_images", lambda ds, idx, *a: decoded.append((ds, list(idx))) or cache(ds, idx, *a))
     for name, flags in runs.items():
         am.main([*common, *flags, "--out-dir", name])
+        test_set, chosen = decoded[-1]
+        assert sorted(collections.Counter(test_set.targets[i] for i in chosen).values()) == [2, 2, 3, 3]
+    assert decoded[-1][1] == decoded[1][1] and len(decoded[1][1]) == 10  # --eval-limit: the same images, seed 3 or 4
     masks = {d: (tmp_path / d / "masks.bin").read_bytes() for d in runs}
     assert masks["a"] == masks["b"] != masks["c"]
     cells = {}
@@ -1339,6 +1513,24 @@ def test_a_seed_fixes_the_mask_whatever_the_evaluation_flags(tmp_path, monkeypat
                     if (e["model"], e["attack"], e["eps"]) == ("advmask", "pgd", 1.0)]
         assert results["sparsity"] > 0
     assert len(cells["a"]) == 1 and cells["a"] == cells["b"]
+
+
+def test_eval_dataset_presets_expand_through_the_parser():
+    """--eval-datasets: tga-zsr is TGA-ZSR's 16 (its TGA-ZSR.py list, in our names), coop the CoOp suite less
+    ImageNet (the default), imagenet-shifts the four shifted sets; names and presets mix, repeats dropped, and the
+    expansion is recorded."""
+    tga_zsr = {"tinyImageNet": "tinyimagenet", "cifar10": "cifar10", "cifar100": "cifar100", "STL10": "stl10",
+               "Food101": "food101", "oxfordpet": "oxford_pets", "flowers102": "flowers102", "dtd": "dtd",
+               "EuroSAT": "eurosat", "fgvc_aircraft": "fgvc_aircraft", "Caltech101": "caltech101",
+               "Caltech256": "caltech256", "StanfordCars": "stanford_cars", "PCAM": "pcam", "ImageNet": "imagenet",
+               "SUN397": "sun397"}
+    args = am.parse_args(["--eval-datasets", "tga-zsr"])
+    assert args.eval_datasets == list(tga_zsr.values()) and args.eval_presets == {"tga-zsr": list(tga_zsr.values())}
+    coop = ["caltech101", "oxford_pets", "stanford_cars", "flowers102", "food101", "fgvc_aircraft", "sun397", "dtd",
+            "eurosat", "ucf101"]
+    assert am.parse_args([]).eval_datasets == am.parse_args(["--eval-datasets", "coop"]).eval_datasets == coop
+    assert am.parse_args(["--eval-datasets", "dtd,imagenet-shifts,dtd"]).eval_datasets == [
+        "dtd", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 
 
 def test_synthetic_runs_at_the_real_size_of_the_dataset(tiny_files, tmp_path):
@@ -1415,7 +1607,14 @@ def bad_input_cases(files):
         (["--eval-precision", "fp16"], "argument --eval-precision: invalid choice: 'fp16'"),
         (["--split-dir", str(files), "--split-json", str(files / "tiny.pt")], "(a folder for every dataset), not both"),
         (["--device", "cuda:99", "--dry-run"], "--device cuda:99 was asked for but"),
-        ([*tiny, "--data-root", str(files / "nowhere")], "torchvision expects oxford-iiit-pet/images/<Breed>_<n>.jpg"),
+        ([*tiny, "--data-root", str(files / "nowhere")], "it is read from oxford-iiit-pet/images/<Breed>_<n>.jpg"),
+        ([*tiny, "--dataset", "tinyimagenet", "--data-root", str(files / "nowhere")],
+         "tinyimagenet could not be loaded from"),
+        ([*tiny, "--dataset", "tinyimagenet", "--data-root", str(files / "tiny-broken")],
+         "val_annotations.txt names val_0.JPEG of n02124075, which is not in val/images/"),
+        (["--eval-datasets", "dtd,tga_zsr"], "--eval-datasets: tga_zsr is neither a dataset nor a preset"),
+        (["--eval-limit", "0"], "--eval-limit must be a positive integer"),
+        ([*transfer[:-1], "imagenet_r"], "none of them lists 1000 wnids here"),
         (["--pretrained", str(files / "missing.pt")], "is neither an open_clip tag of ViT-B-32"),
         ([*tiny, "--pretrained", str(files / "other.pt")], "is not a state dict of tiny-test-clip (Error(s) in loading"),
         ([*tiny, "--pretrained", str(files / "garbage.pt")], "is not a state dict of tiny-test-clip (not a torch"),
@@ -1445,6 +1644,9 @@ def bad_files(tiny_files):
     mlp = tiny_clip(7)
     am.apply_masks(mlp, "mlp")
     am.save_masks(mlp, tiny_files / "masks-mlp.bin")
+    fabricate_tinyimagenet(tiny_files / "tiny-broken", train_per_class=1)
+    (tiny_files / "tiny-broken" / "tiny-imagenet-200" / "val" / "images" / "val_0.JPEG").unlink()
+    fabricate_imagenet_shift(tiny_files / "data", "imagenet-rendition/imagenet-r", ["n01443537"], per_class=1)
     return tiny_files
 
 
