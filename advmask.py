@@ -176,6 +176,9 @@ MASK_INIT, MASK_THRESHOLD = 1e-2, 5e-3
 # A score with a steady gradient sign moves ~lr per step and crosses the 5e-3 gap after ~10% of training; a score
 # with pure noise random-walks ~√500·lr ≈ 2e-3, below the gap, so noise alone rarely flips a weight.
 LR, BATCH_SIZE, TRAIN_BUDGET_STEPS = 1e-4, 32, 500
+# not in the paper: --tune weights (adversarial fine-tuning of the masked weights) takes Adam at 1e-5, the step CLIP
+# fine-tuning uses (FARE, WiSE-FT), for the same budget; a sweep on the tiny CLIP is in the README ("Mask or weights?")
+WEIGHTS_LR = 1e-5
 
 # A CLIP small enough to train on a CPU in seconds: for --dry-run and the tests (random weights).
 TINY_CLIP = {
@@ -245,6 +248,7 @@ MASK_TARGETS = {"mhsa": ("attn.in_proj_weight", "attn.out_proj.weight"),
 MASK_TARGETS["all"] = MASK_TARGETS["mhsa"] + MASK_TARGETS["mlp"]
 MASK_FILE_FORMAT = 2  # 2 adds "heads", the attention heads per block, for the per-head analysis; 1 still loads
 MASK_MAGIC = b"ADVMASK\n"
+WEIGHTS_FILE_FORMAT, WEIGHTS_MAGIC = 1, b"ADVTUNE\n"  # --tune weights: the tuned weights themselves, fp32
 
 
 class _BinarizeSTE(torch.autograd.Function):
@@ -374,6 +378,40 @@ def _atomic_write(path, write):
         tmp.unlink(missing_ok=True)
 
 
+def write_checked_file(path, magic, header, payload):
+    """Write magic, the header length (4 bytes, little-endian), the zlib-compressed JSON header plus the sha256 of the
+    payload, then the payload bytes, atomically: the container of mask files and of tuned-weight files."""
+    blob = zlib.compress(json.dumps({**header, "sha256": hashlib.sha256(payload).hexdigest()}).encode())
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(magic + len(blob).to_bytes(4, "little") + blob + payload))
+
+
+def read_checked_file(path, magic, formats, payload_bytes, what):
+    """(header, payload) of a file write_checked_file wrote, after checking its magic, header, format, length
+    (payload_bytes(header)) and checksum; what ("mask", "weights") names the kind of file in the errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} file {path} does not exist; pass the file that a training run wrote")
+    data = path.read_bytes()
+    if not data.startswith(magic):
+        raise ValueError(f"{path} is not an advmask {what} file; pass a file that save_{what.rstrip('s')}s wrote")
+    start = len(magic) + 4 + int.from_bytes(data[len(magic):len(magic) + 4], "little")
+    try:
+        header = json.loads(zlib.decompress(data[len(magic) + 4:start]))
+    except (zlib.error, ValueError):  # a cut or altered header fails to decompress or to parse
+        raise ValueError(f"{path} has an unreadable header: it is truncated or corrupted; copy it again or re-run "
+                         f"the training that wrote it") from None
+    if header.get("format") not in formats:
+        raise ValueError(f"{path} has {what} format {header.get('format')}, this code reads "
+                         f"{' and '.join(map(str, formats))}; use the advmask version that wrote it")
+    payload = data[start:]
+    if len(payload) != payload_bytes(header):
+        raise ValueError(f"{path} holds {len(payload)} bytes of {what} for {header['n_weights']} weights: it is "
+                         f"truncated; copy it again or re-run the training that wrote it")
+    if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+        raise ValueError(f"{path} fails its checksum: the {what} are corrupted; copy it again or re-run the training")
+    return header, payload
+
+
 def write_mask_file(path, header, bits):
     """Write a mask file, atomically: header fields (arch, target, threshold, names, shapes, heads) and the bits.
 
@@ -381,38 +419,16 @@ def write_mask_file(path, header, bits):
     plus format, n_weights and the sha256 of the bits) and the (n,) bool bits, True = on, packed 8 to a byte in
     np.packbits order; numpy alone can read it.
     """
-    packed = np.packbits(bits.numpy()).tobytes()  # ⌈n/8⌉ bytes
-    blob = zlib.compress(json.dumps({"format": MASK_FILE_FORMAT, **header, "n_weights": bits.numel(),
-                                     "sha256": hashlib.sha256(packed).hexdigest()}).encode())
-    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(MASK_MAGIC + len(blob).to_bytes(4, "little") + blob
-                                                          + packed))
+    write_checked_file(path, MASK_MAGIC, {"format": MASK_FILE_FORMAT, **header, "n_weights": bits.numel()},
+                       np.packbits(bits.numpy()).tobytes())  # ⌈n/8⌉ bytes
 
 
 def read_mask_file(path):
     """(header, bits) of a mask file, (n,) bool with True = on, after checking that the file is whole and intact."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"mask file {path} does not exist; pass the masks.bin that a training run wrote")
-    data = path.read_bytes()
-    if not data.startswith(MASK_MAGIC):
-        raise ValueError(f"{path} is not an advmask mask file; pass a file that save_masks wrote")
-    start = len(MASK_MAGIC) + 4 + int.from_bytes(data[len(MASK_MAGIC):len(MASK_MAGIC) + 4], "little")
-    try:
-        header = json.loads(zlib.decompress(data[len(MASK_MAGIC) + 4:start]))
-    except (zlib.error, ValueError):  # a cut or altered header fails to decompress or to parse
-        raise ValueError(f"{path} has an unreadable header: it is truncated or corrupted; copy it again or re-run "
-                         f"the training that wrote it") from None
-    if header.get("format") not in (1, MASK_FILE_FORMAT):
-        raise ValueError(f"{path} has mask format {header.get('format')}, this code reads 1 and {MASK_FILE_FORMAT}; "
-                         f"use the advmask version that wrote it")
-    packed = data[start:]
-    n = header["n_weights"]
-    if len(packed) != math.ceil(n / 8):
-        raise ValueError(f"{path} holds {len(packed)} bytes of bits for {n} weights: it is truncated; copy it again "
-                         f"or re-run the training that wrote it")
-    if hashlib.sha256(packed).hexdigest() != header["sha256"]:
-        raise ValueError(f"{path} fails its checksum: the bits are corrupted; copy it again or re-run the training")
-    return header, torch.from_numpy(np.unpackbits(np.frombuffer(packed, np.uint8), count=n).astype(bool))
+    header, packed = read_checked_file(path, MASK_MAGIC, (1, MASK_FILE_FORMAT), lambda h: math.ceil(h["n_weights"] / 8),
+                                       "mask")
+    bits = np.unpackbits(np.frombuffer(packed, np.uint8), count=header["n_weights"]).astype(bool)
+    return header, torch.from_numpy(bits)
 
 
 def save_masks(model, path):
@@ -465,6 +481,57 @@ def load_masks(model, path):
             mask.threshold = header["threshold"]
             mask.scores.copy_(torch.where(on, mask.threshold + 1.0, mask.threshold - 1.0))
     return model
+
+
+def tune_weights(model, target="mhsa"):
+    """The comparator of apply_masks: freeze every pre-trained weight except the chosen weights of the image tower,
+    which are then trained directly (adversarial fine-tuning of exactly the weights the mask would cover).
+
+    Returns:
+        The list of those weight tensors, the only parameters left with requires_grad=True.
+    Example:
+        >>> weights = tune_weights(classifier, "mhsa"); optimizer = torch.optim.Adam(weights, lr=1e-5)
+    """
+    if target not in MASK_TARGETS:
+        raise ValueError(f"unknown target {target!r}; use one of {', '.join(MASK_TARGETS)}")
+    model.requires_grad_(False)
+    return [block.get_parameter(name).requires_grad_(True) for block in visual_tower(model).transformer.resblocks
+            for name in MASK_TARGETS[target]]
+
+
+def _tuned(model, target):
+    """(name relative to the visual tower, tensor) of the weights tune_weights trains, in order."""
+    return [(f"transformer.resblocks.{i}.{name}", block.get_parameter(name))
+            for i, block in enumerate(visual_tower(model).transformer.resblocks) for name in MASK_TARGETS[target]]
+
+
+def save_weights(model, path, target="mhsa"):
+    """Store the tuned weights only (fp32, 32 bits a weight), with what load_weights needs to refuse a misfit model;
+    the rest of CLIP is the pre-trained checkpoint, untouched. Same container as a mask file."""
+    entries = _tuned(model, target)
+    write_checked_file(path, WEIGHTS_MAGIC, {
+        "format": WEIGHTS_FILE_FORMAT, "arch": _arch(model), "target": target, "dtype": "float32",
+        "names": [name for name, _ in entries], "shapes": [list(w.shape) for _, w in entries],
+        "n_weights": sum(w.numel() for _, w in entries)},
+        torch.cat([w.detach().float().flatten().cpu() for _, w in entries]).numpy().tobytes())
+
+
+def load_weights(model, path):
+    """Overwrite the model's weights with those of a file save_weights wrote, after checking that they fit."""
+    header, payload = read_checked_file(path, WEIGHTS_MAGIC, (WEIGHTS_FILE_FORMAT,), lambda h: 4 * h["n_weights"],
+                                        "weights")
+    if header["arch"] != _arch(model):
+        raise ValueError(f"{path} was tuned on {header['arch']}, but this model is {_arch(model)}; load it onto the "
+                         f"architecture it was trained with")
+    entries = _tuned(model, header["target"])
+    if [(name, list(w.shape)) for name, w in entries] != list(zip(header["names"], header["shapes"])):
+        raise ValueError(f"{path} holds weights of other names or shapes than this model's {header['target']} "
+                         f"weights; load it onto the model it was tuned from")
+    values = torch.from_numpy(np.frombuffer(payload, np.float32).copy())
+    with torch.no_grad():
+        for chunk, (_, w) in zip(values.split([w.numel() for _, w in entries]), entries):
+            w.copy_(chunk.view(w.shape))
+    return header
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -923,11 +990,36 @@ def synthetic_dataset(n_classes, train_per_class, n_test, image_size, seed):
 
 
 def cache_images(dataset, indices, device, num_workers=0):
-    """Decode and resize the chosen images once: ((N, 3, H, W) uint8, (N,) int64), both on device."""
+    """Decode and resize the chosen images once: ((N, 3, H, W) uint8, (N,) int64), both on device. A file that does not
+    decode (a truncated download, say) raises ValueError naming it."""
     subset = torch.utils.data.Subset(dataset, indices)
     loader = torch.utils.data.DataLoader(subset, batch_size=64, num_workers=num_workers)
-    images, labels = zip(*loader)
+    try:
+        images, labels = zip(*loader)
+    except (OSError, RuntimeError):  # PIL's error, as raised here or re-raised from a loader worker: find the file
+        for i in indices:
+            try:
+                dataset[i]
+            except OSError as e:
+                raise ValueError(f"{_image_file(dataset, i)} does not decode ({e}); download the dataset again, or "
+                                 f"delete that file") from None
+        raise
     return torch.cat(images).to(device), torch.cat(labels).to(device)
+
+
+def _image_file(dataset, i):
+    """The file behind image i of a dataset, through Split, Subset and ConcatDataset, for an error message."""
+    while isinstance(dataset, (Split, torch.utils.data.Subset, torch.utils.data.ConcatDataset)):
+        if isinstance(dataset, torch.utils.data.ConcatDataset):
+            k = next(k for k, end in enumerate(dataset.cumulative_sizes) if i < end)
+            dataset, i = dataset.datasets[k], i - (dataset.cumulative_sizes[k - 1] if k else 0)
+        else:
+            dataset, i = dataset.dataset, dataset.indices[i]
+    for attr in ("items", "samples", "_samples", "_images", "_image_files"):  # ours, ImageFolder, torchvision's
+        if hasattr(dataset, attr):
+            entry = getattr(dataset, attr)[i]
+            return entry[0] if isinstance(entry, tuple) else entry
+    return f"image {i} of {type(dataset).__name__}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -966,32 +1058,33 @@ def train_step(model, optimizer, x, y, lam=LAM, eps=1 / 255, alpha=1 / 255, step
     total = ce + lam * reg
     optimizer.zero_grad(set_to_none=True)
     total.backward()
-    # straight-through: M ← M − γ · Adam(∂L/∂M_bin)
+    # straight-through: M ← M − γ · Adam(∂L/∂M_bin) (with --tune weights: θ ← θ − γ · Adam(∂L/∂θ))
     optimizer.step()
     return ce.detach(), reg.detach(), adv_logits.detach()
 
 
-def _save_training_state(path, epoch, scores, optimizer, scheduler, generators, history, sums):
-    """Everything a resumed run needs to continue exactly: scores, Adam, schedule, the training generators, the log
+def _save_training_state(path, epoch, params, optimizer, scheduler, generators, history, sums):
+    """Everything a resumed run needs to continue exactly: the trained tensors (mask scores or weights), Adam, schedule,
+    the training generators, the log
     so far and the running sums of the log row in progress."""
-    state = {"epoch": epoch, "scores": [s.detach().cpu() for s in scores], "optimizer": optimizer.state_dict(),
+    state = {"epoch": epoch, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "generators": [g.get_state() for g in generators],
              "history": history, "sums": sums.cpu()}
     _atomic_write(path, partial(torch.save, state))
 
 
-def _load_training_state(path, scores, optimizer, scheduler, generators, sums):
+def _load_training_state(path, params, optimizer, scheduler, generators, sums):
     """Restore what _save_training_state wrote; returns (epochs done, log so far)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever the parser trips on, the file is not an intact checkpoint
         raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start the run "
                          f"over") from None
-    if [s.shape for s in state["scores"]] != [s.shape for s in scores]:
-        raise ValueError(f"checkpoint {path} holds masks of other shapes; delete it or use another --out-dir")
+    if [p.shape for p in state["params"]] != [p.shape for p in params]:
+        raise ValueError(f"checkpoint {path} holds tensors of other shapes; delete it or use another --out-dir")
     with torch.no_grad():
-        for s, saved in zip(scores, state["scores"]):
-            s.copy_(saved)
+        for p, saved in zip(params, state["params"]):
+            p.copy_(saved)
         sums.copy_(state["sums"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -1000,17 +1093,18 @@ def _load_training_state(path, scores, optimizer, scheduler, generators, sums):
     return state["epoch"], state["history"]
 
 
-def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, lam=LAM, eps=1 / 255, alpha=1 / 255,
+def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, lam=LAM, eps=1 / 255, alpha=1 / 255,
           steps=2, loss="ce+lafa", seed=0, log_every=20, checkpoint=None, checkpoint_every=50):
-    """Adversarial mask tuning: only the scores change; every pre-trained weight stays bit for bit as it was.
+    """Adversarial mask tuning: only the scores change; every pre-trained weight stays bit for bit as it was. (Given
+    the weights tune_weights returned instead, the same loop is adversarial fine-tuning of those weights.)
 
     Args:
-        model: a ClipClassifier with masks (apply_masks).
-        scores: the score tensors apply_masks returned.
+        model: a ClipClassifier with masks (apply_masks), or with weights made trainable (tune_weights).
+        params: the score tensors apply_masks returned (or the weights tune_weights returned).
         images: (N, 3, H, W) uint8 training images, already on the model's device.
         labels: (N,) their classes.
         epochs: passes over the images; default_epochs gives the budget we use.
-        batch_size, lr: Adam on the scores with a cosine schedule to 0; an epoch is steps_per_epoch full batches.
+        batch_size, lr: Adam on params with a cosine schedule to 0; an epoch is steps_per_epoch full batches.
         lam: λ, the weight of LAFA (50 in the paper; 0 gives CE-only adversarial mask tuning).
         eps, alpha, steps: the training PGD, in pixel units.
         loss: one of LOSSES; "ce+lafa" is the paper's method, the others its ablation rows.
@@ -1030,7 +1124,7 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
         >>> scores = apply_masks(classifier)
         >>> train(classifier, scores, x_u8, y, epochs=default_epochs(len(y), 32))
     """
-    optimizer = torch.optim.Adam(scores, lr=lr)
+    optimizer = torch.optim.Adam(params, lr=lr)
     per_epoch = steps_per_epoch(len(labels), batch_size)
     total = epochs * per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
@@ -1042,9 +1136,10 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
     finite = torch.ones((), dtype=torch.bool, device=labels.device)
     first_epoch, history = 0, []
     if checkpoint is not None and Path(checkpoint).is_file():
-        first_epoch, history = _load_training_state(checkpoint, scores, optimizer, scheduler, (order, starts), sums)
+        first_epoch, history = _load_training_state(checkpoint, params, optimizer, scheduler, (order, starts), sums)
         print(f"resuming from {checkpoint} after epoch {first_epoch}/{epochs}", flush=True)
     step, saved_at, tic = first_epoch * per_epoch, first_epoch * per_epoch, time.perf_counter()
+    masked = next(_masks(model), None) is not None
     model.train()
     for epoch in range(first_epoch, epochs):
         for batch in torch.randperm(len(labels), generator=order).to(labels.device).split(batch_size)[:per_epoch]:
@@ -1064,11 +1159,12 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
                     break
                 ce_sum, lafa_sum, correct, seen = sums.tolist()
                 row = {"step": step, "ce": ce_sum / seen, "lafa": lafa_sum / seen, "adv_acc": correct / seen,
-                       "off": mask_sparsity(model), "img_per_s": seen / (time.perf_counter() - tic)}
+                       "off": mask_sparsity(model) if masked else None,
+                       "img_per_s": seen / (time.perf_counter() - tic)}
+                off = f" | off {100 * row['off']:.2f}%" if masked else ""
                 memory = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if labels.is_cuda else ""
                 print(f"step {step}/{total} | ce {row['ce']:.3f} | lafa {row['lafa']:.4f} "
-                      f"| adv-acc {row['adv_acc']:.2f} | off {100 * row['off']:.2f}% "
-                      f"| {row['img_per_s']:.0f} img/s{memory}", flush=True)
+                      f"| adv-acc {row['adv_acc']:.2f}{off} | {row['img_per_s']:.0f} img/s{memory}", flush=True)
                 history.append(row)
                 sums.zero_()
                 tic = time.perf_counter()
@@ -1078,7 +1174,7 @@ def train(model, scores, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
                 f"checkpoint of step {saved_at}" + (f" in {checkpoint}" if checkpoint else "") +
                 "; lower --lr or --lam, or check the data, and start again with another --out-dir")
         if checkpoint is not None and (step - saved_at >= checkpoint_every or epoch + 1 == epochs):
-            _save_training_state(checkpoint, epoch + 1, scores, optimizer, scheduler, (order, starts), history, sums)
+            _save_training_state(checkpoint, epoch + 1, params, optimizer, scheduler, (order, starts), history, sums)
             saved_at = step
             print(f"checkpoint | epoch {epoch + 1}/{epochs} | step {step}/{total} | {checkpoint}", flush=True)
     return history
@@ -1209,6 +1305,10 @@ def worst_case_accuracy(correct):
 # ----------------------------------------------------------------------------------------------------------------------
 # Results: atomic JSON files, the paper's H, and the tables over seeds that summarize writes
 
+# The models a results entry can name: the mask, the weights tuned instead (--tune weights), the unmasked baseline.
+MODEL_NAMES = {"advmask": "AdvMask", "adv_ft": "adversarial fine-tuning", "clip": "CLIP"}
+
+
 def write_json(path, obj):
     """Write obj as indented JSON, atomically."""
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
@@ -1279,6 +1379,7 @@ def summarize(runs_dir):
     # (protocol, model, attack, eps, dataset, shots, eval) -> {seed: (clean, adv)}
     acc, seen = {}, {}  # seen: protocol -> (datasets, shots, seeds) that have a run folder, finished or not
     bases = {}  # (protocol, dataset, eval, attack) -> {basis: a run folder that has it}
+    lrs = {}  # (protocol, model) -> learning rates of its runs, shown in the titles (a tuned model's curve point)
     for cell in sorted(runs_dir.glob("*/*/*shot/seed*")):
         if not (cell.is_dir() and re.fullmatch(r"\d+shot/seed\d+", f"{cell.parent.name}/{cell.name}")):
             continue
@@ -1290,6 +1391,8 @@ def summarize(runs_dir):
             for e in run["results"]:
                 key = (protocol, e["model"], e["attack"], e["eps"], dataset, shots, e["eval"])
                 acc.setdefault(key, {})[seed] = (e["clean_acc"], e["adv_acc"])
+                if e["model"] != "clip" and "lr" in run.get("settings", {}):
+                    lrs.setdefault((protocol, e["model"]), set()).add(run["settings"]["lr"])
                 bases.setdefault((protocol, dataset, e["eval"], e["attack"]), {}).setdefault(
                     _basis(run, dataset, e), cell)
     for (protocol, dataset, eval_name, _), used in bases.items():
@@ -1318,7 +1421,9 @@ def summarize(runs_dir):
             return values
 
         attack_name = "worst case per image over the run's attacks" if attack == "worst" else attack.upper()
-        title = f"## {protocol} | {'AdvMask' if model == 'advmask' else 'CLIP (no mask)'} | {attack_name} " \
+        used_lr = sorted(lrs.get((protocol, model), ()))
+        lr = f" | lr {', '.join(f'{v:g}' for v in used_lr)}" if used_lr else ""
+        title = f"## {protocol} | {MODEL_NAMES.get(model, model)}{lr} | {attack_name} " \
                 f"ε = {eps:g}/255 | mean ± std over seeds {', '.join(map(str, seeds))} (%)"
         if protocol == "few_shot":
             columns = [f"{k}-shot {m}" for k in all_shots for m in ("clean", "adv")]
@@ -1460,6 +1565,10 @@ def analyze(paths, out_dir, consensus=None, save=None):
         if len(fit) > 1:
             raise ValueError(f"--consensus needs masks of one architecture and target, these have {len(fit)} "
                              f"({', '.join(sorted({a + ' ' + t for a, t, _ in fit}))}); pass masks of one kind")
+        head_counts = {h["heads"] for _, h, _ in masks if h.get("heads")}  # format 1 does not record it
+        if len(head_counts) > 1:
+            raise ValueError(f"--consensus got masks that record {' and '.join(map(str, sorted(head_counts)))} attention "
+                             f"heads per block; pass masks of one model")
     out_dir = Path(out_dir)
     md, csv = ["# Mask analysis", ""], [["view", "mask", "block", "part", "head", "value"]]
     for i, (label, header, bits) in enumerate(masks):
@@ -1479,6 +1588,8 @@ def analyze(paths, out_dir, consensus=None, save=None):
             md.append(f"| {b} | " + " | ".join(f"{100 * f:.1f}" for f in fractions) + " |")
             csv += [["part", label, b, p, "", f] for p, f in zip(parts, fractions)]
         md.append("")
+        if not any(part in ATTENTION_PARTS for part in parts):
+            continue  # an MLP mask: no attention heads to show
         if not header.get("heads"):
             print(f"{files[i]}: a format-1 mask file does not record the number of heads; the per-head view is "
                   f"skipped (re-save it with this version for it)")
@@ -1513,8 +1624,8 @@ def analyze(paths, out_dir, consensus=None, save=None):
         md += ["", "![Jaccard index between masks](overlap.png)", ""]
     if consensus is not None:
         bits = consensus_bits([b for *_, b in masks], consensus)
-        write_mask_file(save, {k: v for k, v in masks[0][1].items() if k not in ("format", "n_weights", "sha256")},
-                        bits)
+        header = {k: v for k, v in masks[0][1].items() if k not in ("format", "n_weights", "sha256", "heads")}
+        write_mask_file(save, header | ({"heads": head_counts.pop()} if head_counts else {}), bits)
         md += [f"Consensus of {len(masks)} masks (off in ≥ {consensus}): {100 * (1 - bits.float().mean()):.2f} % off, "
                f"saved to {save}; evaluate it with --protocol transfer --masks {save}.", ""]
     text = "\n".join(md)
@@ -1542,12 +1653,12 @@ def plot_few_shot(runs_dir):
     panels = datasets + ["Average"]
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3), squeeze=False)
     for ax, dataset in zip(axes[0], panels):
-        for model, colour in (("advmask", "tab:red"), ("clip", "tab:blue")):
+        for model, colour in (("advmask", "tab:red"), ("adv_ft", "tab:green"), ("clip", "tab:blue")):
             for metric, style in (("clean", "-"), ("adv", "--")):
                 points = [(k, 100 * acc[key]) for k in shots if (key := (model, dataset, k, metric)) in acc]
                 if points:
                     ax.plot(*zip(*points), style, color=colour, marker="o",
-                            label=f"{'AdvMask' if model == 'advmask' else 'CLIP'} {metric}")
+                            label=f"{MODEL_NAMES[model]} {metric}")
         ax.set(title=dataset, xscale="log", xlabel="shots per class", ylabel=f"accuracy (%), {attack.upper()} "
                                                                                   f"ε = {eps:g}/255")
         ax.set_xticks(shots, shots)
@@ -1567,12 +1678,7 @@ def _bench_model(clip_config, device, target, masked, n_classes=10):
     """A ClipClassifier and an Adam over either mask scores or, unmasked, the same weights made trainable."""
     model = ClipClassifier(open_clip.CLIP(**clip_config).to(device), [f"class {c}" for c in range(n_classes)],
                            ["a photo of a {}."])
-    if masked:
-        params = apply_masks(model, target)
-    else:
-        model.requires_grad_(False)
-        blocks = visual_tower(model).transformer.resblocks
-        params = [block.get_parameter(name).requires_grad_(True) for block in blocks for name in MASK_TARGETS[target]]
+    params = apply_masks(model, target) if masked else tune_weights(model, target)
     return model, torch.optim.Adam(params, lr=LR)
 
 
@@ -1753,6 +1859,12 @@ def parse_args(argv):
                    help=f"prompt templates, in training and evaluation: each dataset's own (CoOp's) or TGA-ZSR's "
                         f"one {TGA_ZSR_TEMPLATE!r} for all")
     p.add_argument("--masks", default=None, help="transfer: evaluate this mask file instead of training one")
+    p.add_argument("--tune", default=None, choices=list(TUNED_MODEL),
+                   help="mask: AdvMask; weights: adversarial fine-tuning of the same weights (--mask-target) with "
+                        "the same data, loss, budget and schedule, the comparison the paper's reviewers asked for "
+                        "(default: mask; weights with --weights)")
+    p.add_argument("--weights", default=None,
+                   help="transfer: evaluate this weights file (of a --tune weights run) instead of training")
     p.add_argument("--baseline", action="store_true", help="also evaluate unmasked CLIP under the same attacks")
     p.add_argument("--shots", type=int, default=16, help="training images per class (K)")
     p.add_argument("--seed", type=int, default=1)
@@ -1774,7 +1886,8 @@ def parse_args(argv):
                    help=f"default: enough for about {TRAIN_BUDGET_STEPS} optimisation steps, at least 1")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--eval-batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"Adam's learning rate (default: {LR:g} for mask scores, {WEIGHTS_LR:g} for weights)")
     p.add_argument("--train-eps", type=float, default=TRAIN_EPS, help="in /255 units")
     p.add_argument("--train-alpha", type=float, default=TRAIN_ALPHA, help="in /255 units")
     p.add_argument("--train-steps", type=int, default=TRAIN_STEPS)
@@ -1809,6 +1922,13 @@ def parse_args(argv):
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
     if args.lam < 0:
         p.error("--lam must be 0 or more")
+    if args.weights and (args.masks or args.tune == "mask"):
+        p.error("--weights evaluates a --tune weights run; pass it without --masks and --tune mask")
+    args.tune = args.tune or ("weights" if args.weights else "mask")
+    if args.masks and args.tune == "weights":
+        p.error("--masks evaluates a mask; with --tune weights, pass the weights file with --weights")
+    if args.lr is None:
+        args.lr = LR if args.tune == "mask" else WEIGHTS_LR
     if args.lr <= 0:
         p.error("--lr must be positive")
     if not args.attack or not set(args.attack) <= set(ATTACKS):
@@ -1824,8 +1944,14 @@ def parse_args(argv):
     if args.split_dir and not Path(args.split_dir).is_dir():
         p.error(f"--split-dir {args.split_dir} is not a folder; pass the folder that holds CoOp's "
                 f"split_zhou_<Name>.json files")
-    if args.masks and args.protocol != "transfer":
-        p.error("--masks goes with --protocol transfer; the other protocols train their mask")
+    for flag in ("attack", "test_eps"):
+        repeated = next((v for v in getattr(args, flag) if getattr(args, flag).count(v) > 1), None)
+        if repeated is not None:
+            p.error(f"--{flag.replace('_', '-')} lists {repeated:g} twice; give each value once" if flag == "test_eps"
+                    else f"--attack lists {repeated} twice; give each attack once")
+    if (args.masks or args.weights) and args.protocol != "transfer":
+        p.error(f"--{'masks' if args.masks else 'weights'} goes with --protocol transfer; the other protocols train "
+                f"their {args.tune}")
     return args
 
 
@@ -1862,6 +1988,15 @@ def _check_resumable(out_dir, checkpoint, settings):
                          f"which would give another mask; pass another --out-dir, or delete {checkpoint} to start over")
 
 
+def _cell_label(attack, eps):
+    """An evaluation cell as results and warnings name it: "pgd ε 1/255"."""
+    return f"{attack} ε {eps:g}/255"
+
+
+# The model a run's results name: what --tune trained ("clip" is the unmasked baseline).
+TUNED_MODEL = {"mask": "advmask", "weights": "adv_ft"}
+
+
 def _template(dataset, templates):
     """The prompt template of a dataset under --templates: its own (CoOp's) or TGA-ZSR's one for all."""
     return TGA_ZSR_TEMPLATE if templates == "tga-zsr" else DATASETS[dataset][0]
@@ -1871,15 +2006,16 @@ def _result_rows(model_name, set_name, result, args):
     """results.json entries of one evaluate() call: one per attack × ε, and with several attacks the per-image
     worst case over them at each ε."""
     rows = []
-    for (attack, eps), r in result["attacks"].items():
+    for attack, eps in itertools.product(args.attack, args.test_eps):
+        r = result["attacks"][_cell_label(attack, eps)]
         rows.append({"model": model_name, "eval": set_name, "attack": attack, "eps": eps, "n": result["n"],
                      "clean_acc": result["clean_acc"], "adv_acc": r["adv_acc"],
                      "zero_grad_share": result["zero_grad_share"], "seconds": r["seconds"]})
     if len(args.attack) > 1:
         for eps in args.test_eps:
-            worst = worst_case_accuracy([result["attacks"][attack, eps]["correct"] for attack in args.attack])
+            worst = worst_case_accuracy([result["attacks"][_cell_label(a, eps)]["correct"] for a in args.attack])
             rows.append({**rows[0], "attack": "worst", "attacks": args.attack, "eps": eps, "adv_acc": worst,
-                         "seconds": sum(r["seconds"] for r in rows if r["eps"] == eps)})
+                         "seconds": sum(r["seconds"] for r in rows if r["eps"] == eps and r["attack"] != "worst")})
     for r in rows:
         print(f"{model_name} | {set_name} | {r['attack']}-{args.test_steps} eps {r['eps']:g}/255 | clean "
               f"{100 * r['clean_acc']:.2f}% | adv {100 * r['adv_acc']:.2f}% | n {r['n']} | {r['seconds']:.1f} s")
@@ -1926,7 +2062,7 @@ def run(args, device, precision, eval_precision):
         return d
 
     # what is trained on, and the class sets evaluated: name -> (test split, class names, prompt templates)
-    train_on = None if args.masks else data(args.dataset)
+    train_on = None if args.masks or args.weights else data(args.dataset)
     template = [_template(args.dataset, args.templates)]
     if args.protocol == "base2new":
         base_train, _, n_base = base_new_split(train_on["train"], len(train_on["classes"]))
@@ -1934,7 +2070,7 @@ def run(args, device, precision, eval_precision):
         train_set, train_names = base_train, train_on["classes"][:n_base]
         sets = {"base": (base_test, train_names, template), "new": (new_test, train_on["classes"][n_base:], template)}
     elif args.protocol == "transfer":
-        train_set, train_names = (None, None) if args.masks else (train_on["train"], train_on["classes"])
+        train_set, train_names = (None, None) if train_on is None else (train_on["train"], train_on["classes"])
         sets = {name: (d["test"], d["classes"], [_template(name, args.templates)]) for name in args.eval_datasets
                 for d in [data(name)]}
     else:
@@ -1956,6 +2092,8 @@ def run(args, device, precision, eval_precision):
         probe = copy.deepcopy(clip)
         apply_masks(probe, args.mask_target)
         load_masks(probe, args.masks)
+    elif args.weights:
+        load_weights(copy.deepcopy(clip), args.weights)
     else:
         _check_resumable(out_dir, checkpoint, settings)
         indices = sample_k_shot(train_set.targets, args.shots, args.seed, train_names)
@@ -1968,22 +2106,28 @@ def run(args, device, precision, eval_precision):
     write_json(out_dir / "config.json", settings)
 
     history = []
-    if args.masks:
-        apply_masks(clip, args.mask_target)
-        load_masks(clip, args.masks)
+    params = (apply_masks if args.tune == "mask" else tune_weights)(clip, args.mask_target)
+    if args.masks or args.weights:
+        load_masks(clip, args.masks) if args.masks else load_weights(clip, args.weights)
     else:
-        scores = apply_masks(clip, args.mask_target)
         with autocast(device, precision):
-            history = train(head, scores, images, labels, epochs, batch_size=args.batch_size, lr=args.lr,
+            history = train(head, params, images, labels, epochs, batch_size=args.batch_size, lr=args.lr,
                             lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255,
                             steps=args.train_steps, loss=args.loss, seed=args.seed, checkpoint=checkpoint,
                             checkpoint_every=args.checkpoint_every)
-        save_masks(clip, out_dir / "masks.bin")
-    sparsity = mask_sparsity(clip)
-    bake_masks(clip)  # evaluation on plain weights costs what plain CLIP costs
+        if args.tune == "mask":
+            save_masks(clip, out_dir / "masks.bin")
+        else:
+            save_weights(clip, out_dir / "weights.bin", args.mask_target)
+    if args.tune == "mask":
+        sparsity, outcome = mask_sparsity(clip), f"off {100 * mask_sparsity(clip):.2f}% of masked weights"
+        bake_masks(clip)  # evaluation on plain weights costs what plain CLIP costs
+    else:
+        sparsity, outcome = None, f"tuned {sum(p.numel() for p in params):,} weights"
+        clip.requires_grad_(False)  # attacks need the input's gradient only
     lap("train")
 
-    attacks = {(attack, eps): make_attack(attack, eps / 255, args.test_alpha / 255, args.test_steps)
+    attacks = {_cell_label(attack, eps): make_attack(attack, eps / 255, args.test_alpha / 255, args.test_steps)
                for attack in args.attack for eps in args.test_eps}
     results = []
     for name, (test_set, names, templates) in sets.items():
@@ -1991,19 +2135,19 @@ def run(args, device, precision, eval_precision):
         test_images, test_labels = cache_images(test_set, chosen, "cpu", args.workers)  # decoded once
         lap(f"decode {name}")
         models = {"clip": ClipClassifier(plain, names, templates, tokenizer)} if args.baseline else {}
-        for model_name, model in {**models, "advmask": heads[name]}.items():
+        for model_name, model in {**models, TUNED_MODEL[args.tune]: heads[name]}.items():
             with autocast(device, eval_precision):
                 result = evaluate(model, test_images, test_labels, attacks, args.eval_batch_size, args.seed)
             results += _result_rows(model_name, name, result, args)
             lap(f"eval {model_name} {name}")
     seconds = time.perf_counter() - start
     print("time | " + " | ".join(f"{phase} {s:.1f} s" for phase, s in phases.items()) + f" | total {seconds:.1f} s")
-    print(f"done | off {100 * sparsity:.2f}% of masked weights | {seconds:.0f} s | {out_dir}")
+    print(f"done | {outcome} | {seconds:.0f} s | {out_dir}")
     write_json(out_dir / "results.json", {
         "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
         "sparsity": sparsity, "splits": splits, "seconds": seconds, "phases": phases, "results": results,
         "train_log": history, "settings": settings})
-    checkpoint.unlink(missing_ok=True)  # the run is complete; masks.bin holds its result
+    checkpoint.unlink(missing_ok=True)  # the run is complete; masks.bin (weights.bin) holds its result
     return results
 
 

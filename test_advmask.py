@@ -909,6 +909,38 @@ def test_training_changes_only_the_scores():
     assert all(p.grad is None or p.requires_grad for p in model.parameters())
 
 
+def test_tune_weights_trains_only_the_targeted_weights_and_their_file_round_trips(tmp_path):
+    """--tune weights through the same train(): the targeted attention weights change, every other parameter (text
+    tower included) stays bit for bit, no mask is put on the model; the weights file holds exactly the tuned tensors,
+    loads onto a fresh model, and refuses a truncated file and another architecture."""
+    model = tiny_classifier(4)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    weights = am.tune_weights(model, "mhsa")
+    x, y = synthetic_training_set(4, 2)
+    am.train(model, weights, x, y, epochs=3, batch_size=4, lr=1e-3)
+    tuned = {f"clip.visual.{name}" for name, _ in am._tuned(model, "mhsa")}
+    assert len(tuned) == 4 and next(am._masks(model), None) is None
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != (name in tuned), name
+    am.save_weights(model, tmp_path / "weights.bin", "mhsa")
+    fresh = tiny_classifier(4)
+    am.load_weights(fresh, tmp_path / "weights.bin")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+    assert (tmp_path / "weights.bin").stat().st_size == pytest.approx(4 * sum(w.numel() for w in weights), rel=0.02)
+    data = (tmp_path / "weights.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(data[:-4])
+    with pytest.raises(ValueError, match="truncated"):
+        am.load_weights(tiny_classifier(4), tmp_path / "cut.bin")
+    other = open_clip.CLIP(**{**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], "width": 32}})
+    with pytest.raises(ValueError, match=r"was tuned on VisionTransformer\(layers=2, width=64"):
+        am.load_weights(other, tmp_path / "weights.bin")
+    masked = tiny_clip()
+    am.apply_masks(masked)
+    am.save_masks(masked, tmp_path / "masks.bin")
+    with pytest.raises(ValueError, match="is not an advmask weights file"):
+        am.load_weights(tiny_classifier(4), tmp_path / "masks.bin")
+
+
 @pytest.mark.parametrize("shots", [1, 16])
 def test_default_budget_turns_weights_off_at_every_shot_count(shots):
     """With the default lr and epochs the mask leaves all-ones (else it is zero-shot CLIP), at 1 and at 16 shots."""
@@ -1249,6 +1281,39 @@ def test_a_format_1_mask_file_still_loads_and_skips_only_the_per_head_view(tmp_p
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["analysis.csv", "analysis.md"]
 
 
+@pytest.mark.parametrize("target", ["mlp", "all"])
+def test_analyze_reports_mlp_blocks_and_heads_only_for_attention(tmp_path, target):
+    """An MLP-only mask gets its per-block fc/proj table and no per-head view (and no crash); an "all" mask gets both,
+    the per-head view over the attention parts alone."""
+    model = masked_tiny_clip(target=target)
+    randomize_scores(model, 3)
+    am.save_masks(model, tmp_path / "masks.bin")
+    md = am.analyze([tmp_path / "masks.bin"], tmp_path / "out")
+    header = "| block | fc | proj |" if target == "mlp" else "| block | q | k | v | out | fc | proj |"
+    assert header in md and len([line for line in md.splitlines() if re.match(r"\| \d \|", line)]) == 2  # 2 blocks
+    assert ("Heads with the most weights off" in md) == (target == "all")
+    assert (tmp_path / "out" / "heads_0.png").exists() == (target == "all")
+
+
+def test_consensus_of_a_format_1_and_a_format_2_file_keeps_the_head_count(tmp_path):
+    """The consensus header takes the number of heads from whichever input records it; inputs that disagree on it
+    are refused with one line."""
+    model = masked_tiny_clip()
+    randomize_scores(model, 5)
+    write_format_1(tmp_path / "old.bin", model)
+    am.save_masks(model, tmp_path / "new.bin")
+    am.analyze([tmp_path / "old.bin", tmp_path / "new.bin"], tmp_path / "out", consensus=2, save=tmp_path / "c.bin")
+    assert am.read_mask_file(tmp_path / "c.bin")[0]["heads"] == 2
+    header, bits = am.read_mask_file(tmp_path / "new.bin")
+    am.write_mask_file(tmp_path / "four.bin", {k: v for k, v in header.items() if k not in ("format", "n_weights",
+                                                                                          "sha256")} | {"heads": 4},
+                       bits)
+    with pytest.raises(ValueError, match="record 2 and 4 attention heads per block"):
+        am.analyze([tmp_path / "four.bin", tmp_path / "new.bin"], tmp_path / "out2", consensus=1,
+                   save=tmp_path / "d.bin")
+    assert not (tmp_path / "d.bin").exists()
+
+
 def png_shape(path):
     """(channels, height, width) of a PNG, decoded in full by PIL."""
     with Image.open(path) as image:
@@ -1515,6 +1580,69 @@ def test_a_seed_fixes_the_mask_whatever_the_evaluation_flags(tmp_path, monkeypat
     assert len(cells["a"]) == 1 and cells["a"] == cells["b"]
 
 
+def tiny_cli_args(files):
+    return ["--model", str(files / "tiny-test-clip.json"), "--pretrained", str(files / "tiny.pt"), "--no-download",
+            "--data-root", str(files / "data"), "--device", "cpu", "--workers", "0", "--test-steps", "1"]
+
+
+def test_tune_weights_runs_saves_its_weights_and_transfer_evaluates_them(tiny_files, tmp_path, monkeypatch):
+    """A --tune weights run trains with its own learning-rate default, writes weights.bin (no masks.bin) and results
+    under the name adv_ft; --protocol transfer --weights evaluates the file; summarize calls the model "adversarial
+    fine-tuning" and shows the learning rate."""
+    monkeypatch.chdir(tmp_path)
+    am.main([*tiny_cli_args(tiny_files), "--tune", "weights", "--epochs", "2", "--shots", "2",
+             "--out-dir", "runs/few_shot/oxford_pets/2shot/seed1"])
+    run = tmp_path / "runs" / "few_shot" / "oxford_pets" / "2shot" / "seed1"
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "results.json", "weights.bin"]
+    results = json.loads((run / "results.json").read_text())
+    assert {e["model"] for e in results["results"]} == {"adv_ft"} and results["settings"]["lr"] == am.WEIGHTS_LR
+    tuned = am.ClipClassifier(open_clip.CLIP(**am.TINY_CLIP), ["a"], ["{}"])
+    am.load_weights(tuned, run / "weights.bin")
+    am.main([*tiny_cli_args(tiny_files), "--protocol", "transfer", "--weights", str(run / "weights.bin"),
+             "--eval-datasets", "dtd", "--out-dir", "t"])
+    transfer = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert [(e["model"], e["eval"]) for e in transfer["results"]] == [("adv_ft", "dtd")]
+    assert "## few_shot | adversarial fine-tuning | lr 1e-05 | PGD" in am.summarize(tmp_path / "runs")
+
+
+def test_a_corrupt_image_ends_in_one_line_and_the_rerun_evaluates_without_training(tiny_files, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """A truncated test image: one line naming the file and exit 2 after training, with the mask and the final
+    checkpoint kept; once the file is whole again the same command evaluates without a training step."""
+    data = tmp_path / "data"
+    fabricate_oxford_pets(data)
+    image = data / "oxford-iiit-pet" / "images" / "Bengal_100.jpg"
+    whole = image.read_bytes()
+    image.write_bytes(whole[:len(whole) // 3])
+    monkeypatch.chdir(tmp_path)
+    args = [*tiny_cli_args(tiny_files), "--data-root", str(data), "--shots", "2", "--epochs", "2", "--out-dir", "out"]
+    with pytest.raises(SystemExit) as exit_:
+        am.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and f"advmask: error: {image} does not decode" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint.pt", "config.json", "masks.bin"]
+    image.write_bytes(whole)
+    am.main(args)
+    out = capsys.readouterr().out
+    assert "resuming from out/checkpoint.pt after epoch 2/2" in out and "step " not in out
+    assert (tmp_path / "out" / "results.json").is_file() and not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_a_fixed_seed_cpu_run_writes_the_mask_log_and_accuracies_it_always_has(tmp_path, monkeypatch):
+    """The pinned reference: a fixed-seed CPU dry run, recorded before the refactors that were not meant to change
+    training (the datasets, --tune, the file reorganisation), writes the same masks.bin bytes, training log (timing
+    aside) and accuracies. A change to training, the sampler, PGD or the losses shows here."""
+    monkeypatch.chdir(tmp_path)
+    am.main(["--dry-run", "--device", "cpu", "--lr", "1e-3", "--epochs", "20", "--out-dir", "ref"])
+    masks = (tmp_path / "ref" / "masks.bin").read_bytes()
+    assert hashlib.sha256(masks).hexdigest() == "b5c60c94eb52e82dd5847e4fc7dce85d1b956d91f8ee765ee16bb94359476602"
+    results = json.loads((tmp_path / "ref" / "results.json").read_text())
+    log = [{k: v for k, v in row.items() if k != "img_per_s"} for row in results["train_log"]]
+    assert hashlib.sha256(json.dumps(log, sort_keys=True).encode()).hexdigest() == (
+        "04eb403e040a9e39bea68e742b260788a2bf5c39c2c7a656a0738aef8ea80b53")
+    assert [(e["clean_acc"], e["adv_acc"]) for e in results["results"]] == [(0.265625, 0.0625)]
+
+
 def test_eval_dataset_presets_expand_through_the_parser():
     """--eval-datasets: tga-zsr is TGA-ZSR's 16 (its TGA-ZSR.py list, in our names), coop the CoOp suite less
     ImageNet (the default), imagenet-shifts the four shifted sets; names and presets mix, repeats dropped, and the
@@ -1624,6 +1752,15 @@ def bad_input_cases(files):
         ([*transfer, "--masks", str(files / "masks-other-arch.bin")], "made for VisionTransformer(layers=2, width=32"),
         ([*transfer, "--masks", str(files / "masks-mlp.bin")], "masked with --mask-target mlp"),
         (["--masks", str(files / "masks-mlp.bin")], "--masks goes with --protocol transfer"),
+        (["--weights", str(files / "weights.bin")], "--weights goes with --protocol transfer"),
+        ([*transfer, "--weights", str(files / "weights-cut.bin")], "truncated"),
+        ([*transfer, "--weights", str(files / "weights-other-arch.bin")], "was tuned on VisionTransformer(layers=2, "
+                                                                          "width=32"),
+        ([*transfer, "--weights", str(files / "masks.bin")], "is not an advmask weights file"),
+        ([*transfer, "--weights", str(files / "weights.bin"), "--tune", "mask"], "--weights evaluates a --tune weights"),
+        ([*transfer, "--masks", str(files / "masks.bin"), "--tune", "weights"], "with --tune weights, pass the weights"),
+        (["--attack", "pgd,cw,pgd"], "--attack lists pgd twice; give each attack once"),
+        (["--test-eps", "1,2,1"], "--test-eps lists 1 twice; give each value once"),
     ]
 
 
@@ -1638,12 +1775,18 @@ def bad_files(tiny_files):
     data = (tiny_files / "masks.bin").read_bytes()
     (tiny_files / "masks-cut.bin").write_bytes(data[:-3])
     (tiny_files / "masks-flipped.bin").write_bytes(data[:-1] + bytes([data[-1] ^ 4]))
-    other = open_clip.CLIP(**{**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], "width": 32}})
+    other_config = {**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], "width": 32}}
+    other = open_clip.CLIP(**other_config)
     am.apply_masks(other)
     am.save_masks(other, tiny_files / "masks-other-arch.bin")
     mlp = tiny_clip(7)
     am.apply_masks(mlp, "mlp")
     am.save_masks(mlp, tiny_files / "masks-mlp.bin")
+    for name, config in (("weights.bin", am.TINY_CLIP), ("weights-other-arch.bin", other_config)):
+        tuned = open_clip.CLIP(**config)
+        am.tune_weights(tuned)
+        am.save_weights(tuned, tiny_files / name)
+    (tiny_files / "weights-cut.bin").write_bytes((tiny_files / "weights.bin").read_bytes()[:-8])
     fabricate_tinyimagenet(tiny_files / "tiny-broken", train_per_class=1)
     (tiny_files / "tiny-broken" / "tiny-imagenet-200" / "val" / "images" / "val_0.JPEG").unlink()
     fabricate_imagenet_shift(tiny_files / "data", "imagenet-rendition/imagenet-r", ["n01443537"], per_class=1)
