@@ -1363,7 +1363,8 @@ def _basis(run, dataset, entry):
     entry rests on, the settings of SAME_BASIS, and for a worst-case entry the attacks it is the worst of."""
     settings = run.get("settings", {})
     return (("splits", _split_source(run.get("splits"), dataset, entry["eval"])),
-            *((k, settings.get(k, "unrecorded")) for k in SAME_BASIS), ("attacks", entry.get("attacks")))
+            *((k, settings.get(k, "unrecorded")) for k in SAME_BASIS),
+            ("attacks", ",".join(entry["attacks"]) if "attacks" in entry else None))
 
 
 def summarize(runs_dir):

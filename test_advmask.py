@@ -982,7 +982,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="NaN or infinite in epoch 3.*checkpoint of step 2"):
         am.train(model, scores, x, y, epochs=5, batch_size=8, checkpoint=tmp_path / "ckpt.pt", checkpoint_every=1)
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert state["epoch"] == 2 and all(torch.isfinite(s).all() for s in state["scores"])
+    assert state["epoch"] == 2 and all(torch.isfinite(s).all() for s in state["params"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
