@@ -11,12 +11,15 @@ ICLR 2026, https://openreview.net/forum?id=kzGkXpW4FT
 
     python advmask.py --dataset oxford_pets --shots 16 --device cuda
 
-Below, in the order of the paper's method: config, CLIP as a classifier, binary masks with a straight-through
-estimator, PGD, losses (CE + LAFA), K-shot data, training, evaluation (PGD, and AutoAttack's APGD from
-torchattacks), results. Then tooling a reader may skip: mask analysis and figures (matplotlib), the benchmark, and
-the command line (`analyze` and `summarize` are subcommands). Each section uses only torch / open_clip / torchvision
-(and the library named) and the sections above it, so any one can be copied out alone.
+The method comes first and whole, in the paper's order: constants, CLIP as a classifier, binary masks with a
+straight-through estimator, PGD, the losses (CE + LAFA), the K-shot sampler, training, evaluation, and
+`adversarial_mask_tuning`, which runs it all on images in memory. A reader who stops there has all of AdvMask.
+Tooling follows, a section each: attack adapters (APGD, AutoAttack), mask and weight files, datasets and splits,
+results and summaries, analysis and figures, the benchmark, the command line. Each section uses only torch /
+open_clip / torchvision (and the library it names) and the sections above it, so any one can be copied out alone.
 """
+
+
 import argparse
 import contextlib
 import copy
@@ -48,8 +51,897 @@ import torchattacks
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Config: datasets, prompt templates and the defaults of every hyperparameter (paper values or our choices)
+# Constants: the paper's values, then our choices. ε and α are in pixel units ([0, 1] images); the CLI takes /255.
+
+# paper: λ = 50; l∞ PGD with ε = α = 1/255, 2 steps in training and 100 at test; masks on the attention (MHSA) weights
+LAM = 50.0
+TRAIN_EPS, TRAIN_ALPHA, TRAIN_STEPS = 1 / 255, 1 / 255, 2
+TEST_EPS, TEST_ALPHA, TEST_STEPS = 1 / 255, 1 / 255, 100
+# Parameter names inside each visual block. Names, not module types, so they also fit open_clip versions that
+# replace nn.MultiheadAttention. "mlp" and "all" are the paper's which-layers ablation.
+MASK_TARGETS = {"mhsa": ("attn.in_proj_weight", "attn.out_proj.weight"),
+                "mlp": ("mlp.c_fc.weight", "mlp.c_proj.weight")}
+MASK_TARGETS["all"] = MASK_TARGETS["mhsa"] + MASK_TARGETS["mlp"]
+# not in the paper: mask init 1e-2 and threshold 5e-3 are R-AMT's (public mask-tuning code for CLIP).
+MASK_INIT, MASK_THRESHOLD = 1e-2, 5e-3
+# not in the paper: Adam with a cosine schedule and batch 32 as in R-AMT, lr 1e-4 over a fixed budget of about 500
+# optimisation steps at every shot count (the README's "How the training budget was chosen" gives the reason).
+LR, BATCH_SIZE, TRAIN_BUDGET_STEPS = 1e-4, 32, 500
+# not in the paper: --tune weights (adversarial fine-tuning of the masked weights) takes Adam at 1e-5, the step CLIP
+# fine-tuning uses (FARE, WiSE-FT), for the same budget; a sweep on the tiny CLIP is in the README ("Mask or weights?")
+WEIGHTS_LR = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLIP as a classifier: pixels in [0, 1] -> logits over class prompts, with per-block features for LAFA
+
+class ClipClassifier(nn.Module):
+    """Zero-shot CLIP classifier whose input is an image in [0, 1]; normalisation happens inside.
+
+    Text features are computed once here, with the frozen text tower, and kept as a buffer: the mask only touches the
+    image tower, so they never change.
+    """
+
+    def __init__(self, clip_model, class_names, templates, tokenizer=None):
+        super().__init__()
+        self.clip = clip_model
+        visual = clip_model.visual
+        mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        tokenizer = tokenizer or partial(open_clip.tokenize, context_length=clip_model.context_length)
+        device = next(clip_model.parameters()).device
+        with torch.no_grad():
+            prompts = [clip_model.encode_text(tokenizer([t.format(c) for t in templates]).to(device), normalize=True)
+                       for c in class_names]  # C × (n_templates, E)
+            # T̂_c = normalize(mean over templates of normalize(text(template(c))))
+            text = F.normalize(torch.stack([p.mean(0) for p in prompts]), dim=-1)  # (C, E)
+        self.register_buffer("text_features", text.float())
+
+    def forward(self, images, return_features=False):
+        x = (images - self.mean) / self.std
+        if return_features:
+            out = self.clip.visual.forward_intermediates(x, output_fmt="NLC", output_extra_tokens=True)
+            image = out["image_features"]
+            # not in the paper: LAFA aligns each block's output, every token (the paper says "each layer's features");
+            # the class token goes back in front of the patch tokens: L × (B, T, D)
+            feats = [torch.cat(pair, dim=1)
+                     for pair in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
+        else:
+            image = self.clip.visual(x)
+        # not in the paper: the normalisation and the logits are fp32 under any autocast; in bf16, logits of 20-35
+        # (logit scale 100) would lie on a 0.125-0.25 grid and argmax ties would go to the lower class index
+        with torch.autocast(x.device.type, enabled=False):
+            # logits = exp(logit_scale) · f̂(x) · T̂ᵀ
+            logits = self.clip.logit_scale.exp() * F.normalize(image.float(), dim=-1) @ self.text_features.T  # (B, C)
+        return (logits, feats) if return_features else logits
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Binary masks with a straight-through estimator, on the weights of the visual transformer
+
+class _BinarizeSTE(torch.autograd.Function):
+    """M_bin = 1[M > threshold] forward; identity backward (straight-through: ∂L/∂M := ∂L/∂M_bin)."""
+
+    @staticmethod
+    def forward(ctx, scores, threshold):
+        return (scores > threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class ScoreMask(nn.Module):
+    """Parametrization θ -> θ ⊙ 1[M > threshold] with learnable real-valued scores M, one per weight."""
+
+    def __init__(self, weight, init, threshold):
+        super().__init__()
+        self.scores = nn.Parameter(torch.full(weight.shape, float(init), device=weight.device))
+        self.threshold = threshold
+
+    def forward(self, theta):
+        # θ' = θ ⊙ M_bin; on weights stay θ bit for bit, off weights are 0; ∂L/∂M = (∂L/∂θ') ⊙ θ
+        return theta * _BinarizeSTE.apply(self.scores, self.threshold).to(theta.dtype)
+
+
+def visual_tower(model):
+    """The open_clip image tower of a ClipClassifier or of a bare open_clip model."""
+    return model.clip.visual if hasattr(model, "clip") else model.visual
+
+
+def _masks(model):
+    """(name relative to the visual tower, module, parameter name, ScoreMask) for every masked weight, in order."""
+    for module_name, module in visual_tower(model).named_modules():
+        if parametrize.is_parametrized(module):
+            for param_name, chain in module.parametrizations.items():
+                yield f"{module_name}.{param_name}", module, param_name, chain[0]
+
+
+def apply_masks(model, target="mhsa", init=MASK_INIT, threshold=MASK_THRESHOLD):
+    """Freeze every pre-trained weight and put a trainable binary mask on the chosen weights of the image tower.
+
+    Args:
+        model: a ClipClassifier or a bare open_clip CLIP model.
+        target: "mhsa" (attention in_proj and out_proj weights, the paper's choice), "mlp" (c_fc, c_proj) or "all".
+            Biases, norms, embeddings, the projection and the text tower are never masked.
+        init: initial score of every weight (not in the paper; R-AMT's 1e-2).
+        threshold: a weight is on while its score is above this (not in the paper; R-AMT's 5e-3).
+    Returns:
+        The list of score tensors, the only parameters left with requires_grad=True.
+    Example:
+        >>> scores = apply_masks(classifier, "mhsa")
+        >>> optimizer = torch.optim.Adam(scores, lr=1e-4)
+    """
+    if target not in MASK_TARGETS:
+        raise ValueError(f"unknown mask target {target!r}; use one of {', '.join(MASK_TARGETS)}")
+    if next(_masks(model), None):
+        raise ValueError("this model already has masks; bake_masks it or start from a fresh model")
+    model.requires_grad_(False)
+    scores = []
+    for block in visual_tower(model).transformer.resblocks:
+        for name in MASK_TARGETS[target]:
+            module_name, _, param_name = name.rpartition(".")
+            module = block.get_submodule(module_name)
+            mask = ScoreMask(getattr(module, param_name), init, threshold)
+            mask.param_order = tuple(module._parameters)  # register_parametrization moves the weight; bake restores
+            parametrize.register_parametrization(module, param_name, mask)
+            scores.append(mask.scores)
+    return scores
+
+
+@contextlib.contextmanager
+def fixed_masks(model):
+    """Inside this block each masked weight θ ⊙ M_bin is formed once, with no gradient path to the scores."""
+    with parametrize.cached():
+        with torch.no_grad():
+            for _, module, param_name, _ in _masks(model):
+                getattr(module, param_name)  # fills the cache outside autograd
+        yield
+
+
+def mask_sparsity(model):
+    """Fraction of masked weights that are off."""
+    bits = [mask.scores > mask.threshold for *_, mask in _masks(model)]
+    if not bits:
+        raise ValueError("this model has no masks; call apply_masks first")
+    return 1.0 - sum(b.sum().item() for b in bits) / sum(b.numel() for b in bits)
+
+
+def bake_masks(model):
+    """Replace every masked weight by θ ⊙ M_bin in place and remove the masks: a plain open_clip model remains, with
+    its parameters in their original order."""
+    for module in {id(m): m for _, m, _, _ in _masks(model)}.values():
+        with torch.no_grad():
+            baked = {name: getattr(module, name) for name in module.parametrizations}
+        order = next(iter(module.parametrizations.values()))[0].param_order  # the first mask saw every parameter
+        # not torch's remove_parametrizations: it deletes the property from the module's class, a class that
+        # copy.deepcopy shares between a model and its copies, so baking a copy would break the original
+        module.__class__ = module.__class__.__bases__[0]
+        del module.parametrizations
+        for name, weight in baked.items():
+            module.register_parameter(name, nn.Parameter(weight, requires_grad=False))
+        # named_parameters() in a fresh model's order, so that code zipping two models' parameters pairs them right
+        params = dict(module._parameters)
+        module._parameters.clear()
+        module._parameters.update((name, params[name]) for name in order)
+    return model
+
+
+def tune_weights(model, target="mhsa"):
+    """The comparator of apply_masks: freeze every pre-trained weight except the chosen weights of the image tower,
+    which are then trained directly (adversarial fine-tuning of exactly the weights the mask would cover).
+
+    Returns:
+        The list of those weight tensors, the only parameters left with requires_grad=True.
+    Example:
+        >>> weights = tune_weights(classifier, "mhsa"); optimizer = torch.optim.Adam(weights, lr=1e-5)
+    """
+    if target not in MASK_TARGETS:
+        raise ValueError(f"unknown target {target!r}; use one of {', '.join(MASK_TARGETS)}")
+    model.requires_grad_(False)
+    return [block.get_parameter(name).requires_grad_(True) for block in visual_tower(model).transformer.resblocks
+            for name in MASK_TARGETS[target]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PGD: the l∞ attack of the inner maximisation (2 steps in training, 100 at test)
+
+def cw_loss(logits, labels):
+    """CW margin loss, batch mean of max_{j≠y} z_j − z_y: positive once the image is misclassified."""
+    z_y = logits.gather(1, labels[:, None]).squeeze(1)  # (B,)
+    z_other = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(dim=1)  # (B,)
+    return (z_other - z_y).mean()
+
+
+def pgd_attack(model, images, labels, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST_STEPS, random_start=True,
+               loss_fn=F.cross_entropy, generator=None):
+    """l∞ projected gradient ascent on a loss (cross-entropy by default), in [0, 1] pixel space (Madry et al., 2018).
+
+    Same algorithm as torchattacks' PGD: with random_start=False the two give identical images.
+    Args:
+        model: maps images in [0, 1] to logits; put in eval mode for the attack and restored after.
+        images: (B, 3, H, W) float in [0, 1].
+        labels: (B,) true classes.
+        eps: radius of the l∞ ball, in pixel units (1/255 in the paper).
+        alpha: step size, in pixel units.
+        steps: number of gradient steps. The defaults are the paper's test attack, PGD-100; training passes
+            TRAIN_EPS, TRAIN_ALPHA and TRAIN_STEPS (2).
+        random_start: start from a uniform point in the ε-ball (FAP and torchattacks do).
+        loss_fn: the loss to maximise, (logits, labels) -> scalar; cw_loss gives PGD on the CW margin.
+        generator: a torch.Generator on the images' device for the random start (default: torch's global one).
+    Returns:
+        Adversarial images, detached, with ‖x_adv − x‖∞ ≤ eps and values in [0, 1].
+    Example:
+        >>> x_adv = pgd_attack(classifier, x, y, eps=1/255, alpha=1/255, steps=100)
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        x0 = images.detach()
+        x = x0.clone()
+        if random_start:
+            x = (x + torch.empty_like(x).uniform_(-eps, eps, generator=generator)).clamp(0, 1)
+        for _ in range(steps):
+            x.requires_grad_(True)
+            loss = loss_fn(model(x), labels)
+            # only the input's gradient: nothing accumulates in any parameter's .grad; a model whose output does not
+            # depend differentiably on its input (gradient masking) gets a zero gradient instead of an error
+            (grad,) = torch.autograd.grad(loss, x, materialize_grads=True)
+            # x ← clamp(x₀ + clamp(x + α·sign(∇ₓ L) − x₀, −ε, ε), 0, 1)
+            x = x.detach() + alpha * grad.sign()
+            x = (x0 + (x - x0).clamp(-eps, eps)).clamp(0, 1)
+        return x.detach()
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Losses: L_mask = L_CE(x_adv, y) + λ · L_LAFA(x, x_adv, y)
+
+def lafa_loss(clean_feats, adv_feats, clean_logits, labels, adaptive=True, eps=1e-8):
+    """Layer-wise adaptive feature alignment: pull each block's adversarial features onto the clean ones.
+
+    Args:
+        clean_feats: L × (B, T, D) block outputs on the clean images; targets, no gradient flows into them.
+        adv_feats: L × (B, T, D) block outputs on the adversarial images.
+        clean_logits: (B, C) logits on the clean images, for the confidence weights.
+        labels: (B,) true classes.
+        adaptive: weight each sample by its clean confidence (the paper's LAFA) or uniformly ("LAFA w/o adaptive").
+        eps: keeps the weights finite when every clean confidence is ~0 (not in the paper).
+    Returns:
+        Scalar loss, ≥ 0, and 0 when the features match.
+    Example:
+        >>> loss = F.cross_entropy(adv_logits, y) + 50 * lafa_loss(clean_feats, adv_feats, clean_logits, y)
+    """
+    # not in the paper: ‖·‖² is taken as the mean over tokens and channels, not the sum, so that λ = 50 balances the
+    # CE at the scale of CLIP's residual stream whatever the width and token count; and the clean features are
+    # detached targets, so LAFA moves the adversarial pass towards the clean one and not the reverse.
+    d = torch.stack([(c.detach().float() - a.float()).pow(2).mean(dim=(1, 2))
+                     for c, a in zip(clean_feats, adv_feats)])  # (L, B)
+    with torch.no_grad():
+        # p_i = p(y_i | x_i) on the clean input
+        p = clean_logits.float().softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)  # (B,)
+        # w_i = p_i / (E_B[p] + ε): confidently classified samples dominate, misclassified (noisy) ones count less
+        w = p / (p.mean() + eps) if adaptive else torch.ones_like(p)
+    # L_LAFA = 1/(|L||B|) Σ_l Σ_i w_i · d_i^l
+    return (d * w).mean()
+
+
+def kl_loss(clean_logits, adv_logits):
+    """KL(p_clean ‖ p_adv), batch mean: the "+ KL" row of the paper's loss ablation (TRADES' regulariser)."""
+    return F.kl_div(adv_logits.float().log_softmax(-1), clean_logits.float().log_softmax(-1), log_target=True,
+                    reduction="batchmean")
+
+
+def js_loss(clean_logits, adv_logits):
+    """Jensen-Shannon divergence between the clean and adversarial output distributions, batch mean ("+ JS")."""
+    log_p, log_q = clean_logits.float().log_softmax(-1), adv_logits.float().log_softmax(-1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2)  # log((p + q) / 2)
+    # JS(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)
+    return 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="batchmean")
+                  + F.kl_div(log_m, log_q, log_target=True, reduction="batchmean"))
+
+
+# The rows of the paper's loss ablation; each adds λ · (its regulariser) to L_CE(x_adv, y). The paper does not give
+# the ablation rows' weights; we use the one λ for all (50 by default).
+LOSSES = ("ce", "ce+js", "ce+kl", "ce+lafa_plain", "ce+lafa")
+
+
+def mask_loss(kind, clean_logits, clean_feats, adv_logits, adv_feats, labels):
+    """(L_CE(x_adv, y), regulariser) for one of LOSSES; the training loss is L_CE + λ · regulariser."""
+    ce = F.cross_entropy(adv_logits, labels)
+    if kind == "ce":
+        return ce, torch.zeros_like(ce)
+    if kind == "ce+js":
+        return ce, js_loss(clean_logits, adv_logits)
+    if kind == "ce+kl":
+        return ce, kl_loss(clean_logits, adv_logits)
+    if kind in ("ce+lafa_plain", "ce+lafa"):
+        return ce, lafa_loss(clean_feats, adv_feats, clean_logits, labels, adaptive=kind == "ce+lafa")
+    raise ValueError(f"unknown loss {kind!r}; use one of {', '.join(LOSSES)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The K-shot sampler, and the uint8 images training and evaluation take
+
+def sample_k_shot(labels, shots, seed, class_names=None):
+    """Indices of exactly `shots` images of every class, without repeats, the same for the same arguments.
+
+    Without class_names the classes are the label values present, whatever they are (e.g. {0, 2, 5, 9}); with
+    class_names they are 0 .. len(class_names) − 1, and each must have `shots` images.
+    Args:
+        labels: sequence of int class labels, one per image of the training split.
+        shots: images per class (K).
+        seed: the sample depends on nothing else.
+        class_names: optional, to require every named class and to name a short one in the error.
+    Returns:
+        A sorted list of indices into labels, len = shots × number of classes.
+    Example:
+        >>> idx = sample_k_shot(dataset_labels, shots=16, seed=1)
+    """
+    labels = torch.as_tensor(labels)
+    classes = range(len(class_names)) if class_names is not None else labels.unique().tolist()
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in classes:
+        pool = (labels == c).nonzero().flatten()
+        if len(pool) < shots:
+            name = f"{class_names[c]!r}" if class_names is not None else str(c)
+            raise ValueError(f"class {name} has {len(pool)} training images, fewer than the {shots} shots asked "
+                             f"for; ask for at most {len(pool)}")
+        chosen += pool[torch.randperm(len(pool), generator=generator)[:shots]].tolist()
+    return sorted(chosen)
+
+
+def to_unit(images):
+    """uint8 images in 0..255 -> float in [0, 1], the model's input space."""
+    return images.float() / 255
+
+
+def _require_uint8(images, who):
+    """train and evaluate take the uint8 tensor cache_images makes; float images would pass silently, 255× too dark."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"{who} takes uint8 images in 0..255 (it scales them to [0, 1] itself), not {images.dtype}; "
+                         f"pass (images * 255).round().to(torch.uint8), or call pgd_attack / the model on floats")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: min over the mask of E[L_CE(x_adv) + λ · L_LAFA], with x_adv from PGD
+
+def autocast(device, precision):
+    """Mixed precision for forward and backward passes: bf16 autocast, or nothing for "fp32"."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+
+
+def steps_per_epoch(n_images, batch_size):
+    """Full batches per epoch: the incomplete last one is dropped, as Dassl's loader (CoOp, FAP) drops it, unless the
+    set is smaller than one batch, which is then one batch. Adam would weight a batch of 5 like one of 32."""
+    # not in the paper: Dassl's drop_last, which CoOp and FAP train with
+    return max(1, n_images // batch_size)
+
+
+def default_epochs(n_images, batch_size, budget_steps=TRAIN_BUDGET_STEPS):
+    """Epochs giving about budget_steps optimisation steps (at least one epoch), whatever the shot count."""
+    return max(1, math.ceil(budget_steps / steps_per_epoch(n_images, batch_size)))
+
+
+def train_step(model, optimizer, x, y, lam=LAM, eps=TRAIN_EPS, alpha=TRAIN_ALPHA, steps=TRAIN_STEPS, loss="ce+lafa",
+               generator=None):
+    """One min-max step on images x in [0, 1]; returns (L_CE, regulariser, adversarial logits), detached.
+
+    generator draws PGD's random start (a torch.Generator on x's device; default: torch's global one)."""
+    # inner max: x_adv = argmax_{‖x_adv − x‖∞ ≤ ε} L_CE(f(x_adv), y), with the mask held fixed (formed once, and
+    # shared with the clean pass, which needs no gradient either)
+    with fixed_masks(model):
+        x_adv = pgd_attack(model, x, y, eps, alpha, steps, generator=generator)
+        with torch.no_grad():
+            clean_logits, clean_feats = model(x, return_features=True)
+    adv_logits, adv_feats = model(x_adv, return_features=True)
+    ce, reg = mask_loss(loss, clean_logits, clean_feats, adv_logits, adv_feats, y)
+    # L_mask = L_CE(x_adv, y) + λ · L_LAFA(x, x_adv, y)
+    objective = ce + lam * reg
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    # straight-through: M ← M − γ · Adam(∂L/∂M_bin) (with tune_weights: θ ← θ − γ · Adam(∂L/∂θ))
+    optimizer.step()
+    return ce.detach(), reg.detach(), adv_logits.detach()
+
+
+def _atomic_write(path, write):
+    """Call write(tmp) on a temporary file beside path, then rename it onto path: no reader sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_training_state(path, epoch, params, optimizer, scheduler, generators, history, sums):
+    """Everything a resumed run needs to continue exactly: the trained tensors (mask scores or weights), Adam, the
+    schedule, the training generators, the log so far and the running sums of the log row in progress."""
+    state = {"epoch": epoch, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "generators": [g.get_state() for g in generators],
+             "history": history, "sums": {k: v.cpu() for k, v in sums.items()}}
+    _atomic_write(path, partial(torch.save, state))
+
+
+def _load_training_state(path, params, optimizer, scheduler, generators, sums):
+    """Restore what _save_training_state wrote; returns (epochs done, log so far)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever the parser trips on, the file is not an intact checkpoint
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start the run "
+                         f"over") from None
+    if [p.shape for p in state["params"]] != [p.shape for p in params]:
+        raise ValueError(f"checkpoint {path} holds tensors of other shapes; delete it or train into another folder")
+    with torch.no_grad():
+        for p, saved in zip(params, state["params"]):
+            p.copy_(saved)
+        for k, v in sums.items():
+            v.copy_(state["sums"][k])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for generator, saved in zip(generators, state["generators"]):
+        generator.set_state(saved)
+    return state["epoch"], state["history"]
+
+
+def _log_row(model, step, total_steps, sums, seconds):
+    """The log row of the steps since the last one, printed as one greppable line; zeroes the running sums."""
+    ce, reg, correct, seen = (sums[k].item() for k in ("ce", "reg", "correct", "seen"))
+    masked = next(_masks(model), None) is not None
+    # "lafa" is the regulariser's value, whichever --loss (LAFA by default)
+    row = {"step": step, "ce": ce / seen, "lafa": reg / seen, "adv_acc": correct / seen,
+           "off": mask_sparsity(model) if masked else None, "img_per_s": seen / seconds}
+    off = f" | off {100 * row['off']:.2f}%" if masked else ""
+    memory = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if sums["seen"].is_cuda else ""
+    print(f"step {step}/{total_steps} | ce {row['ce']:.3f} | lafa {row['lafa']:.4f} | adv-acc {row['adv_acc']:.2f}"
+          f"{off} | {row['img_per_s']:.0f} img/s{memory}", flush=True)
+    for value in sums.values():
+        value.zero_()
+    return row
+
+
+def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, lam=LAM, eps=TRAIN_EPS,
+          alpha=TRAIN_ALPHA, steps=TRAIN_STEPS, loss="ce+lafa", seed=0, log_every=20, checkpoint=None,
+          checkpoint_every=50):
+    """Adversarial mask tuning: only the scores change; every pre-trained weight stays bit for bit as it was. (Given
+    the weights tune_weights returned instead, the same loop is adversarial fine-tuning of those weights.)
+
+    Args:
+        model: a ClipClassifier with masks (apply_masks), or with weights made trainable (tune_weights).
+        params: the score tensors apply_masks returned (or the weights tune_weights returned).
+        images: (N, 3, H, W) uint8 training images, already on the model's device.
+        labels: (N,) their classes.
+        epochs: passes over the images; default_epochs gives the budget we use.
+        batch_size, lr: Adam on params with a cosine schedule to 0; an epoch is steps_per_epoch full batches.
+        lam: λ, the weight of LAFA (50 in the paper; 0 gives CE-only adversarial mask tuning).
+        eps, alpha, steps: the training PGD, in pixel units.
+        loss: one of LOSSES; "ce+lafa" is the paper's method, the others its ablation rows.
+        seed: seeds the two generators of all training randomness, batch order and flips (CPU) and PGD's random
+            starts (on the device), so the mask depends on nothing else: not on torch's global generator, which
+            an evaluation before training may have used.
+        log_every: print a line every this many steps.
+        checkpoint: file for the training state, resumed from if it exists and written (atomically) at the end of
+            an epoch once checkpoint_every steps have passed since the last one, and at the end. A run killed at any
+            point and started again ends with the same mask, bit for bit, and the same log. (Not every epoch: a
+            1-shot epoch is 1 step, and a ViT-B/32 state is 340 MB.)
+    Returns:
+        List of the logged rows (dicts), the last one at the final step.
+    Raises:
+        FloatingPointError: the loss became NaN or infinite; the last checkpoint, written before it, is kept.
+    Example:
+        >>> scores = apply_masks(classifier)
+        >>> train(classifier, scores, x_u8, y, epochs=default_epochs(len(y), 32))
+    """
+    _require_uint8(images, "train")
+    optimizer = torch.optim.Adam(params, lr=lr)
+    per_epoch = steps_per_epoch(len(labels), batch_size)
+    total_steps = epochs * per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    batch_rng = torch.Generator().manual_seed(seed)  # batch order and flips
+    pgd_rng = torch.Generator(labels.device).manual_seed(seed)  # PGD's random starts
+    # running sums of the log row in progress, kept on the device like the finiteness flag, so that a step never
+    # waits for the GPU
+    sums = {k: torch.zeros((), device=labels.device) for k in ("ce", "reg", "correct", "seen")}
+    finite = torch.ones((), dtype=torch.bool, device=labels.device)
+    first_epoch, history = 0, []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        first_epoch, history = _load_training_state(checkpoint, params, optimizer, scheduler, (batch_rng, pgd_rng),
+                                                    sums)
+        print(f"resuming from {checkpoint} after epoch {first_epoch}/{epochs}", flush=True)
+    step = saved_at = first_epoch * per_epoch
+    tic = time.perf_counter()
+    model.train()
+    for epoch in range(first_epoch, epochs):
+        for batch in torch.randperm(len(labels), generator=batch_rng).to(labels.device).split(batch_size)[:per_epoch]:
+            step += 1
+            x, y = to_unit(images[batch]), labels[batch]
+            # not in the paper: random horizontal flips are the only augmentation; they run on the device, on the
+            # cached tensor, so no image is decoded twice
+            flip = (torch.rand(len(y), generator=batch_rng) < 0.5).to(x.device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            ce, reg, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, loss, pgd_rng)
+            scheduler.step()
+            finite &= torch.isfinite(ce + lam * reg)
+            sums["ce"] += ce * len(y)
+            sums["reg"] += reg * len(y)
+            sums["correct"] += (adv_logits.argmax(1) == y).sum()
+            sums["seen"] += len(y)
+            if step % log_every == 0 or step == total_steps:
+                if not finite:
+                    break
+                history.append(_log_row(model, step, total_steps, sums, time.perf_counter() - tic))
+                tic = time.perf_counter()
+        if not finite:
+            raise FloatingPointError(
+                f"the training loss became NaN or infinite in epoch {epoch + 1}; training stops, keeping the "
+                f"checkpoint of step {saved_at}" + (f" in {checkpoint}" if checkpoint else "") +
+                "; lower the learning rate or λ, or check the data, and start again from scratch")
+        if checkpoint is not None and (step - saved_at >= checkpoint_every or epoch + 1 == epochs):
+            _save_training_state(checkpoint, epoch + 1, params, optimizer, scheduler, (batch_rng, pgd_rng), history,
+                                 sums)
+            saved_at = step
+            print(f"checkpoint | epoch {epoch + 1}/{epochs} | step {step}/{total_steps} | {checkpoint}", flush=True)
+    return history
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: clean accuracy, and accuracy under attack, with the sanity checks of the field
+
+def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
+    """Clean accuracy once, and accuracy under every attack, over one pass through a test set; with sanity checks.
+
+    Like RobustBench-style evaluations, it warns when an attack's accuracy exceeds clean accuracy, or when the loss
+    has an exactly zero input gradient for over 5 % of the images: both are symptoms of a broken attack or of
+    gradient masking, under which a robust number means little.
+    Args:
+        model: maps images in [0, 1] to logits; left in eval mode (bake the masks first: it is then exactly as fast
+            as plain CLIP).
+        images: (N, 3, H, W) uint8 test images, decoded once (e.g. by cache_images); labels: (N,). Batches move to the
+            model's device.
+        attacks: {name: attack(model, x, y, generator=g) -> x_adv}: pgd_attack itself (the paper's PGD-100), or
+            any attack make_attack builds (PGD on CE or the CW margin, APGD-CE, APGD-T, AutoAttack).
+        batch_size: images per batch.
+        seed: every attack gets a generator of its own, on the model's device, seeded with this: an attack's number
+            depends on the seed and its own settings, not on which other attacks run, in what order, or before.
+    Returns:
+        {"n", "clean_acc", "zero_grad_share" (images whose loss has an all-zero input gradient), "seconds",
+        "correct": (N,) bool, "attacks": {name: {"adv_acc", "seconds", "correct": (N,) bool}}}, on the CPU.
+    Example:
+        >>> evaluate(bake_masks(classifier), x_u8, y, {"pgd": pgd_attack, "aa": make_attack("aa")})
+    """
+    _require_uint8(images, "evaluate")
+    device = next(model.parameters()).device
+    model.eval()
+    # not in the paper: a generator per attack, all seeded alike, so no number depends on which other cells ran
+    generators = {name: torch.Generator(device).manual_seed(seed) for name in attacks}
+    correct = {name: [] for name in ["clean", *attacks]}
+    seconds = dict.fromkeys(correct, 0.0)
+    zero_grad = 0
+    desc = f"eval, {len(attacks)} attack" + "s" * (len(attacks) != 1)
+    for start in tqdm(range(0, len(labels), batch_size), desc=desc, leave=False):
+        tic = time.perf_counter()
+        x = to_unit(images[start:start + batch_size].to(device, non_blocking=True))
+        y = labels[start:start + batch_size].to(device)
+        # the clean pass keeps its graph for one input gradient: clean accuracy and the gradient check in one go
+        x.requires_grad_(True)
+        logits = model(x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), x, materialize_grads=True)
+        correct["clean"].append((logits.argmax(1) == y).cpu())
+        zero_grad += (grad.flatten(1).abs().amax(1) == 0).sum().item()
+        x = x.detach()
+        seconds["clean"] += time.perf_counter() - tic
+        for name, attack in attacks.items():
+            tic = time.perf_counter()
+            x_adv = attack(model, x, y, generator=generators[name])
+            with torch.no_grad():
+                correct[name].append((model(x_adv).argmax(1) == y).cpu())
+            seconds[name] += time.perf_counter() - tic
+    correct = {name: torch.cat(c) for name, c in correct.items()}
+    n = len(labels)
+    accuracy = {name: c.sum().item() / n for name, c in correct.items()}
+    if zero_grad > 0.05 * n:
+        print(f"WARNING: the input gradient is exactly zero for {100 * zero_grad / n:.1f}% of the images: attacks "
+              f"cannot move them, so robust accuracy is overstated (saturated softmax or gradient masking)",
+              file=sys.stderr)
+    for name in attacks:
+        if accuracy[name] > accuracy["clean"]:
+            print(f"WARNING: accuracy under {name} {100 * accuracy[name]:.2f}% exceeds clean accuracy "
+                  f"{100 * accuracy['clean']:.2f}% on the same images: the attack is not working (broken attack or "
+                  f"gradient masking)", file=sys.stderr)
+    return {"n": n, "clean_acc": accuracy["clean"], "zero_grad_share": zero_grad / n, "seconds": seconds["clean"],
+            "correct": correct["clean"],
+            "attacks": {name: {"adv_acc": accuracy[name], "seconds": seconds[name],
+                               "correct": correct[name]} for name in attacks}}
+
+
+def worst_case_accuracy(correct):
+    """Accuracy under the worst of several attacks, image by image: an image counts only if no attack broke it
+    (RobustBench's convention; not the minimum of the attacks' accuracies). correct: list of (N,) bool tensors."""
+    all_robust = torch.stack(correct).all(dim=0)  # (N,)
+    return all_robust.sum().item() / len(all_robust)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# AdvMask in one call: CLIP and few-shot images in memory -> a robustly masked classifier
+
+def adversarial_mask_tuning(clip, images, labels, class_names, templates=("a photo of a {}.",), target="mhsa",
+                            tune="mask", epochs=None, tokenizer=None, **train_args):
+    """AdvMask end to end, with no files, CLI or protocol: CLIP as a classifier of class_names, masks on the chosen
+    weights of its image tower, and min-max training. Returns (classifier, training log).
+
+    Args:
+        clip: a pre-trained open_clip CLIP, changed in place (weights frozen, masks put on its image tower).
+        images: (N, 3, H, W) uint8 training images at the model's input size, e.g. K per class (sample_k_shot).
+        labels: (N,) int64 classes, indices into class_names.
+        class_names, templates: prompts template.format(name), averaged over the templates of each class.
+        target: the weights the mask covers (MASK_TARGETS; "mhsa" is the paper's).
+        tune: "mask" (AdvMask) or "weights" (adversarial fine-tuning of the same weights, the comparator).
+        epochs: default_epochs(N, batch size) unless given; train_args: the rest of train's arguments.
+    Returns:
+        The classifier with its masks on (save_masks it; bake_masks it to evaluate at plain CLIP's cost), and the
+        log train returned.
+    Example:
+        >>> clip = open_clip.create_model("ViT-B-32", pretrained="openai")
+        >>> classifier, log = adversarial_mask_tuning(clip, x_u8, y, ["cat", "dog"])
+        >>> evaluate(bake_masks(classifier), test_u8, test_y, {"pgd": pgd_attack})
+    """
+    classifier = ClipClassifier(clip, class_names, templates, tokenizer)
+    params = (apply_masks if tune == "mask" else tune_weights)(classifier, target)
+    epochs = epochs or default_epochs(len(labels), train_args.get("batch_size", BATCH_SIZE))
+    return classifier, train(classifier, params, images, labels, epochs, **train_args)
+
+
+# ======================================================================================================================
+# Tooling: everything below serves the method above (attacks by name, files, data, results, figures, CLI)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attack adapters: AutoAttack's APGD (torchattacks), and every attack by name in the convention evaluate calls
+
+DLR_MIN_CLASSES = 4  # the targeted DLR loss divides by the gap to the 4th-largest logit
+
+
+def _seed_from(generator):
+    """An int seed drawn from a generator (torchattacks' APGD takes a seed, not a generator); 0 without one."""
+    return 0 if generator is None else int(torch.randint(2**31 - 1, (), generator=generator, device=generator.device))
+
+
+def _apgd(model, images, labels, eps, steps, targeted, seed):
+    with torch.no_grad():
+        n_classes = model(images[:1]).shape[1]
+    if targeted and n_classes < DLR_MIN_CLASSES:
+        raise ValueError(f"APGD-T's targeted DLR loss needs at least {DLR_MIN_CLASSES} classes, not {n_classes}; use "
+                         f"APGD-CE or PGD")
+    if targeted:  # torchattacks targets the top n_classes − 1 other classes; AutoAttack's default is 9 of them
+        attack = torchattacks.APGDT(model, eps=eps, steps=steps, seed=seed, n_classes=min(10, n_classes))
+    else:
+        attack = torchattacks.APGD(model, eps=eps, steps=steps, seed=seed, loss="ce")
+    return attack(images, labels).detach()
+
+
+def apgd_attack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, targeted=False, generator=None):
+    """APGD (Croce & Hein, 2020), torchattacks' implementation: l∞, step size adapted from the progress of the loss.
+
+    Args:
+        model: maps images in [0, 1] to logits.
+        images: (B, 3, H, W) float in [0, 1]; labels: (B,) true classes.
+        eps: radius of the l∞ ball, in pixel units.
+        steps: iterations (100 in AutoAttack).
+        targeted: False: APGD-CE, untargeted on the cross-entropy. True: APGD-T, the targeted DLR loss towards each
+            of the top min(9, C − 1) other classes in turn, as AutoAttack runs it; DLR needs at least 4 classes.
+        generator: a torch.Generator; torchattacks seeds torch's global generator with a seed drawn from it.
+    Returns:
+        Adversarial images, detached, within the ε-ball and [0, 1]; an image the attack did not break (or that was
+        misclassified already) comes back clean.
+    Example:
+        >>> x_adv = apgd_attack(classifier, x, y, eps=1/255, steps=100, targeted=True)
+    """
+    return _apgd(model, images, labels, eps, steps, targeted, _seed_from(generator))
+
+
+def autoattack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, generator=None):
+    """AutoAttack as the CLIP robustness literature runs it: APGD-CE, then APGD-T on the images APGD-CE did not break.
+
+    The second stage starts from the clean images, as in AutoAttack, and can only remove images from the robust set.
+    Both stages take the one seed drawn from generator, so the first stage is exactly apgd_attack's APGD-CE.
+    Example:
+        >>> x_adv = autoattack(classifier, x, y, eps=1/255)
+    """
+    seed = _seed_from(generator)
+    x_adv = _apgd(model, images, labels, eps, steps, False, seed)
+    with torch.no_grad():
+        robust = model(x_adv).argmax(1) == labels  # (B,)
+    if robust.any():
+        x_adv[robust] = _apgd(model, images[robust], labels[robust], eps, steps, True, seed)
+    return x_adv
+
+
+ATTACKS = ("pgd", "cw", "apgd-ce", "apgd-t", "aa")
+MIN_CLASSES = {"apgd-t": DLR_MIN_CLASSES, "aa": DLR_MIN_CLASSES}
+
+
+def make_attack(name, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST_STEPS):
+    """An attack of ATTACKS as evaluate calls it, attack(model, x, y, generator=g) -> x_adv: "pgd" and "cw" are PGD on
+    the cross-entropy and on the CW margin; "apgd-ce", "apgd-t" and "aa" (APGD-CE, then APGD-T) are seeded from g.
+    Example:
+        >>> evaluate(model, x_u8, y, {name: make_attack(name, eps=4/255) for name in ("pgd", "aa")})
+    """
+    if name in ("pgd", "cw"):
+        return partial(pgd_attack, eps=eps, alpha=alpha, steps=steps, random_start=True,
+                       loss_fn=F.cross_entropy if name == "pgd" else cw_loss)
+    if name == "aa":
+        return partial(autoattack, eps=eps, steps=steps)
+    if name in ("apgd-ce", "apgd-t"):
+        return partial(apgd_attack, eps=eps, steps=steps, targeted=name == "apgd-t")
+    raise ValueError(f"unknown attack {name!r}; use one of {', '.join(ATTACKS)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Mask and weight files: 1 bit per masked weight (32 per tuned weight), with checked metadata
+
+MASK_FILE_FORMAT = 2  # 2 adds "heads", the attention heads per block, for the per-head analysis; 1 still loads
+MASK_MAGIC = b"ADVMASK\n"
+WEIGHTS_FILE_FORMAT, WEIGHTS_MAGIC = 1, b"ADVTUNE\n"  # --tune weights: the tuned weights themselves, fp32
+
+
+def _arch(model):
+    """A short description of the visual tower, stored in mask files to refuse a mask made for another model."""
+    visual = visual_tower(model)
+    return (f"{type(visual).__name__}(layers={len(visual.transformer.resblocks)}, width={visual.transformer.width}, "
+            f"patch={tuple(visual.patch_size)}, image={tuple(visual.image_size)})")
+
+
+def write_checked_file(path, magic, header, payload):
+    """Write magic, the header length (4 bytes, little-endian), the zlib-compressed JSON header plus the sha256 of the
+    payload, then the payload bytes, atomically: the container of mask files and of tuned-weight files."""
+    blob = zlib.compress(json.dumps({**header, "sha256": hashlib.sha256(payload).hexdigest()}).encode())
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(magic + len(blob).to_bytes(4, "little") + blob + payload))
+
+
+def read_checked_file(path, magic, formats, payload_bytes, what):
+    """(header, payload) of a file write_checked_file wrote, after checking its magic, header, format, length
+    (payload_bytes(header)) and checksum; what ("mask", "weights") names the kind of file in the errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} file {path} does not exist; pass the file that a training run wrote")
+    data = path.read_bytes()
+    if not data.startswith(magic):
+        raise ValueError(f"{path} is not an advmask {what} file; pass a file that save_{what.rstrip('s')}s wrote")
+    start = len(magic) + 4 + int.from_bytes(data[len(magic):len(magic) + 4], "little")
+    try:
+        header = json.loads(zlib.decompress(data[len(magic) + 4:start]))
+    except (zlib.error, ValueError):  # a cut or altered header fails to decompress or to parse
+        raise ValueError(f"{path} has an unreadable header: it is truncated or corrupted; copy it again or re-run "
+                         f"the training that wrote it") from None
+    if header.get("format") not in formats:
+        raise ValueError(f"{path} has {what} format {header.get('format')}, this code reads "
+                         f"{' and '.join(map(str, formats))}; use the advmask version that wrote it")
+    payload = data[start:]
+    if len(payload) != payload_bytes(header):
+        raise ValueError(f"{path} holds {len(payload)} bytes of {what} for {header['n_weights']} weights: it is "
+                         f"truncated; copy it again or re-run the training that wrote it")
+    if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+        raise ValueError(f"{path} fails its checksum: the {what} are corrupted; copy it again or re-run the training")
+    return header, payload
+
+
+def write_mask_file(path, header, bits):
+    """Write a mask file, atomically: header fields (arch, target, threshold, names, shapes, heads) and the bits.
+
+    The file is MASK_MAGIC, the header length (4 bytes, little-endian), a zlib-compressed JSON header (those fields
+    plus format, n_weights and the sha256 of the bits) and the (n,) bool bits, True = on, packed 8 to a byte in
+    np.packbits order; numpy alone can read it.
+    """
+    write_checked_file(path, MASK_MAGIC, {"format": MASK_FILE_FORMAT, **header, "n_weights": bits.numel()},
+                       np.packbits(bits.numpy()).tobytes())  # ⌈n/8⌉ bytes
+
+
+def read_mask_file(path):
+    """(header, bits) of a mask file, (n,) bool with True = on, after checking that the file is whole and intact."""
+    header, packed = read_checked_file(path, MASK_MAGIC, (1, MASK_FILE_FORMAT), lambda h: math.ceil(h["n_weights"] / 8),
+                                       "mask")
+    bits = np.unpackbits(np.frombuffer(packed, np.uint8), count=header["n_weights"]).astype(bool)
+    return header, torch.from_numpy(bits)
+
+
+def save_masks(model, path):
+    """Store M_bin only, packed 1 bit per masked weight, with what load_masks needs to refuse a model it does not fit
+    and what the per-head analysis needs (the number of attention heads).
+
+    Args:
+        model: a masked ClipClassifier or open_clip model.
+        path: file to write (atomically); a ViT-B/32 "mhsa" mask is 28.3 M weights, about 3.5 MB.
+    Example:
+        >>> save_masks(classifier, "runs/masks.bin"); load_masks(fresh_classifier, "runs/masks.bin")
+    """
+    entries = list(_masks(model))
+    if not entries:
+        raise ValueError("this model has no masks; call apply_masks and train before saving")
+    names = [name for name, *_ in entries]
+    suffixes = {name.split(".", 3)[3] for name in names}  # "transformer.resblocks.0.attn.in_proj_weight" -> "attn..."
+    write_mask_file(path, {
+        "arch": _arch(model),
+        "target": next(t for t, params in MASK_TARGETS.items() if set(params) == suffixes),
+        "threshold": entries[0][3].threshold,
+        "names": names,
+        "shapes": [list(mask.scores.shape) for *_, mask in entries],
+        "heads": visual_tower(model).transformer.resblocks[0].attn.num_heads,
+    }, torch.cat([(mask.scores > mask.threshold).flatten().cpu() for *_, mask in entries]))
+
+
+def load_masks(model, path):
+    """Put the masks of a file written by save_masks onto model (masking it first if it has no masks yet).
+
+    Every piece of metadata is checked; a file that does not fit raises ValueError saying what differs.
+    Loaded scores sit at threshold ± 1: only the bits are stored, so the old scores cannot be recovered.
+    Example:
+        >>> load_masks(classifier, "runs/masks.bin"); bake_masks(classifier)
+    """
+    header, bits = read_mask_file(path)
+    if header["arch"] != _arch(model):
+        raise ValueError(f"{path} was made for {header['arch']}, but this model is {_arch(model)}; "
+                         f"load it onto the architecture it was trained with")
+    if next(_masks(model), None) is None:
+        apply_masks(model, header["target"], threshold=header["threshold"])
+    entries = list(_masks(model))
+    ours = [(name, list(mask.scores.shape)) for name, *_, mask in entries]
+    if ours != list(zip(header["names"], header["shapes"])):
+        raise ValueError(f"{path} masks the {header['target']} weights, which are not the ones this model masks; "
+                         f"load it onto an unmasked model or one masked with --mask-target {header['target']}")
+    with torch.no_grad():
+        for chunk, (*_, mask) in zip(bits.split([m.scores.numel() for *_, m in entries]), entries):
+            on = chunk.view(mask.scores.shape).to(mask.scores.device)
+            mask.threshold = header["threshold"]
+            mask.scores.copy_(torch.where(on, mask.threshold + 1.0, mask.threshold - 1.0))
+    return model
+
+
+def _tuned(model, target):
+    """(name relative to the visual tower, tensor) of the weights tune_weights trains, in order."""
+    return [(f"transformer.resblocks.{i}.{name}", block.get_parameter(name))
+            for i, block in enumerate(visual_tower(model).transformer.resblocks) for name in MASK_TARGETS[target]]
+
+
+def save_weights(model, path, target="mhsa"):
+    """Store the tuned weights only (fp32, 32 bits a weight), with what load_weights needs to refuse a misfit model;
+    the rest of CLIP is the pre-trained checkpoint, untouched. Same container as a mask file."""
+    entries = _tuned(model, target)
+    write_checked_file(path, WEIGHTS_MAGIC, {
+        "format": WEIGHTS_FILE_FORMAT, "arch": _arch(model), "target": target, "dtype": "float32",
+        "names": [name for name, _ in entries], "shapes": [list(w.shape) for _, w in entries],
+        "n_weights": sum(w.numel() for _, w in entries)},
+        torch.cat([w.detach().float().flatten().cpu() for _, w in entries]).numpy().tobytes())
+
+
+def load_weights(model, path):
+    """Overwrite the model's weights with those of a file save_weights wrote, after checking that they fit."""
+    header, payload = read_checked_file(path, WEIGHTS_MAGIC, (WEIGHTS_FILE_FORMAT,), lambda h: 4 * h["n_weights"],
+                                        "weights")
+    if header["arch"] != _arch(model):
+        raise ValueError(f"{path} was tuned on {header['arch']}, but this model is {_arch(model)}; load it onto the "
+                         f"architecture it was trained with")
+    entries = _tuned(model, header["target"])
+    if [(name, list(w.shape)) for name, w in entries] != list(zip(header["names"], header["shapes"])):
+        raise ValueError(f"{path} holds weights of other names or shapes than this model's {header['target']} "
+                         f"weights; load it onto the model it was tuned from")
+    values = torch.from_numpy(np.frombuffer(payload, np.float32).copy())
+    with torch.no_grad():
+        for chunk, (_, w) in zip(values.split([w.numel() for _, w in entries]), entries):
+            w.copy_(chunk.view(w.shape))
+    return header
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Datasets and splits: CoOp's 11, TGA-ZSR's targets, ImageNet's shifts, and the images decoded once
 
 # The CoOp suite of 11 datasets; any tree imagefolder/{train,test}/<class>/ (your own data); TinyImageNet and the
 # five other targets of TGA-ZSR's zero-shot table; ImageNet's four shifted test sets (evaluation only). Per
@@ -164,528 +1056,6 @@ FLOWERS102_CLASSES = [
     "canna lily", "hippeastrum", "bee balm", "ball moss", "foxglove", "bougainvillea", "camellia", "mallow",
     "mexican petunia", "bromelia", "blanket flower", "trumpet creeper", "blackberry lily",
 ]
-
-# paper: λ = 50; ε = α = 1/255 with 2 PGD steps in training and 100 at test (ε, α in /255 units on the CLI).
-LAM = 50.0
-TRAIN_EPS, TRAIN_ALPHA, TRAIN_STEPS = 1.0, 1.0, 2
-TEST_EPS, TEST_ALPHA, TEST_STEPS = 1.0, 1.0, 100
-# not in the paper: mask init 1e-2 and threshold 5e-3 are R-AMT's (public mask-tuning code for CLIP).
-MASK_INIT, MASK_THRESHOLD = 1e-2, 5e-3
-# not in the paper: Adam with a cosine schedule and batch 32 as in R-AMT, but lr 1e-4 over a fixed budget of about
-# 500 optimisation steps at every shot count (R-AMT's lr 8e-5 over 1-shot's few steps never turns a weight off).
-# A score with a steady gradient sign moves ~lr per step and crosses the 5e-3 gap after ~10% of training; a score
-# with pure noise random-walks ~√500·lr ≈ 2e-3, below the gap, so noise alone rarely flips a weight.
-LR, BATCH_SIZE, TRAIN_BUDGET_STEPS = 1e-4, 32, 500
-# not in the paper: --tune weights (adversarial fine-tuning of the masked weights) takes Adam at 1e-5, the step CLIP
-# fine-tuning uses (FARE, WiSE-FT), for the same budget; a sweep on the tiny CLIP is in the README ("Mask or weights?")
-WEIGHTS_LR = 1e-5
-
-# A CLIP small enough to train on a CPU in seconds: for --dry-run and the tests (random weights).
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-# A small CLIP for --benchmark on a CPU: 65 tokens × batch 32 gives each weight about as much matrix-product work as
-# ViT-B/32 at batch 32 (50 tokens), so the cost of masking relative to the rest is comparable.
-BENCH_CLIP = {**TINY_CLIP,
-              "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32}}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# CLIP as a classifier: pixels in [0, 1] -> logits over class prompts, with per-block features for LAFA
-
-class ClipClassifier(nn.Module):
-    """Zero-shot CLIP classifier whose input is an image in [0, 1]; normalisation happens inside.
-
-    Text features are computed once here, with the frozen text tower, and kept as a buffer: the mask only touches the
-    image tower, so they never change.
-    """
-
-    def __init__(self, clip_model, class_names, templates, tokenizer=None):
-        super().__init__()
-        self.clip = clip_model
-        visual = clip_model.visual
-        mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-        std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-        tokenizer = tokenizer or partial(open_clip.tokenize, context_length=clip_model.context_length)
-        device = next(clip_model.parameters()).device
-        with torch.no_grad():
-            prompts = [clip_model.encode_text(tokenizer([t.format(c) for t in templates]).to(device), normalize=True)
-                       for c in class_names]  # C × (n_templates, E)
-            # T̂_c = normalize(mean over templates of normalize(text(template(c))))
-            text = F.normalize(torch.stack([p.mean(0) for p in prompts]), dim=-1)  # (C, E)
-        self.register_buffer("text_features", text.float())
-
-    def forward(self, images, return_features=False):
-        x = (images - self.mean) / self.std
-        if return_features:
-            out = self.clip.visual.forward_intermediates(x, output_fmt="NLC", output_extra_tokens=True)
-            image = out["image_features"]
-            # not in the paper: LAFA aligns each block's output, every token (the paper says "each layer's features");
-            # the class token goes back in front of the patch tokens: L × (B, T, D)
-            feats = [torch.cat(pair, dim=1)
-                     for pair in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
-        else:
-            image = self.clip.visual(x)
-        # not in the paper: the normalisation and the logits are fp32 under any autocast; in bf16, logits of 20-35
-        # (logit scale 100) would lie on a 0.125-0.25 grid and argmax ties would go to the lower class index
-        with torch.autocast(x.device.type, enabled=False):
-            # logits = exp(logit_scale) · f̂(x) · T̂ᵀ
-            logits = self.clip.logit_scale.exp() * F.normalize(image.float(), dim=-1) @ self.text_features.T  # (B, C)
-        return (logits, feats) if return_features else logits
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Binary masks with a straight-through estimator, on the weights of the visual transformer
-
-# Parameter names inside each visual block. Names, not module types, so they also fit open_clip versions that
-# replace nn.MultiheadAttention.
-MASK_TARGETS = {"mhsa": ("attn.in_proj_weight", "attn.out_proj.weight"),
-                "mlp": ("mlp.c_fc.weight", "mlp.c_proj.weight")}
-MASK_TARGETS["all"] = MASK_TARGETS["mhsa"] + MASK_TARGETS["mlp"]
-MASK_FILE_FORMAT = 2  # 2 adds "heads", the attention heads per block, for the per-head analysis; 1 still loads
-MASK_MAGIC = b"ADVMASK\n"
-WEIGHTS_FILE_FORMAT, WEIGHTS_MAGIC = 1, b"ADVTUNE\n"  # --tune weights: the tuned weights themselves, fp32
-
-
-class _BinarizeSTE(torch.autograd.Function):
-    """M_bin = 1[M > threshold] forward; identity backward (straight-through: ∂L/∂M := ∂L/∂M_bin)."""
-
-    @staticmethod
-    def forward(ctx, scores, threshold):
-        return (scores > threshold).to(scores.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class ScoreMask(nn.Module):
-    """Parametrization θ -> θ ⊙ 1[M > threshold] with learnable real-valued scores M, one per weight."""
-
-    def __init__(self, weight, init, threshold):
-        super().__init__()
-        self.scores = nn.Parameter(torch.full(weight.shape, float(init), device=weight.device))
-        self.threshold = threshold
-
-    def forward(self, theta):
-        # θ' = θ ⊙ M_bin; on weights stay θ bit for bit, off weights are 0; ∂L/∂M = (∂L/∂θ') ⊙ θ
-        return theta * _BinarizeSTE.apply(self.scores, self.threshold).to(theta.dtype)
-
-
-def visual_tower(model):
-    """The open_clip image tower of a ClipClassifier or of a bare open_clip model."""
-    return model.clip.visual if hasattr(model, "clip") else model.visual
-
-
-def _masks(model):
-    """(name relative to the visual tower, module, parameter name, ScoreMask) for every masked weight, in order."""
-    for module_name, module in visual_tower(model).named_modules():
-        if parametrize.is_parametrized(module):
-            for param_name, chain in module.parametrizations.items():
-                yield f"{module_name}.{param_name}", module, param_name, chain[0]
-
-
-def _arch(model):
-    """A short description of the visual tower, stored in mask files to refuse a mask made for another model."""
-    visual = visual_tower(model)
-    return (f"{type(visual).__name__}(layers={len(visual.transformer.resblocks)}, width={visual.transformer.width}, "
-            f"patch={tuple(visual.patch_size)}, image={tuple(visual.image_size)})")
-
-
-def apply_masks(model, target="mhsa", init=MASK_INIT, threshold=MASK_THRESHOLD):
-    """Freeze every pre-trained weight and put a trainable binary mask on the chosen weights of the image tower.
-
-    Args:
-        model: a ClipClassifier or a bare open_clip CLIP model.
-        target: "mhsa" (attention in_proj and out_proj weights, the paper's choice), "mlp" (c_fc, c_proj) or "all".
-            Biases, norms, embeddings, the projection and the text tower are never masked.
-        init: initial score of every weight (not in the paper; R-AMT's 1e-2).
-        threshold: a weight is on while its score is above this (not in the paper; R-AMT's 5e-3).
-    Returns:
-        The list of score tensors, the only parameters left with requires_grad=True.
-    Example:
-        >>> scores = apply_masks(classifier, "mhsa")
-        >>> optimizer = torch.optim.Adam(scores, lr=1e-4)
-    """
-    if target not in MASK_TARGETS:
-        raise ValueError(f"unknown mask target {target!r}; use one of {', '.join(MASK_TARGETS)}")
-    if next(_masks(model), None):
-        raise ValueError("this model already has masks; bake_masks it or start from a fresh model")
-    model.requires_grad_(False)
-    scores = []
-    for block in visual_tower(model).transformer.resblocks:
-        for name in MASK_TARGETS[target]:
-            module_name, _, param_name = name.rpartition(".")
-            module = block.get_submodule(module_name)
-            mask = ScoreMask(getattr(module, param_name), init, threshold)
-            mask.param_order = tuple(module._parameters)  # register_parametrization moves the weight; bake restores
-            parametrize.register_parametrization(module, param_name, mask)
-            scores.append(mask.scores)
-    return scores
-
-
-@contextlib.contextmanager
-def fixed_masks(model):
-    """Inside this block each masked weight θ ⊙ M_bin is formed once, with no gradient path to the scores."""
-    with parametrize.cached():
-        with torch.no_grad():
-            for _, module, param_name, _ in _masks(model):
-                getattr(module, param_name)  # fills the cache outside autograd
-        yield
-
-
-def mask_sparsity(model):
-    """Fraction of masked weights that are off."""
-    bits = [mask.scores > mask.threshold for *_, mask in _masks(model)]
-    if not bits:
-        raise ValueError("this model has no masks; call apply_masks first")
-    return 1.0 - sum(b.sum().item() for b in bits) / sum(b.numel() for b in bits)
-
-
-def bake_masks(model):
-    """Replace every masked weight by θ ⊙ M_bin in place and remove the masks: a plain open_clip model remains, with
-    its parameters in their original order."""
-    for module in {id(m): m for _, m, _, _ in _masks(model)}.values():
-        with torch.no_grad():
-            baked = {name: getattr(module, name) for name in module.parametrizations}
-        order = next(iter(module.parametrizations.values()))[0].param_order  # the first mask saw every parameter
-        # not torch's remove_parametrizations: it deletes the property from the module's class, a class that
-        # copy.deepcopy shares between a model and its copies, so baking a copy would break the original
-        module.__class__ = module.__class__.__bases__[0]
-        del module.parametrizations
-        for name, weight in baked.items():
-            module.register_parameter(name, nn.Parameter(weight, requires_grad=False))
-        # named_parameters() in a fresh model's order, so that code zipping two models' parameters pairs them right
-        params = dict(module._parameters)
-        module._parameters.clear()
-        module._parameters.update((name, params[name]) for name in order)
-    return model
-
-
-def _atomic_write(path, write):
-    """Call write(tmp) on a temporary file beside path, then rename it onto path: no reader sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_checked_file(path, magic, header, payload):
-    """Write magic, the header length (4 bytes, little-endian), the zlib-compressed JSON header plus the sha256 of the
-    payload, then the payload bytes, atomically: the container of mask files and of tuned-weight files."""
-    blob = zlib.compress(json.dumps({**header, "sha256": hashlib.sha256(payload).hexdigest()}).encode())
-    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(magic + len(blob).to_bytes(4, "little") + blob + payload))
-
-
-def read_checked_file(path, magic, formats, payload_bytes, what):
-    """(header, payload) of a file write_checked_file wrote, after checking its magic, header, format, length
-    (payload_bytes(header)) and checksum; what ("mask", "weights") names the kind of file in the errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} file {path} does not exist; pass the file that a training run wrote")
-    data = path.read_bytes()
-    if not data.startswith(magic):
-        raise ValueError(f"{path} is not an advmask {what} file; pass a file that save_{what.rstrip('s')}s wrote")
-    start = len(magic) + 4 + int.from_bytes(data[len(magic):len(magic) + 4], "little")
-    try:
-        header = json.loads(zlib.decompress(data[len(magic) + 4:start]))
-    except (zlib.error, ValueError):  # a cut or altered header fails to decompress or to parse
-        raise ValueError(f"{path} has an unreadable header: it is truncated or corrupted; copy it again or re-run "
-                         f"the training that wrote it") from None
-    if header.get("format") not in formats:
-        raise ValueError(f"{path} has {what} format {header.get('format')}, this code reads "
-                         f"{' and '.join(map(str, formats))}; use the advmask version that wrote it")
-    payload = data[start:]
-    if len(payload) != payload_bytes(header):
-        raise ValueError(f"{path} holds {len(payload)} bytes of {what} for {header['n_weights']} weights: it is "
-                         f"truncated; copy it again or re-run the training that wrote it")
-    if hashlib.sha256(payload).hexdigest() != header["sha256"]:
-        raise ValueError(f"{path} fails its checksum: the {what} are corrupted; copy it again or re-run the training")
-    return header, payload
-
-
-def write_mask_file(path, header, bits):
-    """Write a mask file, atomically: header fields (arch, target, threshold, names, shapes, heads) and the bits.
-
-    The file is MASK_MAGIC, the header length (4 bytes, little-endian), a zlib-compressed JSON header (those fields
-    plus format, n_weights and the sha256 of the bits) and the (n,) bool bits, True = on, packed 8 to a byte in
-    np.packbits order; numpy alone can read it.
-    """
-    write_checked_file(path, MASK_MAGIC, {"format": MASK_FILE_FORMAT, **header, "n_weights": bits.numel()},
-                       np.packbits(bits.numpy()).tobytes())  # ⌈n/8⌉ bytes
-
-
-def read_mask_file(path):
-    """(header, bits) of a mask file, (n,) bool with True = on, after checking that the file is whole and intact."""
-    header, packed = read_checked_file(path, MASK_MAGIC, (1, MASK_FILE_FORMAT), lambda h: math.ceil(h["n_weights"] / 8),
-                                       "mask")
-    bits = np.unpackbits(np.frombuffer(packed, np.uint8), count=header["n_weights"]).astype(bool)
-    return header, torch.from_numpy(bits)
-
-
-def save_masks(model, path):
-    """Store M_bin only, packed 1 bit per masked weight, with what load_masks needs to refuse a model it does not fit
-    and what the per-head analysis needs (the number of attention heads).
-
-    Args:
-        model: a masked ClipClassifier or open_clip model.
-        path: file to write (atomically); a ViT-B/32 "mhsa" mask is 28.3 M weights, about 3.5 MB.
-    Example:
-        >>> save_masks(classifier, "runs/masks.bin"); load_masks(fresh_classifier, "runs/masks.bin")
-    """
-    entries = list(_masks(model))
-    if not entries:
-        raise ValueError("this model has no masks; call apply_masks and train before saving")
-    names = [name for name, *_ in entries]
-    suffixes = {name.split(".", 3)[3] for name in names}  # "transformer.resblocks.0.attn.in_proj_weight" -> "attn..."
-    write_mask_file(path, {
-        "arch": _arch(model),
-        "target": next(t for t, params in MASK_TARGETS.items() if set(params) == suffixes),
-        "threshold": entries[0][3].threshold,
-        "names": names,
-        "shapes": [list(mask.scores.shape) for *_, mask in entries],
-        "heads": visual_tower(model).transformer.resblocks[0].attn.num_heads,
-    }, torch.cat([(mask.scores > mask.threshold).flatten().cpu() for *_, mask in entries]))
-
-
-def load_masks(model, path):
-    """Put the masks of a file written by save_masks onto model (masking it first if it has no masks yet).
-
-    Every piece of metadata is checked; a file that does not fit raises ValueError saying what differs.
-    Loaded scores sit at threshold ± 1: only the bits are stored, so the old scores cannot be recovered.
-    Example:
-        >>> load_masks(classifier, "runs/masks.bin"); bake_masks(classifier)
-    """
-    header, bits = read_mask_file(path)
-    if header["arch"] != _arch(model):
-        raise ValueError(f"{path} was made for {header['arch']}, but this model is {_arch(model)}; "
-                         f"load it onto the architecture it was trained with")
-    if next(_masks(model), None) is None:
-        apply_masks(model, header["target"], threshold=header["threshold"])
-    entries = list(_masks(model))
-    ours = [(name, list(mask.scores.shape)) for name, *_, mask in entries]
-    if ours != list(zip(header["names"], header["shapes"])):
-        raise ValueError(f"{path} masks the {header['target']} weights, which are not the ones this model masks; "
-                         f"load it onto an unmasked model or one masked with --mask-target {header['target']}")
-    with torch.no_grad():
-        for chunk, (*_, mask) in zip(bits.split([m.scores.numel() for *_, m in entries]), entries):
-            on = chunk.view(mask.scores.shape).to(mask.scores.device)
-            mask.threshold = header["threshold"]
-            mask.scores.copy_(torch.where(on, mask.threshold + 1.0, mask.threshold - 1.0))
-    return model
-
-
-def tune_weights(model, target="mhsa"):
-    """The comparator of apply_masks: freeze every pre-trained weight except the chosen weights of the image tower,
-    which are then trained directly (adversarial fine-tuning of exactly the weights the mask would cover).
-
-    Returns:
-        The list of those weight tensors, the only parameters left with requires_grad=True.
-    Example:
-        >>> weights = tune_weights(classifier, "mhsa"); optimizer = torch.optim.Adam(weights, lr=1e-5)
-    """
-    if target not in MASK_TARGETS:
-        raise ValueError(f"unknown target {target!r}; use one of {', '.join(MASK_TARGETS)}")
-    model.requires_grad_(False)
-    return [block.get_parameter(name).requires_grad_(True) for block in visual_tower(model).transformer.resblocks
-            for name in MASK_TARGETS[target]]
-
-
-def _tuned(model, target):
-    """(name relative to the visual tower, tensor) of the weights tune_weights trains, in order."""
-    return [(f"transformer.resblocks.{i}.{name}", block.get_parameter(name))
-            for i, block in enumerate(visual_tower(model).transformer.resblocks) for name in MASK_TARGETS[target]]
-
-
-def save_weights(model, path, target="mhsa"):
-    """Store the tuned weights only (fp32, 32 bits a weight), with what load_weights needs to refuse a misfit model;
-    the rest of CLIP is the pre-trained checkpoint, untouched. Same container as a mask file."""
-    entries = _tuned(model, target)
-    write_checked_file(path, WEIGHTS_MAGIC, {
-        "format": WEIGHTS_FILE_FORMAT, "arch": _arch(model), "target": target, "dtype": "float32",
-        "names": [name for name, _ in entries], "shapes": [list(w.shape) for _, w in entries],
-        "n_weights": sum(w.numel() for _, w in entries)},
-        torch.cat([w.detach().float().flatten().cpu() for _, w in entries]).numpy().tobytes())
-
-
-def load_weights(model, path):
-    """Overwrite the model's weights with those of a file save_weights wrote, after checking that they fit."""
-    header, payload = read_checked_file(path, WEIGHTS_MAGIC, (WEIGHTS_FILE_FORMAT,), lambda h: 4 * h["n_weights"],
-                                        "weights")
-    if header["arch"] != _arch(model):
-        raise ValueError(f"{path} was tuned on {header['arch']}, but this model is {_arch(model)}; load it onto the "
-                         f"architecture it was trained with")
-    entries = _tuned(model, header["target"])
-    if [(name, list(w.shape)) for name, w in entries] != list(zip(header["names"], header["shapes"])):
-        raise ValueError(f"{path} holds weights of other names or shapes than this model's {header['target']} "
-                         f"weights; load it onto the model it was tuned from")
-    values = torch.from_numpy(np.frombuffer(payload, np.float32).copy())
-    with torch.no_grad():
-        for chunk, (_, w) in zip(values.split([w.numel() for _, w in entries]), entries):
-            w.copy_(chunk.view(w.shape))
-    return header
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# PGD: the l∞ attack of the inner maximisation (2 steps in training, 100 at test)
-
-def cw_loss(logits, labels):
-    """CW margin loss, batch mean of max_{j≠y} z_j − z_y: positive once the image is misclassified."""
-    z_y = logits.gather(1, labels[:, None]).squeeze(1)  # (B,)
-    z_other = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(dim=1)  # (B,)
-    return (z_other - z_y).mean()
-
-
-def pgd_attack(model, images, labels, eps=1 / 255, alpha=1 / 255, steps=2, random_start=True, loss_fn=F.cross_entropy,
-               generator=None):
-    """l∞ projected gradient ascent on a loss (cross-entropy by default), in [0, 1] pixel space (Madry et al., 2018).
-
-    Same algorithm as torchattacks' PGD: with random_start=False the two give identical images.
-    Args:
-        model: maps images in [0, 1] to logits; put in eval mode for the attack and restored after.
-        images: (B, 3, H, W) float in [0, 1].
-        labels: (B,) true classes.
-        eps: radius of the l∞ ball, in pixel units (1/255 in the paper).
-        alpha: step size, in pixel units.
-        steps: number of gradient steps.
-        random_start: start from a uniform point in the ε-ball (FAP and torchattacks do).
-        loss_fn: the loss to maximise, (logits, labels) -> scalar; cw_loss gives PGD on the CW margin.
-        generator: a torch.Generator on the images' device for the random start (default: torch's global one).
-    Returns:
-        Adversarial images, detached, with ‖x_adv − x‖∞ ≤ eps and values in [0, 1].
-    Example:
-        >>> x_adv = pgd_attack(classifier, x, y, eps=1/255, alpha=1/255, steps=100)
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        x0 = images.detach()
-        x = x0.clone()
-        if random_start:
-            x = (x + torch.empty_like(x).uniform_(-eps, eps, generator=generator)).clamp(0, 1)
-        for _ in range(steps):
-            x.requires_grad_(True)
-            loss = loss_fn(model(x), labels)
-            # only the input's gradient: nothing accumulates in any parameter's .grad; a model whose output does not
-            # depend differentiably on its input (gradient masking) gets a zero gradient instead of an error
-            (grad,) = torch.autograd.grad(loss, x, materialize_grads=True)
-            # x ← clamp(x₀ + clamp(x + α·sign(∇ₓ L) − x₀, −ε, ε), 0, 1)
-            x = x.detach() + alpha * grad.sign()
-            x = (x0 + (x - x0).clamp(-eps, eps)).clamp(0, 1)
-        return x.detach()
-    finally:
-        model.train(was_training)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Losses: L_mask = L_CE(x_adv, y) + λ · L_LAFA(x, x_adv, y)
-
-def lafa_loss(clean_feats, adv_feats, clean_logits, labels, adaptive=True, eps=1e-8):
-    """Layer-wise adaptive feature alignment: pull each block's adversarial features onto the clean ones.
-
-    Args:
-        clean_feats: L × (B, T, D) block outputs on the clean images; targets, no gradient flows into them.
-        adv_feats: L × (B, T, D) block outputs on the adversarial images.
-        clean_logits: (B, C) logits on the clean images, for the confidence weights.
-        labels: (B,) true classes.
-        adaptive: weight each sample by its clean confidence (the paper's LAFA) or uniformly ("LAFA w/o adaptive").
-        eps: keeps the weights finite when every clean confidence is ~0 (not in the paper).
-    Returns:
-        Scalar loss, ≥ 0, and 0 when the features match.
-    Example:
-        >>> loss = F.cross_entropy(adv_logits, y) + 50 * lafa_loss(clean_feats, adv_feats, clean_logits, y)
-    """
-    # not in the paper: ‖·‖² is taken as the mean over tokens and channels, not the sum, so that λ = 50 balances the
-    # CE at the scale of CLIP's residual stream whatever the width and token count; and the clean features are
-    # detached targets, so LAFA moves the adversarial pass towards the clean one and not the reverse.
-    d = torch.stack([(c.detach().float() - a.float()).pow(2).mean(dim=(1, 2))
-                     for c, a in zip(clean_feats, adv_feats)])  # (L, B)
-    with torch.no_grad():
-        # p_i = p(y_i | x_i) on the clean input
-        p = clean_logits.float().softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)  # (B,)
-        # w_i = p_i / (E_B[p] + ε): confidently classified samples dominate, misclassified (noisy) ones count less
-        w = p / (p.mean() + eps) if adaptive else torch.ones_like(p)
-    # L_LAFA = 1/(|L||B|) Σ_l Σ_i w_i · d_i^l
-    return (d * w).mean()
-
-
-def kl_loss(clean_logits, adv_logits):
-    """KL(p_clean ‖ p_adv), batch mean: the "+ KL" row of the paper's loss ablation (TRADES' regulariser)."""
-    return F.kl_div(adv_logits.float().log_softmax(-1), clean_logits.float().log_softmax(-1), log_target=True,
-                    reduction="batchmean")
-
-
-def js_loss(clean_logits, adv_logits):
-    """Jensen-Shannon divergence between the clean and adversarial output distributions, batch mean ("+ JS")."""
-    log_p, log_q = clean_logits.float().log_softmax(-1), adv_logits.float().log_softmax(-1)
-    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2)  # log((p + q) / 2)
-    # JS(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)
-    return 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="batchmean")
-                  + F.kl_div(log_m, log_q, log_target=True, reduction="batchmean"))
-
-
-# The rows of the paper's loss ablation; each adds λ · (its regulariser) to L_CE(x_adv, y). The paper does not give
-# the ablation rows' weights; we use the one λ for all (50 by default).
-LOSSES = ("ce", "ce+js", "ce+kl", "ce+lafa_plain", "ce+lafa")
-
-
-def mask_loss(kind, clean_logits, clean_feats, adv_logits, adv_feats, labels):
-    """(L_CE(x_adv, y), regulariser) for one of LOSSES; the training loss is L_CE + λ · regulariser."""
-    ce = F.cross_entropy(adv_logits, labels)
-    if kind == "ce":
-        return ce, torch.zeros_like(ce)
-    if kind == "ce+js":
-        return ce, js_loss(clean_logits, adv_logits)
-    if kind == "ce+kl":
-        return ce, kl_loss(clean_logits, adv_logits)
-    if kind in ("ce+lafa_plain", "ce+lafa"):
-        return ce, lafa_loss(clean_feats, adv_feats, clean_logits, labels, adaptive=kind == "ce+lafa")
-    raise ValueError(f"unknown loss {kind!r}; use one of {', '.join(LOSSES)}")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# K-shot data: datasets on disk, the K-shot sampler, and the training set decoded once into a uint8 tensor
-
-def sample_k_shot(labels, shots, seed, class_names=None):
-    """Indices of exactly `shots` images of every class, without repeats, the same for the same arguments.
-
-    Without class_names the classes are the label values present, whatever they are (e.g. {0, 2, 5, 9}); with
-    class_names they are 0 .. len(class_names) − 1, and each must have `shots` images.
-    Args:
-        labels: sequence of int class labels, one per image of the training split.
-        shots: images per class (K).
-        seed: the sample depends on nothing else.
-        class_names: optional, to require every named class and to name a short one in the error.
-    Returns:
-        A sorted list of indices into labels, len = shots × number of classes.
-    Example:
-        >>> idx = sample_k_shot(dataset_labels, shots=16, seed=1)
-    """
-    labels = torch.as_tensor(labels)
-    classes = range(len(class_names)) if class_names is not None else labels.unique().tolist()
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
-    for c in classes:
-        pool = (labels == c).nonzero().flatten()
-        if len(pool) < shots:
-            name = f"{class_names[c]!r}" if class_names is not None else str(c)
-            raise ValueError(f"class {name} has {len(pool)} training images, fewer than --shots {shots}; "
-                             f"lower --shots to at most {len(pool)}")
-        chosen += pool[torch.randperm(len(pool), generator=generator)[:shots]].tolist()
-    return sorted(chosen)
-
-
-def to_unit(images):
-    """uint8 images in 0..255 -> float in [0, 1], the model's input space."""
-    return images.float() / 255
 
 
 # Two small Dataset classes, the only classes here that are not nn.Modules: torch's Subset cannot relabel (base/new
@@ -858,8 +1228,8 @@ def _imagenet_wnids(root):
 
 
 def _imagenet_variant(name, root, transform):
-    """A shifted ImageNet test set as (Split, class names): CLIP's ImageNet names, labels in ImageNet's order; ImageNet-A
-    and -R hold 200 of its classes, renumbered 0..199 in that order."""
+    """A shifted ImageNet test set as (Split, class names): CLIP's ImageNet names, labels in ImageNet's order;
+    ImageNet-A and -R hold 200 of its classes, renumbered 0..199 in that order."""
     ds = torchvision.datasets.ImageFolder(Path(root) / DATASETS[name][3], transform=transform)
     if name == "imagenet_v2":  # class folders are ImageNet's label numbers
         index = [int(c) for c in ds.classes]
@@ -946,8 +1316,8 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
                 for part, items in parts.items()} | {"classes": [names[c] for c in range(len(names))], "split": split}
     try:
         if name == "tinyimagenet":
-            train, test, classes = _tinyimagenet(root, transform)
-            parts = {"train": train, "test": test}
+            train_files, test_files, classes = _tinyimagenet(root, transform)
+            parts = {"train": train_files, "test": test_files}
         elif train_splits == ():  # an evaluation-only test set
             test, classes = _imagenet_variant(name, root, transform)
             parts = {"train": None, "test": test}
@@ -957,11 +1327,11 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
             parts = {"train": Split(whole, train_idx, [labels[i] for i in train_idx]),
                      "test": Split(whole, test_idx, [labels[i] for i in test_idx])}
         else:
-            train = [_torchvision_dataset(name, root, s, transform, download) for s in train_splits]
+            train_parts = [_torchvision_dataset(name, root, s, transform, download) for s in train_splits]
             test = _torchvision_dataset(name, root, test_split, transform, download)
-            joined = torch.utils.data.ConcatDataset(train)
-            classes = _class_names(name, train[0])
-            parts = {"train": Split(joined, range(len(joined)), sum((_labels(d) for d in train), [])),
+            joined = torch.utils.data.ConcatDataset(train_parts)
+            classes = _class_names(name, train_parts[0])
+            parts = {"train": Split(joined, range(len(joined)), sum((_labels(d) for d in train_parts), [])),
                      "test": Split(test, range(len(test)), _labels(test))}
     except ImportError as e:
         raise ValueError(str(e)) from None
@@ -1023,286 +1393,6 @@ def _image_file(dataset, i):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Training: min over the mask of E[L_CE(x_adv) + λ · L_LAFA], with x_adv from PGD
-
-def autocast(device, precision):
-    """Mixed precision for forward and backward passes: bf16 autocast, or nothing for "fp32"."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
-
-
-def steps_per_epoch(n_images, batch_size):
-    """Full batches per epoch: the incomplete last one is dropped, as Dassl's loader (CoOp, FAP) drops it, unless the
-    set is smaller than one batch, which is then one batch. Adam would weight a batch of 5 like one of 32."""
-    # not in the paper: Dassl's drop_last, which CoOp and FAP train with
-    return max(1, n_images // batch_size)
-
-
-def default_epochs(n_images, batch_size, budget_steps=TRAIN_BUDGET_STEPS):
-    """Epochs giving about budget_steps optimisation steps (at least one epoch), whatever the shot count."""
-    return max(1, math.ceil(budget_steps / steps_per_epoch(n_images, batch_size)))
-
-
-def train_step(model, optimizer, x, y, lam=LAM, eps=1 / 255, alpha=1 / 255, steps=2, loss="ce+lafa", generator=None):
-    """One min-max step on images x in [0, 1]; returns (L_CE, regulariser, adversarial logits), detached.
-
-    generator draws PGD's random start (a torch.Generator on x's device; default: torch's global one)."""
-    # inner max: x_adv = argmax_{‖x_adv − x‖∞ ≤ ε} L_CE(f(x_adv), y), with the mask held fixed (formed once, and
-    # shared with the clean pass, which needs no gradient either)
-    with fixed_masks(model):
-        x_adv = pgd_attack(model, x, y, eps, alpha, steps, generator=generator)
-        with torch.no_grad():
-            clean_logits, clean_feats = model(x, return_features=True)
-    adv_logits, adv_feats = model(x_adv, return_features=True)
-    ce, reg = mask_loss(loss, clean_logits, clean_feats, adv_logits, adv_feats, y)
-    # L_mask = L_CE(x_adv, y) + λ · L_LAFA(x, x_adv, y)
-    total = ce + lam * reg
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    # straight-through: M ← M − γ · Adam(∂L/∂M_bin) (with --tune weights: θ ← θ − γ · Adam(∂L/∂θ))
-    optimizer.step()
-    return ce.detach(), reg.detach(), adv_logits.detach()
-
-
-def _save_training_state(path, epoch, params, optimizer, scheduler, generators, history, sums):
-    """Everything a resumed run needs to continue exactly: the trained tensors (mask scores or weights), Adam, schedule,
-    the training generators, the log
-    so far and the running sums of the log row in progress."""
-    state = {"epoch": epoch, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "generators": [g.get_state() for g in generators],
-             "history": history, "sums": sums.cpu()}
-    _atomic_write(path, partial(torch.save, state))
-
-
-def _load_training_state(path, params, optimizer, scheduler, generators, sums):
-    """Restore what _save_training_state wrote; returns (epochs done, log so far)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # whatever the parser trips on, the file is not an intact checkpoint
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start the run "
-                         f"over") from None
-    if [p.shape for p in state["params"]] != [p.shape for p in params]:
-        raise ValueError(f"checkpoint {path} holds tensors of other shapes; delete it or use another --out-dir")
-    with torch.no_grad():
-        for p, saved in zip(params, state["params"]):
-            p.copy_(saved)
-        sums.copy_(state["sums"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    for generator, saved in zip(generators, state["generators"]):
-        generator.set_state(saved)
-    return state["epoch"], state["history"]
-
-
-def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, lam=LAM, eps=1 / 255, alpha=1 / 255,
-          steps=2, loss="ce+lafa", seed=0, log_every=20, checkpoint=None, checkpoint_every=50):
-    """Adversarial mask tuning: only the scores change; every pre-trained weight stays bit for bit as it was. (Given
-    the weights tune_weights returned instead, the same loop is adversarial fine-tuning of those weights.)
-
-    Args:
-        model: a ClipClassifier with masks (apply_masks), or with weights made trainable (tune_weights).
-        params: the score tensors apply_masks returned (or the weights tune_weights returned).
-        images: (N, 3, H, W) uint8 training images, already on the model's device.
-        labels: (N,) their classes.
-        epochs: passes over the images; default_epochs gives the budget we use.
-        batch_size, lr: Adam on params with a cosine schedule to 0; an epoch is steps_per_epoch full batches.
-        lam: λ, the weight of LAFA (50 in the paper; 0 gives CE-only adversarial mask tuning).
-        eps, alpha, steps: the training PGD, in pixel units.
-        loss: one of LOSSES; "ce+lafa" is the paper's method, the others its ablation rows.
-        seed: seeds the two generators of all training randomness, batch order and flips (CPU) and PGD's random
-            starts (on the device), so the mask depends on nothing else: not on torch's global generator, which
-            an evaluation before training may have used.
-        log_every: print a line every this many steps.
-        checkpoint: file for the training state, resumed from if it exists and written (atomically) at the end of
-            an epoch once checkpoint_every steps have passed since the last one, and at the end. A run killed at any
-            point and started again ends with the same mask, bit for bit, and the same log. (Not every epoch: a
-            1-shot epoch is 1 step, and a ViT-B/32 state is 340 MB.)
-    Returns:
-        List of the logged rows (dicts), the last one at the final step.
-    Raises:
-        FloatingPointError: the loss became NaN or infinite; the last checkpoint, written before it, is kept.
-    Example:
-        >>> scores = apply_masks(classifier)
-        >>> train(classifier, scores, x_u8, y, epochs=default_epochs(len(y), 32))
-    """
-    optimizer = torch.optim.Adam(params, lr=lr)
-    per_epoch = steps_per_epoch(len(labels), batch_size)
-    total = epochs * per_epoch
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    order = torch.Generator().manual_seed(seed)  # batch order and flips
-    starts = torch.Generator(labels.device).manual_seed(seed)  # PGD's random starts
-    # running sums of CE·B, regulariser·B ("lafa" in the log, whichever the loss), correct, images; kept on the device,
-    # like the finiteness flag, so that a step never waits for the GPU
-    sums = torch.zeros(4, device=labels.device)
-    finite = torch.ones((), dtype=torch.bool, device=labels.device)
-    first_epoch, history = 0, []
-    if checkpoint is not None and Path(checkpoint).is_file():
-        first_epoch, history = _load_training_state(checkpoint, params, optimizer, scheduler, (order, starts), sums)
-        print(f"resuming from {checkpoint} after epoch {first_epoch}/{epochs}", flush=True)
-    step, saved_at, tic = first_epoch * per_epoch, first_epoch * per_epoch, time.perf_counter()
-    masked = next(_masks(model), None) is not None
-    model.train()
-    for epoch in range(first_epoch, epochs):
-        for batch in torch.randperm(len(labels), generator=order).to(labels.device).split(batch_size)[:per_epoch]:
-            step += 1
-            x, y = to_unit(images[batch]), labels[batch]
-            # not in the paper: random horizontal flips are the only augmentation; they run on the device, on the
-            # cached tensor, so no image is decoded twice
-            flip = (torch.rand(len(y), generator=order) < 0.5).to(x.device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            ce, lafa, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, loss, starts)
-            scheduler.step()
-            finite &= torch.isfinite(ce + lam * lafa)
-            hits = (adv_logits.argmax(1) == y).sum()
-            sums += torch.stack([ce * len(y), lafa * len(y), hits, sums.new_tensor(len(y))])
-            if step % log_every == 0 or step == total:
-                if not finite:
-                    break
-                ce_sum, lafa_sum, correct, seen = sums.tolist()
-                row = {"step": step, "ce": ce_sum / seen, "lafa": lafa_sum / seen, "adv_acc": correct / seen,
-                       "off": mask_sparsity(model) if masked else None,
-                       "img_per_s": seen / (time.perf_counter() - tic)}
-                off = f" | off {100 * row['off']:.2f}%" if masked else ""
-                memory = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if labels.is_cuda else ""
-                print(f"step {step}/{total} | ce {row['ce']:.3f} | lafa {row['lafa']:.4f} "
-                      f"| adv-acc {row['adv_acc']:.2f}{off} | {row['img_per_s']:.0f} img/s{memory}", flush=True)
-                history.append(row)
-                sums.zero_()
-                tic = time.perf_counter()
-        if not finite:
-            raise FloatingPointError(
-                f"the training loss became NaN or infinite in epoch {epoch + 1}; the run stops, keeping the "
-                f"checkpoint of step {saved_at}" + (f" in {checkpoint}" if checkpoint else "") +
-                "; lower --lr or --lam, or check the data, and start again with another --out-dir")
-        if checkpoint is not None and (step - saved_at >= checkpoint_every or epoch + 1 == epochs):
-            _save_training_state(checkpoint, epoch + 1, params, optimizer, scheduler, (order, starts), history, sums)
-            saved_at = step
-            print(f"checkpoint | epoch {epoch + 1}/{epochs} | step {step}/{total} | {checkpoint}", flush=True)
-    return history
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Evaluation: clean accuracy, and accuracy under PGD (100 steps in the paper) or AutoAttack's APGD
-
-DLR_MIN_CLASSES = 4  # the targeted DLR loss divides by the gap to the 4th-largest logit
-
-
-def apgd_attack(model, images, labels, eps=1 / 255, steps=100, targeted=False, seed=0):
-    """APGD (Croce & Hein, 2020), torchattacks' implementation: l∞, step size adapted from the progress of the loss.
-
-    Args:
-        model: maps images in [0, 1] to logits.
-        images: (B, 3, H, W) float in [0, 1]; labels: (B,) true classes.
-        eps: radius of the l∞ ball, in pixel units.
-        steps: iterations (100 in AutoAttack).
-        targeted: False: APGD-CE, untargeted on the cross-entropy. True: APGD-T, the targeted DLR loss towards each
-            of the top min(9, C − 1) other classes in turn, as AutoAttack runs it; DLR needs at least 4 classes.
-        seed: torchattacks seeds torch's global generator with it on every call.
-    Returns:
-        Adversarial images, detached, within the ε-ball and [0, 1]; an image the attack did not break (or that was
-        misclassified already) comes back clean.
-    Example:
-        >>> x_adv = apgd_attack(classifier, x, y, eps=1/255, steps=100, targeted=True)
-    """
-    with torch.no_grad():
-        n_classes = model(images[:1]).shape[1]
-    if targeted and n_classes < DLR_MIN_CLASSES:
-        raise ValueError(f"APGD-T's targeted DLR loss needs at least {DLR_MIN_CLASSES} classes, not {n_classes}; use "
-                         f"APGD-CE or PGD")
-    if targeted:  # torchattacks targets the top n_classes − 1 other classes; AutoAttack's default is 9 of them
-        attack = torchattacks.APGDT(model, eps=eps, steps=steps, seed=seed, n_classes=min(10, n_classes))
-    else:
-        attack = torchattacks.APGD(model, eps=eps, steps=steps, seed=seed, loss="ce")
-    return attack(images, labels).detach()
-
-
-def autoattack(model, images, labels, eps=1 / 255, steps=100, seed=0):
-    """AutoAttack as the CLIP robustness literature runs it: APGD-CE, then APGD-T on the images APGD-CE did not break.
-
-    The second stage starts from the clean images, as in AutoAttack, and can only remove images from the robust set.
-    Example:
-        >>> x_adv = autoattack(classifier, x, y, eps=1/255)
-    """
-    x_adv = apgd_attack(model, images, labels, eps, steps, targeted=False, seed=seed)
-    with torch.no_grad():
-        robust = model(x_adv).argmax(1) == labels  # (B,)
-    if robust.any():
-        x_adv[robust] = apgd_attack(model, images[robust], labels[robust], eps, steps, targeted=True, seed=seed)
-    return x_adv
-
-
-def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
-    """Clean accuracy once, and accuracy under every attack, over one pass through a test set; with sanity checks.
-
-    Like RobustBench-style evaluations, it warns when an attack's accuracy exceeds clean accuracy, or when the loss
-    has an exactly zero input gradient for over 5 % of the images: both are symptoms of a broken attack or of
-    gradient masking, under which a robust number means little.
-    Args:
-        model: maps images in [0, 1] to logits; left in eval mode (bake the masks first: it is then exactly as fast
-            as plain CLIP).
-        images: (N, 3, H, W) uint8 test images, decoded once (e.g. by cache_images); labels: (N,). Batches move to the
-            model's device.
-        attacks: {name: attack(model, x, y, generator=g) -> x_adv}, e.g.
-            {"pgd": partial(pgd_attack, eps=1/255, alpha=1/255, steps=100)}.
-        batch_size: images per batch.
-        seed: every attack gets a generator of its own, on the model's device, seeded with this: an attack's number
-            depends on the seed and its own settings, not on which other attacks run, in what order, or before.
-    Returns:
-        {"n", "clean_acc", "zero_grad_share" (images whose loss has an all-zero input gradient), "seconds",
-        "correct": (N,) bool, "attacks": {name: {"adv_acc", "seconds", "correct": (N,) bool}}}, on the CPU.
-    Example:
-        >>> evaluate(bake_masks(classifier), x_u8, y, {"pgd": partial(pgd_attack, steps=100)})
-    """
-    device = next(model.parameters()).device
-    model.eval()
-    # not in the paper: a generator per attack, all seeded alike, so no number depends on which other cells ran
-    generators = {name: torch.Generator(device).manual_seed(seed) for name in attacks}
-    correct = {name: [] for name in ["clean", *attacks]}
-    seconds = dict.fromkeys(correct, 0.0)
-    zero_grad = 0
-    for start in tqdm(range(0, len(labels), batch_size), desc=f"eval, {len(attacks)} attacks", leave=False):
-        tic = time.perf_counter()
-        x = to_unit(images[start:start + batch_size].to(device, non_blocking=True))
-        y = labels[start:start + batch_size].to(device)
-        # the clean pass keeps its graph for one input gradient: clean accuracy and the gradient check in one go
-        x.requires_grad_(True)
-        logits = model(x)
-        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), x, materialize_grads=True)
-        correct["clean"].append((logits.argmax(1) == y).cpu())
-        zero_grad += (grad.flatten(1).abs().amax(1) == 0).sum().item()
-        x = x.detach()
-        seconds["clean"] += time.perf_counter() - tic
-        for name, attack in attacks.items():
-            tic = time.perf_counter()
-            x_adv = attack(model, x, y, generator=generators[name])
-            with torch.no_grad():
-                correct[name].append((model(x_adv).argmax(1) == y).cpu())
-            seconds[name] += time.perf_counter() - tic
-    correct = {name: torch.cat(c) for name, c in correct.items()}
-    n = len(labels)
-    accuracy = {name: c.sum().item() / n for name, c in correct.items()}
-    if zero_grad > 0.05 * n:
-        print(f"WARNING: the input gradient is exactly zero for {100 * zero_grad / n:.1f}% of the images: attacks "
-              f"cannot move them, so robust accuracy is overstated (saturated softmax or gradient masking)",
-              file=sys.stderr)
-    for name in attacks:
-        if accuracy[name] > accuracy["clean"]:
-            print(f"WARNING: accuracy under {name} {100 * accuracy[name]:.2f}% exceeds clean accuracy "
-                  f"{100 * accuracy['clean']:.2f}% on the same images: the attack is not working (broken attack or "
-                  f"gradient masking)", file=sys.stderr)
-    return {"n": n, "clean_acc": accuracy["clean"], "zero_grad_share": zero_grad / n, "seconds": seconds["clean"],
-            "correct": correct["clean"],
-            "attacks": {name: {"adv_acc": accuracy[name], "seconds": seconds[name],
-                               "correct": correct[name]} for name in attacks}}
-
-
-def worst_case_accuracy(correct):
-    """Accuracy under the worst of several attacks, image by image: an image counts only if no attack broke it
-    (RobustBench's convention; not the minimum of the attacks' accuracies). correct: list of (N,) bool tensors."""
-    all_robust = torch.stack(correct).all(dim=0)  # (N,)
-    return all_robust.sum().item() / len(all_robust)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Results: atomic JSON files, the paper's H, and the tables over seeds that summarize writes
 
 # The models a results entry can name: the mask, the weights tuned instead (--tune weights), the unmasked baseline.
@@ -1358,11 +1448,11 @@ SAME_BASIS = ("model", "pretrained", "synthetic", "dry_run", "templates", "mask_
               "eval_precision", "eval_limit")
 
 
-def _basis(run, dataset, entry):
+def _basis(finished, dataset, entry):
     """(what, value) pairs that must agree across the seeds of a summary cell: the split source of the datasets the
     entry rests on, the settings of SAME_BASIS, and for a worst-case entry the attacks it is the worst of."""
-    settings = run.get("settings", {})
-    return (("splits", _split_source(run.get("splits"), dataset, entry["eval"])),
+    settings = finished.get("settings", {})
+    return (("splits", _split_source(finished.get("splits"), dataset, entry["eval"])),
             *((k, settings.get(k, "unrecorded")) for k in SAME_BASIS),
             ("attacks", ",".join(entry["attacks"]) if "attacks" in entry else None))
 
@@ -1388,14 +1478,14 @@ def summarize(runs_dir):
         for group, value in zip(seen.setdefault(protocol, (set(), set(), set())), (dataset, shots, seed)):
             group.add(value)
         if (cell / "results.json").is_file():
-            run = json.loads((cell / "results.json").read_text())
-            for e in run["results"]:
+            finished = json.loads((cell / "results.json").read_text())
+            for e in finished["results"]:
                 key = (protocol, e["model"], e["attack"], e["eps"], dataset, shots, e["eval"])
                 acc.setdefault(key, {})[seed] = (e["clean_acc"], e["adv_acc"])
-                if e["model"] != "clip" and "lr" in run.get("settings", {}):
-                    lrs.setdefault((protocol, e["model"]), set()).add(run["settings"]["lr"])
+                if e["model"] != "clip" and "lr" in finished.get("settings", {}):
+                    lrs.setdefault((protocol, e["model"]), set()).add(finished["settings"]["lr"])
                 bases.setdefault((protocol, dataset, e["eval"], e["attack"]), {}).setdefault(
-                    _basis(run, dataset, e), cell)
+                    _basis(finished, dataset, e), cell)
     for (protocol, dataset, eval_name, _), used in bases.items():
         if len(used) > 1:
             (a, cell_a), (b, cell_b) = list(used.items())[:2]
@@ -1464,8 +1554,7 @@ def summarize(runs_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Analysis and figures: where a mask cuts, how far masks agree beyond chance, a consensus mask, the few-shot plot.
-# Tooling around the method, not part of it: skip this section to learn AdvMask.
+# Analysis and figures: where a mask cuts, how far masks agree beyond chance, a consensus mask, the few-shot plot
 
 def _pyplot():
     """matplotlib's pyplot on its file-only backend, imported here: only the figure tools need it."""
@@ -1568,8 +1657,9 @@ def analyze(paths, out_dir, consensus=None, save=None):
                              f"({', '.join(sorted({a + ' ' + t for a, t, _ in fit}))}); pass masks of one kind")
         head_counts = {h["heads"] for _, h, _ in masks if h.get("heads")}  # format 1 does not record it
         if len(head_counts) > 1:
-            raise ValueError(f"--consensus got masks that record {' and '.join(map(str, sorted(head_counts)))} attention "
-                             f"heads per block; pass masks of one model")
+            counts = " and ".join(map(str, sorted(head_counts)))
+            raise ValueError(f"--consensus got masks that record {counts} attention heads per block; pass masks of "
+                             f"one model")
     out_dir = Path(out_dir)
     md, csv = ["# Mask analysis", ""], [["view", "mask", "block", "part", "head", "value"]]
     for i, (label, header, bits) in enumerate(masks):
@@ -1675,6 +1765,18 @@ def plot_few_shot(runs_dir):
 # ----------------------------------------------------------------------------------------------------------------------
 # Benchmark: what masking adds to plain adversarial training, and what a baked mask costs at evaluation
 
+# A CLIP small enough to train on a CPU in seconds: for --dry-run and the tests (random weights).
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+# A small CLIP for --benchmark on a CPU: 65 tokens × batch 32 gives each weight about as much matrix-product work as
+# ViT-B/32 at batch 32 (50 tokens), so the cost of masking relative to the rest is comparable.
+BENCH_CLIP = {**TINY_CLIP,
+              "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32}}
+
+
 def _bench_model(clip_config, device, target, masked, n_classes=10):
     """A ClipClassifier and an Adam over either mask scores or, unmasked, the same weights made trainable."""
     model = ClipClassifier(open_clip.CLIP(**clip_config).to(device), [f"class {c}" for c in range(n_classes)],
@@ -1771,7 +1873,7 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
-def model_name(model):
+def resolve_model(model):
     """The open_clip name of --model: a known name, or a config JSON registered under its file's stem."""
     if model.endswith(".json"):
         if not Path(model).is_file():
@@ -1785,7 +1887,7 @@ def model_name(model):
 
 def load_clip(model, pretrained):
     """An open_clip model and its tokenizer from a model name or config JSON, and a pretrained tag, file or "none"."""
-    model = model_name(model)
+    model = resolve_model(model)
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained == "none":
         print("WARNING: --pretrained none: the model has RANDOM weights, its accuracies mean nothing", file=sys.stderr)
@@ -1806,25 +1908,6 @@ def load_clip(model, pretrained):
     finally:
         logging.disable(logging.NOTSET)
     return clip, open_clip.get_tokenizer(model)
-
-
-ATTACKS = ("pgd", "cw", "apgd-ce", "apgd-t", "aa")
-MIN_CLASSES = {"apgd-t": DLR_MIN_CLASSES, "aa": DLR_MIN_CLASSES}
-
-
-def make_attack(name, eps, alpha, steps):
-    """--attack NAME as evaluate calls it, attack(model, x, y, generator=g) -> x_adv: "pgd" and "cw" are PGD on the
-    cross-entropy and on the CW margin; "apgd-ce", "apgd-t" and "aa" (APGD-CE, then APGD-T) are seeded from g."""
-    if name in ("pgd", "cw"):
-        return partial(pgd_attack, eps=eps, alpha=alpha, steps=steps, random_start=True,
-                       loss_fn=F.cross_entropy if name == "pgd" else cw_loss)
-
-    def attack(model, x, y, generator):
-        seed = int(torch.randint(2**31 - 1, (), generator=generator, device=generator.device))
-        if name == "aa":
-            return autoattack(model, x, y, eps, steps, seed)
-        return apgd_attack(model, x, y, eps, steps, targeted=name == "apgd-t", seed=seed)
-    return attack
 
 
 def _list(kind):
@@ -1889,14 +1972,14 @@ def parse_args(argv):
     p.add_argument("--eval-batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=None,
                    help=f"Adam's learning rate (default: {LR:g} for mask scores, {WEIGHTS_LR:g} for weights)")
-    p.add_argument("--train-eps", type=float, default=TRAIN_EPS, help="in /255 units")
-    p.add_argument("--train-alpha", type=float, default=TRAIN_ALPHA, help="in /255 units")
+    p.add_argument("--train-eps", type=float, default=TRAIN_EPS * 255, help="in /255 units")
+    p.add_argument("--train-alpha", type=float, default=TRAIN_ALPHA * 255, help="in /255 units")
     p.add_argument("--train-steps", type=int, default=TRAIN_STEPS)
     p.add_argument("--attack", type=_list(str), default=["pgd"],
                    help="comma-separated: pgd (CE loss), cw (CW margin), apgd-ce, apgd-t, aa (AutoAttack: APGD-CE "
                         "then APGD-T); with several, results also get the per-image worst case")
-    p.add_argument("--test-eps", type=_list(float), default=[TEST_EPS], help="comma-separated, in /255 units")
-    p.add_argument("--test-alpha", type=float, default=TEST_ALPHA, help="in /255 units")
+    p.add_argument("--test-eps", type=_list(float), default=[TEST_EPS * 255], help="comma-separated, in /255 units")
+    p.add_argument("--test-alpha", type=float, default=TEST_ALPHA * 255, help="in /255 units")
     p.add_argument("--test-steps", type=int, default=TEST_STEPS, help="iterations of every test attack")
     p.add_argument("--eval-precision", default=None, choices=["bf16", "fp32"],
                    help="autocast precision of clean and attacked evaluation (default: fp32, see README)")
@@ -1937,7 +2020,8 @@ def parse_args(argv):
     unknown = [name for name in args.eval_datasets if name not in DATASETS and name not in EVAL_PRESETS]
     if unknown or not args.eval_datasets:
         p.error(f"--eval-datasets: {unknown[0] if unknown else 'nothing'} is neither a dataset nor a preset; "
-                f"give a comma-separated list of presets ({', '.join(EVAL_PRESETS)}) or datasets ({', '.join(DATASETS)})")
+                f"give a comma-separated list of presets ({', '.join(EVAL_PRESETS)}) or datasets "
+                f"({', '.join(DATASETS)})")
     args.eval_presets = {name: EVAL_PRESETS[name] for name in args.eval_datasets if name in EVAL_PRESETS}
     args.eval_datasets = list(dict.fromkeys(d for name in args.eval_datasets for d in EVAL_PRESETS.get(name, [name])))
     if args.split_json and args.split_dir:
@@ -2003,13 +2087,13 @@ def _template(dataset, templates):
     return TGA_ZSR_TEMPLATE if templates == "tga-zsr" else DATASETS[dataset][0]
 
 
-def _result_rows(model_name, set_name, result, args):
+def _result_rows(tuned_name, set_name, result, args):
     """results.json entries of one evaluate() call: one per attack × ε, and with several attacks the per-image
     worst case over them at each ε."""
     rows = []
     for attack, eps in itertools.product(args.attack, args.test_eps):
         r = result["attacks"][_cell_label(attack, eps)]
-        rows.append({"model": model_name, "eval": set_name, "attack": attack, "eps": eps, "n": result["n"],
+        rows.append({"model": tuned_name, "eval": set_name, "attack": attack, "eps": eps, "n": result["n"],
                      "clean_acc": result["clean_acc"], "adv_acc": r["adv_acc"],
                      "zero_grad_share": result["zero_grad_share"], "seconds": r["seconds"]})
     if len(args.attack) > 1:
@@ -2018,7 +2102,7 @@ def _result_rows(model_name, set_name, result, args):
             rows.append({**rows[0], "attack": "worst", "attacks": args.attack, "eps": eps, "adv_acc": worst,
                          "seconds": sum(r["seconds"] for r in rows if r["eps"] == eps and r["attack"] != "worst")})
     for r in rows:
-        print(f"{model_name} | {set_name} | {r['attack']}-{args.test_steps} eps {r['eps']:g}/255 | clean "
+        print(f"{tuned_name} | {set_name} | {r['attack']}-{args.test_steps} eps {r['eps']:g}/255 | clean "
               f"{100 * r['clean_acc']:.2f}% | adv {100 * r['adv_acc']:.2f}% | n {r['n']} | {r['seconds']:.1f} s")
     return rows
 
@@ -2082,23 +2166,27 @@ def run(args, device, precision, eval_precision):
             if len(names) < MIN_CLASSES.get(attack, 0):
                 raise ValueError(f"class set {name!r} has {len(names)} classes, fewer than the {MIN_CLASSES[attack]} "
                                  f"that {attack}'s targeted DLR loss needs; use apgd-ce, pgd or cw for it instead")
-    # one text-tower pass per class set; the heads share the one image tower, which the mask then changes
-    heads = {name: ClipClassifier(clip, names, templates, tokenizer) for name, (_, names, templates) in sets.items()}
+    # one text-tower pass per class set; the classifiers share the one image tower, which the mask then changes
+    classifiers = {name: ClipClassifier(clip, names, templates, tokenizer)
+                   for name, (_, names, templates) in sets.items()}
     # the unmasked baseline: a frozen copy, evaluated beside the mask on the same decoded images (no parameter of it
     # requires grad, so attacks keep no activations for parameter gradients)
     plain = copy.deepcopy(clip).requires_grad_(False) if args.baseline else None
     lap("load")
     checkpoint = out_dir / "checkpoint.pt"
-    if args.masks:  # refuse a misfit file before anything is written
+    if args.masks or args.weights:  # refuse a misfit file before anything is written
         probe = copy.deepcopy(clip)
-        apply_masks(probe, args.mask_target)
-        load_masks(probe, args.masks)
-    elif args.weights:
-        load_weights(copy.deepcopy(clip), args.weights)
+        if args.masks:
+            apply_masks(probe, args.mask_target)
+            load_masks(probe, args.masks)
+        else:
+            load_weights(probe, args.weights)
     else:
         _check_resumable(out_dir, checkpoint, settings)
-        indices = sample_k_shot(train_set.targets, args.shots, args.seed, train_names)
-        head = heads.get("base", heads.get(args.dataset)) or ClipClassifier(clip, train_names, template, tokenizer)
+        try:
+            indices = sample_k_shot(train_set.targets, args.shots, args.seed, train_names)
+        except ValueError as e:
+            raise ValueError(f"{e} with --shots") from None
         images, labels = cache_images(train_set, indices, device, args.workers)
         lap("cache")
         epochs = args.epochs or default_epochs(len(labels), args.batch_size)
@@ -2107,15 +2195,16 @@ def run(args, device, precision, eval_precision):
     write_json(out_dir / "config.json", settings)
 
     history = []
-    params = (apply_masks if args.tune == "mask" else tune_weights)(clip, args.mask_target)
     if args.masks or args.weights:
+        (apply_masks if args.tune == "mask" else tune_weights)(clip, args.mask_target)
         load_masks(clip, args.masks) if args.masks else load_weights(clip, args.weights)
     else:
         with autocast(device, precision):
-            history = train(head, params, images, labels, epochs, batch_size=args.batch_size, lr=args.lr,
-                            lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255,
-                            steps=args.train_steps, loss=args.loss, seed=args.seed, checkpoint=checkpoint,
-                            checkpoint_every=args.checkpoint_every)
+            _, history = adversarial_mask_tuning(
+                clip, images, labels, train_names, template, args.mask_target, args.tune, epochs, tokenizer,
+                batch_size=args.batch_size, lr=args.lr, lam=args.lam, eps=args.train_eps / 255,
+                alpha=args.train_alpha / 255, steps=args.train_steps, loss=args.loss, seed=args.seed,
+                checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
         if args.tune == "mask":
             save_masks(clip, out_dir / "masks.bin")
         else:
@@ -2124,11 +2213,13 @@ def run(args, device, precision, eval_precision):
         sparsity, outcome = mask_sparsity(clip), f"off {100 * mask_sparsity(clip):.2f}% of masked weights"
         bake_masks(clip)  # evaluation on plain weights costs what plain CLIP costs
     else:
-        sparsity, outcome = None, f"tuned {sum(p.numel() for p in params):,} weights"
+        n_tuned = sum(w.numel() for _, w in _tuned(clip, args.mask_target))
+        sparsity, outcome = None, f"tuned {n_tuned:,} weights"
         clip.requires_grad_(False)  # attacks need the input's gradient only
     lap("train")
 
-    attacks = {_cell_label(attack, eps): make_attack(attack, eps / 255, args.test_alpha / 255, args.test_steps)
+    attacks = {_cell_label(attack, eps): make_attack(attack, eps / 255, args.test_alpha / 255,
+                                                         args.test_steps)
                for attack in args.attack for eps in args.test_eps}
     results = []
     for name, (test_set, names, templates) in sets.items():
@@ -2136,11 +2227,11 @@ def run(args, device, precision, eval_precision):
         test_images, test_labels = cache_images(test_set, chosen, "cpu", args.workers)  # decoded once
         lap(f"decode {name}")
         models = {"clip": ClipClassifier(plain, names, templates, tokenizer)} if args.baseline else {}
-        for model_name, model in {**models, TUNED_MODEL[args.tune]: heads[name]}.items():
+        for tuned_name, model in {**models, TUNED_MODEL[args.tune]: classifiers[name]}.items():
             with autocast(device, eval_precision):
                 result = evaluate(model, test_images, test_labels, attacks, args.eval_batch_size, args.seed)
-            results += _result_rows(model_name, name, result, args)
-            lap(f"eval {model_name} {name}")
+            results += _result_rows(tuned_name, name, result, args)
+            lap(f"eval {tuned_name} {name}")
     seconds = time.perf_counter() - start
     print("time | " + " | ".join(f"{phase} {s:.1f} s" for phase, s in phases.items()) + f" | total {seconds:.1f} s")
     print(f"done | {outcome} | {seconds:.0f} s | {out_dir}")
@@ -2182,7 +2273,7 @@ def main(argv=None):
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(args.seed)
         if args.benchmark:
-            config = BENCH_CLIP if args.model is None else open_clip.get_model_config(model_name(args.model))
+            config = BENCH_CLIP if args.model is None else open_clip.get_model_config(resolve_model(args.model))
             print(json.dumps({"model": args.model or "BENCH_CLIP",
                               **benchmark(config, args.batch_size, device, precision, args.mask_target)}))
         else:

@@ -736,7 +736,8 @@ def test_coop_split_json_is_used_exactly(tmp_path):
         am.load_dataset("oxford_pets", tmp_path, SIZE, split_json=tmp_path / "bad.json")
 
 
-TINY_WNIDS = {"n01443537": "goldfish, Carassius auratus", "n01629819": "European fire salamander, Salamandra salamandra",
+TINY_WNIDS = {"n01443537": "goldfish, Carassius auratus",
+              "n01629819": "European fire salamander, Salamandra salamandra",
               "n02124075": "Egyptian cat", "n04562935": "water_tower"}
 
 
@@ -827,7 +828,7 @@ def test_cifar_stl10_caltech256_and_pcam_have_readable_names_and_official_tests(
         assert all(split.dataset.categories[split.dataset.y[i]] == folders[y]
                    for i, y in zip(split.indices, split.targets))
     monkeypatch.setattr(am.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match="^pcam is stored as HDF5 files, which need the h5py package: pip install h5py"):
+    with pytest.raises(ValueError, match="^pcam is stored as HDF5 files, which need the h5py package: pip install"):
         am.load_dataset("pcam", tmp_path, SIZE, download=False)
     assert am._class_names("pcam", None) == ["lymph node", "lymph node containing metastatic tumor tissue"]
 
@@ -941,6 +942,19 @@ def test_tune_weights_trains_only_the_targeted_weights_and_their_file_round_trip
         am.load_weights(tiny_classifier(4), tmp_path / "masks.bin")
 
 
+def test_adversarial_mask_tuning_in_a_few_lines_without_files():
+    """The glue function tunes a mask from CLIP, uint8 images and class names alone, equal to the pieces it joins
+    (ClipClassifier, apply_masks, train) called by hand with the same arguments."""
+    x, y = synthetic_training_set(3, 4)
+    classifier, log = am.adversarial_mask_tuning(tiny_clip(), x, y, ["cat", "dog", "fox"], epochs=6, batch_size=4,
+                                                 lr=1e-2, log_every=3)
+    assert 0 < am.mask_sparsity(classifier) < 1 and log[-1]["step"] == 18
+    by_hand = am.ClipClassifier(tiny_clip(), ["cat", "dog", "fox"], ["a photo of a {}."])
+    am.train(by_hand, am.apply_masks(by_hand), x, y, 6, batch_size=4, lr=1e-2, log_every=3)
+    for (_, _, s, _), (_, _, s2, _) in zip(masked_weights(classifier), masked_weights(by_hand)):
+        assert torch.equal(s, s2)
+
+
 @pytest.mark.parametrize("shots", [1, 16])
 def test_default_budget_turns_weights_off_at_every_shot_count(shots):
     """With the default lr and epochs the mask leaves all-ones (else it is zero-shot CLIP), at 1 and at 16 shots."""
@@ -1017,6 +1031,23 @@ def test_an_evaluation_cell_does_not_depend_on_the_cells_beside_it():
     other_seed = am.evaluate(model, x_u8, y, {"pgd": pgd}, batch_size=8, seed=1)["attacks"]["pgd"]["correct"]
     assert torch.equal(am.evaluate(model, x_u8, y, {"pgd": pgd}, batch_size=8)["attacks"]["pgd"]["correct"], alone)
     assert other_seed.shape == alone.shape  # (another seed may or may not flip an image; it must run)
+
+
+def test_evaluate_runs_every_attack_make_attack_builds_and_refuses_float_images():
+    """evaluate plus make_attack, without the CLI: every attack runs in the one calling convention, none beats clean
+    accuracy; evaluate and train refuse float images (they take uint8 and scale them), naming the dtype."""
+    model = tiny_classifier(5)
+    x = (images(6) * 255).round().to(torch.uint8)
+    y = torch.arange(6) % 5
+    attacks = {name: am.make_attack(name, 8 / 255, 2 / 255, 2) for name in am.ATTACKS}
+    result = am.evaluate(model, x, y, attacks, seed=0)
+    assert set(result["attacks"]) == set(am.ATTACKS)
+    assert all(r["adv_acc"] <= result["clean_acc"] for r in result["attacks"].values())
+    with pytest.raises(ValueError, match="evaluate takes uint8 images in 0..255 .* not torch.float32"):
+        am.evaluate(model, am.to_unit(x), y, attacks)
+    scores = am.apply_masks(model)
+    with pytest.raises(ValueError, match="train takes uint8 images in 0..255 .* not torch.float64"):
+        am.train(model, scores, x.double() / 255, y, epochs=1)
 
 
 @pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "aa"])
@@ -1554,8 +1585,9 @@ def test_the_baseline_is_evaluated_with_no_parameter_requiring_grad(tmp_path, mo
 def test_a_seed_fixes_the_mask_whatever_the_evaluation_flags(tmp_path, monkeypatch):
     """Runs with one seed and training settings write byte-identical masks even when their evaluation flags differ
     (--baseline, --test-eps 1 vs 1,2, another attack beside PGD), and the evaluation cell they share reads the same;
-    another seed gives another mask but, under --eval-limit, the same class-balanced test images. Training and each cell draw from generators of their own. (The runs share this
-    process, as they would share torch's global generator if anything still drew from it.)"""
+    another seed gives another mask but, under --eval-limit, the same class-balanced test images. Training and each
+    cell draw from generators of their own. (The runs share this process, as they would share torch's global
+    generator if anything still drew from it.)"""
     common = ["--dry-run", "--epochs", "4", "--lr", "0.01", "--device", "cpu", "--eval-limit", "10"]
     runs = {"a": ["--seed", "3", "--test-eps", "1"],
             "b": ["--seed", "3", "--baseline", "--test-eps", "1,2", "--attack", "cw,pgd"],
@@ -1719,7 +1751,8 @@ def bad_input_cases(files):
     return [
         (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
         (["--shots", "0"], "--shots must be a positive integer"),
-        ([*tiny, "--shots", "5"], "class 'abyssinian' has 3 training images, fewer than --shots 5; lower --shots"),
+        ([*tiny, "--shots", "5"],
+         "class 'abyssinian' has 3 training images, fewer than the 5 shots asked for; ask for at most 3 with --shots"),
         (["--train-eps", "-1"], "--train-eps is in /255 units and must lie in"),
         (["--test-alpha", "256"], "--test-alpha is in /255 units and must lie in"),
         (["--test-eps", "1,300"], "--test-eps takes values in /255 units"),
@@ -1757,8 +1790,8 @@ def bad_input_cases(files):
         ([*transfer, "--weights", str(files / "weights-other-arch.bin")], "was tuned on VisionTransformer(layers=2, "
                                                                           "width=32"),
         ([*transfer, "--weights", str(files / "masks.bin")], "is not an advmask weights file"),
-        ([*transfer, "--weights", str(files / "weights.bin"), "--tune", "mask"], "--weights evaluates a --tune weights"),
-        ([*transfer, "--masks", str(files / "masks.bin"), "--tune", "weights"], "with --tune weights, pass the weights"),
+        ([*transfer, "--weights", str(files / "weights.bin"), "--tune", "mask"], "--weights evaluates a --tune"),
+        ([*transfer, "--masks", str(files / "masks.bin"), "--tune", "weights"], "with --tune weights, pass the"),
         (["--attack", "pgd,cw,pgd"], "--attack lists pgd twice; give each attack once"),
         (["--test-eps", "1,2,1"], "--test-eps lists 1 twice; give each value once"),
     ]
