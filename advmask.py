@@ -232,14 +232,8 @@ def bake_masks(model):
 
 
 def tune_weights(model, target="mhsa"):
-    """The comparator of apply_masks: freeze every pre-trained weight except the chosen weights of the image tower,
-    which are then trained directly (adversarial fine-tuning of exactly the weights the mask would cover).
-
-    Returns:
-        The list of those weight tensors, the only parameters left with requires_grad=True.
-    Example:
-        >>> weights = tune_weights(classifier, "mhsa"); optimizer = torch.optim.Adam(weights, lr=1e-5)
-    """
+    """The comparator of apply_masks: freeze every pre-trained weight but the chosen ones of the image tower and
+    return those, to be trained directly (adversarial fine-tuning of exactly the weights the mask would cover)."""
     if target not in MASK_TARGETS:
         raise ValueError(f"unknown target {target!r}; use one of {', '.join(MASK_TARGETS)}")
     model.requires_grad_(False)
@@ -451,48 +445,6 @@ def train_step(model, optimizer, x, y, lam=LAM, eps=TRAIN_EPS, alpha=TRAIN_ALPHA
     return ce.detach(), reg.detach(), adv_logits.detach()
 
 
-def _atomic_write(path, write):
-    """Call write(tmp) on a temporary file beside path, then rename it onto path: no reader sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _save_training_state(path, epoch, params, optimizer, scheduler, generators, history, sums):
-    """Everything a resumed run needs to continue exactly: the trained tensors (mask scores or weights), Adam, the
-    schedule, the training generators, the log so far and the running sums of the log row in progress."""
-    state = {"epoch": epoch, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "generators": [g.get_state() for g in generators],
-             "history": history, "sums": {k: v.cpu() for k, v in sums.items()}}
-    _atomic_write(path, partial(torch.save, state))
-
-
-def _load_training_state(path, params, optimizer, scheduler, generators, sums):
-    """Restore what _save_training_state wrote; returns (epochs done, log so far)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # whatever the parser trips on, the file is not an intact checkpoint
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start the run "
-                         f"over") from None
-    if [p.shape for p in state["params"]] != [p.shape for p in params]:
-        raise ValueError(f"checkpoint {path} holds tensors of other shapes; delete it or train into another folder")
-    with torch.no_grad():
-        for p, saved in zip(params, state["params"]):
-            p.copy_(saved)
-        for k, v in sums.items():
-            v.copy_(state["sums"][k])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    for generator, saved in zip(generators, state["generators"]):
-        generator.set_state(saved)
-    return state["epoch"], state["history"]
-
-
 def _log_row(model, step, total_steps, sums, seconds):
     """The log row of the steps since the last one, printed as one greppable line; zeroes the running sums."""
     ce, reg, correct, seen = (sums[k].item() for k in ("ce", "reg", "correct", "seen"))
@@ -529,10 +481,9 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
             starts (on the device), so the mask depends on nothing else: not on torch's global generator, which
             an evaluation before training may have used.
         log_every: print a line every this many steps.
-        checkpoint: file for the training state, resumed from if it exists and written (atomically) at the end of
-            an epoch once checkpoint_every steps have passed since the last one, and at the end. A run killed at any
-            point and started again ends with the same mask, bit for bit, and the same log. (Not every epoch: a
-            1-shot epoch is 1 step, and a ViT-B/32 state is 340 MB.)
+        checkpoint: file for the training state (the tooling's _save_training_state; None: none), resumed from if
+            it exists, written at the first epoch end after checkpoint_every steps and at the end. A run killed and
+            started again ends with the same mask, bit for bit, and the same log.
     Returns:
         List of the logged rows (dicts), the last one at the final step.
     Raises:
@@ -800,6 +751,18 @@ def _arch(model):
             f"patch={tuple(visual.patch_size)}, image={tuple(visual.image_size)})")
 
 
+def _atomic_write(path, write):
+    """Call write(tmp) on a temporary file beside path, then rename it onto path: no reader sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_checked_file(path, magic, header, payload):
     """Write magic, the header length (4 bytes, little-endian), the zlib-compressed JSON header plus the sha256 of the
     payload, then the payload bytes, atomically: the container of mask files and of tuned-weight files."""
@@ -938,6 +901,39 @@ def load_weights(model, path):
         for chunk, (_, w) in zip(values.split([w.numel() for _, w in entries]), entries):
             w.copy_(chunk.view(w.shape))
     return header
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training checkpoints: what train() saves and resumes from (checkpoint=None never touches them)
+
+def _save_training_state(path, epoch, params, optimizer, scheduler, generators, history, sums):
+    """Everything a resumed run needs to continue exactly: the trained tensors (mask scores or weights), Adam, the
+    schedule, the training generators, the log so far and the running sums of the log row in progress."""
+    state = {"epoch": epoch, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "generators": [g.get_state() for g in generators],
+             "history": history, "sums": {k: v.cpu() for k, v in sums.items()}}
+    _atomic_write(path, partial(torch.save, state))
+
+
+def _load_training_state(path, params, optimizer, scheduler, generators, sums):
+    """Restore what _save_training_state wrote; returns (epochs done, log so far)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever the parser trips on, the file is not an intact checkpoint
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start the run "
+                         f"over") from None
+    if [p.shape for p in state["params"]] != [p.shape for p in params]:
+        raise ValueError(f"checkpoint {path} holds tensors of other shapes; delete it or train into another folder")
+    with torch.no_grad():
+        for p, saved in zip(params, state["params"]):
+            p.copy_(saved)
+        for k, v in sums.items():
+            v.copy_(state["sums"][k])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for generator, saved in zip(generators, state["generators"]):
+        generator.set_state(saved)
+    return state["epoch"], state["history"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
