@@ -32,6 +32,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -511,36 +512,42 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
     step = saved_at = first_epoch * per_epoch
     tic = time.perf_counter()
     model.train()
-    for epoch in range(first_epoch, epochs):
-        for batch in torch.randperm(len(labels), generator=batch_rng).to(labels.device).split(batch_size)[:per_epoch]:
-            step += 1
-            x, y = to_unit(images[batch]), labels[batch]
-            # not in the paper: random horizontal flips are the only augmentation; they run on the device, on the
-            # cached tensor, so no image is decoded twice
-            flip = (torch.rand(len(y), generator=batch_rng) < 0.5).to(x.device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            ce, reg, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, loss, pgd_rng)
-            scheduler.step()
-            finite &= torch.isfinite(ce + lam * reg)
-            sums["ce"] += ce * len(y)
-            sums["reg"] += reg * len(y)
-            sums["correct"] += (adv_logits.argmax(1) == y).sum()
-            sums["seen"] += len(y)
-            if step % log_every == 0 or step == total_steps:
-                if not finite:
-                    break
-                history.append(_log_row(model, step, total_steps, sums, time.perf_counter() - tic))
-                tic = time.perf_counter()
-        if not finite:
-            raise FloatingPointError(
-                f"the training loss became NaN or infinite in epoch {epoch + 1}; training stops, keeping the "
-                f"checkpoint of step {saved_at}" + (f" in {checkpoint}" if checkpoint else "") +
-                "; lower the learning rate or λ, or check the data, and start again from scratch")
-        if checkpoint is not None and (step - saved_at >= checkpoint_every or epoch + 1 == epochs):
-            _save_training_state(checkpoint, epoch + 1, params, optimizer, scheduler, (batch_rng, pgd_rng), history,
-                                 sums)
-            saved_at = step
-            print(f"checkpoint | epoch {epoch + 1}/{epochs} | step {step}/{total_steps} | {checkpoint}", flush=True)
+    try:
+        for epoch in range(first_epoch, epochs):
+            shuffled = torch.randperm(len(labels), generator=batch_rng).to(labels.device)
+            for batch in shuffled.split(batch_size)[:per_epoch]:
+                step += 1
+                x, y = to_unit(images[batch]), labels[batch]
+                # not in the paper: random horizontal flips are the only augmentation; they run on the device, on the
+                # cached tensor, so no image is decoded twice
+                flip = (torch.rand(len(y), generator=batch_rng) < 0.5).to(x.device)
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                ce, reg, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, loss, pgd_rng)
+                scheduler.step()
+                finite &= torch.isfinite(ce + lam * reg)
+                sums["ce"] += ce * len(y)
+                sums["reg"] += reg * len(y)
+                sums["correct"] += (adv_logits.argmax(1) == y).sum()
+                sums["seen"] += len(y)
+                if step % log_every == 0 or step == total_steps:
+                    if not finite:
+                        break
+                    history.append(_log_row(model, step, total_steps, sums, time.perf_counter() - tic))
+                    tic = time.perf_counter()
+            if not finite:
+                raise FloatingPointError(
+                    f"the training loss became NaN or infinite in epoch {epoch + 1}; training stops, keeping the "
+                    f"checkpoint of step {saved_at}" + (f" in {checkpoint}" if checkpoint else "") +
+                    "; lower the learning rate or λ, or check the data, and start again from scratch")
+            if checkpoint is not None and (step - saved_at >= checkpoint_every or epoch + 1 == epochs):
+                _save_training_state(checkpoint, epoch + 1, params, optimizer, scheduler, (batch_rng, pgd_rng), history,
+                                     sums)
+                saved_at = step
+                print(f"checkpoint | epoch {epoch + 1}/{epochs} | step {step}/{total_steps} | {checkpoint}", flush=True)
+    except KeyboardInterrupt:  # one line for the user, not a traceback from inside a training step
+        kept = checkpoint is not None and Path(checkpoint).is_file()
+        raise KeyboardInterrupt(f"interrupted at step {step}/{total_steps}" + (
+            f"; rerun the same command to resume from the checkpoint of step {saved_at}" if kept else "")) from None
     return history
 
 
@@ -1310,6 +1317,7 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
         split = {"source": "coop", "file": Path(split_json).name, "sha256": hashlib.sha256(raw).hexdigest()}
         return {part: ImageFiles([(folder / p, label) for p, label, _ in items], transform)
                 for part, items in parts.items()} | {"classes": [names[c] for c in range(len(names))], "split": split}
+    created = [f for f in (Path(root), Path(root) / image_dir.split("/")[0]) if not f.exists()]  # by a download
     try:
         if name == "tinyimagenet":
             train_files, test_files, classes = _tinyimagenet(root, transform)
@@ -1332,6 +1340,8 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
     except ImportError as e:
         raise ValueError(str(e)) from None
     except (RuntimeError, OSError) as e:  # how torchvision, and file reads, report a missing or odd tree
+        for made in created if download else []:  # a failed download leaves empty or partial folders
+            shutil.rmtree(made, ignore_errors=True)
         fetch = ", or drop --no-download to let torchvision fetch it" if name in DOWNLOADABLE and not download else ""
         raise ValueError(f"{name} could not be loaded from {root} ({str(e).splitlines()[0]}); it is read from "
                          f"{LAYOUTS[name]} under {root}: put it there{fetch}") from None
@@ -1620,7 +1630,7 @@ def _label(path):
     return f"{c['dataset']}/{c['protocol']}/{c['shots']}shot/seed{c['seed']}"
 
 
-def _heatmap(path, panels, xticks, yticks, vmax, xlabel="", ylabel=""):
+def _heatmap(path, panels, xticks, yticks, vmax, xlabel="", ylabel="", suptitle=None):
     """One PNG with a heatmap per (title, matrix) panel, colour = value from 0 to vmax (None: the largest value)."""
     plt = _pyplot()
     vmax = vmax or max(max(max(row) for row in matrix) for _, matrix in panels) or 1
@@ -1634,7 +1644,9 @@ def _heatmap(path, panels, xticks, yticks, vmax, xlabel="", ylabel=""):
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         ax.set_xticks(range(len(xticks)), xticks, rotation=90 if longest_x > 3 else 0)
         ax.set_yticks(range(len(yticks)), yticks)
-    fig.colorbar(image, ax=axes[0].tolist())
+    fig.colorbar(image, ax=axes[0].tolist(), location="right", shrink=0.8)
+    if suptitle:
+        fig.suptitle(suptitle)
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
@@ -1690,8 +1702,8 @@ def analyze(paths, out_dir, consensus=None, save=None):
         md += ["Heads with the most weights off (q, k, v rows and out columns): " + ", ".join(
             f"block {b} head {h} {100 * per_head[b, h]:.1f} %" for b, h in top), ""]
         png = out_dir / f"heads_{i}.png"
-        _heatmap(png, [(f"{p}: % off", [[100 * fraction(b, p, h) for h in heads] for b in blocks])
-                       for p in ATTENTION_PARTS], list(heads), blocks, None, "head", "block")
+        panels = [(f"{p}: % off", [[100 * fraction(b, p, h) for h in heads] for b in blocks]) for p in ATTENTION_PARTS]
+        _heatmap(png, panels, list(heads), blocks, None, "head", "block", suptitle=label)
         md += [f"![per-head % off of {label}]({png.name})", ""]
     if len(masks) > 1:
         md += ["## Overlap of the off-sets", "", "| mask A | mask B | Jaccard | chance | Jaccard ÷ chance |",
@@ -1702,10 +1714,10 @@ def analyze(paths, out_dir, consensus=None, save=None):
                 continue  # other weights: no overlap to speak of (a blank cell in the figure)
             value, chance = jaccard(~bits_a, ~bits_b)
             grid[i][j] = grid[j][i] = value
-            ratio = value / chance if chance else float("nan")
-            md.append(f"| {a} | {b} | {value:.4f} | {chance:.4f} | {ratio:.2f} |")
-            csv += [[view, f"{a} | {b}", "", "", "", v] for view, v in (("jaccard", value), ("chance", chance),
-                                                                       ("ratio", ratio))]
+            ratio = value / chance if chance else None  # no chance level when a mask has nothing off
+            md.append(f"| {a} | {b} | {value:.4f} | {chance:.4f} | {'—' if ratio is None else f'{ratio:.2f}'} |")
+            csv += [[view, f"{a} | {b}", "", "", "", "" if v is None else v]
+                    for view, v in (("jaccard", value), ("chance", chance), ("ratio", ratio))]
         labels = [label for label, *_ in masks]
         _heatmap(out_dir / "overlap.png", [("Jaccard index of the off-sets", grid)], labels, labels, 1)
         md += ["", "![Jaccard index between masks](overlap.png)", ""]
@@ -1882,7 +1894,12 @@ def resolve_model(model):
 
 
 def load_clip(model, pretrained):
-    """An open_clip model and its tokenizer from a model name or config JSON, and a pretrained tag, file or "none"."""
+    """An open_clip model and its tokenizer from a model name or config JSON, and a pretrained tag, file or "none";
+    "tiny" is TINY_CLIP with random weights."""
+    if model == "tiny":
+        if pretrained != "none":
+            raise ValueError(f"--model tiny is a random model of this file's own; drop --pretrained {pretrained}")
+        return open_clip.CLIP(**TINY_CLIP), None
     model = resolve_model(model)
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained == "none":
@@ -1908,13 +1925,36 @@ def load_clip(model, pretrained):
 
 def _list(kind):
     """argparse type for a comma-separated list, e.g. --test-eps 1,2,4."""
-    return lambda text: [kind(item) for item in text.split(",") if item]
+    return lambda text: [kind(item.strip()) for item in text.split(",") if item.strip()]
+
+
+def _per255(text):
+    """argparse type of a budget in /255 units: "4" or "4/255" is 4 (that is, 4/255 in pixels)."""
+    number = text[:-len("/255")] if text.endswith("/255") else text
+    try:
+        return float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in /255 units, e.g. 4 or 4/255") from None
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: not for flags whose help states its own default, nor None or False ones."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+# --dry-run: the tiny random CLIP, a rate and length at which its mask turns weights off within seconds, and PGD-3
+DRY_RUN = {"model": "tiny", "pretrained": "none", "test_steps": 3, "epochs": 20, "lr": 1e-3}
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="AdvMask: few-shot adversarial mask tuning of CLIP. "
-                                            "'advmask.py summarize RUNS_DIR' aggregates finished runs.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="AdvMask: few-shot adversarial mask tuning of CLIP. Three commands: "
+                                            "'advmask.py [flags]' runs one protocol; 'advmask.py summarize RUNS_DIR' "
+                                            "tables finished runs; 'advmask.py analyze PATH...' shows where masks "
+                                            "cut (each has --help).", formatter_class=_HelpFormatter)
     # every usage error ends in one line and exit status 2, without argparse's usage block
     p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
     p.add_argument("--dataset", default="oxford_pets", choices=[d for d in DATASETS if DATASETS[d][1] != ()],
@@ -1928,8 +1968,10 @@ def parse_args(argv):
     p.add_argument("--synthetic", action="store_true",
                    help="random images at the real size of each dataset (classes, K-shot set, whole test split): "
                         "times the real job without the data")
-    p.add_argument("--protocol", default="few_shot", choices=["few_shot", "base2new", "transfer"])
-    p.add_argument("--eval-datasets", type=_list(str), default=["coop"],
+    p.add_argument("--protocol", default="few_shot", choices=["few_shot", "base2new", "transfer"],
+                   help="few_shot: K shots of every class; base2new: train on the first half of the classes, test on "
+                        "both halves; transfer: test zero-shot on --eval-datasets")
+    p.add_argument("--eval-datasets", type=_list(str), default="coop",
                    help="transfer: comma-separated datasets or presets evaluated zero-shot; presets: " + "; ".join(
                        f"{k} = {' '.join(v)}" for k, v in EVAL_PRESETS.items()))
     p.add_argument("--eval-limit", type=int, default=None,
@@ -1947,7 +1989,7 @@ def parse_args(argv):
                    help="transfer: evaluate this weights file (of a --tune weights run) instead of training")
     p.add_argument("--baseline", action="store_true", help="also evaluate unmasked CLIP under the same attacks")
     p.add_argument("--shots", type=int, default=16, help="training images per class (K)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="fixes the K-shot sample, batch order, flips and attack starts")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--deterministic", action="store_true",
                    help="CUDA: reproducible kernels only (cuDNN/cuBLAS), bit-identical reruns at some speed cost; "
@@ -1956,39 +1998,62 @@ def parse_args(argv):
                    help="autocast precision of forward and backward passes; scores, optimiser and accuracies stay "
                         "fp32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--model", default=None,
-                   help="open_clip model name, or path to an open_clip config JSON (default: ViT-B-32; with "
-                        "--benchmark, a small built-in config)")
-    p.add_argument("--pretrained", default="openai", help="open_clip tag, local checkpoint path, or none (random)")
-    p.add_argument("--mask-target", default="mhsa", choices=list(MASK_TARGETS))
+                   help="open_clip model name, path to an open_clip config JSON, or tiny (the small random CLIP of "
+                        "the tests, for trying things on a CPU) (default: ViT-B-32; with --benchmark, a small "
+                        "built-in config)")
+    p.add_argument("--pretrained", default=None,
+                   help="open_clip tag, local checkpoint path, or none (random) (default: openai; none for tiny)")
+    p.add_argument("--mask-target", default="mhsa", choices=list(MASK_TARGETS),
+                   help="the weights masked (or tuned): attention (the paper's), MLP, or both")
     p.add_argument("--loss", default="ce+lafa", choices=LOSSES, help="ce+lafa is AdvMask; the rest are its ablation")
     p.add_argument("--lam", type=float, default=LAM, help="λ, weight of the regulariser (LAFA)")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"default: enough for about {TRAIN_BUDGET_STEPS} optimisation steps, at least 1")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--eval-batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training images per optimisation step")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="test images per attacked batch")
     p.add_argument("--lr", type=float, default=None,
                    help=f"Adam's learning rate (default: {LR:g} for mask scores, {WEIGHTS_LR:g} for weights)")
-    p.add_argument("--train-eps", type=float, default=TRAIN_EPS * 255, help="in /255 units")
-    p.add_argument("--train-alpha", type=float, default=TRAIN_ALPHA * 255, help="in /255 units")
-    p.add_argument("--train-steps", type=int, default=TRAIN_STEPS)
-    p.add_argument("--attack", type=_list(str), default=["pgd"],
+    p.add_argument("--train-eps", type=_per255, default=TRAIN_EPS * 255, help="training PGD's ε, in /255 units")
+    p.add_argument("--train-alpha", type=_per255, default=TRAIN_ALPHA * 255, help="its step, in /255 units")
+    p.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="training PGD's steps")
+    p.add_argument("--attack", type=_list(str), default="pgd",
                    help="comma-separated: pgd (CE loss), cw (CW margin), apgd-ce, apgd-t, aa (AutoAttack: APGD-CE "
                         "then APGD-T); with several, results also get the per-image worst case")
-    p.add_argument("--test-eps", type=_list(float), default=[TEST_EPS * 255], help="comma-separated, in /255 units")
-    p.add_argument("--test-alpha", type=float, default=TEST_ALPHA * 255, help="in /255 units")
+    p.add_argument("--test-eps", type=_list(_per255), default=f"{TEST_EPS * 255:g}",
+                   help="comma-separated, in /255 units: 1,4 or 1/255,4/255")
+    p.add_argument("--test-alpha", type=_per255, default=TEST_ALPHA * 255, help="the attacks' step, in /255 units")
     p.add_argument("--test-steps", type=int, default=TEST_STEPS, help="iterations of every test attack")
     p.add_argument("--eval-precision", default=None, choices=["bf16", "fp32"],
                    help="autocast precision of clean and attacked evaluation (default: fp32, see README)")
     p.add_argument("--checkpoint-every", type=int, default=50,
                    help="save the training state at the first epoch end after this many steps (1: every epoch)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    p.add_argument("--out-dir", default=None, help="default: runs/<protocol>/<dataset>/<shots>shot/seed<seed>")
+    p.add_argument("--out-dir", default=None,
+                   help="default: runs/<protocol>/<dataset>/<shots>shot/seed<seed> (runs_dry/... for --dry-run, "
+                        "runs_synthetic/... for --synthetic)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in --out-dir that was trained with other settings")
     p.add_argument("--dry-run", action="store_true",
-                   help="tiny random CLIP, synthetic images, 2 epochs, PGD-3 eval: the whole pipeline in seconds")
+                   help=f"the tiny random CLIP on synthetic images, {DRY_RUN['epochs']} epochs at lr "
+                        f"{DRY_RUN['lr']:g}, PGD-{DRY_RUN['test_steps']} evaluation: the whole pipeline in seconds")
     p.add_argument("--benchmark", action="store_true",
                    help="print one JSON line: masked vs unmasked training speed and memory, baked vs plain PGD speed, "
                         "mask-file bits per weight (random weights)")
     args = p.parse_args(argv)
+    if args.dry_run:  # the tiny model and settings under which its mask turns weights off in seconds
+        overridden = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "pretrained", "test_steps")
+                      if getattr(args, k) not in (None, p.get_default(k), DRY_RUN[k])]
+        if overridden:
+            print(f"--dry-run runs the tiny random CLIP and PGD-{DRY_RUN['test_steps']}; it ignores "
+                  f"{', '.join(overridden)}", file=sys.stderr)
+        args.model, args.pretrained, args.test_steps = DRY_RUN["model"], DRY_RUN["pretrained"], DRY_RUN["test_steps"]
+        args.epochs, args.lr = args.epochs or DRY_RUN["epochs"], args.lr or DRY_RUN["lr"]
+    if args.pretrained is None:
+        args.pretrained = "none" if args.model == "tiny" else "openai"
+    small = [f"{v:g}" for v in args.test_eps + [args.train_eps] if 0 < v < 0.1]
+    if small:
+        print(f"warning: ε {', '.join(small)} is in /255 units, i.e. {small[0]}/255 in pixels; for ε = 1/255 pass 1",
+              file=sys.stderr)
     for flag in ("shots", "batch_size", "eval_batch_size", "epochs", "checkpoint_every", "eval_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer")
@@ -2036,6 +2101,14 @@ def parse_args(argv):
     return args
 
 
+def parse_summarize_args(argv):
+    p = argparse.ArgumentParser(prog="advmask.py summarize", description="Tables over seeds (summary.md, summary.csv) "
+                                "and the few-shot figure (summary.png) of the finished runs under RUNS_DIR.")
+    p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
+    p.add_argument("runs_dir", metavar="RUNS_DIR", help="a runs root: RUNS_DIR/<protocol>/<dataset>/<K>shot/seed<S>/")
+    return p.parse_args(argv)
+
+
 def parse_analyze_args(argv):
     p = argparse.ArgumentParser(prog="advmask.py analyze", description="Where masks cut (per block, q/k/v/out and "
                                 "head), how far they overlap beyond chance, and a consensus mask.")
@@ -2055,18 +2128,37 @@ def parse_analyze_args(argv):
 # of these. Device and precision are training settings: bf16 and fp32 training end in different masks, and devices
 # draw other random starts.
 EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "eval_precision", "baseline",
-             "workers", "eval_datasets", "eval_presets", "eval_limit", "checkpoint_every", "out_dir"}
+             "workers", "eval_datasets", "eval_presets", "eval_limit", "checkpoint_every", "out_dir", "overwrite"}
 
 
-def _check_resumable(out_dir, checkpoint, settings):
-    """A checkpoint in out_dir is resumed only by a run with the same training settings."""
-    if not checkpoint.is_file() or not (out_dir / "config.json").is_file():
+def _check_out_dir(out_dir, checkpoint, settings, overwrite):
+    """A checkpoint in out_dir is resumed, and a finished run re-evaluated, only by a run with the same training
+    settings; with overwrite, a finished run of other settings is trained again from scratch."""
+    if not (out_dir / "config.json").is_file():
         return
     saved = json.loads((out_dir / "config.json").read_text())
     differ = sorted(k for k, v in settings.items() if k not in EVAL_ONLY and saved.get(k) != v)
-    if differ:
+    if not differ:
+        return
+    if overwrite:
+        checkpoint.unlink(missing_ok=True)
+    elif checkpoint.is_file():
         raise ValueError(f"{out_dir} holds a checkpoint of a run with other training settings ({', '.join(differ)}), "
                          f"which would give another mask; pass another --out-dir, or delete {checkpoint} to start over")
+    elif (out_dir / "results.json").is_file():
+        raise ValueError(f"{out_dir} holds a finished run with other training settings ({', '.join(differ)}); pass "
+                         f"another --out-dir, or --overwrite to replace it")
+
+
+def _require_writable(folder):
+    """Refuse, before any work and without creating anything, a folder that cannot be written: its nearest existing
+    ancestor must be a folder that takes a file (not a read-only disk, not a file in the way)."""
+    existing = next(f for f in (Path(folder).absolute(), *Path(folder).absolute().parents) if f.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write to {folder} ({e.strerror}); pass a folder you can write to") from None
 
 
 def _cell_label(attack, eps):
@@ -2113,12 +2205,11 @@ def run(args, device, precision, eval_precision):
         phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - tic
         tic = time.perf_counter()
 
-    out_dir = Path(args.out_dir or f"runs/{args.protocol}/{args.dataset}/{args.shots}shot/seed{args.seed}")
-    if args.dry_run:
-        clip, tokenizer = open_clip.CLIP(**TINY_CLIP), None
-        args.epochs, args.test_steps = args.epochs or 2, 3
-    else:
-        clip, tokenizer = load_clip(args.model or "ViT-B-32", args.pretrained)
+    # dry and synthetic runs default to folders of their own, so that no real cell is ever taken for done
+    root = "runs_dry" if args.dry_run else "runs_synthetic" if args.synthetic else "runs"
+    out_dir = Path(args.out_dir or f"{root}/{args.protocol}/{args.dataset}/{args.shots}shot/seed{args.seed}")
+    _require_writable(out_dir)
+    clip, tokenizer = load_clip(args.model or "ViT-B-32", args.pretrained)
     clip = clip.to(device)
     size = clip.visual.image_size[0]
     settings = {**vars(args), "device": str(device), "precision": precision, "eval_precision": eval_precision}
@@ -2178,7 +2269,7 @@ def run(args, device, precision, eval_precision):
         else:
             load_weights(probe, args.weights)
     else:
-        _check_resumable(out_dir, checkpoint, settings)
+        _check_out_dir(out_dir, checkpoint, settings, args.overwrite)
         try:
             indices = sample_k_shot(train_set.targets, args.shots, args.seed, train_names)
         except ValueError as e:
@@ -2187,7 +2278,7 @@ def run(args, device, precision, eval_precision):
         lap("cache")
         epochs = args.epochs or default_epochs(len(labels), args.batch_size)
         print(f"{args.protocol} on {args.dataset}: {len(labels)} training images ({args.shots} per class, "
-              f"{len(train_names)} classes), {epochs} epochs on {device} ({precision})")
+              f"{len(train_names)} classes), {epochs} epoch{'s' * (epochs != 1)} on {device} ({precision})")
     write_json(out_dir / "config.json", settings)
 
     history = []
@@ -2243,13 +2334,14 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["summarize"]:
-            if len(argv) != 2:
-                raise ValueError("usage: advmask.py summarize RUNS_DIR")
-            summarize(argv[1])
-            plot_few_shot(argv[1])
+            args = parse_summarize_args(argv[1:])
+            _require_writable(args.runs_dir)
+            summarize(args.runs_dir)
+            plot_few_shot(args.runs_dir)
             return
         if argv[:1] == ["analyze"]:
             args = parse_analyze_args(argv[1:])
+            _require_writable(args.out)
             analyze(args.paths, args.out, args.consensus, args.save)
             return
         args = parse_args(argv)
@@ -2269,7 +2361,8 @@ def main(argv=None):
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(args.seed)
         if args.benchmark:
-            config = BENCH_CLIP if args.model is None else open_clip.get_model_config(resolve_model(args.model))
+            config = {None: BENCH_CLIP, "tiny": TINY_CLIP}.get(args.model) or open_clip.get_model_config(
+                resolve_model(args.model))
             print(json.dumps({"model": args.model or "BENCH_CLIP",
                               **benchmark(config, args.batch_size, device, precision, args.mask_target)}))
         else:
@@ -2280,6 +2373,9 @@ def main(argv=None):
     except FloatingPointError as e:  # the loss diverged: not a usage error, but one line all the same
         print(f"advmask: stopped: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as e:  # Ctrl-C: the shell's status for SIGINT, and one line
+        print(f"advmask: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

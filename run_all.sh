@@ -21,15 +21,16 @@ Every option can also be set by the environment variable of the same name (flags
   GPUS      e.g. "0 1 2 3": one job per GPU in parallel (CUDA_VISIBLE_DEVICES); empty: one job at a time
   RUNS      default: runs (runs_dry with --dry-run)
   PYTHON    the interpreter that runs advmask.py, e.g. venv/bin/python (default: python on PATH)
---dry-run   a tiny CPU sweep: oxford_pets dtd × 1 2 shots × seeds 1 2 with advmask.py --dry-run (synthetic data)
+--dry-run   a tiny CPU sweep with advmask.py --dry-run (synthetic data): by default oxford_pets dtd × 1 2 shots ×
+            seeds 1 2 into runs_dry; --datasets, --shots, --seeds and --runs given with it still apply
 Arguments after -- go to every advmask.py run, e.g. -- --data-root /data --baseline --attack pgd,aa
 CoOp's exact splits for the whole sweep: -- --data-root /data --split-dir /data/coop_splits
 EOF
 }
 
-DATASETS=${DATASETS:-"imagenet caltech101 oxford_pets stanford_cars flowers102 food101 fgvc_aircraft sun397 dtd eurosat ucf101"}
-SHOTS=${SHOTS:-"1 2 4 8 16"}
-SEEDS=${SEEDS:-"1 2 3"}
+DATASETS=${DATASETS:-}
+SHOTS=${SHOTS:-}
+SEEDS=${SEEDS:-}
 PROTOCOL=${PROTOCOL:-few_shot}
 GPUS=${GPUS:-}
 RUNS=${RUNS:-}
@@ -45,15 +46,22 @@ while [ $# -gt 0 ]; do
     --gpus) GPUS=$2; shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
     --python) PYTHON=$2; shift 2 ;;
-    --dry-run) DATASETS="oxford_pets dtd"; SHOTS="1 2"; SEEDS="1 2"; GPUS=""; DRY=1
-               EXTRA+=(--dry-run --device cpu); shift ;;
+    --dry-run) GPUS=""; DRY=1; EXTRA+=(--dry-run --device cpu); shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA+=("$@"); break ;;
     *) echo "run_all.sh: unknown option $1; see run_all.sh --help" >&2; exit 2 ;;
   esac
 done
 
-if [ -z "$RUNS" ]; then if [ "$DRY" = 1 ]; then RUNS=runs_dry; else RUNS=runs; fi; fi
+# what was not given: the paper's sweep, or with --dry-run a tiny one
+if [ "$DRY" = 1 ]; then
+  DATASETS=${DATASETS:-"oxford_pets dtd"}; SHOTS=${SHOTS:-"1 2"}; SEEDS=${SEEDS:-"1 2"}; RUNS=${RUNS:-runs_dry}
+else
+  DATASETS=${DATASETS:-"imagenet caltech101 oxford_pets stanford_cars flowers102 food101 fgvc_aircraft sun397 dtd eurosat ucf101"}
+  SHOTS=${SHOTS:-"1 2 4 8 16"}; SEEDS=${SEEDS:-"1 2 3"}; RUNS=${RUNS:-runs}
+fi
+failed="$RUNS/.failed_cells"  # one line per failed cell, shared by the parallel GPU jobs
+rm -f "$failed"
 
 cells=()
 for protocol in $PROTOCOL; do for dataset in $DATASETS; do for shots in $SHOTS; do for seed in $SEEDS; do
@@ -65,11 +73,13 @@ run_cell() {  # protocol dataset shots seed [gpu]
   if [ -f "$out/results.json" ]; then echo "skip $out (done)"; return 0; fi
   mkdir -p "$out"
   echo "run  $out"
-  if CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" advmask.py --protocol "$1" --dataset "$2" \
-      --shots "$3" --seed "$4" --out-dir "$out" "${EXTRA[@]}" > "$out/log.txt" 2>&1; then
+  # TQDM_DISABLE: no carriage-return progress bars in log.txt
+  if TQDM_DISABLE=1 CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" advmask.py --protocol "$1" \
+      --dataset "$2" --shots "$3" --seed "$4" --out-dir "$out" "${EXTRA[@]}" > "$out/log.txt" 2>&1; then
     tail -n 1 "$out/log.txt"
   else
     echo "FAILED $out (see $out/log.txt)"
+    echo "$out" >> "$failed"
   fi
 }
 
@@ -85,5 +95,11 @@ else  # GPU g takes every n-th cell, so that the GPUs share the sweep without a 
   wait
 fi
 
-"$PYTHON" advmask.py summarize "$RUNS" > /dev/null
-echo "wrote $RUNS/summary.md and $RUNS/summary.csv"
+if "$PYTHON" advmask.py summarize "$RUNS" > /dev/null; then  # what finished, even after failures
+  echo "wrote $RUNS/summary.md and $RUNS/summary.csv"
+fi
+if [ -s "$failed" ]; then
+  echo "$(wc -l < "$failed") cell(s) failed:" >&2
+  cat "$failed" >&2
+  exit 1
+fi

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -1709,8 +1710,8 @@ def test_synthetic_runs_at_the_real_size_of_the_dataset(tiny_files, tmp_path):
 
 def test_run_all_dry_sweep_summarises_and_resumes(tmp_path):
     """run_all.sh --dry-run on one dataset, one shot count and 2 seeds runs with the interpreter PYTHON names (the
-    `python` on PATH is a decoy that fails), passes the arguments after -- (here --split-dir) to every cell and writes the
-    summary; run again after one cell is lost, it redoes that cell only."""
+    `python` on PATH is a decoy that fails), passes the arguments after -- (here --split-dir) to every cell and writes
+    the summary; run again after one cell is lost, it redoes that cell only; a failing cell makes it exit 1, listed."""
     decoy = tmp_path / "bin" / "python"
     decoy.parent.mkdir()
     decoy.write_text("#!/bin/sh\necho 'the python on PATH ran instead of $PYTHON' >&2\nexit 3\n")
@@ -1719,10 +1720,10 @@ def test_run_all_dry_sweep_summarises_and_resumes(tmp_path):
            "PATH": f"{decoy.parent}{os.pathsep}{os.environ['PATH']}"}
     (tmp_path / "coop").mkdir()
 
-    def sweep():
-        return subprocess.run(["bash", str(HERE / "run_all.sh"), "--dry-run", "--datasets", "dtd", "--shots", "1",
-                               "--", "--split-dir",
-                               str(tmp_path / "coop")], env=env, capture_output=True, text=True, timeout=600)
+    def sweep(datasets="dtd"):  # --datasets and --shots before --dry-run: they still apply
+        return subprocess.run(["bash", str(HERE / "run_all.sh"), "--datasets", datasets, "--shots", "1", "--dry-run",
+                               "--", "--split-dir", str(tmp_path / "coop")], env=env, capture_output=True, text=True,
+                              timeout=600)
 
     proc = sweep()
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -1741,6 +1742,9 @@ def test_run_all_dry_sweep_summarises_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("skip ") == 1 and f"run  {lost.parent}" in proc.stdout and lost.is_file()
     assert {p: p.stat().st_mtime_ns for p in before} == before
+    proc = sweep("dtd mnist")  # a cell that fails: the sweep goes on, then exits non-zero naming it
+    assert proc.returncode == 1 and proc.stdout.count("skip ") == 2 and proc.stdout.count("FAILED ") == 2
+    assert "2 cell(s) failed:" in proc.stderr and str(runs / "few_shot" / "mnist" / "1shot" / "seed2") in proc.stderr
 
 
 def bad_input_cases(files):
@@ -1793,6 +1797,8 @@ def bad_input_cases(files):
         ([*transfer, "--weights", str(files / "weights.bin"), "--tune", "mask"], "--weights evaluates a --tune"),
         ([*transfer, "--masks", str(files / "masks.bin"), "--tune", "weights"], "with --tune weights, pass the"),
         (["--attack", "pgd,cw,pgd"], "--attack lists pgd twice; give each attack once"),
+        (["--test-eps", "4/256"], "argument --test-eps: '4/256' is not a number in /255 units, e.g. 4 or 4/255"),
+        (["--model", "tiny", "--pretrained", "openai"], "--model tiny is a random model of this file's own"),
         (["--test-eps", "1,2,1"], "--test-eps lists 1 twice; give each value once"),
     ]
 
@@ -1845,6 +1851,22 @@ def test_every_bad_input_ends_in_one_line_exit_2_and_no_files(bad_files, case, t
     assert_one_line_exit_2_no_files(exit_.value.code, capsys.readouterr().err, tmp_path, message)
 
 
+@pytest.mark.parametrize("command", [["--dry-run", "--out-dir", "a-file/run"], ["analyze", "m.bin", "--out", "a-file/x"],
+                                     ["summarize", "a-file/runs"]])
+def test_an_unwritable_output_folder_is_one_line_before_any_work(command, tmp_path, monkeypatch, capsys):
+    """--out-dir, analyze --out and summarize's folder that cannot be written (here a file is in the way; as root, a
+    read-only mode would not stop a write) end in one line, exit 2, before any training, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("in the way")
+    model = masked_tiny_clip()
+    am.save_masks(model, tmp_path / "m.bin")
+    with pytest.raises(SystemExit) as exit_:
+        am.main(command)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "(Not a directory); pass a folder you can write" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "m.bin"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "ViT-B-32", "--pretrained", "openai"], "could not fetch the 'openai' weights of ViT-B-32"),
     (["--shots", "0"], "--shots must be a positive integer")])
@@ -1856,6 +1878,66 @@ def test_bad_inputs_of_the_real_cli_process(args, message, tmp_path):
 
 def dry_run_args(out, epochs):
     return ["--dry-run", "--epochs", str(epochs), "--lr", "0.01", "--out-dir", out]
+
+
+def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_path, monkeypatch, capsys):
+    """A --dry-run without --out-dir writes under runs_dry/, never runs/, records the model and settings it used and
+    turns weights off; the flags it overrides are named in one line; analyze of two masks prints no nan, even where
+    a mask has nothing off (no chance level: no ratio)."""
+    monkeypatch.chdir(tmp_path)
+    am.main(["--dry-run", "--model", "ViT-L-14", "--test-steps", "20"])
+    assert "--dry-run runs the tiny random CLIP and PGD-3; it ignores --model ViT-L-14, --test-steps 20" in (
+        capsys.readouterr().err)
+    cell = tmp_path / "runs_dry" / "few_shot" / "oxford_pets" / "16shot" / "seed1"
+    assert not (tmp_path / "runs").exists() and (cell / "results.json").is_file()
+    config = json.loads((cell / "config.json").read_text())
+    assert (config["model"], config["pretrained"], config["test_steps"]) == ("tiny", "none", 3)
+    assert json.loads((cell / "results.json").read_text())["sparsity"] > 0.05
+    none_off = tiny_clip()
+    am.apply_masks(none_off)
+    am.save_masks(none_off, tmp_path / "none_off.bin")
+    md = am.analyze([cell / "masks.bin", tmp_path / "none_off.bin"], tmp_path / "a")
+    assert "nan" not in md + (tmp_path / "a" / "analysis.csv").read_text() and "| — |" in md
+
+
+def test_a_finished_run_is_not_overwritten_by_other_training_settings(tmp_path, monkeypatch, capsys):
+    """Rerunning into a finished run's folder with another learning rate is refused in one line naming the setting
+    (the mask stays); evaluation flags alone re-evaluate; --overwrite trains again."""
+    monkeypatch.chdir(tmp_path)
+    am.main([*dry_run_args("out", 2), "--seed", "5"])
+    mask = (tmp_path / "out" / "masks.bin").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        am.main([*dry_run_args("out", 2), "--seed", "5", "--lr", "0.5"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "out holds a finished run with other training settings (lr); pass" in err
+    assert (tmp_path / "out" / "masks.bin").read_bytes() == mask
+    am.main([*dry_run_args("out", 2), "--seed", "5", "--test-eps", "2"])  # evaluation only: allowed
+    assert (tmp_path / "out" / "masks.bin").read_bytes() == mask
+    am.main([*dry_run_args("out", 2), "--seed", "5", "--lr", "0.5", "--overwrite"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["lr"] == 0.5
+    assert (tmp_path / "out" / "masks.bin").read_bytes() != mask
+
+
+def test_help_shows_each_default_once_and_budgets_take_either_spelling(capsys):
+    """Every flag has help and at most one default, printed plainly (no None, no Python lists); the description names
+    the three commands; summarize --help prints usage and exits 0; --test-eps 4/255 is --test-eps 4, and 0.0039
+    (pixel units where /255 is meant) warns in one line."""
+    with pytest.raises(SystemExit) as exit_:
+        am.main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0 and all(c in text for c in ("summarize RUNS_DIR", "analyze PATH"))
+    options = re.split(r"\n  (?=-)", text.split("options:")[1])[1:]
+    assert len(options) > 40  # every flag, -h included
+    for option in options:
+        assert option.count("(default") <= 1 and "None)" not in option and "['" not in option, option
+        assert len(" ".join(option.split()).split(" ", 2)) > 2 or option.startswith("-h"), option  # has a help text
+    with pytest.raises(SystemExit) as exit_:
+        am.main(["summarize", "--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: advmask.py summarize")
+    assert am.parse_args(["--test-eps", "4/255,1"]).test_eps == am.parse_args(["--test-eps", "4,1"]).test_eps == [4, 1]
+    capsys.readouterr()
+    am.parse_args(["--test-eps", "0.0039"])
+    assert capsys.readouterr().err.count("is in /255 units") == 1
 
 
 def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path, capsys):
@@ -1879,6 +1961,18 @@ def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1
         assert f"holds a checkpoint of a run with other training settings ({flag[2:]})" in err
+    interrupted = subprocess.Popen([sys.executable, str(HERE / "advmask.py"), *dry_run_args("int", 40)], cwd=tmp_path,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in interrupted.stdout:
+        if line.startswith("checkpoint | epoch 25/40"):
+            interrupted.send_signal(signal.SIGINT)  # Ctrl-C, somewhere in epoch 26
+            break
+    err = interrupted.communicate(timeout=60)[1]
+    assert interrupted.returncode == 130 and err.count("\n") == 1, err
+    assert re.fullmatch(r"advmask: interrupted at step \d+/80; rerun the same command to resume from the checkpoint "
+                        r"of step 50\n", err)
+    am.main(dry_run_args(str(tmp_path / "int"), 40))  # the same command, in this process
+    assert (tmp_path / "int" / "masks.bin").read_bytes() == (tmp_path / "whole" / "masks.bin").read_bytes()
     resumed = run_cli(*dry_run_args("killed", 40), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout and "after epoch 25/40" in resumed.stdout
