@@ -1878,6 +1878,79 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
     }
 
 
+@contextlib.contextmanager
+def _fp32_residual_stream(model):
+    """bf16 matmuls with an fp32 residual stream: the patch embedding's output is cast to fp32, so the residual
+    additions (and LayerNorm, which autocast keeps fp32) stay fp32 while linear layers run in bf16."""
+    hook = visual_tower(model).conv1.register_forward_hook(lambda module, inputs, output: output.float())
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3, seed=0):
+    """How faithful LAFA is under each training precision, against fp32 on the same images and weights.
+
+    Δz = z_clean − z_adv per block, with x_adv = x + uniform noise in the ε-ball (LAFA's signal). Per precision: per
+    block ‖Δz‖² relative to fp32's and error ÷ signal = ‖Δz − Δz_fp32‖² / ‖Δz_fp32‖²; LAFA's value relative to
+    fp32's; its gradient with respect to the mask scores (cosine to fp32's, relative norm error); the share of the
+    input gradient's signs (all PGD uses) equal to fp32's; and the time of a training step relative to fp32. On CUDA
+    the reference is true fp32 (TF32 off) and "fp32" is TF32 matmuls.
+    """
+    torch.manual_seed(seed)
+    model = ClipClassifier(open_clip.CLIP(**clip_config).to(device), [f"class {c}" for c in range(10)],
+                           ["a photo of a {}."])
+    scores = apply_masks(model)
+    x, y = _bench_batch(clip_config, batch_size, device)
+    noise = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator(device).manual_seed(seed))
+    x_adv = (x + noise).clamp(0, 1)
+
+    def precision(mode):
+        stack = contextlib.ExitStack()
+        if "stream" in mode:
+            stack.enter_context(_fp32_residual_stream(model))
+        stack.enter_context(autocast(device, "bf16" if mode.startswith("bf16") else "fp32"))
+        return stack
+
+    def measure(mode):
+        with precision(mode):
+            with torch.no_grad():
+                clean_logits, clean_feats = model(x, return_features=True)
+            adv_logits, adv_feats = model(x_adv, return_features=True)
+            lafa = lafa_loss(clean_feats, adv_feats, clean_logits, y)
+            grad = torch.cat([g.flatten() for g in torch.autograd.grad(lafa, scores)]).float()
+            x_in = x_adv.clone().requires_grad_(True)
+            (x_grad,) = torch.autograd.grad(F.cross_entropy(model(x_in), y), x_in)
+        dz = [(c.float() - a.float()).detach() for c, a in zip(clean_feats, adv_feats)]
+        return dz, lafa.item(), grad, x_grad.sign()
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    reference = measure("fp32")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    optimizer = torch.optim.Adam(scores, lr=0.0)  # lr 0: timed steps leave the model as it is
+
+    def step(mode):
+        with precision(mode):
+            train_step(model, optimizer, x, y)
+    seconds = _min_seconds({mode: partial(step, mode) for mode in ("bf16", "bf16, fp32 residual stream", "fp32")},
+                           device, repeats)
+    rows = []
+    for mode in seconds:
+        dz, lafa, grad, signs = measure(mode)
+        rows.append({"precision": mode, "block_signal_ratio": [d.pow(2).sum().item() / r.pow(2).sum().item()
+                                                               for d, r in zip(dz, reference[0])],
+                     "block_error_to_signal": [(d - r).pow(2).sum().item() / r.pow(2).sum().item()
+                                               for d, r in zip(dz, reference[0])],
+                     "lafa_ratio": lafa / reference[1],
+                     "grad_cosine": F.cosine_similarity(grad.double(), reference[2].double(), dim=0).item(),
+                     "grad_norm_error": ((grad - reference[2]).double().norm() / reference[2].double().norm()).item(),
+                     "pgd_sign_agreement": (signs == reference[3]).float().mean().item(),
+                     "step_time_ratio": seconds[mode] / seconds["fp32"]})
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -1946,6 +2019,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# not in the paper: training runs in fp32 on every device (TF32 matmuls on CUDA). Under bf16 autocast LAFA's signal,
+# the clean − adversarial difference of each block's output at ε = 1/255, drowns in rounding: on ViT-B/32 (random
+# weights, CPU) the error exceeded the signal 8-13× in every block, and 2.5-3.7× with an fp32 residual stream
+# (--benchmark precision; README, "Precision").
+TRAIN_PRECISION = "fp32"
 # --dry-run: the tiny random CLIP, a rate and length at which its mask turns weights off within seconds, and PGD-3
 DRY_RUN = {"model": "tiny", "pretrained": "none", "test_steps": 3, "epochs": 20, "lr": 1e-3}
 
@@ -1994,9 +2072,9 @@ def parse_args(argv):
     p.add_argument("--deterministic", action="store_true",
                    help="CUDA: reproducible kernels only (cuDNN/cuBLAS), bit-identical reruns at some speed cost; "
                         "CPU runs are reproducible without it")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp32"],
-                   help="autocast precision of forward and backward passes; scores, optimiser and accuracies stay "
-                        "fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--precision", default=TRAIN_PRECISION, choices=["bf16", "fp32"],
+                   help="training precision: fp32 (on CUDA with TF32 matmuls) or bf16 autocast; scores, optimiser "
+                        "and accuracies stay fp32 either way; see README for why bf16 is not the default")
     p.add_argument("--model", default=None,
                    help="open_clip model name, path to an open_clip config JSON, or tiny (the small random CLIP of "
                         "the tests, for trying things on a CPU) (default: ViT-B-32; with --benchmark, a small "
@@ -2036,9 +2114,10 @@ def parse_args(argv):
     p.add_argument("--dry-run", action="store_true",
                    help=f"the tiny random CLIP on synthetic images, {DRY_RUN['epochs']} epochs at lr "
                         f"{DRY_RUN['lr']:g}, PGD-{DRY_RUN['test_steps']} evaluation: the whole pipeline in seconds")
-    p.add_argument("--benchmark", action="store_true",
-                   help="print one JSON line: masked vs unmasked training speed and memory, baked vs plain PGD speed, "
-                        "mask-file bits per weight (random weights)")
+    p.add_argument("--benchmark", nargs="?", const="speed", choices=["speed", "precision"],
+                   help="speed: one JSON line of masked vs unmasked training speed and memory, baked vs plain PGD "
+                        "speed, mask-file bits per weight; precision: one JSON line per training precision of LAFA's "
+                        "error against fp32, block by block (4 images; default model ViT-B-32); random weights")
     args = p.parse_args(argv)
     if args.dry_run:  # the tiny model and settings under which its mask turns weights off in seconds
         overridden = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "pretrained", "test_steps")
@@ -2350,7 +2429,7 @@ def main(argv=None):
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"--device {device} was asked for but {torch.cuda.device_count()} CUDA devices are "
                              f"visible; pass --device cpu or an existing GPU")
-        precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+        precision = args.precision
         # not in the paper: evaluation defaults to fp32, the reference for robust accuracy; bf16 did not weaken PGD or
         # AutoAttack on a small CLIP (README, Evaluation), but on ViT-B/32 that is not measured yet
         eval_precision = args.eval_precision or "fp32"
@@ -2360,7 +2439,12 @@ def main(argv=None):
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(args.seed)
-        if args.benchmark:
+        if args.benchmark == "precision":
+            model = args.model or "ViT-B-32"
+            config = TINY_CLIP if model == "tiny" else open_clip.get_model_config(resolve_model(model))
+            for row in precision_check(config, device):
+                print(json.dumps({"model": model, **row}))
+        elif args.benchmark:
             config = {None: BENCH_CLIP, "tiny": TINY_CLIP}.get(args.model) or open_clip.get_model_config(
                 resolve_model(args.model))
             print(json.dumps({"model": args.model or "BENCH_CLIP",

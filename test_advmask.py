@@ -1431,6 +1431,19 @@ def test_every_bad_analyze_input_ends_in_one_line_exit_2_and_no_files(case, tmp_
 # ---------------------------------------------------------------------------------------------------------------------
 # Benchmark
 
+def test_the_training_precision_keeps_lafa_faithful_where_bf16_does_not():
+    """On a small CLIP, bf16 autocast (the former CUDA default) drowns LAFA's clean − adversarial signal in rounding
+    (error ÷ signal > 0.1 in every block, so this test fails on that default), while the training precision the CLI
+    uses meets error ÷ signal ≤ 0.1 in every block, LAFA within 1 % and a score-gradient cosine ≥ 0.99."""
+    rows = {r["precision"]: r for r in am.precision_check(am.TINY_CLIP, torch.device("cpu"), repeats=1)}
+    assert min(rows["bf16"]["block_error_to_signal"]) > 0.1
+    assert am.parse_args([]).precision == am.TRAIN_PRECISION
+    chosen = rows[am.TRAIN_PRECISION]
+    assert max(chosen["block_error_to_signal"]) <= 0.1 and len(chosen["block_error_to_signal"]) == 2
+    assert abs(chosen["lafa_ratio"] - 1) <= 0.01 and chosen["grad_cosine"] >= 0.99
+    assert rows["bf16"]["pgd_sign_agreement"] > 0.9 and chosen["step_time_ratio"] == 1
+
+
 def test_benchmark_reports_every_figure_and_one_bit_per_weight():
     """benchmark() gives positive speeds and memories, and a mask file of one bit per weight plus ≤ 512 bytes."""
     result = am.benchmark(am.TINY_CLIP, 8, torch.device("cpu"), "fp32", repeats=1, pgd_steps=2)
