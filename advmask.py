@@ -1097,13 +1097,13 @@ def stratified_split(labels, test_fraction=0.3, seed=0):
     """
     labels = torch.as_tensor(labels)
     generator = torch.Generator().manual_seed(seed)
-    train, test = [], []
+    train_idx, test_idx = [], []
     for c in labels.unique():
         pool = (labels == c).nonzero().flatten()
         pool = pool[torch.randperm(len(pool), generator=generator)].tolist()
         n_test = round(test_fraction * len(pool))
-        test, train = test + pool[:n_test], train + pool[n_test:]
-    return sorted(train), sorted(test)
+        test_idx, train_idx = test_idx + pool[:n_test], train_idx + pool[n_test:]
+    return sorted(train_idx), sorted(test_idx)
 
 
 def balanced_subset(labels, limit):
@@ -1200,17 +1200,17 @@ def _tinyimagenet(root, transform):
         raise ValueError(f"{base}/wnids.txt lists {missing[0]}, which has no line in words.txt or no folder "
                          f"train/{missing[0]}/images/: unpack tiny-imagenet-200.zip there again")
     label = {w: i for i, w in enumerate(wnids)}
-    train = [(path, label[w]) for w in wnids for path in sorted((base / "train" / w / "images").iterdir())
-             if torchvision.datasets.folder.is_image_file(path.name)]
-    test = []
+    train_files = [(path, label[w]) for w in wnids for path in sorted((base / "train" / w / "images").iterdir())
+                   if torchvision.datasets.folder.is_image_file(path.name)]
+    test_files = []
     for line in (base / "val" / "val_annotations.txt").read_text().splitlines():  # file, wnid, bounding box
         file, wnid = line.split("\t")[:2]
         if wnid not in label or not (base / "val" / "images" / file).is_file():
             raise ValueError(f"{base}/val/val_annotations.txt names {file} of {wnid}, which is not in val/images/ or "
                              f"wnids.txt: unpack tiny-imagenet-200.zip there again")
-        test.append((base / "val" / "images" / file, label[wnid]))
+        test_files.append((base / "val" / "images" / file, label[wnid]))
     classes = [synonyms[w].split(",")[0].strip().replace("_", " ") for w in wnids]
-    return ImageFiles(train, transform), ImageFiles(test, transform), classes
+    return ImageFiles(train_files, transform), ImageFiles(test_files, transform), classes
 
 
 def _imagenet_wnids(root):
@@ -1278,12 +1278,12 @@ def _fixed_split(name, whole):
         files = [p.relative_to(whole._data_dir).as_posix() for p in whole._image_files]
         order.sort(key=files.__getitem__)  # torchvision lists the files with rglob, in no fixed order
         if (whole._data_dir / "Testing_01.txt").is_file():  # the official partition 1, which CoOp uses
-            train, test = ({line.strip().lstrip("/") for line in (whole._data_dir / f).read_text().splitlines()}
-                           for f in ("Training_01.txt", "Testing_01.txt"))
-            part = lambda i: "train" if files[i] in train else "test" if files[i] in test else None
+            listed = [{line.strip().lstrip("/") for line in (whole._data_dir / f).read_text().splitlines()}
+                      for f in ("Training_01.txt", "Testing_01.txt")]
+            part = lambda i: "train" if files[i] in listed[0] else "test" if files[i] in listed[1] else None
     if part is None:
-        train, test = stratified_split([labels[i] for i in order])
-        return [order[j] for j in train], [order[j] for j in test], labels, classes
+        train_idx, test_idx = stratified_split([labels[i] for i in order])
+        return [order[j] for j in train_idx], [order[j] for j in test_idx], labels, classes
     return [i for i in order if part(i) == "train"], [i for i in order if part(i) == "test"], labels, classes
 
 
