@@ -1635,7 +1635,7 @@ def _heatmap(path, panels, xticks, yticks, vmax, xlabel="", ylabel="", suptitle=
     plt = _pyplot()
     vmax = vmax or max(max(max(row) for row in matrix) for _, matrix in panels) or 1
     longest_x, longest_y = (max(len(str(t)) for t in ticks) for ticks in (xticks, yticks))
-    width = max(3.0, 1 + 0.35 * len(xticks) + 0.07 * longest_y)
+    width = max(3.0, 1.5 + 0.35 * len(xticks) + 0.1 * longest_y)  # room for the labels, the colourbar and the title
     height = 2 + 0.35 * len(yticks) + 0.07 * longest_x
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) + 1, height), squeeze=False,
                              layout="constrained")
@@ -1647,7 +1647,7 @@ def _heatmap(path, panels, xticks, yticks, vmax, xlabel="", ylabel="", suptitle=
     fig.colorbar(image, ax=axes[0].tolist(), location="right", shrink=0.8)
     if suptitle:
         fig.suptitle(suptitle)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
 
 
