@@ -1866,8 +1866,8 @@ def test_every_bad_input_ends_in_one_line_exit_2_and_no_files(bad_files, case, t
     assert_one_line_exit_2_no_files(exit_.value.code, capsys.readouterr().err, tmp_path, message)
 
 
-@pytest.mark.parametrize("command", [["--dry-run", "--out-dir", "a-file/run"], ["analyze", "m.bin", "--out", "a-file/x"],
-                                     ["summarize", "a-file/runs"]])
+@pytest.mark.parametrize("command", [["--dry-run", "--out-dir", "a-file/run"],
+                                     ["analyze", "m.bin", "--out", "a-file/x"], ["summarize", "a-file/runs"]])
 def test_an_unwritable_output_folder_is_one_line_before_any_work(command, tmp_path, monkeypatch, capsys):
     """--out-dir, analyze --out and summarize's folder that cannot be written (here a file is in the way; as root, a
     read-only mode would not stop a write) end in one line, exit 2, before any training, and nothing is written."""
