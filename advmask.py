@@ -70,7 +70,7 @@ MASK_INIT, MASK_THRESHOLD = 1e-2, 5e-3
 # not in the paper: Adam with a cosine schedule and batch 32 as in R-AMT, lr 1e-4 over a fixed budget of about 500
 # optimisation steps at every shot count (the README's "How the training budget was chosen" gives the reason).
 LR, BATCH_SIZE, TRAIN_BUDGET_STEPS = 1e-4, 32, 500
-# not in the paper: --tune weights (adversarial fine-tuning of the masked weights) takes Adam at 1e-5, the step CLIP
+# not in the paper: tune_weights (adversarial fine-tuning of the masked weights) takes Adam at 1e-5, the step CLIP
 # fine-tuning uses (FARE, WiSE-FT), for the same budget; a sweep on the tiny CLIP is in the README ("Mask or weights?")
 WEIGHTS_LR = 1e-5
 
@@ -450,7 +450,7 @@ def _log_row(model, step, total_steps, sums, seconds):
     """The log row of the steps since the last one, printed as one greppable line; zeroes the running sums."""
     ce, reg, correct, seen = (sums[k].item() for k in ("ce", "reg", "correct", "seen"))
     masked = next(_masks(model), None) is not None
-    # "lafa" is the regulariser's value, whichever --loss (LAFA by default)
+    # "lafa" is the regulariser's value, whichever the loss (LAFA by default)
     row = {"step": step, "ce": ce / seen, "lafa": reg / seen, "adv_acc": correct / seen,
            "off": mask_sparsity(model) if masked else None, "img_per_s": seen / seconds}
     off = f" | off {100 * row['off']:.2f}%" if masked else ""

@@ -236,58 +236,6 @@ def test_mask_sparsity_is_the_fraction_of_weights_off(seed):
     assert am.mask_sparsity(model) == pytest.approx(off / total, abs=1e-12)
 
 
-@MODEL_SETTINGS
-@given(seed=st.integers(0, 10_000), target=st.sampled_from(["mhsa", "mlp", "all"]))
-def test_mask_file_round_trip_is_bit_exact_and_one_bit_per_weight(tmp_path_factory, seed, target):
-    """save/load reproduces every bit, onto a bare or an unmasked model, in a file of about n/8 bytes."""
-    path = tmp_path_factory.mktemp("m") / "masks.bin"
-    model = tiny_classifier()
-    am.apply_masks(model, target)
-    randomize_scores(model, seed)
-    am.save_masks(model, path)
-    n = sum(s.numel() for _, _, s, _ in masked_weights(model))
-    assert n / 8 <= path.stat().st_size <= n / 8 + 4096
-    fresh = tiny_clip()  # bare open_clip model, no masks yet
-    am.load_masks(fresh, path)
-    for (_, ours, s, t), (_, theirs, s2, t2) in zip(masked_weights(model), masked_weights(fresh)):
-        assert torch.equal(s > t, s2 > t2) and torch.equal(ours, theirs)
-
-
-def test_vit_b32_mhsa_mask_file_is_about_3_5_mb(tmp_path):
-    """A ViT-B/32 attention mask (28.3 M weights) packs into 3.54 MB, not 113 MB of float scores."""
-    model = open_clip.create_model("ViT-B-32")  # random weights: only the shapes matter
-    scores = am.apply_masks(model, "mhsa")
-    am.save_masks(model, tmp_path / "b32.bin")
-    n = sum(s.numel() for s in scores)
-    assert n == 12 * (3 * 768 * 768 + 768 * 768)
-    assert n / 8 <= (tmp_path / "b32.bin").stat().st_size <= n / 8 * 1.01
-
-
-def test_mask_file_refuses_models_it_does_not_fit(tmp_path):
-    """Loading onto another architecture or target, or from a truncated or altered file, fails with a clear error."""
-    model = tiny_clip()
-    am.apply_masks(model, "mhsa")
-    path = tmp_path / "masks.bin"
-    am.save_masks(model, path)
-    other = open_clip.CLIP(**{**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], "width": 32}})
-    with pytest.raises(ValueError, match=r"was made for VisionTransformer\(layers=2, width=64"):
-        am.load_masks(other, path)
-    mlp_masked = tiny_clip()
-    am.apply_masks(mlp_masked, "mlp")
-    with pytest.raises(ValueError, match="masked with --mask-target mhsa"):
-        am.load_masks(mlp_masked, path)
-    data = path.read_bytes()
-    for name, broken, message in [("cut.bin", data[:-1], "truncated"),
-                                  ("headless.bin", data[:20], "truncated or corrupted"),
-                                  ("flipped.bin", data[:-1] + bytes([data[-1] ^ 1]), "fails its checksum"),
-                                  ("other.bin", b"PK\x03\x04" + data[4:], "not an advmask mask file")]:
-        (tmp_path / name).write_bytes(broken)
-        with pytest.raises(ValueError, match=message):
-            am.load_masks(tiny_clip(), tmp_path / name)
-    with pytest.raises(ValueError, match="does not exist"):
-        am.load_masks(tiny_clip(), tmp_path / "missing.pt")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # PGD
 
@@ -476,7 +424,7 @@ def test_mask_loss_rows_of_the_ablation():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# K-shot data
+# The K-shot sampler
 
 @settings(max_examples=100, deadline=None)
 @given(counts=st.lists(st.integers(1, 20), min_size=1, max_size=8), data=st.data())
@@ -523,6 +471,303 @@ def test_k_shot_sampler_names_a_class_that_is_too_small(counts, data):
         am.sample_k_shot(labels, shots, 0, names)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+
+def synthetic_training_set(n_classes, shots, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images_u8 = torch.randint(0, 256, (n_classes * shots, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+    return images_u8, torch.arange(n_classes).repeat_interleave(shots)
+
+
+def test_training_changes_only_the_scores():
+    """After several training steps every pre-trained parameter and buffer is bitwise unchanged; scores moved."""
+    model = tiny_classifier(n_classes=4)
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".scores")}
+    scores = am.apply_masks(model)
+    x, y = synthetic_training_set(4, 4)
+    am.train(model, scores, x, y, epochs=3, batch_size=8, lr=1e-2, log_every=100)
+    after = {k.replace("parametrizations.", "").replace(".original", ""): v for k, v in model.state_dict().items()
+             if not k.endswith(".scores")}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not torch.all(s == am.MASK_INIT) for s in scores)
+    assert all(p.grad is None or p.requires_grad for p in model.parameters())
+
+
+def test_tune_weights_trains_only_the_targeted_weights_and_their_file_round_trips(tmp_path):
+    """--tune weights through the same train(): the targeted attention weights change, every other parameter (text
+    tower included) stays bit for bit, no mask is put on the model; the weights file holds exactly the tuned tensors,
+    loads onto a fresh model, and refuses a truncated file and another architecture."""
+    model = tiny_classifier(4)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    weights = am.tune_weights(model, "mhsa")
+    x, y = synthetic_training_set(4, 2)
+    am.train(model, weights, x, y, epochs=3, batch_size=4, lr=1e-3)
+    tuned = {f"clip.visual.{name}" for name, _ in am._tuned(model, "mhsa")}
+    assert len(tuned) == 4 and next(am._masks(model), None) is None
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != (name in tuned), name
+    am.save_weights(model, tmp_path / "weights.bin", "mhsa")
+    fresh = tiny_classifier(4)
+    am.load_weights(fresh, tmp_path / "weights.bin")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+    assert (tmp_path / "weights.bin").stat().st_size == pytest.approx(4 * sum(w.numel() for w in weights), rel=0.02)
+    data = (tmp_path / "weights.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(data[:-4])
+    with pytest.raises(ValueError, match="truncated"):
+        am.load_weights(tiny_classifier(4), tmp_path / "cut.bin")
+    other = open_clip.CLIP(**{**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], "width": 32}})
+    with pytest.raises(ValueError, match=r"was tuned on VisionTransformer\(layers=2, width=64"):
+        am.load_weights(other, tmp_path / "weights.bin")
+    masked = tiny_clip()
+    am.apply_masks(masked)
+    am.save_masks(masked, tmp_path / "masks.bin")
+    with pytest.raises(ValueError, match="is not an advmask weights file"):
+        am.load_weights(tiny_classifier(4), tmp_path / "masks.bin")
+
+
+@pytest.mark.parametrize("shots", [1, 16])
+def test_default_budget_turns_weights_off_at_every_shot_count(shots):
+    """With the default lr and epochs the mask leaves all-ones (else it is zero-shot CLIP), at 1 and at 16 shots."""
+    model = tiny_classifier(n_classes=4)
+    scores = am.apply_masks(model)
+    x, y = synthetic_training_set(4, shots)
+    epochs = am.default_epochs(len(y), am.BATCH_SIZE)
+    assert epochs * am.steps_per_epoch(len(y), am.BATCH_SIZE) >= am.TRAIN_BUDGET_STEPS
+    history = am.train(model, scores, x, y, epochs, log_every=10**6)
+    assert history[-1]["off"] > 0
+    assert am.mask_sparsity(model) == history[-1]["off"]
+
+
+@pytest.mark.parametrize("n, batch_size, per_epoch, size", [(37, 8, 4, 8), (16, 8, 2, 8), (5, 8, 1, 5)])
+def test_training_batches_are_full_as_in_dassl(n, batch_size, per_epoch, size):
+    """Every training batch is full (the incomplete last one is dropped) unless the set is smaller than one batch."""
+    model = tiny_classifier(n_classes=1)
+    scores = am.apply_masks(model)
+    sizes = []
+    model.register_forward_hook(lambda m, i, o: sizes.append(len(i[0])))
+    am.train(model, scores, *synthetic_training_set(1, n), epochs=3, batch_size=batch_size, steps=1, log_every=100)
+    assert sizes == [size] * 3 * per_epoch * 3  # 3 epochs; 3 passes a step with 1 PGD step: attack, clean, adversarial
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    """When the loss turns NaN in epoch 3, training stops with FloatingPointError; the checkpoint of epoch 2 stays."""
+    model = tiny_classifier(n_classes=4)
+    scores = am.apply_masks(model)
+    calls = []
+
+    def poison(module, inputs, out):  # 4 forward passes a step (2 PGD, clean, adversarial): NaN logits from step 3 on
+        calls.append(1)
+        if len(calls) <= 8:
+            return out
+        return (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")
+
+    model.register_forward_hook(poison)
+    x, y = synthetic_training_set(4, 2)
+    with pytest.raises(FloatingPointError, match="NaN or infinite in epoch 3.*checkpoint of step 2"):
+        am.train(model, scores, x, y, epochs=5, batch_size=8, checkpoint=tmp_path / "ckpt.pt", checkpoint_every=1)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["epoch"] == 2 and all(torch.isfinite(s).all() for s in state["params"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+def test_evaluate_counts_like_a_direct_computation():
+    """With ε = 0 the robust accuracy equals the clean one, and both equal a direct count of correct argmaxes."""
+    model = tiny_classifier(n_classes=3)
+    x_u8, y = synthetic_training_set(3, 5, seed=4)
+    with torch.no_grad():
+        correct = model(x_u8.float() / 255).argmax(1) == y
+    attacks = {"none": partial(am.pgd_attack, eps=0.0, steps=3),
+               "pgd": partial(am.pgd_attack, eps=16 / 255, alpha=4 / 255, steps=5)}
+    result = am.evaluate(model, x_u8, y, attacks, batch_size=4)
+    assert result["n"] == 15 and result["zero_grad_share"] == 0.0
+    assert torch.equal(result["correct"], correct) and result["clean_acc"] == correct.sum().item() / 15
+    assert torch.equal(result["attacks"]["none"]["correct"], correct)
+    assert result["attacks"]["pgd"]["adv_acc"] <= result["clean_acc"]
+
+
+def test_an_evaluation_cell_does_not_depend_on_the_cells_beside_it():
+    """An attack's per-image results are the same alone, after other attacks (or the same attack at another ε), in
+    another order, and in a second call: each attack draws its random starts from a generator of its own."""
+    model = am.bake_masks(tiny_classifier(n_classes=3).requires_grad_(False))
+    x_u8, y = synthetic_training_set(3, 6, seed=2)
+    pgd = am.make_attack("pgd", 8 / 255, 2 / 255, 2)
+    alone = am.evaluate(model, x_u8, y, {"pgd": pgd}, batch_size=8)["attacks"]["pgd"]["correct"]
+    crowded = {"cw": am.make_attack("cw", 8 / 255, 2 / 255, 2), "pgd-4": am.make_attack("pgd", 4 / 255, 1 / 255, 2),
+               "pgd": pgd}
+    for attacks in (crowded, dict(reversed(crowded.items()))):
+        assert torch.equal(am.evaluate(model, x_u8, y, attacks, batch_size=8)["attacks"]["pgd"]["correct"], alone)
+    other_seed = am.evaluate(model, x_u8, y, {"pgd": pgd}, batch_size=8, seed=1)["attacks"]["pgd"]["correct"]
+    assert torch.equal(am.evaluate(model, x_u8, y, {"pgd": pgd}, batch_size=8)["attacks"]["pgd"]["correct"], alone)
+    assert other_seed.shape == alone.shape  # (another seed may or may not flip an image; it must run)
+
+
+@settings(max_examples=100, deadline=None)
+@given(patterns=st.lists(st.lists(st.booleans(), min_size=7, max_size=7), min_size=1, max_size=5))
+def test_worst_case_is_the_per_image_and_over_attacks(patterns):
+    """The worst case counts the images no attack broke (an AND per image), so it is never above any attack's."""
+    correct = [torch.tensor(p) for p in patterns]
+    robust = [all(p[i] for p in patterns) for i in range(7)]
+    assert am.worst_case_accuracy(correct) == sum(robust) / 7
+    assert all(am.worst_case_accuracy(correct) <= c.float().mean().item() for c in correct)
+
+
+class OffGridOracle(torch.nn.Module):
+    """Right only on images off the 1/255 grid, i.e. only after an attack has moved them; flat in its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        off = ((x * 255 - (x * 255).round()).abs().flatten(1).amax(1) > 1e-3).float()  # (B,)
+        return torch.stack([1 - off, off], dim=1) + self.bias
+
+
+def test_evaluate_warns_about_a_broken_attack(capsys):
+    """Robust accuracy above clean accuracy, and all-zero input gradients, are reported on stderr."""
+    x_u8, _ = synthetic_training_set(2, 4)
+    result = am.evaluate(OffGridOracle(), x_u8, torch.ones(8, dtype=torch.long),
+                         {"pgd": partial(am.pgd_attack, eps=1 / 255, alpha=1 / 255, steps=2)}, batch_size=4)
+    assert (result["clean_acc"], result["attacks"]["pgd"]["adv_acc"], result["zero_grad_share"]) == (0.0, 1.0, 1.0)
+    err = capsys.readouterr().err
+    assert "accuracy under pgd 100.00% exceeds clean accuracy 0.00%" in err
+    assert "input gradient is exactly zero for 100.0% of the images" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# AdvMask in one call
+
+def test_adversarial_mask_tuning_in_a_few_lines_without_files():
+    """The glue function tunes a mask from CLIP, uint8 images and class names alone, equal to the pieces it joins
+    (ClipClassifier, apply_masks, train) called by hand with the same arguments."""
+    x, y = synthetic_training_set(3, 4)
+    classifier, log = am.adversarial_mask_tuning(tiny_clip(), x, y, ["cat", "dog", "fox"], epochs=6, batch_size=4,
+                                                 lr=1e-2, log_every=3)
+    assert 0 < am.mask_sparsity(classifier) < 1 and log[-1]["step"] == 18
+    by_hand = am.ClipClassifier(tiny_clip(), ["cat", "dog", "fox"], ["a photo of a {}."])
+    am.train(by_hand, am.apply_masks(by_hand), x, y, 6, batch_size=4, lr=1e-2, log_every=3)
+    for (_, _, s, _), (_, _, s2, _) in zip(masked_weights(classifier), masked_weights(by_hand)):
+        assert torch.equal(s, s2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attack adapters
+
+def test_evaluate_runs_every_attack_make_attack_builds_and_refuses_float_images():
+    """evaluate plus make_attack, without the CLI: every attack runs in the one calling convention, none beats clean
+    accuracy; evaluate and train refuse float images (they take uint8 and scale them), naming the dtype."""
+    model = tiny_classifier(5)
+    x = (images(6) * 255).round().to(torch.uint8)
+    y = torch.arange(6) % 5
+    attacks = {name: am.make_attack(name, 8 / 255, 2 / 255, 2) for name in am.ATTACKS}
+    result = am.evaluate(model, x, y, attacks, seed=0)
+    assert set(result["attacks"]) == set(am.ATTACKS)
+    assert all(r["adv_acc"] <= result["clean_acc"] for r in result["attacks"].values())
+    with pytest.raises(ValueError, match="evaluate takes uint8 images in 0..255 .* not torch.float32"):
+        am.evaluate(model, am.to_unit(x), y, attacks)
+    scores = am.apply_masks(model)
+    with pytest.raises(ValueError, match="train takes uint8 images in 0..255 .* not torch.float64"):
+        am.train(model, scores, x.double() / 255, y, epochs=1)
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "aa"])
+@pytest.mark.parametrize("training", [True, False])
+def test_apgd_attacks_stay_in_the_ball_and_leave_no_trace(name, training):
+    """APGD-CE, APGD-T and AutoAttack images lie within ε in l∞ and in [0, 1]; no .grad, mode and scores unchanged."""
+    model = tiny_classifier(n_classes=5)
+    am.apply_masks(model)
+    randomize_scores(model, 3)
+    model.train(training)
+    scores = [s.clone() for s in (mask.scores for *_, mask in am._masks(model))]
+    x, y = images(6, seed=1), torch.tensor([0, 1, 2, 3, 4, 0])
+    x[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # pixels on the box edges
+    eps = 4 / 255
+    x_adv = am.make_attack(name, eps, eps, 3)(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert model.training == training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, mask.scores) for a, (*_, mask) in zip(scores, am._masks(model)))
+
+
+def test_autoattack_is_never_above_its_apgd_ce_stage():
+    """On the same images and seed, AutoAttack's accuracy is at most APGD-CE's: its second stage only removes images.
+    """
+    model = am.bake_masks(tiny_classifier(n_classes=6).requires_grad_(False))
+    x_u8, y = synthetic_training_set(6, 4, seed=9)
+    attacks = {name: am.make_attack(name, 8 / 255, 8 / 255, 5) for name in ("apgd-ce", "aa")}
+    result = am.evaluate(model, x_u8, y, attacks, batch_size=8)["attacks"]
+    assert not (result["aa"]["correct"] & ~result["apgd-ce"]["correct"]).any()
+    assert result["aa"]["adv_acc"] <= result["apgd-ce"]["adv_acc"] < 1
+
+
+def test_apgd_t_refuses_fewer_than_four_classes():
+    """The targeted DLR loss needs the 4th-largest logit: three classes are a ValueError that says what to use."""
+    with pytest.raises(ValueError, match="at least 4 classes, not 3; use APGD-CE or PGD"):
+        am.apgd_attack(tiny_classifier(n_classes=3), images(2), torch.tensor([0, 1]), targeted=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mask and weight files
+
+@MODEL_SETTINGS
+@given(seed=st.integers(0, 10_000), target=st.sampled_from(["mhsa", "mlp", "all"]))
+def test_mask_file_round_trip_is_bit_exact_and_one_bit_per_weight(tmp_path_factory, seed, target):
+    """save/load reproduces every bit, onto a bare or an unmasked model, in a file of about n/8 bytes."""
+    path = tmp_path_factory.mktemp("m") / "masks.bin"
+    model = tiny_classifier()
+    am.apply_masks(model, target)
+    randomize_scores(model, seed)
+    am.save_masks(model, path)
+    n = sum(s.numel() for _, _, s, _ in masked_weights(model))
+    assert n / 8 <= path.stat().st_size <= n / 8 + 4096
+    fresh = tiny_clip()  # bare open_clip model, no masks yet
+    am.load_masks(fresh, path)
+    for (_, ours, s, t), (_, theirs, s2, t2) in zip(masked_weights(model), masked_weights(fresh)):
+        assert torch.equal(s > t, s2 > t2) and torch.equal(ours, theirs)
+
+
+def test_vit_b32_mhsa_mask_file_is_about_3_5_mb(tmp_path):
+    """A ViT-B/32 attention mask (28.3 M weights) packs into 3.54 MB, not 113 MB of float scores."""
+    model = open_clip.create_model("ViT-B-32")  # random weights: only the shapes matter
+    scores = am.apply_masks(model, "mhsa")
+    am.save_masks(model, tmp_path / "b32.bin")
+    n = sum(s.numel() for s in scores)
+    assert n == 12 * (3 * 768 * 768 + 768 * 768)
+    assert n / 8 <= (tmp_path / "b32.bin").stat().st_size <= n / 8 * 1.01
+
+
+def test_mask_file_refuses_models_it_does_not_fit(tmp_path):
+    """Loading onto another architecture or target, or from a truncated or altered file, fails with a clear error."""
+    model = tiny_clip()
+    am.apply_masks(model, "mhsa")
+    path = tmp_path / "masks.bin"
+    am.save_masks(model, path)
+    other = open_clip.CLIP(**{**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], "width": 32}})
+    with pytest.raises(ValueError, match=r"was made for VisionTransformer\(layers=2, width=64"):
+        am.load_masks(other, path)
+    mlp_masked = tiny_clip()
+    am.apply_masks(mlp_masked, "mlp")
+    with pytest.raises(ValueError, match="masked with --mask-target mhsa"):
+        am.load_masks(mlp_masked, path)
+    data = path.read_bytes()
+    for name, broken, message in [("cut.bin", data[:-1], "truncated"),
+                                  ("headless.bin", data[:20], "truncated or corrupted"),
+                                  ("flipped.bin", data[:-1] + bytes([data[-1] ^ 1]), "fails its checksum"),
+                                  ("other.bin", b"PK\x03\x04" + data[4:], "not an advmask mask file")]:
+        (tmp_path / name).write_bytes(broken)
+        with pytest.raises(ValueError, match=message):
+            am.load_masks(tiny_clip(), tmp_path / name)
+    with pytest.raises(ValueError, match="does not exist"):
+        am.load_masks(tiny_clip(), tmp_path / "missing.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Datasets and splits
+
 @settings(max_examples=100, deadline=None)
 @given(labels=st.lists(st.integers(0, 9), min_size=1, max_size=60))
 def test_base_new_split_is_disjoint_covering_and_renumbered(labels):
@@ -546,6 +791,24 @@ def test_stratified_split_keeps_30_percent_of_every_class_for_testing(counts, se
     assert sorted(train + test) == list(range(len(labels)))
     assert all(sum(labels[i] == c for i in test) == round(0.3 * n) for c, n in enumerate(counts))
     assert (train, test) == am.stratified_split(labels, seed=seed)
+
+
+@settings(max_examples=100, deadline=None)
+@given(counts=st.lists(st.integers(1, 12), min_size=1, max_size=6), data=st.data())
+def test_eval_limit_subset_is_fixed_and_as_balanced_as_the_counts_allow(counts, data):
+    """At most `limit` distinct images; a class has fewer than another's count − 1 only when all its images are in;
+    the subset is the same whatever torch's global generator holds (no run seed can reach it)."""
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    labels = [labels[i] for i in data.draw(st.permutations(range(len(labels))))]
+    limit = data.draw(st.integers(1, len(labels) + 3))
+    torch.manual_seed(data.draw(st.integers(0, 100)))
+    chosen = am.balanced_subset(labels, limit)
+    torch.manual_seed(12345)
+    assert am.balanced_subset(labels, limit) == chosen
+    assert len(chosen) == min(limit, len(labels)) == len(set(chosen))
+    taken = [sum(labels[i] == c for i in chosen) for c in range(len(counts))]
+    for a, b in itertools.permutations(range(len(counts)), 2):
+        assert taken[a] >= taken[b] - 1 or taken[a] == counts[a]
 
 
 def jpeg(path, seed, size=(30, 40)):
@@ -636,7 +899,6 @@ def fabricate_stanford_cars(root, names=("AM General Hummer SUV 2000", "Acura RL
             jpeg(base / f"cars_{split}" / fname, label)
             rows.append((fname, label + 1))
         scipy.io.savemat(annos, {"annotations": np.array(rows, dtype=[("fname", object), ("class", object)])[None]})
-
 
 UCF_FOLDERS = ["Apply_Eye_Makeup", "Hammer_Throw", "Hammering", "Jump_Rope", "Jumping_Jack"]  # sorted as ImageFolder
 
@@ -735,7 +997,6 @@ def test_coop_split_json_is_used_exactly(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="lists missing_7.jpg"):
         am.load_dataset("oxford_pets", tmp_path, SIZE, split_json=tmp_path / "bad.json")
-
 
 TINY_WNIDS = {"n01443537": "goldfish, Carassius auratus",
               "n01629819": "European fire salamander, Salamandra salamandra",
@@ -867,257 +1128,6 @@ def test_imagenet_shifts_use_clips_names_in_imagenets_label_order(tmp_path):
     folders = [int(Path(v2["test"].dataset.samples[i][0]).parent.name) for i in v2["test"].indices]
     assert v2["classes"] == [names[1], names[2], names[10]]
     assert [v2["classes"][y] for y in v2["test"].targets] == [names[f] for f in folders]
-
-
-@settings(max_examples=100, deadline=None)
-@given(counts=st.lists(st.integers(1, 12), min_size=1, max_size=6), data=st.data())
-def test_eval_limit_subset_is_fixed_and_as_balanced_as_the_counts_allow(counts, data):
-    """At most `limit` distinct images; a class has fewer than another's count − 1 only when all its images are in;
-    the subset is the same whatever torch's global generator holds (no run seed can reach it)."""
-    labels = [c for c, n in enumerate(counts) for _ in range(n)]
-    labels = [labels[i] for i in data.draw(st.permutations(range(len(labels))))]
-    limit = data.draw(st.integers(1, len(labels) + 3))
-    torch.manual_seed(data.draw(st.integers(0, 100)))
-    chosen = am.balanced_subset(labels, limit)
-    torch.manual_seed(12345)
-    assert am.balanced_subset(labels, limit) == chosen
-    assert len(chosen) == min(limit, len(labels)) == len(set(chosen))
-    taken = [sum(labels[i] == c for i in chosen) for c in range(len(counts))]
-    for a, b in itertools.permutations(range(len(counts)), 2):
-        assert taken[a] >= taken[b] - 1 or taken[a] == counts[a]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Training
-
-def synthetic_training_set(n_classes, shots, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images_u8 = torch.randint(0, 256, (n_classes * shots, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
-    return images_u8, torch.arange(n_classes).repeat_interleave(shots)
-
-
-def test_training_changes_only_the_scores():
-    """After several training steps every pre-trained parameter and buffer is bitwise unchanged; scores moved."""
-    model = tiny_classifier(n_classes=4)
-    before = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".scores")}
-    scores = am.apply_masks(model)
-    x, y = synthetic_training_set(4, 4)
-    am.train(model, scores, x, y, epochs=3, batch_size=8, lr=1e-2, log_every=100)
-    after = {k.replace("parametrizations.", "").replace(".original", ""): v for k, v in model.state_dict().items()
-             if not k.endswith(".scores")}
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(not torch.all(s == am.MASK_INIT) for s in scores)
-    assert all(p.grad is None or p.requires_grad for p in model.parameters())
-
-
-def test_tune_weights_trains_only_the_targeted_weights_and_their_file_round_trips(tmp_path):
-    """--tune weights through the same train(): the targeted attention weights change, every other parameter (text
-    tower included) stays bit for bit, no mask is put on the model; the weights file holds exactly the tuned tensors,
-    loads onto a fresh model, and refuses a truncated file and another architecture."""
-    model = tiny_classifier(4)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    weights = am.tune_weights(model, "mhsa")
-    x, y = synthetic_training_set(4, 2)
-    am.train(model, weights, x, y, epochs=3, batch_size=4, lr=1e-3)
-    tuned = {f"clip.visual.{name}" for name, _ in am._tuned(model, "mhsa")}
-    assert len(tuned) == 4 and next(am._masks(model), None) is None
-    for name, p in model.named_parameters():
-        assert torch.equal(p, before[name]) != (name in tuned), name
-    am.save_weights(model, tmp_path / "weights.bin", "mhsa")
-    fresh = tiny_classifier(4)
-    am.load_weights(fresh, tmp_path / "weights.bin")
-    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
-    assert (tmp_path / "weights.bin").stat().st_size == pytest.approx(4 * sum(w.numel() for w in weights), rel=0.02)
-    data = (tmp_path / "weights.bin").read_bytes()
-    (tmp_path / "cut.bin").write_bytes(data[:-4])
-    with pytest.raises(ValueError, match="truncated"):
-        am.load_weights(tiny_classifier(4), tmp_path / "cut.bin")
-    other = open_clip.CLIP(**{**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], "width": 32}})
-    with pytest.raises(ValueError, match=r"was tuned on VisionTransformer\(layers=2, width=64"):
-        am.load_weights(other, tmp_path / "weights.bin")
-    masked = tiny_clip()
-    am.apply_masks(masked)
-    am.save_masks(masked, tmp_path / "masks.bin")
-    with pytest.raises(ValueError, match="is not an advmask weights file"):
-        am.load_weights(tiny_classifier(4), tmp_path / "masks.bin")
-
-
-def test_adversarial_mask_tuning_in_a_few_lines_without_files():
-    """The glue function tunes a mask from CLIP, uint8 images and class names alone, equal to the pieces it joins
-    (ClipClassifier, apply_masks, train) called by hand with the same arguments."""
-    x, y = synthetic_training_set(3, 4)
-    classifier, log = am.adversarial_mask_tuning(tiny_clip(), x, y, ["cat", "dog", "fox"], epochs=6, batch_size=4,
-                                                 lr=1e-2, log_every=3)
-    assert 0 < am.mask_sparsity(classifier) < 1 and log[-1]["step"] == 18
-    by_hand = am.ClipClassifier(tiny_clip(), ["cat", "dog", "fox"], ["a photo of a {}."])
-    am.train(by_hand, am.apply_masks(by_hand), x, y, 6, batch_size=4, lr=1e-2, log_every=3)
-    for (_, _, s, _), (_, _, s2, _) in zip(masked_weights(classifier), masked_weights(by_hand)):
-        assert torch.equal(s, s2)
-
-
-@pytest.mark.parametrize("shots", [1, 16])
-def test_default_budget_turns_weights_off_at_every_shot_count(shots):
-    """With the default lr and epochs the mask leaves all-ones (else it is zero-shot CLIP), at 1 and at 16 shots."""
-    model = tiny_classifier(n_classes=4)
-    scores = am.apply_masks(model)
-    x, y = synthetic_training_set(4, shots)
-    epochs = am.default_epochs(len(y), am.BATCH_SIZE)
-    assert epochs * am.steps_per_epoch(len(y), am.BATCH_SIZE) >= am.TRAIN_BUDGET_STEPS
-    history = am.train(model, scores, x, y, epochs, log_every=10**6)
-    assert history[-1]["off"] > 0
-    assert am.mask_sparsity(model) == history[-1]["off"]
-
-
-@pytest.mark.parametrize("n, batch_size, per_epoch, size", [(37, 8, 4, 8), (16, 8, 2, 8), (5, 8, 1, 5)])
-def test_training_batches_are_full_as_in_dassl(n, batch_size, per_epoch, size):
-    """Every training batch is full (the incomplete last one is dropped) unless the set is smaller than one batch."""
-    model = tiny_classifier(n_classes=1)
-    scores = am.apply_masks(model)
-    sizes = []
-    model.register_forward_hook(lambda m, i, o: sizes.append(len(i[0])))
-    am.train(model, scores, *synthetic_training_set(1, n), epochs=3, batch_size=batch_size, steps=1, log_every=100)
-    assert sizes == [size] * 3 * per_epoch * 3  # 3 epochs; 3 passes a step with 1 PGD step: attack, clean, adversarial
-
-
-def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
-    """When the loss turns NaN in epoch 3, training stops with FloatingPointError; the checkpoint of epoch 2 stays."""
-    model = tiny_classifier(n_classes=4)
-    scores = am.apply_masks(model)
-    calls = []
-
-    def poison(module, inputs, out):  # 4 forward passes a step (2 PGD, clean, adversarial): NaN logits from step 3 on
-        calls.append(1)
-        if len(calls) <= 8:
-            return out
-        return (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")
-
-    model.register_forward_hook(poison)
-    x, y = synthetic_training_set(4, 2)
-    with pytest.raises(FloatingPointError, match="NaN or infinite in epoch 3.*checkpoint of step 2"):
-        am.train(model, scores, x, y, epochs=5, batch_size=8, checkpoint=tmp_path / "ckpt.pt", checkpoint_every=1)
-    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert state["epoch"] == 2 and all(torch.isfinite(s).all() for s in state["params"])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-def test_evaluate_counts_like_a_direct_computation():
-    """With ε = 0 the robust accuracy equals the clean one, and both equal a direct count of correct argmaxes."""
-    model = tiny_classifier(n_classes=3)
-    x_u8, y = synthetic_training_set(3, 5, seed=4)
-    with torch.no_grad():
-        correct = model(x_u8.float() / 255).argmax(1) == y
-    attacks = {"none": partial(am.pgd_attack, eps=0.0, steps=3),
-               "pgd": partial(am.pgd_attack, eps=16 / 255, alpha=4 / 255, steps=5)}
-    result = am.evaluate(model, x_u8, y, attacks, batch_size=4)
-    assert result["n"] == 15 and result["zero_grad_share"] == 0.0
-    assert torch.equal(result["correct"], correct) and result["clean_acc"] == correct.sum().item() / 15
-    assert torch.equal(result["attacks"]["none"]["correct"], correct)
-    assert result["attacks"]["pgd"]["adv_acc"] <= result["clean_acc"]
-
-
-def test_an_evaluation_cell_does_not_depend_on_the_cells_beside_it():
-    """An attack's per-image results are the same alone, after other attacks (or the same attack at another ε), in
-    another order, and in a second call: each attack draws its random starts from a generator of its own."""
-    model = am.bake_masks(tiny_classifier(n_classes=3).requires_grad_(False))
-    x_u8, y = synthetic_training_set(3, 6, seed=2)
-    pgd = am.make_attack("pgd", 8 / 255, 2 / 255, 2)
-    alone = am.evaluate(model, x_u8, y, {"pgd": pgd}, batch_size=8)["attacks"]["pgd"]["correct"]
-    crowded = {"cw": am.make_attack("cw", 8 / 255, 2 / 255, 2), "pgd-4": am.make_attack("pgd", 4 / 255, 1 / 255, 2),
-               "pgd": pgd}
-    for attacks in (crowded, dict(reversed(crowded.items()))):
-        assert torch.equal(am.evaluate(model, x_u8, y, attacks, batch_size=8)["attacks"]["pgd"]["correct"], alone)
-    other_seed = am.evaluate(model, x_u8, y, {"pgd": pgd}, batch_size=8, seed=1)["attacks"]["pgd"]["correct"]
-    assert torch.equal(am.evaluate(model, x_u8, y, {"pgd": pgd}, batch_size=8)["attacks"]["pgd"]["correct"], alone)
-    assert other_seed.shape == alone.shape  # (another seed may or may not flip an image; it must run)
-
-
-def test_evaluate_runs_every_attack_make_attack_builds_and_refuses_float_images():
-    """evaluate plus make_attack, without the CLI: every attack runs in the one calling convention, none beats clean
-    accuracy; evaluate and train refuse float images (they take uint8 and scale them), naming the dtype."""
-    model = tiny_classifier(5)
-    x = (images(6) * 255).round().to(torch.uint8)
-    y = torch.arange(6) % 5
-    attacks = {name: am.make_attack(name, 8 / 255, 2 / 255, 2) for name in am.ATTACKS}
-    result = am.evaluate(model, x, y, attacks, seed=0)
-    assert set(result["attacks"]) == set(am.ATTACKS)
-    assert all(r["adv_acc"] <= result["clean_acc"] for r in result["attacks"].values())
-    with pytest.raises(ValueError, match="evaluate takes uint8 images in 0..255 .* not torch.float32"):
-        am.evaluate(model, am.to_unit(x), y, attacks)
-    scores = am.apply_masks(model)
-    with pytest.raises(ValueError, match="train takes uint8 images in 0..255 .* not torch.float64"):
-        am.train(model, scores, x.double() / 255, y, epochs=1)
-
-
-@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "aa"])
-@pytest.mark.parametrize("training", [True, False])
-def test_apgd_attacks_stay_in_the_ball_and_leave_no_trace(name, training):
-    """APGD-CE, APGD-T and AutoAttack images lie within ε in l∞ and in [0, 1]; no .grad, mode and scores unchanged."""
-    model = tiny_classifier(n_classes=5)
-    am.apply_masks(model)
-    randomize_scores(model, 3)
-    model.train(training)
-    scores = [s.clone() for s in (mask.scores for *_, mask in am._masks(model))]
-    x, y = images(6, seed=1), torch.tensor([0, 1, 2, 3, 4, 0])
-    x[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # pixels on the box edges
-    eps = 4 / 255
-    x_adv = am.make_attack(name, eps, eps, 3)(model, x, y, generator=torch.Generator().manual_seed(0))
-    assert x_adv.shape == x.shape and not x_adv.requires_grad
-    assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
-    assert model.training == training and all(p.grad is None for p in model.parameters())
-    assert all(torch.equal(a, mask.scores) for a, (*_, mask) in zip(scores, am._masks(model)))
-
-
-def test_autoattack_is_never_above_its_apgd_ce_stage():
-    """On the same images and seed, AutoAttack's accuracy is at most APGD-CE's: its second stage only removes images.
-    """
-    model = am.bake_masks(tiny_classifier(n_classes=6).requires_grad_(False))
-    x_u8, y = synthetic_training_set(6, 4, seed=9)
-    attacks = {name: am.make_attack(name, 8 / 255, 8 / 255, 5) for name in ("apgd-ce", "aa")}
-    result = am.evaluate(model, x_u8, y, attacks, batch_size=8)["attacks"]
-    assert not (result["aa"]["correct"] & ~result["apgd-ce"]["correct"]).any()
-    assert result["aa"]["adv_acc"] <= result["apgd-ce"]["adv_acc"] < 1
-
-
-def test_apgd_t_refuses_fewer_than_four_classes():
-    """The targeted DLR loss needs the 4th-largest logit: three classes are a ValueError that says what to use."""
-    with pytest.raises(ValueError, match="at least 4 classes, not 3; use APGD-CE or PGD"):
-        am.apgd_attack(tiny_classifier(n_classes=3), images(2), torch.tensor([0, 1]), targeted=True)
-
-
-@settings(max_examples=100, deadline=None)
-@given(patterns=st.lists(st.lists(st.booleans(), min_size=7, max_size=7), min_size=1, max_size=5))
-def test_worst_case_is_the_per_image_and_over_attacks(patterns):
-    """The worst case counts the images no attack broke (an AND per image), so it is never above any attack's."""
-    correct = [torch.tensor(p) for p in patterns]
-    robust = [all(p[i] for p in patterns) for i in range(7)]
-    assert am.worst_case_accuracy(correct) == sum(robust) / 7
-    assert all(am.worst_case_accuracy(correct) <= c.float().mean().item() for c in correct)
-
-
-class OffGridOracle(torch.nn.Module):
-    """Right only on images off the 1/255 grid, i.e. only after an attack has moved them; flat in its input."""
-
-    def __init__(self):
-        super().__init__()
-        self.bias = torch.nn.Parameter(torch.zeros(2))
-
-    def forward(self, x):
-        off = ((x * 255 - (x * 255).round()).abs().flatten(1).amax(1) > 1e-3).float()  # (B,)
-        return torch.stack([1 - off, off], dim=1) + self.bias
-
-
-def test_evaluate_warns_about_a_broken_attack(capsys):
-    """Robust accuracy above clean accuracy, and all-zero input gradients, are reported on stderr."""
-    x_u8, _ = synthetic_training_set(2, 4)
-    result = am.evaluate(OffGridOracle(), x_u8, torch.ones(8, dtype=torch.long),
-                         {"pgd": partial(am.pgd_attack, eps=1 / 255, alpha=1 / 255, steps=2)}, batch_size=4)
-    assert (result["clean_acc"], result["attacks"]["pgd"]["adv_acc"], result["zero_grad_share"]) == (0.0, 1.0, 1.0)
-    err = capsys.readouterr().err
-    assert "accuracy under pgd 100.00% exceeds clean accuracy 0.00%" in err
-    assert "input gradient is exactly zero for 100.0% of the images" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------------
