@@ -2376,7 +2376,8 @@ def run(args, device, precision, eval_precision):
         else:
             save_weights(clip, out_dir / "weights.bin", args.mask_target)
     if args.tune == "mask":
-        sparsity, outcome = mask_sparsity(clip), f"off {100 * mask_sparsity(clip):.2f}% of masked weights"
+        sparsity = mask_sparsity(clip)
+        outcome = f"off {100 * sparsity:.2f}% of masked weights"
         bake_masks(clip)  # evaluation on plain weights costs what plain CLIP costs
     else:
         n_tuned = sum(w.numel() for _, w in _tuned(clip, args.mask_target))
