@@ -2361,9 +2361,12 @@ def run(args, device, precision, eval_precision):
     write_json(out_dir / "config.json", settings)
 
     history = []
-    if args.masks or args.weights:
-        (apply_masks if args.tune == "mask" else tune_weights)(clip, args.mask_target)
-        load_masks(clip, args.masks) if args.masks else load_weights(clip, args.weights)
+    if args.masks:
+        apply_masks(clip, args.mask_target)
+        load_masks(clip, args.masks)
+    elif args.weights:
+        tune_weights(clip, args.mask_target)
+        load_weights(clip, args.weights)
     else:
         with autocast(device, precision):
             _, history = adversarial_mask_tuning(
