@@ -866,6 +866,24 @@ def test_dtd_eurosat_and_imagefolder_load_through_torchvision(tmp_path):
         am.load_dataset("food101", tmp_path, SIZE, download=False)
 
 
+def test_a_failed_download_leaves_nothing_and_says_what_fits(tmp_path, monkeypatch):
+    """A download that fails half-way removes the folders it made (the data root included, when it made it), and the
+    message suggests --no-download only to whom passed it, and only for a dataset torchvision can fetch."""
+    def failing_download(root, split, transform, download):
+        (Path(root) / "oxford-iiit-pet" / "images").mkdir(parents=True)
+        raise RuntimeError("<urlopen error [Errno -2] Name or service not known>")
+    monkeypatch.setattr(torchvision.datasets, "OxfordIIITPet", failing_download)
+    with pytest.raises(ValueError, match=r"could not be loaded from .*: put it there$"):
+        am.load_dataset("oxford_pets", tmp_path / "data", SIZE, download=True)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ValueError, match="put it there, or drop --no-download to let torchvision fetch it$"):
+        am.load_dataset("dtd", tmp_path / "data", SIZE, download=False)
+    with pytest.raises(ValueError, match="put it there$"):
+        am.load_dataset("ucf101", tmp_path / "data", SIZE, download=False)
+    assert list(tmp_path.iterdir()) == [tmp_path / "data"]
+
+
 def test_imagenet_names_are_clips_curated_list_with_no_colliding_prompts():
     """ImageNet's names are open_clip's IMAGENET_CLASSNAMES (CoOp's), and no two classes share a prompt after
     tokenising unless that list itself repeats the name (WordNet's first synonyms gave three colliding pairs)."""
