@@ -1899,9 +1899,8 @@ def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3,
     the reference is true fp32 (TF32 off) and "fp32" is TF32 matmuls.
     """
     torch.manual_seed(seed)
-    model = ClipClassifier(open_clip.CLIP(**clip_config).to(device), [f"class {c}" for c in range(10)],
-                           ["a photo of a {}."])
-    scores = apply_masks(model)
+    model, optimizer = _bench_model(clip_config, device, "mhsa", masked=True)
+    scores = optimizer.param_groups[0]["params"]
     x, y = _bench_batch(clip_config, batch_size, device)
     noise = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator(device).manual_seed(seed))
     x_adv = (x + noise).clamp(0, 1)
@@ -1925,20 +1924,19 @@ def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3,
         dz = [(c.float() - a.float()).detach() for c, a in zip(clean_feats, adv_feats)]
         return dz, lafa.item(), grad, x_grad.sign()
 
+    modes = ("bf16", "bf16, fp32 residual stream", "fp32")
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     reference = measure("fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    optimizer = torch.optim.Adam(scores, lr=0.0)  # lr 0: timed steps leave the model as it is
+    measured = {mode: measure(mode) for mode in modes}  # before the timed steps, which move the scores
 
     def step(mode):
         with precision(mode):
             train_step(model, optimizer, x, y)
-    seconds = _min_seconds({mode: partial(step, mode) for mode in ("bf16", "bf16, fp32 residual stream", "fp32")},
-                           device, repeats)
+    seconds = _min_seconds({mode: partial(step, mode) for mode in modes}, device, repeats)
     rows = []
-    for mode in seconds:
-        dz, lafa, grad, signs = measure(mode)
+    for mode, (dz, lafa, grad, signs) in measured.items():
         rows.append({"precision": mode, "block_signal_ratio": [d.pow(2).sum().item() / r.pow(2).sum().item()
                                                                for d, r in zip(dz, reference[0])],
                      "block_error_to_signal": [(d - r).pow(2).sum().item() / r.pow(2).sum().item()

@@ -1792,8 +1792,7 @@ def test_run_all_dry_sweep_summarises_and_resumes(tmp_path):
 
 def bad_input_cases(files):
     """(arguments, message) for every user error the CLI must turn into one line and exit status 2."""
-    tiny = ["--model", str(files / "tiny-test-clip.json"), "--pretrained", str(files / "tiny.pt"), "--no-download",
-            "--data-root", str(files / "data"), "--device", "cpu", "--workers", "0"]
+    tiny = tiny_cli_args(files)
     transfer = [*tiny, "--protocol", "transfer", "--eval-datasets", "dtd"]
     return [
         (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
