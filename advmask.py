@@ -245,13 +245,6 @@ def tune_weights(model, target="mhsa"):
 # ----------------------------------------------------------------------------------------------------------------------
 # PGD: the l∞ attack of the inner maximisation (2 steps in training, 100 at test)
 
-def cw_loss(logits, labels):
-    """CW margin loss, batch mean of max_{j≠y} z_j − z_y: positive once the image is misclassified."""
-    z_y = logits.gather(1, labels[:, None]).squeeze(1)  # (B,)
-    z_other = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(dim=1)  # (B,)
-    return (z_other - z_y).mean()
-
-
 def pgd_attack(model, images, labels, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST_STEPS, random_start=True,
                loss_fn=F.cross_entropy, generator=None):
     """l∞ projected gradient ascent on a loss (cross-entropy by default), in [0, 1] pixel space (Madry et al., 2018).
@@ -266,7 +259,7 @@ def pgd_attack(model, images, labels, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST
         steps: number of gradient steps. The defaults are the paper's test attack, PGD-100; training passes
             TRAIN_EPS, TRAIN_ALPHA and TRAIN_STEPS (2).
         random_start: start from a uniform point in the ε-ball (FAP and torchattacks do).
-        loss_fn: the loss to maximise, (logits, labels) -> scalar; cw_loss gives PGD on the CW margin.
+        loss_fn: the loss to maximise, (logits, labels) -> scalar, e.g. the CW margin (cw_loss, an attack adapter).
         generator: a torch.Generator on the images' device for the random start (default: torch's global one).
     Returns:
         Adversarial images, detached, with ‖x_adv − x‖∞ ≤ eps and values in [0, 1].
@@ -407,11 +400,6 @@ def _require_uint8(images, who):
 # ----------------------------------------------------------------------------------------------------------------------
 # Training: min over the mask of E[L_CE(x_adv) + λ · L_LAFA], with x_adv from PGD
 
-def autocast(device, precision):
-    """Mixed precision for forward and backward passes: bf16 autocast, or nothing for "fp32"."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
-
-
 def steps_per_epoch(n_images, batch_size):
     """Full batches per epoch: the incomplete last one is dropped, as Dassl's loader (CoOp, FAP) drops it, unless the
     set is smaller than one batch, which is then one batch. Adam would weight a batch of 5 like one of 32."""
@@ -469,22 +457,19 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
     the weights tune_weights returned instead, the same loop is adversarial fine-tuning of those weights.)
 
     Args:
-        model: a ClipClassifier with masks (apply_masks), or with weights made trainable (tune_weights).
-        params: the score tensors apply_masks returned (or the weights tune_weights returned).
-        images: (N, 3, H, W) uint8 training images, already on the model's device.
-        labels: (N,) their classes.
+        model, params: a ClipClassifier and the scores apply_masks put on it (or the weights tune_weights returned).
+        images, labels: (N, 3, H, W) uint8 training images, already on the model's device, and their (N,) classes.
         epochs: passes over the images; default_epochs gives the budget we use.
         batch_size, lr: Adam on params with a cosine schedule to 0; an epoch is steps_per_epoch full batches.
         lam: λ, the weight of LAFA (50 in the paper; 0 gives CE-only adversarial mask tuning).
         eps, alpha, steps: the training PGD, in pixel units.
         loss: one of LOSSES; "ce+lafa" is the paper's method, the others its ablation rows.
-        seed: seeds the two generators of all training randomness, batch order and flips (CPU) and PGD's random
-            starts (on the device), so the mask depends on nothing else: not on torch's global generator, which
-            an evaluation before training may have used.
+        seed: seeds the only two generators training draws from, batch order and flips (CPU) and PGD's random starts
+            (on the device): the mask does not depend on torch's global generator, which an evaluation may have used.
         log_every: print a line every this many steps.
-        checkpoint: file for the training state (the tooling's _save_training_state; None: none), resumed from if
-            it exists, written at the first epoch end after checkpoint_every steps and at the end. A run killed and
-            started again ends with the same mask, bit for bit, and the same log.
+        checkpoint: None, or a file for the training state, resumed from if it exists and written at the first epoch
+            end after checkpoint_every steps and at the end: a run killed and started again ends with the same mask,
+            bit for bit, and the same log. Its helpers sit with the tooling; a copier passing None needs none of it.
     Returns:
         List of the logged rows (dicts), the last one at the final step.
     Raises:
@@ -621,13 +606,6 @@ def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
                                "correct": correct[name]} for name in attacks}}
 
 
-def worst_case_accuracy(correct):
-    """Accuracy under the worst of several attacks, image by image: an image counts only if no attack broke it
-    (RobustBench's convention; not the minimum of the attacks' accuracies). correct: list of (N,) bool tensors."""
-    all_robust = torch.stack(correct).all(dim=0)  # (N,)
-    return all_robust.sum().item() / len(all_robust)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # AdvMask in one call: CLIP and few-shot images in memory -> a robustly masked classifier
 
@@ -663,17 +641,22 @@ def adversarial_mask_tuning(clip, images, labels, class_names, templates=("a pho
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Attack adapters: AutoAttack's APGD (torchattacks), and every attack by name in the convention evaluate calls
+# Attack adapters: AutoAttack's APGD (torchattacks), every attack by name in the convention evaluate calls, and the
+# per-image worst case over several
 
 DLR_MIN_CLASSES = 4  # the targeted DLR loss divides by the gap to the 4th-largest logit
 
 
-def _seed_from(generator):
-    """An int seed drawn from a generator (torchattacks' APGD takes a seed, not a generator); 0 without one."""
-    return 0 if generator is None else int(torch.randint(2**31 - 1, (), generator=generator, device=generator.device))
+def apgd_attack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, targeted=False, generator=None):
+    """APGD (Croce & Hein, 2020), torchattacks' implementation: l∞, with a step size adapted to the loss's progress.
 
-
-def _apgd(model, images, labels, eps, steps, targeted, seed):
+    targeted=False is APGD-CE, untargeted on the cross-entropy; True is APGD-T, the targeted DLR loss towards each of
+    the top min(9, C − 1) other classes in turn, as AutoAttack runs it (C ≥ 4). torchattacks takes a seed, not a
+    generator: the seed is drawn from generator (0 without one). An image the attack does not break comes back clean.
+    Example:
+        >>> x_adv = apgd_attack(classifier, x, y, eps=1/255, steps=100, targeted=True)
+    """
+    seed = 0 if generator is None else int(torch.randint(2**31 - 1, (), generator=generator, device=generator.device))
     with torch.no_grad():
         n_classes = model(images[:1]).shape[1]
     if targeted and n_classes < DLR_MIN_CLASSES:
@@ -686,41 +669,26 @@ def _apgd(model, images, labels, eps, steps, targeted, seed):
     return attack(images, labels).detach()
 
 
-def apgd_attack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, targeted=False, generator=None):
-    """APGD (Croce & Hein, 2020), torchattacks' implementation: l∞, step size adapted from the progress of the loss.
-
-    Args:
-        model: maps images in [0, 1] to logits.
-        images: (B, 3, H, W) float in [0, 1]; labels: (B,) true classes.
-        eps: radius of the l∞ ball, in pixel units.
-        steps: iterations (100 in AutoAttack).
-        targeted: False: APGD-CE, untargeted on the cross-entropy. True: APGD-T, the targeted DLR loss towards each
-            of the top min(9, C − 1) other classes in turn, as AutoAttack runs it; DLR needs at least 4 classes.
-        generator: a torch.Generator; torchattacks seeds torch's global generator with a seed drawn from it.
-    Returns:
-        Adversarial images, detached, within the ε-ball and [0, 1]; an image the attack did not break (or that was
-        misclassified already) comes back clean.
-    Example:
-        >>> x_adv = apgd_attack(classifier, x, y, eps=1/255, steps=100, targeted=True)
-    """
-    return _apgd(model, images, labels, eps, steps, targeted, _seed_from(generator))
-
-
 def autoattack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, generator=None):
-    """AutoAttack as the CLIP robustness literature runs it: APGD-CE, then APGD-T on the images APGD-CE did not break.
-
-    The second stage starts from the clean images, as in AutoAttack, and can only remove images from the robust set.
-    Both stages take the one seed drawn from generator, so the first stage is exactly apgd_attack's APGD-CE.
+    """AutoAttack as the CLIP robustness literature runs it: APGD-CE, then APGD-T from the clean images on those
+    APGD-CE did not break, so the second stage can only remove images from the robust set. Each stage draws its seed
+    from generator, so the first is exactly apgd_attack's APGD-CE.
     Example:
         >>> x_adv = autoattack(classifier, x, y, eps=1/255)
     """
-    seed = _seed_from(generator)
-    x_adv = _apgd(model, images, labels, eps, steps, False, seed)
+    x_adv = apgd_attack(model, images, labels, eps, steps, False, generator)
     with torch.no_grad():
         robust = model(x_adv).argmax(1) == labels  # (B,)
     if robust.any():
-        x_adv[robust] = _apgd(model, images[robust], labels[robust], eps, steps, True, seed)
+        x_adv[robust] = apgd_attack(model, images[robust], labels[robust], eps, steps, True, generator)
     return x_adv
+
+
+def cw_loss(logits, labels):
+    """CW margin loss, batch mean of max_{j≠y} z_j − z_y: positive once the image is misclassified."""
+    z_y = logits.gather(1, labels[:, None]).squeeze(1)  # (B,)
+    z_other = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(dim=1)  # (B,)
+    return (z_other - z_y).mean()
 
 
 ATTACKS = ("pgd", "cw", "apgd-ce", "apgd-t", "aa")
@@ -741,6 +709,13 @@ def make_attack(name, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST_STEPS):
     if name in ("apgd-ce", "apgd-t"):
         return partial(apgd_attack, eps=eps, steps=steps, targeted=name == "apgd-t")
     raise ValueError(f"unknown attack {name!r}; use one of {', '.join(ATTACKS)}")
+
+
+def worst_case_accuracy(correct):
+    """Accuracy under the worst of several attacks, image by image: an image counts only if no attack broke it
+    (RobustBench's convention; not the minimum of the attacks' accuracies). correct: list of (N,) bool tensors."""
+    all_robust = torch.stack(correct).all(dim=0)  # (N,)
+    return all_robust.sum().item() / len(all_robust)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -805,12 +780,8 @@ def read_checked_file(path, magic, formats, payload_bytes, what):
 
 
 def write_mask_file(path, header, bits):
-    """Write a mask file, atomically: header fields (arch, target, threshold, names, shapes, heads) and the bits.
-
-    The file is MASK_MAGIC, the header length (4 bytes, little-endian), a zlib-compressed JSON header (those fields
-    plus format, n_weights and the sha256 of the bits) and the (n,) bool bits, True = on, packed 8 to a byte in
-    np.packbits order; numpy alone can read it.
-    """
+    """Write a mask file: header fields (arch, target, threshold, names, shapes, heads) and the (n,) bool bits, True
+    = on, packed 8 to a byte in np.packbits order, in write_checked_file's container; numpy alone can read it."""
     write_checked_file(path, MASK_MAGIC, {"format": MASK_FILE_FORMAT, **header, "n_weights": bits.numel()},
                        np.packbits(bits.numpy()).tobytes())  # ⌈n/8⌉ bytes
 
@@ -821,6 +792,23 @@ def read_mask_file(path):
                                        "mask")
     bits = np.unpackbits(np.frombuffer(packed, np.uint8), count=header["n_weights"]).astype(bool)
     return header, torch.from_numpy(bits)
+
+
+def _check_fit(path, header, model, weights):
+    """Refuse a file made for another architecture, or for other weights than (name, shape) pairs `weights`."""
+    if header["arch"] != _arch(model):
+        raise ValueError(f"{path} was made for {header['arch']}, but this model is {_arch(model)}; load it onto the "
+                         f"architecture it was trained with")
+    if weights != list(zip(header["names"], header["shapes"])):
+        raise ValueError(f"{path} holds {header['target']} weights, which are not the ones this model has masked or "
+                         f"tuned; load it onto an unmasked model, or one masked or tuned on the {header['target']} "
+                         f"weights")
+
+
+def _mask_target(model):
+    """The MASK_TARGETS entry whose weights carry the model's masks."""
+    masked = {name.split(".", 3)[3] for name, *_ in _masks(model)}  # "transformer.resblocks.0.attn.in_proj_weight"
+    return next(target for target, names in MASK_TARGETS.items() if set(names) == masked)
 
 
 def save_masks(model, path):
@@ -836,13 +824,11 @@ def save_masks(model, path):
     entries = list(_masks(model))
     if not entries:
         raise ValueError("this model has no masks; call apply_masks and train before saving")
-    names = [name for name, *_ in entries]
-    suffixes = {name.split(".", 3)[3] for name in names}  # "transformer.resblocks.0.attn.in_proj_weight" -> "attn..."
     write_mask_file(path, {
         "arch": _arch(model),
-        "target": next(t for t, params in MASK_TARGETS.items() if set(params) == suffixes),
+        "target": _mask_target(model),
         "threshold": entries[0][3].threshold,
-        "names": names,
+        "names": [name for name, *_ in entries],
         "shapes": [list(mask.scores.shape) for *_, mask in entries],
         "heads": visual_tower(model).transformer.resblocks[0].attn.num_heads,
     }, torch.cat([(mask.scores > mask.threshold).flatten().cpu() for *_, mask in entries]))
@@ -857,16 +843,10 @@ def load_masks(model, path):
         >>> load_masks(classifier, "runs/masks.bin"); bake_masks(classifier)
     """
     header, bits = read_mask_file(path)
-    if header["arch"] != _arch(model):
-        raise ValueError(f"{path} was made for {header['arch']}, but this model is {_arch(model)}; "
-                         f"load it onto the architecture it was trained with")
-    if next(_masks(model), None) is None:
+    if next(_masks(model), None) is None and header["arch"] == _arch(model):  # a misfit model is refused unmasked
         apply_masks(model, header["target"], threshold=header["threshold"])
     entries = list(_masks(model))
-    ours = [(name, list(mask.scores.shape)) for name, *_, mask in entries]
-    if ours != list(zip(header["names"], header["shapes"])):
-        raise ValueError(f"{path} masks the {header['target']} weights, which are not the ones this model masks; "
-                         f"load it onto an unmasked model or one masked with --mask-target {header['target']}")
+    _check_fit(path, header, model, [(name, list(mask.scores.shape)) for name, *_, mask in entries])
     with torch.no_grad():
         for chunk, (*_, mask) in zip(bits.split([m.scores.numel() for *_, m in entries]), entries):
             on = chunk.view(mask.scores.shape).to(mask.scores.device)
@@ -896,13 +876,8 @@ def load_weights(model, path):
     """Overwrite the model's weights with those of a file save_weights wrote, after checking that they fit."""
     header, payload = read_checked_file(path, WEIGHTS_MAGIC, (WEIGHTS_FILE_FORMAT,), lambda h: 4 * h["n_weights"],
                                         "weights")
-    if header["arch"] != _arch(model):
-        raise ValueError(f"{path} was tuned on {header['arch']}, but this model is {_arch(model)}; load it onto the "
-                         f"architecture it was trained with")
     entries = _tuned(model, header["target"])
-    if [(name, list(w.shape)) for name, w in entries] != list(zip(header["names"], header["shapes"])):
-        raise ValueError(f"{path} holds weights of other names or shapes than this model's {header['target']} "
-                         f"weights; load it onto the model it was tuned from")
+    _check_fit(path, header, model, [(name, list(w.shape)) for name, w in entries])
     values = torch.from_numpy(np.frombuffer(payload, np.float32).copy())
     with torch.no_grad():
         for chunk, (_, w) in zip(values.split([w.numel() for _, w in entries]), entries):
@@ -1771,7 +1746,18 @@ def plot_few_shot(runs_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Benchmark: what masking adds to plain adversarial training, and what a baked mask costs at evaluation
+# Precision and benchmarks: the training precision, what masking costs over plain adversarial training, what a baked
+# mask costs at evaluation, and how faithful LAFA is in bf16
+
+# not in the paper: training in fp32 on every device (TF32 matmuls on CUDA); under bf16, LAFA's signal at ε = 1/255
+# drowns in rounding, with an error 8-13× the signal per block on ViT-B/32 (--benchmark precision; README, "Precision")
+TRAIN_PRECISION = "fp32"
+
+
+def autocast(device, precision):
+    """Mixed precision for forward and backward passes: bf16 autocast, or nothing for "fp32"."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+
 
 # A CLIP small enough to train on a CPU in seconds: for --dry-run and the tests (random weights).
 TINY_CLIP = {
@@ -2017,11 +2003,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-# not in the paper: training runs in fp32 on every device (TF32 matmuls on CUDA). Under bf16 autocast LAFA's signal,
-# the clean − adversarial difference of each block's output at ε = 1/255, drowns in rounding: on ViT-B/32 (random
-# weights, CPU) the error exceeded the signal 8-13× in every block, and 2.5-3.7× with an fp32 residual stream
-# (--benchmark precision; README, "Precision").
-TRAIN_PRECISION = "fp32"
 # --dry-run: the tiny random CLIP, a rate and length at which its mask turns weights off within seconds, and PGD-3
 DRY_RUN = {"model": "tiny", "pretrained": "none", "test_steps": 3, "epochs": 20, "lr": 1e-3}
 
@@ -2337,14 +2318,12 @@ def run(args, device, precision, eval_precision):
     # requires grad, so attacks keep no activations for parameter gradients)
     plain = copy.deepcopy(clip).requires_grad_(False) if args.baseline else None
     lap("load")
-    checkpoint = out_dir / "checkpoint.pt"
-    if args.masks or args.weights:  # refuse a misfit file before anything is written
-        probe = copy.deepcopy(clip)
-        if args.masks:
-            apply_masks(probe, args.mask_target)
-            load_masks(probe, args.masks)
-        else:
-            load_weights(probe, args.weights)
+    checkpoint, history = out_dir / "checkpoint.pt", []
+    if args.masks or args.weights:  # a file that does not fit is refused here, before anything is written
+        target = _mask_target(load_masks(clip, args.masks)) if args.masks else load_weights(clip, args.weights)["target"]
+        if target != args.mask_target:
+            raise ValueError(f"{args.masks or args.weights} covers the {target} weights; pass --mask-target {target} "
+                             f"with it")
     else:
         _check_out_dir(out_dir, checkpoint, settings, args.overwrite)
         try:
@@ -2357,15 +2336,7 @@ def run(args, device, precision, eval_precision):
         print(f"{args.protocol} on {args.dataset}: {len(labels)} training images ({args.shots} per class, "
               f"{len(train_names)} classes), {epochs} epoch{'s' * (epochs != 1)} on {device} ({precision})")
     write_json(out_dir / "config.json", settings)
-
-    history = []
-    if args.masks:
-        apply_masks(clip, args.mask_target)
-        load_masks(clip, args.masks)
-    elif args.weights:
-        tune_weights(clip, args.mask_target)
-        load_weights(clip, args.weights)
-    else:
+    if not (args.masks or args.weights):
         with autocast(device, precision):
             _, history = adversarial_mask_tuning(
                 clip, images, labels, train_names, template, args.mask_target, args.tune, epochs, tokenizer,
@@ -2441,16 +2412,14 @@ def main(argv=None):
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(args.seed)
-        if args.benchmark == "precision":
-            model = args.model or "ViT-B-32"
-            config = TINY_CLIP if model == "tiny" else open_clip.get_model_config(resolve_model(model))
-            for row in precision_check(config, device):
+        if args.benchmark:  # random weights, of --model or of the benchmark's default
+            model = args.model or {"speed": "BENCH_CLIP", "precision": "ViT-B-32"}[args.benchmark]
+            config = {"BENCH_CLIP": BENCH_CLIP, "tiny": TINY_CLIP}.get(model) or open_clip.get_model_config(
+                resolve_model(model))
+            rows = (precision_check(config, device) if args.benchmark == "precision" else
+                    [benchmark(config, args.batch_size, device, precision, args.mask_target)])
+            for row in rows:
                 print(json.dumps({"model": model, **row}))
-        elif args.benchmark:
-            config = {None: BENCH_CLIP, "tiny": TINY_CLIP}.get(args.model) or open_clip.get_model_config(
-                resolve_model(args.model))
-            print(json.dumps({"model": args.model or "BENCH_CLIP",
-                              **benchmark(config, args.batch_size, device, precision, args.mask_target)}))
         else:
             run(args, device, precision, eval_precision)
     except ValueError as e:  # library functions raise ValueError with a sentence that says what to do

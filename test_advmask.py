@@ -518,7 +518,7 @@ def test_tune_weights_trains_only_the_targeted_weights_and_their_file_round_trip
     with pytest.raises(ValueError, match="truncated"):
         am.load_weights(tiny_classifier(4), tmp_path / "cut.bin")
     other = open_clip.CLIP(**{**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], "width": 32}})
-    with pytest.raises(ValueError, match=r"was tuned on VisionTransformer\(layers=2, width=64"):
+    with pytest.raises(ValueError, match=r"was made for VisionTransformer\(layers=2, width=64"):
         am.load_weights(other, tmp_path / "weights.bin")
     masked = tiny_clip()
     am.apply_masks(masked)
@@ -751,7 +751,7 @@ def test_mask_file_refuses_models_it_does_not_fit(tmp_path):
         am.load_masks(other, path)
     mlp_masked = tiny_clip()
     am.apply_masks(mlp_masked, "mlp")
-    with pytest.raises(ValueError, match="masked with --mask-target mhsa"):
+    with pytest.raises(ValueError, match="holds mhsa weights, which are not the ones this model has masked"):
         am.load_masks(mlp_masked, path)
     data = path.read_bytes()
     for name, broken, message in [("cut.bin", data[:-1], "truncated"),
@@ -1832,11 +1832,12 @@ def bad_input_cases(files):
         ([*transfer, "--masks", str(files / "masks-cut.bin")], "truncated"),
         ([*transfer, "--masks", str(files / "masks-flipped.bin")], "fails its checksum"),
         ([*transfer, "--masks", str(files / "masks-other-arch.bin")], "made for VisionTransformer(layers=2, width=32"),
-        ([*transfer, "--masks", str(files / "masks-mlp.bin")], "masked with --mask-target mlp"),
+        ([*transfer, "--masks", str(files / "masks-mlp.bin")], "covers the mlp weights; pass --mask-target mlp"),
+        ([*transfer, "--weights", str(files / "weights-mlp.bin")], "covers the mlp weights; pass --mask-target mlp"),
         (["--masks", str(files / "masks-mlp.bin")], "--masks goes with --protocol transfer"),
         (["--weights", str(files / "weights.bin")], "--weights goes with --protocol transfer"),
         ([*transfer, "--weights", str(files / "weights-cut.bin")], "truncated"),
-        ([*transfer, "--weights", str(files / "weights-other-arch.bin")], "was tuned on VisionTransformer(layers=2, "
+        ([*transfer, "--weights", str(files / "weights-other-arch.bin")], "was made for VisionTransformer(layers=2, "
                                                                           "width=32"),
         ([*transfer, "--weights", str(files / "masks.bin")], "is not an advmask weights file"),
         ([*transfer, "--weights", str(files / "weights.bin"), "--tune", "mask"], "--weights evaluates a --tune"),
@@ -1866,10 +1867,11 @@ def bad_files(tiny_files):
     mlp = tiny_clip(7)
     am.apply_masks(mlp, "mlp")
     am.save_masks(mlp, tiny_files / "masks-mlp.bin")
-    for name, config in (("weights.bin", am.TINY_CLIP), ("weights-other-arch.bin", other_config)):
+    for name, config, target in (("weights.bin", am.TINY_CLIP, "mhsa"), ("weights-mlp.bin", am.TINY_CLIP, "mlp"),
+                                 ("weights-other-arch.bin", other_config, "mhsa")):
         tuned = open_clip.CLIP(**config)
-        am.tune_weights(tuned)
-        am.save_weights(tuned, tiny_files / name)
+        am.tune_weights(tuned, target)
+        am.save_weights(tuned, tiny_files / name, target)
     (tiny_files / "weights-cut.bin").write_bytes((tiny_files / "weights.bin").read_bytes()[:-8])
     fabricate_tinyimagenet(tiny_files / "tiny-broken", train_per_class=1)
     (tiny_files / "tiny-broken" / "tiny-imagenet-200" / "val" / "images" / "val_0.JPEG").unlink()
