@@ -162,6 +162,14 @@ def _masks(model):
                 yield f"{module_name}.{param_name}", module, param_name, chain[0]
 
 
+def target_weights(model, target="mhsa"):
+    """(name relative to the visual tower, weight) of every weight a MASK_TARGETS entry covers, block by block."""
+    if target not in MASK_TARGETS:
+        raise ValueError(f"unknown mask target {target!r}; use one of {', '.join(MASK_TARGETS)}")
+    return [(f"transformer.resblocks.{i}.{name}", block.get_parameter(name))
+            for i, block in enumerate(visual_tower(model).transformer.resblocks) for name in MASK_TARGETS[target]]
+
+
 def apply_masks(model, target="mhsa", init=MASK_INIT, threshold=MASK_THRESHOLD):
     """Freeze every pre-trained weight and put a trainable binary mask on the chosen weights of the image tower.
 
@@ -177,20 +185,18 @@ def apply_masks(model, target="mhsa", init=MASK_INIT, threshold=MASK_THRESHOLD):
         >>> scores = apply_masks(classifier, "mhsa")
         >>> optimizer = torch.optim.Adam(scores, lr=1e-4)
     """
-    if target not in MASK_TARGETS:
-        raise ValueError(f"unknown mask target {target!r}; use one of {', '.join(MASK_TARGETS)}")
     if next(_masks(model), None):
         raise ValueError("this model already has masks; bake_masks it or start from a fresh model")
+    weights = target_weights(model, target)
     model.requires_grad_(False)
     scores = []
-    for block in visual_tower(model).transformer.resblocks:
-        for name in MASK_TARGETS[target]:
-            module_name, _, param_name = name.rpartition(".")
-            module = block.get_submodule(module_name)
-            mask = ScoreMask(getattr(module, param_name), init, threshold)
-            mask.param_order = tuple(module._parameters)  # register_parametrization moves the weight; bake restores
-            parametrize.register_parametrization(module, param_name, mask)
-            scores.append(mask.scores)
+    for name, weight in weights:
+        module_name, _, param_name = name.rpartition(".")
+        module = visual_tower(model).get_submodule(module_name)
+        mask = ScoreMask(weight, init, threshold)
+        mask.param_order = tuple(module._parameters)  # register_parametrization moves the weight; bake restores
+        parametrize.register_parametrization(module, param_name, mask)
+        scores.append(mask.scores)
     return scores
 
 
@@ -235,11 +241,9 @@ def bake_masks(model):
 def tune_weights(model, target="mhsa"):
     """The comparator of apply_masks: freeze every pre-trained weight but the chosen ones of the image tower and
     return those, to be trained directly (adversarial fine-tuning of exactly the weights the mask would cover)."""
-    if target not in MASK_TARGETS:
-        raise ValueError(f"unknown target {target!r}; use one of {', '.join(MASK_TARGETS)}")
+    weights = target_weights(model, target)
     model.requires_grad_(False)
-    return [block.get_parameter(name).requires_grad_(True) for block in visual_tower(model).transformer.resblocks
-            for name in MASK_TARGETS[target]]
+    return [weight.requires_grad_(True) for _, weight in weights]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -612,19 +616,17 @@ def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
 def adversarial_mask_tuning(clip, images, labels, class_names, templates=("a photo of a {}.",), target="mhsa",
                             tune="mask", epochs=None, tokenizer=None, **train_args):
     """AdvMask end to end, with no files, CLI or protocol: CLIP as a classifier of class_names, masks on the chosen
-    weights of its image tower, and min-max training. Returns (classifier, training log).
+    weights of its image tower, and min-max training. Returns the classifier, its masks on (save_masks it; bake_masks
+    it to evaluate at plain CLIP's cost), and the log train returned.
 
     Args:
         clip: a pre-trained open_clip CLIP, changed in place (weights frozen, masks put on its image tower).
-        images: (N, 3, H, W) uint8 training images at the model's input size, e.g. K per class (sample_k_shot).
-        labels: (N,) int64 classes, indices into class_names.
+        images, labels: (N, 3, H, W) uint8 training images at the model's input size, e.g. K per class
+            (sample_k_shot), and their (N,) classes, indices into class_names.
         class_names, templates: prompts template.format(name), averaged over the templates of each class.
         target: the weights the mask covers (MASK_TARGETS; "mhsa" is the paper's).
         tune: "mask" (AdvMask) or "weights" (adversarial fine-tuning of the same weights, the comparator).
         epochs: default_epochs(N, batch size) unless given; train_args: the rest of train's arguments.
-    Returns:
-        The classifier with its masks on (save_masks it; bake_masks it to evaluate at plain CLIP's cost), and the
-        log train returned.
     Example:
         >>> clip = open_clip.create_model("ViT-B-32", pretrained="openai")
         >>> classifier, log = adversarial_mask_tuning(clip, x_u8, y, ["cat", "dog"])
@@ -812,15 +814,8 @@ def _mask_target(model):
 
 
 def save_masks(model, path):
-    """Store M_bin only, packed 1 bit per masked weight, with what load_masks needs to refuse a model it does not fit
-    and what the per-head analysis needs (the number of attention heads).
-
-    Args:
-        model: a masked ClipClassifier or open_clip model.
-        path: file to write (atomically); a ViT-B/32 "mhsa" mask is 28.3 M weights, about 3.5 MB.
-    Example:
-        >>> save_masks(classifier, "runs/masks.bin"); load_masks(fresh_classifier, "runs/masks.bin")
-    """
+    """Store M_bin of a masked model only, 1 bit a weight (ViT-B/32's attention: 28.3 M weights, 3.5 MB), with what
+    load_masks needs to refuse a model it does not fit and the per-head analysis needs (attention heads per block)."""
     entries = list(_masks(model))
     if not entries:
         raise ValueError("this model has no masks; call apply_masks and train before saving")
@@ -835,13 +830,8 @@ def save_masks(model, path):
 
 
 def load_masks(model, path):
-    """Put the masks of a file written by save_masks onto model (masking it first if it has no masks yet).
-
-    Every piece of metadata is checked; a file that does not fit raises ValueError saying what differs.
-    Loaded scores sit at threshold ± 1: only the bits are stored, so the old scores cannot be recovered.
-    Example:
-        >>> load_masks(classifier, "runs/masks.bin"); bake_masks(classifier)
-    """
+    """Put the masks of a file save_masks wrote onto model (masking it first if it has none), after checking that they
+    fit; returns model. Only the bits are stored: the loaded scores sit at threshold ± 1."""
     header, bits = read_mask_file(path)
     if next(_masks(model), None) is None and header["arch"] == _arch(model):  # a misfit model is refused unmasked
         apply_masks(model, header["target"], threshold=header["threshold"])
@@ -855,16 +845,10 @@ def load_masks(model, path):
     return model
 
 
-def _tuned(model, target):
-    """(name relative to the visual tower, tensor) of the weights tune_weights trains, in order."""
-    return [(f"transformer.resblocks.{i}.{name}", block.get_parameter(name))
-            for i, block in enumerate(visual_tower(model).transformer.resblocks) for name in MASK_TARGETS[target]]
-
-
 def save_weights(model, path, target="mhsa"):
     """Store the tuned weights only (fp32, 32 bits a weight), with what load_weights needs to refuse a misfit model;
     the rest of CLIP is the pre-trained checkpoint, untouched. Same container as a mask file."""
-    entries = _tuned(model, target)
+    entries = target_weights(model, target)
     write_checked_file(path, WEIGHTS_MAGIC, {
         "format": WEIGHTS_FILE_FORMAT, "arch": _arch(model), "target": target, "dtype": "float32",
         "names": [name for name, _ in entries], "shapes": [list(w.shape) for _, w in entries],
@@ -876,7 +860,7 @@ def load_weights(model, path):
     """Overwrite the model's weights with those of a file save_weights wrote, after checking that they fit."""
     header, payload = read_checked_file(path, WEIGHTS_MAGIC, (WEIGHTS_FILE_FORMAT,), lambda h: 4 * h["n_weights"],
                                         "weights")
-    entries = _tuned(model, header["target"])
+    entries = target_weights(model, header["target"])
     _check_fit(path, header, model, [(name, list(w.shape)) for name, w in entries])
     values = torch.from_numpy(np.frombuffer(payload, np.float32).copy())
     with torch.no_grad():
@@ -1865,14 +1849,17 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
 
 
 @contextlib.contextmanager
-def _fp32_residual_stream(model):
-    """bf16 matmuls with an fp32 residual stream: the patch embedding's output is cast to fp32, so the residual
-    additions (and LayerNorm, which autocast keeps fp32) stay fp32 while linear layers run in bf16."""
-    hook = visual_tower(model).conv1.register_forward_hook(lambda module, inputs, output: output.float())
+def _precision(model, device, mode):
+    """Autocast for mode "bf16" or "fp32"; "bf16, fp32 residual stream" also casts the patch embedding's output to
+    fp32, so that the residual additions (and LayerNorm, which autocast keeps fp32) stay fp32 while linears run bf16."""
+    conv1 = visual_tower(model).conv1
+    hook = conv1.register_forward_hook(lambda module, inputs, output: output.float()) if "stream" in mode else None
     try:
-        yield
+        with autocast(device, "bf16" if mode.startswith("bf16") else "fp32"):
+            yield
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
 
 
 def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3, seed=0):
@@ -1891,15 +1878,8 @@ def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3,
     noise = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator(device).manual_seed(seed))
     x_adv = (x + noise).clamp(0, 1)
 
-    def precision(mode):
-        stack = contextlib.ExitStack()
-        if "stream" in mode:
-            stack.enter_context(_fp32_residual_stream(model))
-        stack.enter_context(autocast(device, "bf16" if mode.startswith("bf16") else "fp32"))
-        return stack
-
     def measure(mode):
-        with precision(mode):
+        with _precision(model, device, mode):
             with torch.no_grad():
                 clean_logits, clean_feats = model(x, return_features=True)
             adv_logits, adv_feats = model(x_adv, return_features=True)
@@ -1918,7 +1898,7 @@ def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3,
     measured = {mode: measure(mode) for mode in modes}  # before the timed steps, which move the scores
 
     def step(mode):
-        with precision(mode):
+        with _precision(model, device, mode):
             train_step(model, optimizer, x, y)
     seconds = _min_seconds({mode: partial(step, mode) for mode in modes}, device, repeats)
     rows = []
@@ -2320,7 +2300,8 @@ def run(args, device, precision, eval_precision):
     lap("load")
     checkpoint, history = out_dir / "checkpoint.pt", []
     if args.masks or args.weights:  # a file that does not fit is refused here, before anything is written
-        target = _mask_target(load_masks(clip, args.masks)) if args.masks else load_weights(clip, args.weights)["target"]
+        target = (_mask_target(load_masks(clip, args.masks)) if args.masks else
+                  load_weights(clip, args.weights)["target"])
         if target != args.mask_target:
             raise ValueError(f"{args.masks or args.weights} covers the {target} weights; pass --mask-target {target} "
                              f"with it")
@@ -2352,7 +2333,7 @@ def run(args, device, precision, eval_precision):
         outcome = f"off {100 * sparsity:.2f}% of masked weights"
         bake_masks(clip)  # evaluation on plain weights costs what plain CLIP costs
     else:
-        n_tuned = sum(w.numel() for _, w in _tuned(clip, args.mask_target))
+        n_tuned = sum(w.numel() for _, w in target_weights(clip, args.mask_target))
         sparsity, outcome = None, f"tuned {n_tuned:,} weights"
         clip.requires_grad_(False)  # attacks need the input's gradient only
     lap("train")

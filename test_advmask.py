@@ -504,7 +504,7 @@ def test_tune_weights_trains_only_the_targeted_weights_and_their_file_round_trip
     weights = am.tune_weights(model, "mhsa")
     x, y = synthetic_training_set(4, 2)
     am.train(model, weights, x, y, epochs=3, batch_size=4, lr=1e-3)
-    tuned = {f"clip.visual.{name}" for name, _ in am._tuned(model, "mhsa")}
+    tuned = {f"clip.visual.{name}" for name, _ in am.target_weights(model, "mhsa")}
     assert len(tuned) == 4 and next(am._masks(model), None) is None
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) != (name in tuned), name
@@ -1826,7 +1826,8 @@ def bad_input_cases(files):
         (["--benchmark", "memory"], "argument --benchmark: invalid choice: 'memory'"),
         ([*transfer[:-1], "imagenet_r"], "none of them lists 1000 wnids here"),
         (["--pretrained", str(files / "missing.pt")], "is neither an open_clip tag of ViT-B-32"),
-        ([*tiny, "--pretrained", str(files / "other.pt")], "is not a state dict of tiny-test-clip (Error(s) in loading"),
+        ([*tiny, "--pretrained", str(files / "other.pt")],
+         "is not a state dict of tiny-test-clip (Error(s) in loading"),
         ([*tiny, "--pretrained", str(files / "garbage.pt")], "is not a state dict of tiny-test-clip (not a torch"),
         ([*tiny, "--split-json", str(files / "garbage.pt")], "is not a readable CoOp split JSON"),
         ([*transfer, "--masks", str(files / "masks-cut.bin")], "truncated"),
