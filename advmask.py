@@ -79,11 +79,8 @@ WEIGHTS_LR = 1e-5
 # CLIP as a classifier: pixels in [0, 1] -> logits over class prompts, with per-block features for LAFA
 
 class ClipClassifier(nn.Module):
-    """Zero-shot CLIP classifier whose input is an image in [0, 1]; normalisation happens inside.
-
-    Text features are computed once here, with the frozen text tower, and kept as a buffer: the mask only touches the
-    image tower, so they never change.
-    """
+    """Zero-shot CLIP classifier whose input is an image in [0, 1]; normalisation happens inside. Text features are
+    computed once here, with the frozen text tower, and kept as a buffer: the mask only touches the image tower."""
 
     def __init__(self, clip_model, class_names, templates, tokenizer=None):
         super().__init__()
@@ -256,12 +253,9 @@ def pgd_attack(model, images, labels, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST
     Same algorithm as torchattacks' PGD: with random_start=False the two give identical images.
     Args:
         model: maps images in [0, 1] to logits; put in eval mode for the attack and restored after.
-        images: (B, 3, H, W) float in [0, 1].
-        labels: (B,) true classes.
-        eps: radius of the l∞ ball, in pixel units (1/255 in the paper).
-        alpha: step size, in pixel units.
-        steps: number of gradient steps. The defaults are the paper's test attack, PGD-100; training passes
-            TRAIN_EPS, TRAIN_ALPHA and TRAIN_STEPS (2).
+        images, labels: (B, 3, H, W) float in [0, 1], and their (B,) true classes.
+        eps, alpha, steps: the l∞ radius and the step size, in pixel units, and the number of steps. The defaults are
+            the paper's test attack, PGD-100 at ε = α = 1/255; training passes TRAIN_EPS, TRAIN_ALPHA, TRAIN_STEPS (2).
         random_start: start from a uniform point in the ε-ball (FAP and torchattacks do).
         loss_fn: the loss to maximise, (logits, labels) -> scalar, e.g. the CW margin (cw_loss, an attack adapter).
         generator: a torch.Generator on the images' device for the random start (default: torch's global one).
@@ -906,11 +900,10 @@ def _load_training_state(path, params, optimizer, scheduler, generators, sums):
 # Datasets and splits: CoOp's 11, TGA-ZSR's targets, ImageNet's shifts, and the images decoded once
 
 # The CoOp suite of 11 datasets; any tree imagefolder/{train,test}/<class>/ (your own data); TinyImageNet and the
-# five other targets of TGA-ZSR's zero-shot table; ImageNet's four shifted test sets (evaluation only). Per
-# dataset: its prompt template (CoOp's where CoOp has one; CLIP's prompt list for the others); the splits used for
-# training and for testing (None: no official split, so a fixed stratified one is made, see stratified_split; no
-# training split: evaluation only); the folder under --data-root that holds its images, which CoOp's
-# split_zhou_*.json paths are relative to.
+# five other targets of TGA-ZSR's zero-shot table; ImageNet's four shifted test sets (evaluation only). Per dataset:
+# its prompt template (CoOp's where CoOp has one; CLIP's prompt list for the others); its training and test splits
+# (None: no official split, so stratified_split makes a fixed one; no training split: evaluation only); the folder
+# under --data-root that holds its images, which CoOp's split_zhou_*.json paths are relative to.
 DATASETS = {
     #                   prompt template                          train splits       test    image folder
     "imagenet":        ("a photo of a {}.",                      ("train",),        "val",  "imagenet/train"),
@@ -1049,11 +1042,9 @@ class Split(torch.utils.data.Dataset):
 
 
 def stratified_split(labels, test_fraction=0.3, seed=0):
-    """Fixed per-class split for datasets without an official one: (train indices, test indices).
-
-    not in the paper: 30 % of every class for testing, as in CoOp's splits, drawn with seed 0 whatever the run's seed,
-    so that every run and every seed of a dataset is tested on the same images.
-    """
+    """Fixed per-class split for datasets without an official one: (train indices, test indices). not in the paper:
+    30 % of every class for testing, as in CoOp's splits, drawn with seed 0 whatever the run's seed, so that every run
+    and every seed of a dataset is tested on the same images."""
     labels = torch.as_tensor(labels)
     generator = torch.Generator().manual_seed(seed)
     train_idx, test_idx = [], []
@@ -1066,12 +1057,10 @@ def stratified_split(labels, test_fraction=0.3, seed=0):
 
 
 def balanced_subset(labels, limit):
-    """Indices of at most `limit` images, as even over the classes as their counts allow, the same for any run.
-
-    not in the paper: a fixed evaluation subset (--eval-limit), as RobustVLM/FARE evaluate 1,000 images a dataset.
-    Every class's images are ordered by one seed-0 permutation; the subset takes the first of every class, then the
-    second, and so on, so a class with fewer images than its share leaves its place to the others.
-    """
+    """Indices of at most `limit` images, as even over the classes as their counts allow, the same for any run. not in
+    the paper: a fixed evaluation subset (--eval-limit), as RobustVLM/FARE evaluate 1,000 images a dataset. It takes
+    the first image of every class, then the second, and so on, each class in one seed-0 order, so a class with fewer
+    images than its share leaves its place to the others."""
     labels = torch.as_tensor(labels)
     if limit >= len(labels):
         return list(range(len(labels)))
@@ -1105,7 +1094,7 @@ def _torchvision_dataset(name, root, split, transform, download):
     if name in ("cifar10", "cifar100"):
         return {"cifar10": tv.CIFAR10, "cifar100": tv.CIFAR100}[name](root, train=split == "train", **kw)
     if name == "pcam" and importlib.util.find_spec("h5py") is None:  # torchvision imports it only for PCAM
-        raise ImportError("pcam is stored as HDF5 files, which need the h5py package: pip install h5py")
+        raise ValueError("pcam is stored as HDF5 files, which need the h5py package: pip install h5py")
     if split is None:
         return {"caltech101": tv.Caltech101, "caltech256": tv.Caltech256, "eurosat": tv.EuroSAT,
                 "sun397": tv.SUN397}[name](root, **kw)
@@ -1169,7 +1158,7 @@ def _tinyimagenet(root, transform):
                              f"wnids.txt: unpack tiny-imagenet-200.zip there again")
         test_files.append((base / "val" / "images" / file, label[wnid]))
     classes = [synonyms[w].split(",")[0].strip().replace("_", " ") for w in wnids]
-    return ImageFiles(train_files, transform), ImageFiles(test_files, transform), classes
+    return {"train": ImageFiles(train_files, transform), "test": ImageFiles(test_files, transform)}, classes
 
 
 def _imagenet_wnids(root):
@@ -1247,13 +1236,11 @@ def _fixed_split(name, whole):
 
 
 def load_dataset(name, root, image_size, download=True, split_json=None):
-    """A dataset's train and test splits and class names: {"train": Split, "test": Split, "classes": [str], "split"};
-    "train" is None for the evaluation-only sets (ImageNet-V2, -Sketch, -A, -R).
-
-    Images come resized (shorter side, bicubic) and centre-cropped to image_size, as uint8 (3, H, W) tensors.
-    With split_json (CoOp's split_zhou_<Name>.json) its "train" and "test" lists and class names are used exactly,
-    and "split" records the file and its sha256; otherwise "split" is {"source": "default"} (see README).
-    """
+    """A dataset's splits and class names, {"train": Split, "test": Split, "classes": [str], "split"}; "train" is None
+    for the evaluation-only sets (ImageNet-V2, -Sketch, -A, -R). Images come resized (shorter side, bicubic) and
+    centre-cropped to image_size, as uint8 (3, H, W) tensors. With split_json (CoOp's split_zhou_<Name>.json) its
+    "train" and "test" lists and class names are used exactly, and "split" records the file and its sha256;
+    otherwise "split" is {"source": "default"} (see README)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
     transform = T.Compose([T.Lambda(_rgb), T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
@@ -1279,8 +1266,7 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
     created = [f for f in (Path(root), Path(root) / image_dir.split("/")[0]) if not f.exists()]  # by a download
     try:
         if name == "tinyimagenet":
-            train_files, test_files, classes = _tinyimagenet(root, transform)
-            parts = {"train": train_files, "test": test_files}
+            parts, classes = _tinyimagenet(root, transform)
         elif train_splits == ():  # an evaluation-only test set
             test, classes = _imagenet_variant(name, root, transform)
             parts = {"train": None, "test": test}
@@ -1296,8 +1282,6 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
             classes = _class_names(name, train_parts[0])
             parts = {"train": Split(joined, range(len(joined)), sum((_labels(d) for d in train_parts), [])),
                      "test": Split(test, range(len(test)), _labels(test))}
-    except ImportError as e:
-        raise ValueError(str(e)) from None
     except (RuntimeError, OSError) as e:  # how torchvision, and file reads, report a missing or odd tree
         for made in created if download else []:  # a failed download leaves empty or partial folders
             shutil.rmtree(made, ignore_errors=True)
@@ -1308,11 +1292,9 @@ def load_dataset(name, root, image_size, download=True, split_json=None):
 
 
 def synthetic_dataset(n_classes, train_per_class, n_test, image_size, seed):
-    """Random images in load_dataset's format: train_per_class of every class, n_test balanced test images.
-
-    The data of --dry-run and --synthetic. Each image is drawn from its index when it is read (torchvision's
-    FakeData) and goes through the PIL -> tensor path of real files, so a test set of ImageNet's size takes no memory.
-    """
+    """Random images in load_dataset's format, the data of --dry-run and --synthetic: train_per_class of every class,
+    n_test balanced test images. torchvision's FakeData draws each image from its index when it is read, through the
+    PIL -> tensor path of real files, so a test set of ImageNet's size takes no memory."""
     n_train = n_classes * train_per_class
     transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
     whole = torchvision.datasets.FakeData(n_train + n_test, (3, image_size, image_size), n_classes, transform,
@@ -1374,19 +1356,18 @@ def harmonic_mean(values):
     return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
 
 
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
 def _cell(values, n_seeds):
     """'mean ± std' in % over seeds, '(k/n)' when seeds are missing, '—' when none finished."""
     if not values:
         return "—"
-    mean = 100 * sum(values) / len(values)
-    text = f"{mean:.1f}"
+    text = f"{100 * _mean(values):.1f}"
     if len(values) > 1:
         text += f" ± {100 * statistics.stdev(values):.1f}"
     return text + (f" ({len(values)}/{n_seeds})" if len(values) < n_seeds else "")
-
-
-def _mean(values):
-    return sum(values) / len(values) if values else None
 
 
 def write_report(out_dir, name, text, rows):
@@ -1423,14 +1404,11 @@ def _basis(finished, dataset, entry):
 
 
 def summarize(runs_dir):
-    """Aggregate runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json into summary.md and summary.csv.
-
-    Mean ± std over seeds (in %), an "Average" row over datasets, and for base2new the paper's five columns with H
-    (the harmonic mean of the four averaged accuracies, as in the paper). A cell with no finished seed is "—", never
-    0, and so is an average over a column with such a cell. The seeds of a cell must agree in everything else their
-    numbers rest on (_basis: split source, model, data, training and evaluation settings): mixed ones are refused.
-    Returns the markdown text.
-    """
+    """Tables over seeds of runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json, in summary.md (returned) and
+    summary.csv: mean ± std in %, an "Average" row over datasets, and for base2new the paper's five columns with H,
+    the harmonic mean of the four averaged accuracies. A cell with no finished seed is "—", never 0, and so is an
+    average over a column with such a cell. Seeds of a cell that differ in anything else their numbers rest on
+    (_basis: split source, model, data, training and evaluation settings) are refused."""
     runs_dir = Path(runs_dir)
     # (protocol, model, attack, eps, dataset, shots, eval) -> {seed: (clean, adv)}
     acc, seen = {}, {}  # seen: protocol -> (datasets, shots, seeds) that have a run folder, finished or not
@@ -1461,12 +1439,15 @@ def summarize(runs_dir):
     if not acc:
         raise ValueError(f"no results.json under {runs_dir}/<protocol>/<dataset>/<K>shot/seed<s>/; run some first")
     order = {name: i for i, name in enumerate(DATASETS)}
+
+    def in_paper_order(names):  # the paper's order of datasets, then the rest
+        return sorted(names, key=lambda name: (order.get(name, len(order)), name))
+
     md, csv_rows = [f"# AdvMask results ({runs_dir})", ""], [["protocol", "model", "attack", "eps", "dataset",
                                                                "shots", "eval", "metric", "mean", "std", "seeds"]]
     for protocol, model, attack, eps in sorted({k[:4] for k in acc}):
         datasets, all_shots, seeds = seen[protocol]
-        datasets = sorted(datasets, key=lambda d: (order.get(d, len(order)), d))  # the paper's order, then the rest
-        all_shots, seeds = sorted(all_shots), sorted(seeds)
+        datasets, all_shots, seeds = in_paper_order(datasets), sorted(all_shots), sorted(seeds)
 
         def stat(dataset, shots, eval_name, metric):  # per-seed values of one metric of one cell
             runs = acc.get((protocol, model, attack, eps, dataset, shots, eval_name), {})
@@ -1485,20 +1466,16 @@ def summarize(runs_dir):
             columns = [f"{k}-shot {m}" for k in all_shots for m in ("clean", "adv")]
             rows = {d: [stat(d, k, d, m) for k in all_shots for m in (0, 1)] for d in datasets}
             tables = [(title, "dataset", columns, rows)]
-        elif protocol == "base2new":
-            tables = []
-            for k in all_shots:
-                rows = {d: [stat(d, k, part, m) for part in ("base", "new") for m in (0, 1)] for d in datasets}
-                tables.append((f"{title}, {k} shots", "dataset",
-                               ["base clean", "base adv", "new clean", "new adv"], rows))
+        elif protocol == "base2new":  # one table per shot count
+            tables = [(f"{title}, {k} shots", "dataset", ["base clean", "base adv", "new clean", "new adv"],
+                       {d: [stat(d, k, part, m) for part in ("base", "new") for m in (0, 1)] for d in datasets})
+                      for k in all_shots]
         else:  # transfer: one table per source dataset and shot count, a row per evaluated dataset
             tables = []
-            for d in datasets:
-                for k in all_shots:
-                    targets = sorted({key[6] for key in acc if key[:6] == (protocol, model, attack, eps, d, k)},
-                                     key=lambda t: (order.get(t, len(order)), t))
-                    rows = {t: [stat(d, k, t, m) for m in (0, 1)] for t in targets}
-                    tables.append((f"{title}, trained on {d}, {k} shots", "evaluated on", ["clean", "adv"], rows))
+            for d, k in itertools.product(datasets, all_shots):
+                targets = in_paper_order({key[6] for key in acc if key[:6] == (protocol, model, attack, eps, d, k)})
+                tables.append((f"{title}, trained on {d}, {k} shots", "evaluated on", ["clean", "adv"],
+                               {t: [stat(d, k, t, m) for m in (0, 1)] for t in targets}))
         for heading, first, columns, rows in tables:
             with_h = protocol == "base2new"
             md += [heading, "", "| " + " | ".join([first] + columns + (["H"] if with_h else [])) + " |",
@@ -1631,10 +1608,7 @@ def analyze(paths, out_dir, consensus=None, save=None):
     md, csv = ["# Mask analysis", ""], [["view", "mask", "block", "part", "head", "value"]]
     for i, (label, header, bits) in enumerate(masks):
         cells = mask_breakdown(header, bits)
-
-        def fraction(*cell):
-            off, n = cells[cell]
-            return off / n
+        fraction = {cell: off / n for cell, (off, n) in cells.items()}  # (block, part, head) -> share off
         off = 1 - bits.float().mean().item()
         md += [f"## {label}", "", f"{100 * off:.2f} % of {len(bits):,} {header['target']} weights off.", ""]
         csv.append(["overall", label, "", "", "", off])
@@ -1642,7 +1616,7 @@ def analyze(paths, out_dir, consensus=None, save=None):
         blocks = sorted({block for block, _, _ in cells})
         md += ["| block | " + " | ".join(parts) + " |", "|---" * (len(parts) + 1) + "|"]
         for b in blocks:
-            fractions = [fraction(b, p, None) for p in parts]
+            fractions = [fraction[b, p, None] for p in parts]
             md.append(f"| {b} | " + " | ".join(f"{100 * f:.1f}" for f in fractions) + " |")
             csv += [["part", label, b, p, "", f] for p, f in zip(parts, fractions)]
         md.append("")
@@ -1653,15 +1627,14 @@ def analyze(paths, out_dir, consensus=None, save=None):
                   f"skipped (re-save it with this version for it)")
             continue
         heads = range(header["heads"])
-        per_head = {(b, h): sum(cells[b, p, h][0] for p in ATTENTION_PARTS) / sum(cells[b, p, h][1]
-                                                                                  for p in ATTENTION_PARTS)
-                    for b in blocks for h in heads}
-        csv += [["head", label, b, p, h, fraction(b, p, h)] for b in blocks for p in ATTENTION_PARTS for h in heads]
+        head_cells = {(b, h): [cells[b, p, h] for p in ATTENTION_PARTS] for b in blocks for h in heads}
+        per_head = {bh: sum(off for off, _ in c) / sum(n for _, n in c) for bh, c in head_cells.items()}
+        csv += [["head", label, b, p, h, fraction[b, p, h]] for b in blocks for p in ATTENTION_PARTS for h in heads]
         top = sorted(per_head, key=per_head.get, reverse=True)[:5]
         md += ["Heads with the most weights off (q, k, v rows and out columns): " + ", ".join(
             f"block {b} head {h} {100 * per_head[b, h]:.1f} %" for b, h in top), ""]
         png = out_dir / f"heads_{i}.png"
-        panels = [(f"{p}: % off", [[100 * fraction(b, p, h) for h in heads] for b in blocks]) for p in ATTENTION_PARTS]
+        panels = [(f"{p}: % off", [[100 * fraction[b, p, h] for h in heads] for b in blocks]) for p in ATTENTION_PARTS]
         _heatmap(png, panels, list(heads), blocks, None, "head", "block", suptitle=label)
         md += [f"![per-head % off of {label}]({png.name})", ""]
     if len(masks) > 1:
@@ -1736,6 +1709,9 @@ def plot_few_shot(runs_dir):
 # not in the paper: training in fp32 on every device (TF32 matmuls on CUDA); under bf16, LAFA's signal at ε = 1/255
 # drowns in rounding, with an error 8-13× the signal per block on ViT-B/32 (--benchmark precision; README, "Precision")
 TRAIN_PRECISION = "fp32"
+# not in the paper: evaluation in fp32 as well, the reference for robust accuracy; bf16 did not weaken PGD or AutoAttack
+# on a small CLIP (README, "Evaluation"), but on ViT-B/32 that is not measured yet
+EVAL_PRECISION = "fp32"
 
 
 def autocast(device, precision):
@@ -1812,17 +1788,19 @@ def _train_peak_memory(clip_config, batch_size, device, target, masked, precisio
 
 
 def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats=25, pgd_steps=3):
-    """Masked vs unmasked training step and baked vs plain PGD evaluation, as ratios measured in one process.
-
-    "Unmasked" trains the very weights the mask would cover, directly: the ratio is the price of masking over plain
-    adversarial fine-tuning of the same weights. Random weights: only speed and memory are measured.
-    """
+    """Masked vs unmasked training step and baked vs plain PGD evaluation, as ratios measured in one process, on random
+    weights (speed and memory only). "Unmasked" trains the very weights the mask would cover, directly: the ratio is
+    the price of masking over plain adversarial fine-tuning of the same weights."""
     x, y = _bench_batch(clip_config, batch_size, device)
     masked, masked_opt = _bench_model(clip_config, device, target, masked=True)
     plain, plain_opt = _bench_model(clip_config, device, target, masked=False)
     train_s = _min_seconds({"masked": partial(_bench_train_step, masked, masked_opt, x, y, device, precision),
                             "plain": partial(_bench_train_step, plain, plain_opt, x, y, device, precision)},
                            device, repeats)
+    n_weights = sum(p.numel() for p in plain_opt.param_groups[0]["params"])
+    with tempfile.TemporaryDirectory() as tmp:  # the file's size depends on the model only, not on the scores
+        save_masks(masked, Path(tmp) / "masks.bin")
+        bits_per_weight = (Path(tmp) / "masks.bin").stat().st_size * 8 / n_weights
     baked, frozen = bake_masks(masked), plain.requires_grad_(False)
     with autocast(device, precision):  # frozen weights: nothing for autocast to cache
         eval_s = _min_seconds({"baked": lambda: pgd_attack(baked, x, y, steps=pgd_steps),
@@ -1831,11 +1809,6 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
     with torch.multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         memory = {name: pool.apply(_train_peak_memory, (clip_config, batch_size, str(device), target, name == "masked",
                                                         precision)) for name in ("masked", "plain")}
-    n_weights = sum(p.numel() for p in plain_opt.param_groups[0]["params"])
-    with tempfile.TemporaryDirectory() as tmp:
-        scored, _ = _bench_model(clip_config, "cpu", target, masked=True)
-        save_masks(scored, Path(tmp) / "masks.bin")
-        bits_per_weight = (Path(tmp) / "masks.bin").stat().st_size * 8 / n_weights
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "precision": precision,
         "batch_size": batch_size, "masked_weights": n_weights, "pgd_steps": pgd_steps,
@@ -1863,14 +1836,12 @@ def _precision(model, device, mode):
 
 
 def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3, seed=0):
-    """How faithful LAFA is under each training precision, against fp32 on the same images and weights.
-
-    Δz = z_clean − z_adv per block, with x_adv = x + uniform noise in the ε-ball (LAFA's signal). Per precision: per
-    block ‖Δz‖² relative to fp32's and error ÷ signal = ‖Δz − Δz_fp32‖² / ‖Δz_fp32‖²; LAFA's value relative to
-    fp32's; its gradient with respect to the mask scores (cosine to fp32's, relative norm error); the share of the
-    input gradient's signs (all PGD uses) equal to fp32's; and the time of a training step relative to fp32. On CUDA
-    the reference is true fp32 (TF32 off) and "fp32" is TF32 matmuls.
-    """
+    """How faithful LAFA is under each training precision, against fp32 on the same images and weights. Δz = z_clean −
+    z_adv per block, with x_adv = x + uniform noise in the ε-ball (LAFA's signal). Per precision: per block ‖Δz‖²
+    relative to fp32's and error ÷ signal = ‖Δz − Δz_fp32‖² / ‖Δz_fp32‖²; LAFA's value relative to fp32's; its
+    gradient with respect to the mask scores (cosine to fp32's, relative norm error); the share of the input
+    gradient's signs (all PGD uses) equal to fp32's; and the time of a training step relative to fp32. On CUDA the
+    reference is true fp32 (TF32 off) and "fp32" is TF32 matmuls."""
     torch.manual_seed(seed)
     model, optimizer = _bench_model(clip_config, device, "mhsa", masked=True)
     scores = optimizer.param_groups[0]["params"]
@@ -1893,7 +1864,7 @@ def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3,
     modes = ("bf16", "bf16, fp32 residual stream", "fp32")
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    reference = measure("fp32")
+    ref_dz, ref_lafa, ref_grad, ref_signs = measure("fp32")  # true fp32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     measured = {mode: measure(mode) for mode in modes}  # before the timed steps, which move the scores
 
@@ -1901,18 +1872,16 @@ def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3,
         with _precision(model, device, mode):
             train_step(model, optimizer, x, y)
     seconds = _min_seconds({mode: partial(step, mode) for mode in modes}, device, repeats)
-    rows = []
-    for mode, (dz, lafa, grad, signs) in measured.items():
-        rows.append({"precision": mode, "block_signal_ratio": [d.pow(2).sum().item() / r.pow(2).sum().item()
-                                                               for d, r in zip(dz, reference[0])],
-                     "block_error_to_signal": [(d - r).pow(2).sum().item() / r.pow(2).sum().item()
-                                               for d, r in zip(dz, reference[0])],
-                     "lafa_ratio": lafa / reference[1],
-                     "grad_cosine": F.cosine_similarity(grad.double(), reference[2].double(), dim=0).item(),
-                     "grad_norm_error": ((grad - reference[2]).double().norm() / reference[2].double().norm()).item(),
-                     "pgd_sign_agreement": (signs == reference[3]).float().mean().item(),
-                     "step_time_ratio": seconds[mode] / seconds["fp32"]})
-    return rows
+    signal = [r.pow(2).sum().item() for r in ref_dz]  # ‖Δz_fp32‖² per block
+    return [{"precision": mode,
+             "block_signal_ratio": [d.pow(2).sum().item() / s for d, s in zip(dz, signal)],
+             "block_error_to_signal": [(d - r).pow(2).sum().item() / s for d, r, s in zip(dz, ref_dz, signal)],
+             "lafa_ratio": lafa / ref_lafa,
+             "grad_cosine": F.cosine_similarity(grad.double(), ref_grad.double(), dim=0).item(),
+             "grad_norm_error": ((grad - ref_grad).double().norm() / ref_grad.double().norm()).item(),
+             "pgd_sign_agreement": (signs == ref_signs).float().mean().item(),
+             "step_time_ratio": seconds[mode] / seconds["fp32"]}
+            for mode, (dz, lafa, grad, signs) in measured.items()]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2060,8 +2029,8 @@ def parse_args(argv):
                    help="comma-separated, in /255 units: 1,4 or 1/255,4/255")
     p.add_argument("--test-alpha", type=_per255, default=TEST_ALPHA * 255, help="the attacks' step, in /255 units")
     p.add_argument("--test-steps", type=int, default=TEST_STEPS, help="iterations of every test attack")
-    p.add_argument("--eval-precision", default=None, choices=["bf16", "fp32"],
-                   help="autocast precision of clean and attacked evaluation (default: fp32, see README)")
+    p.add_argument("--eval-precision", default=EVAL_PRECISION, choices=["bf16", "fp32"],
+                   help="precision of clean and attacked evaluation: fp32, or bf16 autocast (see README)")
     p.add_argument("--checkpoint-every", type=int, default=50,
                    help="save the training state at the first epoch end after this many steps (1: every epoch)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
@@ -2100,11 +2069,9 @@ def parse_args(argv):
             p.error(f"--{flag.replace('_', '-')} is in /255 units and must lie in [0, 255]")
     if not args.test_eps or not all(0 <= eps <= 255 for eps in args.test_eps):
         p.error("--test-eps takes values in /255 units in [0, 255], e.g. 1 or 1,2,4")
-    for flag in ("train_steps", "test_steps", "workers"):
+    for flag in ("train_steps", "test_steps", "workers", "lam"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
-    if args.lam < 0:
-        p.error("--lam must be 0 or more")
     if args.weights and (args.masks or args.tune == "mask"):
         p.error("--weights evaluates a --tune weights run; pass it without --masks and --tune mask")
     args.tune = args.tune or ("weights" if args.weights else "mask")
@@ -2128,11 +2095,10 @@ def parse_args(argv):
     if args.split_dir and not Path(args.split_dir).is_dir():
         p.error(f"--split-dir {args.split_dir} is not a folder; pass the folder that holds CoOp's "
                 f"split_zhou_<Name>.json files")
-    for flag in ("attack", "test_eps"):
-        repeated = next((v for v in getattr(args, flag) if getattr(args, flag).count(v) > 1), None)
+    for flag, values in (("attack", args.attack), ("test-eps", [f"{eps:g}" for eps in args.test_eps])):
+        repeated = next((v for v in values if values.count(v) > 1), None)
         if repeated is not None:
-            p.error(f"--{flag.replace('_', '-')} lists {repeated:g} twice; give each value once" if flag == "test_eps"
-                    else f"--attack lists {repeated} twice; give each attack once")
+            p.error(f"--{flag} lists {repeated} twice; give each value once")
     if (args.masks or args.weights) and args.protocol != "transfer":
         p.error(f"--{'masks' if args.masks else 'weights'} goes with --protocol transfer; the other protocols train "
                 f"their {args.tune}")
@@ -2233,7 +2199,7 @@ def _result_rows(tuned_name, set_name, result, args):
     return rows
 
 
-def run(args, device, precision, eval_precision):
+def run(args, device):
     """One run of a protocol: load CLIP and data, tune (or load) the mask, save it, evaluate clean and under attack."""
     start = tic = time.perf_counter()
     phases = {}  # seconds per phase, printed and stored in results.json
@@ -2250,7 +2216,7 @@ def run(args, device, precision, eval_precision):
     clip, tokenizer = load_clip(args.model or "ViT-B-32", args.pretrained)
     clip = clip.to(device)
     size = clip.visual.image_size[0]
-    settings = {**vars(args), "device": str(device), "precision": precision, "eval_precision": eval_precision}
+    settings = {**vars(args), "device": str(device)}
     splits = {}  # dataset -> which split it used: default, CoOp's file (with its sha256) or synthetic
 
     def data(name):
@@ -2315,10 +2281,10 @@ def run(args, device, precision, eval_precision):
         lap("cache")
         epochs = args.epochs or default_epochs(len(labels), args.batch_size)
         print(f"{args.protocol} on {args.dataset}: {len(labels)} training images ({args.shots} per class, "
-              f"{len(train_names)} classes), {epochs} epoch{'s' * (epochs != 1)} on {device} ({precision})")
+              f"{len(train_names)} classes), {epochs} epoch{'s' * (epochs != 1)} on {device} ({args.precision})")
     write_json(out_dir / "config.json", settings)
     if not (args.masks or args.weights):
-        with autocast(device, precision):
+        with autocast(device, args.precision):
             _, history = adversarial_mask_tuning(
                 clip, images, labels, train_names, template, args.mask_target, args.tune, epochs, tokenizer,
                 batch_size=args.batch_size, lr=args.lr, lam=args.lam, eps=args.train_eps / 255,
@@ -2338,8 +2304,7 @@ def run(args, device, precision, eval_precision):
         clip.requires_grad_(False)  # attacks need the input's gradient only
     lap("train")
 
-    attacks = {_cell_label(attack, eps): make_attack(attack, eps / 255, args.test_alpha / 255,
-                                                         args.test_steps)
+    attacks = {_cell_label(attack, eps): make_attack(attack, eps / 255, args.test_alpha / 255, args.test_steps)
                for attack in args.attack for eps in args.test_eps}
     results = []
     for name, (test_set, names, templates) in sets.items():
@@ -2348,7 +2313,7 @@ def run(args, device, precision, eval_precision):
         lap(f"decode {name}")
         models = {"clip": ClipClassifier(plain, names, templates, tokenizer)} if args.baseline else {}
         for tuned_name, model in {**models, TUNED_MODEL[args.tune]: classifiers[name]}.items():
-            with autocast(device, eval_precision):
+            with autocast(device, args.eval_precision):
                 result = evaluate(model, test_images, test_labels, attacks, args.eval_batch_size, args.seed)
             results += _result_rows(tuned_name, name, result, args)
             lap(f"eval {tuned_name} {name}")
@@ -2378,15 +2343,11 @@ def main(argv=None):
             analyze(args.paths, args.out, args.consensus, args.save)
             return
         args = parse_args(argv)
-        # device, precision and seed are decided here, once, and passed down
+        # device and seed are decided here, once, and passed down (precision by the flags, TRAIN_/EVAL_PRECISION)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"--device {device} was asked for but {torch.cuda.device_count()} CUDA devices are "
                              f"visible; pass --device cpu or an existing GPU")
-        precision = args.precision
-        # not in the paper: evaluation defaults to fp32, the reference for robust accuracy; bf16 did not weaken PGD or
-        # AutoAttack on a small CLIP (README, Evaluation), but on ViT-B/32 that is not measured yet
-        eval_precision = args.eval_precision or "fp32"
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls may use TF32
         if args.deterministic:  # cuBLAS needs this workspace setting to be deterministic; cuDNN autotuning is off
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -2398,11 +2359,11 @@ def main(argv=None):
             config = {"BENCH_CLIP": BENCH_CLIP, "tiny": TINY_CLIP}.get(model) or open_clip.get_model_config(
                 resolve_model(model))
             rows = (precision_check(config, device) if args.benchmark == "precision" else
-                    [benchmark(config, args.batch_size, device, precision, args.mask_target)])
+                    [benchmark(config, args.batch_size, device, args.precision, args.mask_target)])
             for row in rows:
                 print(json.dumps({"model": model, **row}))
         else:
-            run(args, device, precision, eval_precision)
+            run(args, device)
     except ValueError as e:  # library functions raise ValueError with a sentence that says what to do
         print(f"advmask: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1843,7 +1843,7 @@ def bad_input_cases(files):
         ([*transfer, "--weights", str(files / "masks.bin")], "is not an advmask weights file"),
         ([*transfer, "--weights", str(files / "weights.bin"), "--tune", "mask"], "--weights evaluates a --tune"),
         ([*transfer, "--masks", str(files / "masks.bin"), "--tune", "weights"], "with --tune weights, pass the"),
-        (["--attack", "pgd,cw,pgd"], "--attack lists pgd twice; give each attack once"),
+        (["--attack", "pgd,cw,pgd"], "--attack lists pgd twice; give each value once"),
         (["--test-eps", "4/256"], "argument --test-eps: '4/256' is not a number in /255 units, e.g. 4 or 4/255"),
         (["--model", "tiny", "--pretrained", "openai"], "--model tiny is a random model of this file's own"),
         (["--test-eps", "1,2,1"], "--test-eps lists 1 twice; give each value once"),
