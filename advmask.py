@@ -23,6 +23,7 @@ open_clip / torchvision (and the library it names) and the sections above it, so
 import argparse
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import importlib.util
 import itertools
@@ -715,11 +716,147 @@ def worst_case_accuracy(correct):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Models: the network a name and its weights describe (activation, preprocessing), open_clip's model folders, and
+# the fingerprint that binds mask and weight files to the weights they were trained on
+
+# A CLIP small enough to train on a CPU in seconds: for --dry-run and the tests (random weights).
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+# open_clip's model folders, which carry their config, preprocessing and weights: on the Hugging Face hub, or on disk
+SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+def preprocess_cfg(clip):
+    """The preprocessing a model's weights expect, open_clip's PreprocessCfg fields (size, mean, std, interpolation,
+    resize_mode, ...): what its pretrained tag or model folder says, else open_clip's defaults (OpenAI's mean and std,
+    bicubic resize of the shorter side, centre crop)."""
+    cfg = {**dataclasses.asdict(open_clip.transform.PreprocessCfg()), **open_clip.get_model_preprocess_cfg(clip)}
+    return json.loads(json.dumps(cfg))  # tuples as lists, as config.json records it
+
+
+def activation(clip):
+    """The class name of the image tower's MLP activation: QuickGELU for OpenAI's weights, GELU for most others."""
+    return type(clip.visual.transformer.resblocks[0].mlp.gelu).__name__
+
+
+def weights_fingerprint(model, exclude=()):
+    """sha256 of everything that decides a CLIP's output besides a mask or a weights file: every parameter and buffer
+    of both towers as fp32 bytes (of a masked weight, its pre-trained value, not its scores), the activation and the
+    normalisation; `exclude` leaves out weights (names relative to the image tower) that a weights file replaces."""
+    clip = model.clip if hasattr(model, "clip") else model
+    scores = {id(mask.scores) for *_, mask in _masks(clip)}
+    cfg = preprocess_cfg(clip)
+    digest = hashlib.sha256(json.dumps([activation(clip), cfg["mean"], cfg["std"]]).encode())
+    # a masked weight sits at ...parametrizations.<name>.original; sorted names make the order the unmasked one's
+    tensors = {name.replace(".parametrizations.", ".").removesuffix(".original"): t
+               for name, t in clip.state_dict(keep_vars=True).items() if id(t) not in scores}
+    skip = {f"visual.{name}" for name in exclude}
+    for name in sorted(set(tensors) - skip):
+        t = tensors[name].detach().float().cpu().contiguous()
+        digest.update(f"{name} {tuple(t.shape)}".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def resolve_model(model):
+    """The open_clip name of --model: a known name, an hf-hub:/local-dir: folder, or a config JSON registered under its
+    file's stem."""
+    if model.startswith(SCHEMAS):
+        return model
+    if model.endswith(".json"):
+        if not Path(model).is_file():
+            raise ValueError(f"model config {model} does not exist; pass an open_clip model name or a config JSON")
+        open_clip.add_model_config(model)
+        model = Path(model).stem
+    if model not in open_clip.list_models():
+        raise ValueError(f"unknown model {model!r}; pass an open_clip model name such as ViT-B-32, an "
+                         f"hf-hub:ORG/NAME or local-dir:PATH model folder, or a config JSON")
+    return model
+
+
+def load_clip(model, pretrained):
+    """(open_clip model, tokenizer, identity) from a model name, config JSON or model folder, and a pretrained tag,
+    file or "none" (None for a folder, which carries its weights); "tiny" is TINY_CLIP with random weights.
+
+    The network built is the one the weights were trained as: a tag's own config decides QuickGELU (OpenAI's weights
+    use it, while open_clip's plain ViT-B-32 config says GELU), and a tag or folder its preprocessing. A checkpoint
+    file gets the model's config as named (ViT-B-32-quickgelu for OpenAI's weights) and open_clip's default
+    preprocessing. identity records what was built: model, weights, activation, preprocessing, fingerprint."""
+    if model == "tiny":
+        if pretrained != "none":
+            raise ValueError(f"--model tiny is a random model of this file's own; drop --pretrained {pretrained}")
+        clip, tokenizer, identity = open_clip.CLIP(**TINY_CLIP), None, {"model": model, "pretrained": pretrained}
+    else:
+        clip, identity = _create_clip(resolve_model(model), pretrained)
+        tokenizer = open_clip.get_tokenizer(identity["model"])
+    identity.update(activation=activation(clip), preprocess=preprocess_cfg(clip),
+                    weights_sha256=weights_fingerprint(clip), open_clip=open_clip.__version__)
+    return clip, tokenizer, identity
+
+
+def _create_clip(name, pretrained):
+    """load_clip's open_clip model of a resolved name, with its identity so far; every failure is one sentence."""
+    identity = {"model": name, "pretrained": pretrained}
+    folder = name.startswith(SCHEMAS)
+    tags = [] if folder else open_clip.list_pretrained_tags_by_model(name)
+    if folder and pretrained is not None:
+        raise ValueError(f"{name} carries its own weights; drop --pretrained {pretrained}")
+    if pretrained == "none":
+        print("WARNING: --pretrained none: the model has RANDOM weights, its accuracies mean nothing", file=sys.stderr)
+    elif not folder and pretrained not in tags:
+        if pretrained is None or not Path(pretrained).is_file():
+            some = ", ".join(tags[:4]) + (", ..." if len(tags) > 4 else "") or "none"
+            raise ValueError(f"--pretrained {pretrained} is neither an open_clip tag of {name} ({some}) nor an "
+                             f"existing file; pass a tag, a checkpoint path, or none")
+        identity["file_sha256"] = hashlib.sha256(Path(pretrained).read_bytes()).hexdigest()
+    if name.startswith("local-dir:"):
+        path = Path(name[len("local-dir:"):])
+        if not (path / "open_clip_config.json").is_file() or not any(
+                f.suffix in (".safetensors", ".bin", ".pth") for f in path.glob("*")):
+            raise ValueError(f"{path} is not an open_clip model folder (open_clip_config.json beside a weights file "
+                             f"such as open_clip_model.safetensors); pass such a folder with local-dir:PATH")
+    # a tag's own config says whether its weights were trained with QuickGELU (OpenAI's were); open_clip would only
+    # warn and build the GELU network of the plain name
+    quick_gelu = pretrained in tags and bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu"))
+    logging.disable(logging.ERROR)  # open_clip and the hub log their failures too; ours below is the one line shown
+    try:
+        clip = open_clip.create_model(name, pretrained=None if pretrained == "none" else pretrained,
+                                      force_quick_gelu=quick_gelu, require_pretrained=pretrained != "none")
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
+        # a failed download; a misfit, unreadable or missing checkpoint
+        if pretrained in tags or name.startswith("hf-hub:"):
+            what = name if folder else f"the {pretrained!r} weights of {name}"
+            quick = f" and --model {name}-quickgelu, the network they were trained as" if quick_gelu else ""
+            raise ValueError(f"could not fetch {what} (no network?); download them where there is one and pass "
+                             f"the file with --pretrained PATH{quick}, or an open_clip model folder with --model "
+                             f"local-dir:PATH") from None
+        detail = "not a torch checkpoint" if not isinstance(e, RuntimeError) else " ".join(str(e).split())[:160]
+        weights = f"checkpoint {pretrained}" if not folder else f"the weights in {name}"
+        raise ValueError(f"{weights} is not a state dict of {name} ({detail}); pass the --model it was saved from, "
+                         f"or a checkpoint of this one") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    return clip, identity
+
+
+def describe(identity):
+    """A model identity in a few words, for messages and file headers: "ViT-B-32 openai (QuickGELU)"."""
+    weights = "" if identity["pretrained"] is None else f" {identity['pretrained']}"
+    return f"{identity['model']}{weights} ({identity['activation']})"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Mask and weight files: 1 bit per masked weight (32 per tuned weight), with checked metadata
 
-MASK_FILE_FORMAT = 2  # 2 adds "heads", the attention heads per block, for the per-head analysis; 1 still loads
+# Format 2 added "heads", the attention heads per block, for the per-head analysis; 3 adds "base_weights", the
+# fingerprint of the weights the file was trained on. Files of earlier formats still load.
+MASK_FILE_FORMAT = 3
 MASK_MAGIC = b"ADVMASK\n"
-WEIGHTS_FILE_FORMAT, WEIGHTS_MAGIC = 1, b"ADVTUNE\n"  # --tune weights: the tuned weights themselves, fp32
+WEIGHTS_FILE_FORMAT, WEIGHTS_MAGIC = 2, b"ADVTUNE\n"  # --tune weights: the tuned weights themselves, fp32; 2 adds
+# "base_weights" as mask format 3 does
 
 
 def _arch(model):
@@ -776,7 +913,8 @@ def read_checked_file(path, magic, formats, payload_bytes, what):
 
 
 def write_mask_file(path, header, bits):
-    """Write a mask file: header fields (arch, target, threshold, names, shapes, heads) and the (n,) bool bits, True
+    """Write a mask file: header fields (arch, target, threshold, names, shapes, heads, base_weights) and the (n,) bool
+    bits, True
     = on, packed 8 to a byte in np.packbits order, in write_checked_file's container; numpy alone can read it."""
     write_checked_file(path, MASK_MAGIC, {"format": MASK_FILE_FORMAT, **header, "n_weights": bits.numel()},
                        np.packbits(bits.numpy()).tobytes())  # ⌈n/8⌉ bytes
@@ -784,14 +922,16 @@ def write_mask_file(path, header, bits):
 
 def read_mask_file(path):
     """(header, bits) of a mask file, (n,) bool with True = on, after checking that the file is whole and intact."""
-    header, packed = read_checked_file(path, MASK_MAGIC, (1, MASK_FILE_FORMAT), lambda h: math.ceil(h["n_weights"] / 8),
-                                       "mask")
+    header, packed = read_checked_file(path, MASK_MAGIC, (1, 2, MASK_FILE_FORMAT),
+                                       lambda h: math.ceil(h["n_weights"] / 8), "mask")
     bits = np.unpackbits(np.frombuffer(packed, np.uint8), count=header["n_weights"]).astype(bool)
     return header, torch.from_numpy(bits)
 
 
-def _check_fit(path, header, model, weights):
-    """Refuse a file made for another architecture, or for other weights than (name, shape) pairs `weights`."""
+def _check_fit(path, header, model, weights, source, exclude=()):
+    """Refuse a file made for another architecture, for other weights than (name, shape) pairs `weights`, or trained
+    on other pre-trained weights than the model's (source names them); warn that a file of an earlier format, which
+    does not record them, cannot be checked. exclude: as weights_fingerprint's."""
     if header["arch"] != _arch(model):
         raise ValueError(f"{path} was made for {header['arch']}, but this model is {_arch(model)}; load it onto the "
                          f"architecture it was trained with")
@@ -799,6 +939,14 @@ def _check_fit(path, header, model, weights):
         raise ValueError(f"{path} holds {header['target']} weights, which are not the ones this model has masked or "
                          f"tuned; load it onto an unmasked model, or one masked or tuned on the {header['target']} "
                          f"weights")
+    base = header.get("base_weights")
+    if base is None:
+        print(f"WARNING: {path} is a {header['format']}-format file, which does not record the weights it was trained "
+              f"on: it cannot be checked against this model's", file=sys.stderr)
+    elif base["fingerprint"] != (ours := weights_fingerprint(model, exclude)):
+        raise ValueError(f"{path} was trained on other weights ({base['source']}, fingerprint {base['fingerprint'][:12]}) "
+                         f"than this model's ({source or 'source unrecorded'}, fingerprint {ours[:12]}); load it onto "
+                         f"the weights it was trained on")
 
 
 def _mask_target(model):
@@ -807,9 +955,10 @@ def _mask_target(model):
     return next(target for target, names in MASK_TARGETS.items() if set(names) == masked)
 
 
-def save_masks(model, path):
+def save_masks(model, path, source=None):
     """Store M_bin of a masked model only, 1 bit a weight (ViT-B/32's attention: 28.3 M weights, 3.5 MB), with what
-    load_masks needs to refuse a model it does not fit and the per-head analysis needs (attention heads per block)."""
+    load_masks needs to refuse a model it does not fit (the fingerprint of the pre-trained weights under the mask, and
+    source, their name, e.g. describe(identity)) and the per-head analysis needs (attention heads per block)."""
     entries = list(_masks(model))
     if not entries:
         raise ValueError("this model has no masks; call apply_masks and train before saving")
@@ -820,17 +969,19 @@ def save_masks(model, path):
         "names": [name for name, *_ in entries],
         "shapes": [list(mask.scores.shape) for *_, mask in entries],
         "heads": visual_tower(model).transformer.resblocks[0].attn.num_heads,
+        "base_weights": {"fingerprint": weights_fingerprint(model), "source": source or "source unrecorded"},
     }, torch.cat([(mask.scores > mask.threshold).flatten().cpu() for *_, mask in entries]))
 
 
-def load_masks(model, path):
+def load_masks(model, path, source=None):
     """Put the masks of a file save_masks wrote onto model (masking it first if it has none), after checking that they
-    fit; returns model. Only the bits are stored: the loaded scores sit at threshold ± 1."""
+    fit, its weights included (source names them in the error); returns model. Only the bits are stored: the loaded
+    scores sit at threshold ± 1."""
     header, bits = read_mask_file(path)
     if next(_masks(model), None) is None and header["arch"] == _arch(model):  # a misfit model is refused unmasked
         apply_masks(model, header["target"], threshold=header["threshold"])
     entries = list(_masks(model))
-    _check_fit(path, header, model, [(name, list(mask.scores.shape)) for name, *_, mask in entries])
+    _check_fit(path, header, model, [(name, list(mask.scores.shape)) for name, *_, mask in entries], source)
     with torch.no_grad():
         for chunk, (*_, mask) in zip(bits.split([m.scores.numel() for *_, m in entries]), entries):
             on = chunk.view(mask.scores.shape).to(mask.scores.device)
@@ -839,23 +990,26 @@ def load_masks(model, path):
     return model
 
 
-def save_weights(model, path, target="mhsa"):
+def save_weights(model, path, target="mhsa", source=None):
     """Store the tuned weights only (fp32, 32 bits a weight), with what load_weights needs to refuse a misfit model;
-    the rest of CLIP is the pre-trained checkpoint, untouched. Same container as a mask file."""
+    the rest of CLIP is the pre-trained checkpoint, untouched, and its fingerprint binds the file to it (the tuned
+    weights themselves are left out of it: the file replaces them). Same container as a mask file."""
     entries = target_weights(model, target)
+    names = [name for name, _ in entries]
     write_checked_file(path, WEIGHTS_MAGIC, {
         "format": WEIGHTS_FILE_FORMAT, "arch": _arch(model), "target": target, "dtype": "float32",
-        "names": [name for name, _ in entries], "shapes": [list(w.shape) for _, w in entries],
-        "n_weights": sum(w.numel() for _, w in entries)},
+        "names": names, "shapes": [list(w.shape) for _, w in entries], "n_weights": sum(w.numel() for _, w in entries),
+        "base_weights": {"fingerprint": weights_fingerprint(model, names), "source": source or "source unrecorded"}},
         torch.cat([w.detach().float().flatten().cpu() for _, w in entries]).numpy().tobytes())
 
 
-def load_weights(model, path):
-    """Overwrite the model's weights with those of a file save_weights wrote, after checking that they fit."""
-    header, payload = read_checked_file(path, WEIGHTS_MAGIC, (WEIGHTS_FILE_FORMAT,), lambda h: 4 * h["n_weights"],
+def load_weights(model, path, source=None):
+    """Overwrite the model's weights with those of a file save_weights wrote, after checking that they fit, the rest
+    of its weights included (source names them in the error)."""
+    header, payload = read_checked_file(path, WEIGHTS_MAGIC, (1, WEIGHTS_FILE_FORMAT), lambda h: 4 * h["n_weights"],
                                         "weights")
     entries = target_weights(model, header["target"])
-    _check_fit(path, header, model, [(name, list(w.shape)) for name, w in entries])
+    _check_fit(path, header, model, [(name, list(w.shape)) for name, w in entries], source, header["names"])
     values = torch.from_numpy(np.frombuffer(payload, np.float32).copy())
     with torch.no_grad():
         for chunk, (_, w) in zip(values.split([w.numel() for _, w in entries]), entries):
@@ -1084,6 +1238,18 @@ def _rgb(image):
     return image.convert("RGB")  # Caltech101 and others hold some greyscale images
 
 
+def image_transform(preprocess):
+    """PIL image -> the model's input as a uint8 (3, H, W) tensor: open_clip's own evaluation resize and crop for a
+    preprocess_cfg (size, resize mode, interpolation, fill), without its ToTensor and Normalize (to_unit scales, the
+    classifier normalises)."""
+    ops = open_clip.image_transform(preprocess["size"], is_train=False, resize_mode=preprocess["resize_mode"],
+                                    interpolation=preprocess["interpolation"], fill_color=preprocess["fill_color"])
+    # not open_clip's order: RGB first, before the resize, so that a palette image is resized as colours (PIL resizes
+    # palette indices by nearest neighbour); identical for the RGB images of every dataset here
+    return T.Compose([T.Lambda(_rgb), *[op for op in ops.transforms if not isinstance(op, (T.ToTensor, T.Normalize))],
+                      T.PILToTensor()])
+
+
 def _torchvision_dataset(name, root, split, transform, download):
     """One split (or, for split None, the whole) of a dataset through its torchvision class."""
     tv, kw = torchvision.datasets, {"transform": transform, "download": download}
@@ -1235,16 +1401,15 @@ def _fixed_split(name, whole):
     return [i for i in order if part(i) == "train"], [i for i in order if part(i) == "test"], labels, classes
 
 
-def load_dataset(name, root, image_size, download=True, split_json=None):
+def load_dataset(name, root, preprocess, download=True, split_json=None):
     """A dataset's splits and class names, {"train": Split, "test": Split, "classes": [str], "split"}; "train" is None
-    for the evaluation-only sets (ImageNet-V2, -Sketch, -A, -R). Images come resized (shorter side, bicubic) and
-    centre-cropped to image_size, as uint8 (3, H, W) tensors. With split_json (CoOp's split_zhou_<Name>.json) its
+    for the evaluation-only sets (ImageNet-V2, -Sketch, -A, -R). Images come as the model's preprocess_cfg says
+    (image_transform), as uint8 (3, H, W) tensors. With split_json (CoOp's split_zhou_<Name>.json) its
     "train" and "test" lists and class names are used exactly, and "split" records the file and its sha256;
     otherwise "split" is {"source": "default"} (see README)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
-    transform = T.Compose([T.Lambda(_rgb), T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-                           T.CenterCrop(image_size), T.PILToTensor()])
+    transform = image_transform(preprocess)
     _, train_splits, test_split, image_dir = DATASETS[name]
     if split_json is not None:
         try:  # {"train": [[relpath, label, classname], ...], "val": ..., "test": ...}
@@ -1392,14 +1557,22 @@ def _split_source(splits, *datasets):
 SAME_BASIS = ("model", "pretrained", "synthetic", "dry_run", "templates", "mask_target", "loss", "lam", "lr", "epochs",
               "batch_size", "train_eps", "train_alpha", "train_steps", "precision", "test_alpha", "test_steps",
               "eval_precision", "eval_limit")
+# What identifies the model evaluated besides its name and tag or file (load_clip's identity): the network and the
+# weights themselves. open_clip's version is recorded beside them, not compared.
+SAME_MODEL = ("file_sha256", "activation", "preprocess", "weights_sha256")
 
 
 def _basis(finished, dataset, entry):
     """(what, value) pairs that must agree across the seeds of a summary cell: the split source of the datasets the
-    entry rests on, the settings of SAME_BASIS, and for a worst-case entry the attacks it is the worst of."""
+    entry rests on, the settings of SAME_BASIS, the identity of the model evaluated (SAME_MODEL; a --baseline folder's
+    own), and for a worst-case entry the attacks it is the worst of."""
     settings = finished.get("settings", {})
+    identity = settings.get("model_identity" if entry["model"] in MODEL_NAMES else "baseline_identity") or {}
+    if settings.get("pretrained") == "none" and entry["model"] in MODEL_NAMES:  # random weights, drawn from the seed
+        identity = {**identity, "weights_sha256": "random"}
     return (("splits", _split_source(finished.get("splits"), dataset, entry["eval"])),
             *((k, settings.get(k, "unrecorded")) for k in SAME_BASIS),
+            *((f"model {k}", json.dumps(identity.get(k, "unrecorded"))) for k in SAME_MODEL),
             ("attacks", ",".join(entry["attacks"]) if "attacks" in entry else None))
 
 
@@ -1599,11 +1772,16 @@ def analyze(paths, out_dir, consensus=None, save=None):
         if len(fit) > 1:
             raise ValueError(f"--consensus needs masks of one architecture and target, these have {len(fit)} "
                              f"({', '.join(sorted({a + ' ' + t for a, t, _ in fit}))}); pass masks of one kind")
-        head_counts = {h["heads"] for _, h, _ in masks if h.get("heads")}  # format 1 does not record it
-        if len(head_counts) > 1:
-            counts = " and ".join(map(str, sorted(head_counts)))
-            raise ValueError(f"--consensus got masks that record {counts} attention heads per block; pass masks of "
-                             f"one model")
+        # what only later formats record (heads from 2 on, base_weights from 3 on) the consensus keeps where the
+        # masks that record it agree
+        recorded = {}
+        for key, what, show in (("heads", "attention heads per block", str),
+                                ("base_weights", "pre-trained weights", lambda b: f"{b['source']} {b['fingerprint'][:12]}")):
+            values = [json.loads(v) for v in sorted({json.dumps(h[key]) for _, h, _ in masks if key in h})]
+            if len(values) > 1:
+                raise ValueError(f"--consensus got masks that record {' and '.join(map(show, values))} {what}; pass "
+                                 f"masks of one model")
+            recorded.update({key: v for v in values})
     out_dir = Path(out_dir)
     md, csv = ["# Mask analysis", ""], [["view", "mask", "block", "part", "head", "value"]]
     for i, (label, header, bits) in enumerate(masks):
@@ -1655,8 +1833,9 @@ def analyze(paths, out_dir, consensus=None, save=None):
         md += ["", "![Jaccard index between masks](overlap.png)", ""]
     if consensus is not None:
         bits = consensus_bits([b for *_, b in masks], consensus)
-        header = {k: v for k, v in masks[0][1].items() if k not in ("format", "n_weights", "sha256", "heads")}
-        write_mask_file(save, header | ({"heads": head_counts.pop()} if head_counts else {}), bits)
+        header = {k: v for k, v in masks[0][1].items()
+                  if k not in ("format", "n_weights", "sha256", "heads", "base_weights")}
+        write_mask_file(save, header | recorded, bits)
         md += [f"Consensus of {len(masks)} masks (off in ≥ {consensus}): {100 * (1 - bits.float().mean()):.2f} % off, "
                f"saved to {save}; evaluate it with --protocol transfer --masks {save}.", ""]
     text = "\n".join(md)
@@ -1719,12 +1898,6 @@ def autocast(device, precision):
     return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
 
-# A CLIP small enough to train on a CPU in seconds: for --dry-run and the tests (random weights).
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 # A small CLIP for --benchmark on a CPU: 65 tokens × batch 32 gives each weight about as much matrix-product work as
 # ViT-B/32 at batch 32 (50 tokens), so the cost of masking relative to the rest is comparable.
 BENCH_CLIP = {**TINY_CLIP,
@@ -1887,48 +2060,6 @@ def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3,
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
-def resolve_model(model):
-    """The open_clip name of --model: a known name, or a config JSON registered under its file's stem."""
-    if model.endswith(".json"):
-        if not Path(model).is_file():
-            raise ValueError(f"model config {model} does not exist; pass an open_clip model name or a config JSON")
-        open_clip.add_model_config(model)
-        model = Path(model).stem
-    if model not in open_clip.list_models():
-        raise ValueError(f"unknown model {model!r}; pass an open_clip model name such as ViT-B-32 or a config JSON")
-    return model
-
-
-def load_clip(model, pretrained):
-    """An open_clip model and its tokenizer from a model name or config JSON, and a pretrained tag, file or "none";
-    "tiny" is TINY_CLIP with random weights."""
-    if model == "tiny":
-        if pretrained != "none":
-            raise ValueError(f"--model tiny is a random model of this file's own; drop --pretrained {pretrained}")
-        return open_clip.CLIP(**TINY_CLIP), None
-    model = resolve_model(model)
-    tags = open_clip.list_pretrained_tags_by_model(model)
-    if pretrained == "none":
-        print("WARNING: --pretrained none: the model has RANDOM weights, its accuracies mean nothing", file=sys.stderr)
-    elif pretrained not in tags and not Path(pretrained).is_file():
-        some = ", ".join(tags[:4]) + (", ..." if len(tags) > 4 else "") or "none"
-        raise ValueError(f"--pretrained {pretrained} is neither an open_clip tag of {model} ({some}) nor an existing "
-                         f"file; pass a tag, a checkpoint path, or none")
-    logging.disable(logging.ERROR)  # open_clip and the hub log their failures too; ours below is the one line shown
-    try:
-        clip = open_clip.create_model(model, pretrained=None if pretrained == "none" else pretrained)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # failed download, misfit or unreadable checkpoint
-        if pretrained in tags:
-            raise ValueError(f"could not fetch the {pretrained!r} weights of {model} (no network?); download them "
-                             f"where there is one and pass the file with --pretrained PATH") from None
-        detail = "not a torch checkpoint" if not isinstance(e, RuntimeError) else " ".join(str(e).split())[:160]
-        raise ValueError(f"checkpoint {pretrained} is not a state dict of {model} ({detail}); pass the --model it was "
-                         f"saved from, or a checkpoint of this one") from None
-    finally:
-        logging.disable(logging.NOTSET)
-    return clip, open_clip.get_tokenizer(model)
-
-
 def _list(kind):
     """argparse type for a comma-separated list, e.g. --test-eps 1,2,4."""
     return lambda text: [kind(item.strip()) for item in text.split(",") if item.strip()]
@@ -1993,7 +2124,10 @@ def parse_args(argv):
                         "(default: mask; weights with --weights)")
     p.add_argument("--weights", default=None,
                    help="transfer: evaluate this weights file (of a --tune weights run) instead of training")
-    p.add_argument("--baseline", action="store_true", help="also evaluate unmasked CLIP under the same attacks")
+    p.add_argument("--baseline", nargs="?", const="clip", default=None, metavar="MODEL",
+                   help="also evaluate, under the same attacks and on the same images, unmasked CLIP (no value) or "
+                        "an open_clip model folder: hf-hub:ORG/NAME or local-dir:PATH (e.g. FARE's "
+                        "hf-hub:chs20/fare2-clip)")
     p.add_argument("--shots", type=int, default=16, help="training images per class (K)")
     p.add_argument("--seed", type=int, default=1, help="fixes the K-shot sample, batch order, flips and attack starts")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -2004,11 +2138,13 @@ def parse_args(argv):
                    help="training precision: fp32 (on CUDA with TF32 matmuls) or bf16 autocast; scores, optimiser "
                         "and accuracies stay fp32 either way; see README for why bf16 is not the default")
     p.add_argument("--model", default=None,
-                   help="open_clip model name, path to an open_clip config JSON, or tiny (the small random CLIP of "
-                        "the tests, for trying things on a CPU) (default: ViT-B-32; with --benchmark, a small "
-                        "built-in config)")
+                   help="open_clip model name (ViT-B-32-quickgelu for OpenAI's weights as a file), an open_clip "
+                        "model folder (hf-hub:ORG/NAME, local-dir:PATH), path to an open_clip config JSON, or tiny "
+                        "(the small random CLIP of the tests, for trying things on a CPU) (default: ViT-B-32; with "
+                        "--benchmark, a small built-in config)")
     p.add_argument("--pretrained", default=None,
-                   help="open_clip tag, local checkpoint path, or none (random) (default: openai; none for tiny)")
+                   help="open_clip tag, local checkpoint path, or none (random) (default: openai; none for tiny; a "
+                        "model folder's own weights)")
     p.add_argument("--mask-target", default="mhsa", choices=list(MASK_TARGETS),
                    help="the weights masked (or tuned): attention (the paper's), MLP, or both")
     p.add_argument("--loss", default="ce+lafa", choices=LOSSES, help="ce+lafa is AdvMask; the rest are its ablation")
@@ -2055,8 +2191,11 @@ def parse_args(argv):
                   f"{', '.join(overridden)}", file=sys.stderr)
         args.model, args.pretrained, args.test_steps = DRY_RUN["model"], DRY_RUN["pretrained"], DRY_RUN["test_steps"]
         args.epochs, args.lr = args.epochs or DRY_RUN["epochs"], args.lr or DRY_RUN["lr"]
-    if args.pretrained is None:
+    if args.pretrained is None and not (args.model or "").startswith(SCHEMAS):
         args.pretrained = "none" if args.model == "tiny" else "openai"
+    if args.baseline not in (None, "clip") and not args.baseline.startswith(SCHEMAS):
+        p.error(f"--baseline {args.baseline}: give no value (unmasked CLIP) or an open_clip model folder, "
+                f"hf-hub:ORG/NAME or local-dir:PATH")
     small = [f"{v:g}" for v in args.test_eps + [args.train_eps] if 0 < v < 0.1]
     if small:
         print(f"warning: ε {', '.join(small)} is in /255 units, i.e. {small[0]}/255 in pixels; for ε = 1/255 pass 1",
@@ -2132,6 +2271,7 @@ def parse_analyze_args(argv):
 # of these. Device and precision are training settings: bf16 and fp32 training end in different masks, and devices
 # draw other random starts.
 EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "eval_precision", "baseline",
+             "baseline_identity",
              "workers", "eval_datasets", "eval_presets", "eval_limit", "checkpoint_every", "out_dir", "overwrite"}
 
 
@@ -2213,10 +2353,10 @@ def run(args, device):
     root = "runs_dry" if args.dry_run else "runs_synthetic" if args.synthetic else "runs"
     out_dir = Path(args.out_dir or f"{root}/{args.protocol}/{args.dataset}/{args.shots}shot/seed{args.seed}")
     _require_writable(out_dir)
-    clip, tokenizer = load_clip(args.model or "ViT-B-32", args.pretrained)
-    clip = clip.to(device)
+    clip, tokenizer, identity = load_clip(args.model or "ViT-B-32", args.pretrained)
+    clip, source = clip.to(device), describe(identity)
     size = clip.visual.image_size[0]
-    settings = {**vars(args), "device": str(device)}
+    settings = {**vars(args), "device": str(device), "model_identity": identity}
     splits = {}  # dataset -> which split it used: default, CoOp's file (with its sha256) or synthetic
 
     def data(name):
@@ -2233,7 +2373,7 @@ def run(args, device):
                     missing = f"no CoOp split file {split_json.name} in {args.split_dir}" if coop else "CoOp has none"
                     print(f"{name}: {missing}; using its default split (README, 'Datasets and splits')")
                     split_json = None
-            d = load_dataset(name, args.data_root, size, not args.no_download, split_json)
+            d = load_dataset(name, args.data_root, identity["preprocess"], not args.no_download, split_json)
         splits[name] = d["split"]
         return d
 
@@ -2260,14 +2400,23 @@ def run(args, device):
     # one text-tower pass per class set; the classifiers share the one image tower, which the mask then changes
     classifiers = {name: ClipClassifier(clip, names, templates, tokenizer)
                    for name, (_, names, templates) in sets.items()}
-    # the unmasked baseline: a frozen copy, evaluated beside the mask on the same decoded images (no parameter of it
-    # requires grad, so attacks keep no activations for parameter gradients)
-    plain = copy.deepcopy(clip).requires_grad_(False) if args.baseline else None
+    # the baseline, evaluated beside the mask on the same decoded images: a copy of unmasked CLIP, or a model folder
+    # with its own tokenizer (frozen: attacks keep no activations for parameter gradients)
+    if args.baseline == "clip":
+        baseline, baseline_tokenizer = copy.deepcopy(clip).requires_grad_(False), tokenizer
+    elif args.baseline:
+        baseline, baseline_tokenizer, settings["baseline_identity"] = load_clip(args.baseline, None)
+        baseline = baseline.to(device).requires_grad_(False)
+        theirs = settings["baseline_identity"]["preprocess"]
+        differ = [f"{k} {theirs[k]}" for k in ("size", "resize_mode", "interpolation") if theirs[k] != identity["preprocess"][k]]
+        if differ:  # the test images are decoded once, for the masked model
+            raise ValueError(f"--baseline {args.baseline} takes other images than the masked model ({', '.join(differ)}); "
+                             f"pass a baseline of the same input size and resizing")
     lap("load")
     checkpoint, history = out_dir / "checkpoint.pt", []
     if args.masks or args.weights:  # a file that does not fit is refused here, before anything is written
-        target = (_mask_target(load_masks(clip, args.masks)) if args.masks else
-                  load_weights(clip, args.weights)["target"])
+        target = (_mask_target(load_masks(clip, args.masks, source)) if args.masks else
+                  load_weights(clip, args.weights, source)["target"])
         if target != args.mask_target:
             raise ValueError(f"{args.masks or args.weights} covers the {target} weights; pass --mask-target {target} "
                              f"with it")
@@ -2291,9 +2440,9 @@ def run(args, device):
                 alpha=args.train_alpha / 255, steps=args.train_steps, loss=args.loss, seed=args.seed,
                 checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
         if args.tune == "mask":
-            save_masks(clip, out_dir / "masks.bin")
+            save_masks(clip, out_dir / "masks.bin", source)
         else:
-            save_weights(clip, out_dir / "weights.bin", args.mask_target)
+            save_weights(clip, out_dir / "weights.bin", args.mask_target, source)
     if args.tune == "mask":
         sparsity = mask_sparsity(clip)
         outcome = f"off {100 * sparsity:.2f}% of masked weights"
@@ -2311,7 +2460,7 @@ def run(args, device):
         chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
         test_images, test_labels = cache_images(test_set, chosen, "cpu", args.workers)  # decoded once
         lap(f"decode {name}")
-        models = {"clip": ClipClassifier(plain, names, templates, tokenizer)} if args.baseline else {}
+        models = {args.baseline: ClipClassifier(baseline, names, templates, baseline_tokenizer)} if args.baseline else {}
         for tuned_name, model in {**models, TUNED_MODEL[args.tune]: classifiers[name]}.items():
             with autocast(device, args.eval_precision):
                 result = evaluate(model, test_images, test_labels, attacks, args.eval_batch_size, args.seed)

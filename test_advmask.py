@@ -36,6 +36,7 @@ import advmask as am
 HERE = Path(__file__).resolve().parent
 MODEL_SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SIZE = am.TINY_CLIP["vision_cfg"]["image_size"]
+PRE = am.preprocess_cfg(open_clip.CLIP(**am.TINY_CLIP))  # open_clip's default preprocessing at the tiny size
 
 
 @functools.lru_cache(maxsize=None)
@@ -849,21 +850,21 @@ def fabricate_imagefolder(root, classes=("red_fox", "tabby cat"), per_class=(3, 
 def test_dtd_eurosat_and_imagefolder_load_through_torchvision(tmp_path):
     """Fabricated trees in the real layouts load with their official or fixed splits and CoOp's class names."""
     fabricate_dtd(tmp_path)
-    dtd = am.load_dataset("dtd", tmp_path, SIZE, download=False)
+    dtd = am.load_dataset("dtd", tmp_path, PRE, download=False)
     assert dtd["classes"] == ["banded", "waffled", "zigzagged"]
     assert len(dtd["train"]) == 3 * 4 and len(dtd["test"]) == 3 * 2  # train + val, test
     image, label = dtd["train"][0]
     assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE) and label == dtd["train"].targets[0]
     fabricate_eurosat(tmp_path)
-    euro = am.load_dataset("eurosat", tmp_path, SIZE, download=False)
+    euro = am.load_dataset("eurosat", tmp_path, PRE, download=False)
     assert euro["classes"] == ["Annual Crop Land", "River", "Sea or Lake"]
     assert len(euro["test"]) == 3 * 3 and len(euro["train"]) == 3 * 7
     assert set(euro["train"].indices).isdisjoint(euro["test"].indices)
     fabricate_imagefolder(tmp_path / "imagefolder")
-    folder = am.load_dataset("imagefolder", tmp_path, SIZE, download=False)
+    folder = am.load_dataset("imagefolder", tmp_path, PRE, download=False)
     assert folder["classes"] == ["red fox", "tabby cat"] and folder["test"].targets == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="could not be loaded from .*put it there"):
-        am.load_dataset("food101", tmp_path, SIZE, download=False)
+        am.load_dataset("food101", tmp_path, PRE, download=False)
 
 
 def test_a_failed_download_leaves_nothing_and_says_what_fits(tmp_path, monkeypatch):
@@ -874,13 +875,13 @@ def test_a_failed_download_leaves_nothing_and_says_what_fits(tmp_path, monkeypat
         raise RuntimeError("<urlopen error [Errno -2] Name or service not known>")
     monkeypatch.setattr(torchvision.datasets, "OxfordIIITPet", failing_download)
     with pytest.raises(ValueError, match=r"could not be loaded from .*: put it there$"):
-        am.load_dataset("oxford_pets", tmp_path / "data", SIZE, download=True)
+        am.load_dataset("oxford_pets", tmp_path / "data", PRE, download=True)
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "data").mkdir()
     with pytest.raises(ValueError, match="put it there, or drop --no-download to let torchvision fetch it$"):
-        am.load_dataset("dtd", tmp_path / "data", SIZE, download=False)
+        am.load_dataset("dtd", tmp_path / "data", PRE, download=False)
     with pytest.raises(ValueError, match="put it there$"):
-        am.load_dataset("ucf101", tmp_path / "data", SIZE, download=False)
+        am.load_dataset("ucf101", tmp_path / "data", PRE, download=False)
     assert list(tmp_path.iterdir()) == [tmp_path / "data"]
 
 
@@ -943,7 +944,7 @@ def test_class_names_and_labels_are_coops(tmp_path):
     """Fabricated trees come out with CoOp's names in CoOp's label order: Caltech101 without Faces_easy (its images
     gone, later labels moved up), Stanford Cars year first, UCF101 single-spaced in classInd order, pets lower-case."""
     fabricate_caltech101(tmp_path)
-    caltech = am.load_dataset("caltech101", tmp_path, SIZE, download=False)
+    caltech = am.load_dataset("caltech101", tmp_path, PRE, download=False)
     assert caltech["classes"] == ["face", "leopard", "accordion", "airplane"]
     coop_label = {"Faces": 0, "Leopards": 1, "accordion": 2, "airplanes": 3}
     for part in ("train", "test"):
@@ -952,13 +953,13 @@ def test_class_names_and_labels_are_coops(tmp_path):
         assert "Faces_easy" not in folders and split.targets == [coop_label[f] for f in folders]
     assert len(caltech["train"]) + len(caltech["test"]) == 4 * 4
     fabricate_stanford_cars(tmp_path)
-    cars = am.load_dataset("stanford_cars", tmp_path, SIZE, download=False)
+    cars = am.load_dataset("stanford_cars", tmp_path, PRE, download=False)
     assert cars["classes"] == ["2000 AM General Hummer SUV", "2012 Acura RL Sedan"]
     fabricate_ucf101(tmp_path)
-    ucf = am.load_dataset("ucf101", tmp_path, SIZE, download=False)
+    ucf = am.load_dataset("ucf101", tmp_path, PRE, download=False)
     assert ucf["classes"] == ["Apply Eye Makeup", "Hammering", "Hammer Throw", "Jumping Jack", "Jump Rope"]
     fabricate_oxford_pets(tmp_path)
-    pets = am.load_dataset("oxford_pets", tmp_path, SIZE, download=False)
+    pets = am.load_dataset("oxford_pets", tmp_path, PRE, download=False)
     assert pets["classes"] == ["abyssinian", "american bulldog", "bengal", "yorkshire terrier"]
     assert {d["split"]["source"] for d in (caltech, cars, ucf, pets)} == {"default"}
 
@@ -966,7 +967,7 @@ def test_class_names_and_labels_are_coops(tmp_path):
 def test_ucf101_tests_on_groups_1_to_7_of_official_split_1(tmp_path):
     """The UCF101 test set is exactly the clips of groups 1-7 (no group on both sides), labelled in CoOp's order."""
     fabricate_ucf101(tmp_path)
-    ucf = am.load_dataset("ucf101", tmp_path, SIZE, download=False)
+    ucf = am.load_dataset("ucf101", tmp_path, PRE, download=False)
     for part, groups in (("test", set(range(1, 8))), ("train", {8, 9})):
         split = ucf[part]
         paths = [Path(split.dataset.samples[i][0]) for i in split.indices]
@@ -983,16 +984,16 @@ def test_sun397_split_does_not_depend_on_the_listing_order(tmp_path, monkeypatch
     def test_files(data):
         return [data["test"].dataset._image_files[i].name for i in data["test"].indices]
 
-    expected = test_files(am.load_dataset("sun397", tmp_path, SIZE, download=False))
+    expected = test_files(am.load_dataset("sun397", tmp_path, PRE, download=False))
     listed = Path.rglob
     for seed in range(3):
         monkeypatch.setattr(Path, "rglob", lambda self, pattern, seed=seed: sorted(
             listed(self, pattern), key=lambda p: hash((seed, p.name))))
-        assert test_files(am.load_dataset("sun397", tmp_path, SIZE, download=False)) == expected
+        assert test_files(am.load_dataset("sun397", tmp_path, PRE, download=False)) == expected
     base = tmp_path / "SUN397"
     (base / "Training_01.txt").write_text("/a/abbey/sun_aabbey000.jpg\n/c/coast/sun_ccoast001.jpg\n")
     (base / "Testing_01.txt").write_text("/b/bakery/shop/sun_bbakeryshop002.jpg\n/a/abbey/sun_aabbey003.jpg\n")
-    sun = am.load_dataset("sun397", tmp_path, SIZE, download=False)
+    sun = am.load_dataset("sun397", tmp_path, PRE, download=False)
     assert sorted(test_files(sun)) == ["sun_aabbey003.jpg", "sun_bbakeryshop002.jpg"]
     assert sorted(sun["train"].dataset._image_files[i].name for i in sun["train"].indices) == [
         "sun_aabbey000.jpg", "sun_ccoast001.jpg"]
@@ -1005,16 +1006,16 @@ def test_coop_split_json_is_used_exactly(tmp_path):
     spec = {"train": [["Abyssinian_1.jpg", 0, "abyssinian"], ["american_bulldog_2.jpg", 1, "american_bulldog"]],
             "val": [], "test": [["american_bulldog_100.jpg", 1, "american_bulldog"]]}
     (tmp_path / "split_zhou_OxfordPets.json").write_text(json.dumps(spec))
-    data = am.load_dataset("oxford_pets", tmp_path, SIZE, split_json=tmp_path / "split_zhou_OxfordPets.json")
+    data = am.load_dataset("oxford_pets", tmp_path, PRE, split_json=tmp_path / "split_zhou_OxfordPets.json")
     assert data["classes"] == ["abyssinian", "american bulldog"]
     assert data["train"].targets == [0, 1] and data["test"].targets == [1] and len(data["test"]) == 1
-    pets = am.load_dataset("oxford_pets", tmp_path, SIZE, download=False)["test"]  # same file through torchvision
+    pets = am.load_dataset("oxford_pets", tmp_path, PRE, download=False)["test"]  # same file through torchvision
     k = [p.name for p in pets.dataset._images].index("american_bulldog_100.jpg")
     assert torch.equal(data["test"][0][0], pets[k][0])
     spec["test"].append(["missing_7.jpg", 0, "abyssinian"])
     (tmp_path / "bad.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="lists missing_7.jpg"):
-        am.load_dataset("oxford_pets", tmp_path, SIZE, split_json=tmp_path / "bad.json")
+        am.load_dataset("oxford_pets", tmp_path, PRE, split_json=tmp_path / "bad.json")
 
 TINY_WNIDS = {"n01443537": "goldfish, Carassius auratus",
               "n01629819": "European fire salamander, Salamandra salamandra",
@@ -1045,7 +1046,7 @@ def test_tinyimagenet_reads_the_official_tree_with_readable_names(tmp_path):
     """TinyImageNet's classes are its wnids sorted, named by each one's first synonym (no wnid reaches a prompt);
     train is train/<wnid>/images; the test set is exactly the val images with the labels val_annotations.txt gives."""
     val = fabricate_tinyimagenet(tmp_path)
-    data = am.load_dataset("tinyimagenet", tmp_path, SIZE, download=False)
+    data = am.load_dataset("tinyimagenet", tmp_path, PRE, download=False)
     assert data["classes"] == ["goldfish", "European fire salamander", "Egyptian cat", "water tower"]
     assert not any(re.search(r"n\d{8}", name) for name in data["classes"])
     order = sorted(TINY_WNIDS)
@@ -1090,17 +1091,17 @@ def test_cifar_stl10_caltech256_and_pcam_have_readable_names_and_official_tests(
         monkeypatch.setattr(getattr(torchvision.datasets, cls), "_check_integrity", lambda self: True)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
     fabricate_cifar10(tmp_path)
-    cifar = am.load_dataset("cifar10", tmp_path, SIZE, download=False)
+    cifar = am.load_dataset("cifar10", tmp_path, PRE, download=False)
     assert cifar["classes"][:4] == ["airplane", "automobile", "bird", "cat"] and cifar["test"].targets == [3, 0, 9, 3]
     assert len(cifar["train"]) == 5 * 4 and cifar["test"][0][0].shape == (3, SIZE, SIZE)
     fabricate_stl10(tmp_path)
-    stl = am.load_dataset("stl10", tmp_path, SIZE, download=False)
+    stl = am.load_dataset("stl10", tmp_path, PRE, download=False)
     assert stl["classes"][:3] == ["airplane", "bird", "car"] and stl["test"].targets == [0, 9, 3]
     folders = ["001.ak47", "002.american-flag", "251.airplanes-101", "252.car-side-101", "257.clutter"]
     for folder in folders:
         for n in range(1, 11):
             jpeg(tmp_path / "caltech256" / "256_ObjectCategories" / folder / f"{folder[:3]}_{n:04d}.jpg", n)
-    caltech = am.load_dataset("caltech256", tmp_path, SIZE, download=False)
+    caltech = am.load_dataset("caltech256", tmp_path, PRE, download=False)
     assert caltech["classes"] == ["ak47", "american flag", "airplane", "car side"]
     for part, per_class in (("train", 7), ("test", 3)):
         split = caltech[part]
@@ -1109,7 +1110,7 @@ def test_cifar_stl10_caltech256_and_pcam_have_readable_names_and_official_tests(
                    for i, y in zip(split.indices, split.targets))
     monkeypatch.setattr(am.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="^pcam is stored as HDF5 files, which need the h5py package: pip install"):
-        am.load_dataset("pcam", tmp_path, SIZE, download=False)
+        am.load_dataset("pcam", tmp_path, PRE, download=False)
     assert am._class_names("pcam", None) == ["lymph node", "lymph node containing metastatic tumor tissue"]
 
 
@@ -1127,7 +1128,7 @@ def test_imagenet_shifts_use_clips_names_in_imagenets_label_order(tmp_path):
     present = [wnids[999], wnids[1], wnids[207]]
     fabricate_imagenet_shift(tmp_path, "imagenet-rendition/imagenet-r", present)
     with pytest.raises(ValueError, match="none of them lists 1000 wnids here"):
-        am.load_dataset("imagenet_r", tmp_path, SIZE, download=False)
+        am.load_dataset("imagenet_r", tmp_path, PRE, download=False)
     names = open_clip.IMAGENET_CLASSNAMES
     for source in ("classnames", "train"):
         if source == "classnames":
@@ -1137,12 +1138,12 @@ def test_imagenet_shifts_use_clips_names_in_imagenets_label_order(tmp_path):
             (tmp_path / "imagenet" / "classnames.txt").unlink()
             for w in wnids:
                 (tmp_path / "imagenet" / "train" / w).mkdir(parents=True)
-        r = am.load_dataset("imagenet_r", tmp_path, SIZE, download=False)
+        r = am.load_dataset("imagenet_r", tmp_path, PRE, download=False)
         assert r["train"] is None and r["classes"] == [names[1], names[207], names[999]]
         folders = [Path(r["test"].dataset.samples[i][0]).parent.name for i in r["test"].indices]
         assert [r["classes"][y] for y in r["test"].targets] == [names[wnids.index(f)] for f in folders]
     fabricate_imagenet_shift(tmp_path, "imagenetv2/imagenetv2-matched-frequency-format-val", [2, 10, 1])
-    v2 = am.load_dataset("imagenet_v2", tmp_path, SIZE, download=False)
+    v2 = am.load_dataset("imagenet_v2", tmp_path, PRE, download=False)
     folders = [int(Path(v2["test"].dataset.samples[i][0]).parent.name) for i in v2["test"].indices]
     assert v2["classes"] == [names[1], names[2], names[10]]
     assert [v2["classes"][y] for y in v2["test"].targets] == [names[f] for f in folders]
@@ -1670,7 +1671,7 @@ def test_tune_weights_runs_saves_its_weights_and_transfer_evaluates_them(tiny_fi
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "results.json", "weights.bin"]
     results = json.loads((run / "results.json").read_text())
     assert {e["model"] for e in results["results"]} == {"adv_ft"} and results["settings"]["lr"] == am.WEIGHTS_LR
-    tuned = am.ClipClassifier(open_clip.CLIP(**am.TINY_CLIP), ["a"], ["{}"])
+    tuned = am.ClipClassifier(tiny_clip(7), ["a"], ["{}"])  # tiny.pt's weights
     am.load_weights(tuned, run / "weights.bin")
     am.main([*tiny_cli_args(tiny_files), "--protocol", "transfer", "--weights", str(run / "weights.bin"),
              "--eval-datasets", "dtd", "--out-dir", "t"])
@@ -1870,7 +1871,7 @@ def bad_files(tiny_files):
     am.save_masks(mlp, tiny_files / "masks-mlp.bin")
     for name, config, target in (("weights.bin", am.TINY_CLIP, "mhsa"), ("weights-mlp.bin", am.TINY_CLIP, "mlp"),
                                  ("weights-other-arch.bin", other_config, "mhsa")):
-        tuned = open_clip.CLIP(**config)
+        tuned = tiny_clip(7) if config is am.TINY_CLIP else open_clip.CLIP(**config)  # tiny.pt's weights
         am.tune_weights(tuned, target)
         am.save_weights(tuned, tiny_files / name, target)
     (tiny_files / "weights-cut.bin").write_bytes((tiny_files / "weights.bin").read_bytes()[:-8])
