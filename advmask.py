@@ -827,12 +827,15 @@ def _create_clip(name, pretrained):
                                       force_quick_gelu=quick_gelu, require_pretrained=pretrained != "none")
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
         # a failed download; a misfit, unreadable or missing checkpoint
-        if pretrained in tags or name.startswith("hf-hub:"):
-            what = name if folder else f"the {pretrained!r} weights of {name}"
+        if name.startswith("hf-hub:"):
+            raise ValueError(f"could not fetch {name} (no network?); download the folder where there is one "
+                             f"(hf download {name[len('hf-hub:'):]} --local-dir DIR) and pass --model "
+                             f"local-dir:DIR") from None
+        if pretrained in tags:
             quick = f" and --model {name}-quickgelu, the network they were trained as" if quick_gelu else ""
-            raise ValueError(f"could not fetch {what} (no network?); download them where there is one and pass "
-                             f"the file with --pretrained PATH{quick}, or an open_clip model folder with --model "
-                             f"local-dir:PATH") from None
+            raise ValueError(f"could not fetch the {pretrained!r} weights of {name} (no network?); download them "
+                             f"where there is one and pass the file with --pretrained PATH{quick}, or an open_clip "
+                             f"model folder with --model local-dir:DIR") from None
         detail = "not a torch checkpoint" if not isinstance(e, RuntimeError) else " ".join(str(e).split())[:160]
         weights = f"checkpoint {pretrained}" if not folder else f"the weights in {name}"
         raise ValueError(f"{weights} is not a state dict of {name} ({detail}); pass the --model it was saved from, "

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -712,6 +713,126 @@ def test_apgd_t_refuses_fewer_than_four_classes():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Models
+
+def activations(clip):
+    """The class names of every GELU-like module of both towers."""
+    return {type(m).__name__ for m in clip.modules() if isinstance(m, (torch.nn.GELU, open_clip.transformer.QuickGELU))}
+
+
+def test_a_tag_builds_the_network_its_weights_were_trained_as_and_a_file_the_one_named(tmp_path, monkeypatch):
+    """Offline, with open_clip's download replaced by a local file: ViT-B-32 with the openai tag gets QuickGELU in
+    both towers, as the tag's config says (open_clip's ViT-B-32 config says GELU), and the tag's preprocessing; the
+    same file as --pretrained keeps the named config's GELU and records the file's sha256."""
+    torch.manual_seed(0)
+    source = open_clip.create_model("ViT-B-32-quickgelu")  # random weights
+    path = tmp_path / "ViT-B-32.pt"
+    torch.save({k: v.half() for k, v in source.state_dict().items()}, path)  # half the bytes of fp32
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, cache_dir=None: str(path))
+    tagged, _, identity = am.load_clip("ViT-B-32", "openai")
+    assert activations(tagged) == {"QuickGELU"} and identity["activation"] == "QuickGELU"
+    assert torch.equal(tagged.visual.conv1.weight, source.visual.conv1.weight.half().float())
+    tag_cfg = open_clip.get_pretrained_cfg("ViT-B-32", "openai")
+    assert [identity["preprocess"][k] for k in ("mean", "std", "interpolation", "resize_mode")] == [
+        list(tag_cfg["mean"]), list(tag_cfg["std"]), tag_cfg["interpolation"], tag_cfg["resize_mode"]]
+    assert "file_sha256" not in identity and identity["weights_sha256"] == am.weights_fingerprint(tagged)
+    filed, _, file_identity = am.load_clip("ViT-B-32", str(path))
+    assert activations(filed) == {"GELU"} and file_identity["activation"] == "GELU"
+    assert file_identity["file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    # the same tensors in two networks: their fingerprints differ, as their outputs do
+    assert file_identity["weights_sha256"] != identity["weights_sha256"]
+
+
+def model_folder(path, clip, **preprocess):
+    """An open_clip model folder (hub layout) of a TINY_CLIP model: open_clip_config.json and safetensors weights."""
+    path.mkdir(parents=True)
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": am.TINY_CLIP, "preprocess_cfg": preprocess}))
+    safetensors.torch.save_file(clip.state_dict(), path / "open_clip_model.safetensors")
+    return f"local-dir:{path}"
+
+
+def jpeg_image(seed, size=(30, 40)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def test_a_model_folder_brings_its_preprocessing_to_the_classifier_the_images_and_the_record(tiny_files, tmp_path,
+                                                                                          monkeypatch):
+    """A local-dir: folder with its own mean, std, resize mode and interpolation: the classifier's logits equal the
+    same weights normalised by hand with that mean and std, images are resized as open_clip's transform for that
+    config does (checked against torchvision by hand), and a run records it all, also for a folder as --baseline."""
+    pre = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear", "resize_mode": "squash"}
+    name = model_folder(tmp_path / "folder", tiny_clip(7), **pre)
+    clip, tokenizer, identity = am.load_clip(name, None)
+    assert {k: identity["preprocess"][k] for k in pre} == pre
+    names, templates, x = ["cat", "dog"], ["a photo of a {}."], images(3)
+    by_hand = tiny_clip(7)
+    with torch.no_grad():
+        text = F.normalize(by_hand.encode_text(open_clip.tokenize([templates[0].format(n) for n in names])), dim=-1)
+        image = F.normalize(by_hand.encode_image(T.Normalize(pre["mean"], pre["std"])(x)), dim=-1)
+        torch.testing.assert_close(am.ClipClassifier(clip, names, templates, tokenizer)(x),
+                                   by_hand.logit_scale.exp() * image @ text.T, rtol=1e-5, atol=1e-5)
+    picture = jpeg_image(0)
+    squash = T.Resize((SIZE, SIZE), interpolation=T.InterpolationMode.BILINEAR)
+    assert torch.equal(am.image_transform(identity["preprocess"])(picture), T.PILToTensor()(squash(picture)))
+    shortest = T.Compose([T.Resize(SIZE, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(SIZE)])
+    assert torch.equal(am.image_transform(PRE)(picture), T.PILToTensor()(shortest(picture)))  # open_clip's default
+    baseline = model_folder(tmp_path / "robust", tiny_clip(3), **{**pre, "mean": [0.1, 0.2, 0.3]})
+    monkeypatch.chdir(tmp_path)
+    data_args = tiny_cli_args(tiny_files)[4:]  # without its --model and --pretrained
+    am.main(["--model", name, *data_args, "--baseline", baseline, "--epochs", "1", "--shots", "1", "--out-dir", "out"])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["settings"]["model_identity"] == identity
+    assert results["settings"]["baseline_identity"]["preprocess"]["mean"] == [0.1, 0.2, 0.3]
+    assert {e["model"] for e in results["results"]} == {"advmask", baseline}
+    header, _ = am.read_mask_file(tmp_path / "out" / "masks.bin")
+    assert header["base_weights"] == {"fingerprint": identity["weights_sha256"], "source": am.describe(identity)}
+
+
+@MODEL_SETTINGS
+@given(seed=st.integers(0, 10_000), data=st.data())
+def test_the_fingerprint_changes_with_any_tensor_and_not_with_a_mask(seed, data):
+    """One element of any parameter or buffer of either tower, the activation or the normalisation changes the
+    fingerprint; a mask on the weights (whatever its scores) does not, and an excluded weight is not read."""
+    clip = tiny_clip(7)
+    reference = am.weights_fingerprint(clip)
+    names = sorted(clip.state_dict())
+    name = data.draw(st.sampled_from(names))
+    changed = tiny_clip(7)
+    with torch.no_grad():
+        tensor = changed.state_dict(keep_vars=True)[name]
+        tensor.view(-1)[data.draw(st.integers(0, tensor.numel() - 1))] += 1
+    assert am.weights_fingerprint(changed) != reference
+    if name.startswith("visual."):  # exclude names a weight of the image tower
+        excluded = [name[len("visual."):]]
+        assert am.weights_fingerprint(changed, excluded) == am.weights_fingerprint(clip, excluded)
+    masked = tiny_clip(7)
+    am.apply_masks(masked, data.draw(st.sampled_from(list(am.MASK_TARGETS))))
+    randomize_scores(masked, seed)
+    assert am.weights_fingerprint(masked) == reference
+    quick = open_clip.CLIP(**am.TINY_CLIP, quick_gelu=True)
+    quick.load_state_dict(clip.state_dict())
+    assert am.weights_fingerprint(quick) != reference
+    clip.visual.image_mean = (0.5, 0.5, 0.5)
+    assert am.weights_fingerprint(clip) != reference
+
+
+def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
+    """Two seeds whose recorded model identities differ in the activation are refused, naming it; the same identity
+    averages as usual."""
+    identity = am.load_clip("tiny", "none")[2] | {"weights_sha256": "ab" * 32}
+    for seed, activation in ((1, "GELU"), (2, "QuickGELU")):
+        write_results(tmp_path, "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)])
+        path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
+        settings = {"pretrained": "openai", "model_identity": {**identity, "activation": activation}}
+        path.write_text(json.dumps({**json.loads(path.read_text()), "settings": settings}))
+    with pytest.raises(ValueError, match=r'mixes model activation, "GELU" in .*seed1 and "QuickGELU" in .*seed2'):
+        am.summarize(tmp_path)
+    settings["model_identity"]["activation"] = "GELU"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "settings": settings}))
+    assert table(am.summarize(tmp_path), "few_shot")[0] == ["dtd", "50.0 ± 0.0", "20.0 ± 0.0"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Mask and weight files
 
 @MODEL_SETTINGS
@@ -764,6 +885,50 @@ def test_mask_file_refuses_models_it_does_not_fit(tmp_path):
             am.load_masks(tiny_clip(), tmp_path / name)
     with pytest.raises(ValueError, match="does not exist"):
         am.load_masks(tiny_clip(), tmp_path / "missing.pt")
+
+
+def test_a_mask_or_weights_file_is_refused_on_other_weights_and_an_older_one_loads_with_a_warning(tmp_path, capsys):
+    """A mask trained on one tiny model's weights is refused on a second of the same architecture, naming both
+    sources; a weights file only where a weight it does not replace differs, or the activation; files of the formats
+    before the fingerprint load with one warning line."""
+    masked = masked_tiny_clip(7)
+    randomize_scores(masked, 1)
+    am.save_masks(masked, tmp_path / "masks.bin", "tiny seed 7")
+    with pytest.raises(ValueError, match=r"masks.bin was trained on other weights \(tiny seed 7, fingerprint \w{12}\) "
+                                         r"than this model's \(tiny seed 3, fingerprint \w{12}\); load it onto"):
+        am.load_masks(tiny_clip(3), tmp_path / "masks.bin", "tiny seed 3")
+    am.load_masks(tiny_clip(7), tmp_path / "masks.bin")
+    tuned = tiny_clip(7)
+    for _, w in am.target_weights(tuned):
+        w.data.normal_()
+    am.save_weights(tuned, tmp_path / "weights.bin")
+    am.load_weights(tiny_clip(7), tmp_path / "weights.bin")
+    other_attention = tiny_clip(7)
+    with torch.no_grad():
+        for _, w in am.target_weights(other_attention):
+            w.mul_(2)  # the weights the file replaces
+    am.load_weights(other_attention, tmp_path / "weights.bin")
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(am.target_weights(other_attention), am.target_weights(tuned)))
+    other_norm, quick = tiny_clip(7), open_clip.CLIP(**am.TINY_CLIP, quick_gelu=True)
+    quick.load_state_dict(other_norm.state_dict())
+    with torch.no_grad():
+        other_norm.visual.ln_post.weight.add_(1)
+    for model in (other_norm, quick):
+        with pytest.raises(ValueError, match="weights.bin was trained on other weights"):
+            am.load_weights(model, tmp_path / "weights.bin")
+    assert capsys.readouterr().err == ""
+    # the same files as the formats before the fingerprint: header without base_weights, written by the container
+    for path, magic, old_format, kind in ((tmp_path / "masks.bin", am.MASK_MAGIC, 2, "mask"),
+                                          (tmp_path / "weights.bin", am.WEIGHTS_MAGIC, 1, "weights")):
+        data = path.read_bytes()
+        start = len(magic) + 4 + int.from_bytes(data[len(magic):len(magic) + 4], "little")
+        header = json.loads(zlib.decompress(data[len(magic) + 4:start]))
+        header = {k: v for k, v in header.items() if k not in ("base_weights", "sha256")} | {"format": old_format}
+        am.write_checked_file(tmp_path / f"old-{kind}.bin", magic, header, data[start:])
+    am.load_masks(tiny_clip(3), tmp_path / "old-mask.bin")
+    am.load_weights(tiny_clip(3), tmp_path / "old-weights.bin")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("which does not record the weights it was trained on" in line for line in err)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1855,6 +2020,14 @@ def bad_input_cases(files):
         (["--test-eps", "4/256"], "argument --test-eps: '4/256' is not a number in /255 units, e.g. 4 or 4/255"),
         (["--model", "tiny", "--pretrained", "openai"], "--model tiny is a random model of this file's own"),
         (["--test-eps", "1,2,1"], "--test-eps lists 1 twice; give each value once"),
+        (["--model", f"local-dir:{files / 'nowhere'}"], f"{files / 'nowhere'} is not an open_clip model folder"),
+        (["--model", f"local-dir:{files / 'squash'}", "--pretrained", "openai"],
+         "carries its own weights; drop --pretrained openai"),
+        (["--baseline", "ViT-B-16"], "--baseline ViT-B-16: give no value (unmasked CLIP) or an open_clip model"),
+        ([*tiny, "--baseline", f"local-dir:{files / 'squash'}"],
+         "takes other images than the masked model (resize_mode squash)"),
+        ([*transfer, "--masks", str(files / "masks-other-weights.bin")],
+         "masks-other-weights.bin was trained on other weights (source unrecorded, fingerprint"),
     ]
 
 
@@ -1876,6 +2049,8 @@ def bad_files(tiny_files):
     mlp = tiny_clip(7)
     am.apply_masks(mlp, "mlp")
     am.save_masks(mlp, tiny_files / "masks-mlp.bin")
+    am.save_masks(masked_tiny_clip(3), tiny_files / "masks-other-weights.bin")
+    model_folder(tiny_files / "squash", tiny_clip(7), resize_mode="squash")
     for name, config, target in (("weights.bin", am.TINY_CLIP, "mhsa"), ("weights-mlp.bin", am.TINY_CLIP, "mlp"),
                                  ("weights-other-arch.bin", other_config, "mhsa")):
         tuned = tiny_clip(7) if config is am.TINY_CLIP else open_clip.CLIP(**config)  # tiny.pt's weights
@@ -1923,12 +2098,17 @@ def test_an_unwritable_output_folder_is_one_line_before_any_work(command, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "m.bin"]
 
 
-def test_a_bad_input_of_the_real_cli_process(tmp_path):
-    """As a separate process too, with the hub offline (which only a fresh process can be): one line, exit status 2,
-    nothing written."""
-    proc = run_cli("--model", "ViT-B-32", "--pretrained", "openai", "--out-dir", "out", cwd=tmp_path)
-    assert_one_line_exit_2_no_files(proc.returncode, proc.stderr, tmp_path,
-                                    "could not fetch the 'openai' weights of ViT-B-32")
+@pytest.mark.parametrize("model, message", [
+    ("ViT-B-32", "could not fetch the 'openai' weights of ViT-B-32 (no network?); download them where there is one "
+                 "and pass the file with --pretrained PATH and --model ViT-B-32-quickgelu"),
+    ("hf-hub:chs20/fare2-clip", "could not fetch hf-hub:chs20/fare2-clip (no network?); download the folder where "
+                                "there is one (hf download chs20/fare2-clip --local-dir DIR) and pass --model "
+                                "local-dir:DIR")])
+def test_a_bad_input_of_the_real_cli_process(model, message, tmp_path):
+    """As a separate process too, with the hub offline (which only a fresh process can be), a tag and a hub folder
+    that cannot be fetched: one line naming the offline way, exit status 2, nothing written."""
+    proc = run_cli("--model", model, "--out-dir", "out", cwd=tmp_path)
+    assert_one_line_exit_2_no_files(proc.returncode, proc.stderr, tmp_path, message)
 
 
 def dry_run_args(out, epochs):
