@@ -947,8 +947,8 @@ def _check_fit(path, header, model, weights, source, exclude=()):
         print(f"WARNING: {path} is a {header['format']}-format file, which does not record the weights it was trained "
               f"on: it cannot be checked against this model's", file=sys.stderr)
     elif base["fingerprint"] != (ours := weights_fingerprint(model, exclude)):
-        raise ValueError(f"{path} was trained on other weights ({base['source']}, fingerprint {base['fingerprint'][:12]}) "
-                         f"than this model's ({source or 'source unrecorded'}, fingerprint {ours[:12]}); load it onto "
+        raise ValueError(f"{path} was trained on other weights ({base['source']}, fingerprint "
+                         f"{base['fingerprint'][:12]}) than this model's ({source or 'source unrecorded'}, fingerprint {ours[:12]}); load it onto "
                          f"the weights it was trained on")
 
 
@@ -1779,7 +1779,8 @@ def analyze(paths, out_dir, consensus=None, save=None):
         # masks that record it agree
         recorded = {}
         for key, what, show in (("heads", "attention heads per block", str),
-                                ("base_weights", "pre-trained weights", lambda b: f"{b['source']} {b['fingerprint'][:12]}")):
+                                ("base_weights", "pre-trained weights",
+                                 lambda b: f"{b['source']} {b['fingerprint'][:12]}")):
             values = [json.loads(v) for v in sorted({json.dumps(h[key]) for _, h, _ in masks if key in h})]
             if len(values) > 1:
                 raise ValueError(f"--consensus got masks that record {' and '.join(map(show, values))} {what}; pass "
@@ -2411,10 +2412,11 @@ def run(args, device):
         baseline, baseline_tokenizer, settings["baseline_identity"] = load_clip(args.baseline, None)
         baseline = baseline.to(device).requires_grad_(False)
         theirs = settings["baseline_identity"]["preprocess"]
-        differ = [f"{k} {theirs[k]}" for k in ("size", "resize_mode", "interpolation") if theirs[k] != identity["preprocess"][k]]
+        differ = [f"{k} {theirs[k]}" for k in ("size", "resize_mode", "interpolation")
+                  if theirs[k] != identity["preprocess"][k]]
         if differ:  # the test images are decoded once, for the masked model
-            raise ValueError(f"--baseline {args.baseline} takes other images than the masked model ({', '.join(differ)}); "
-                             f"pass a baseline of the same input size and resizing")
+            raise ValueError(f"--baseline {args.baseline} takes other images than the masked model "
+                             f"({', '.join(differ)}); pass a baseline of the same input size and resizing")
     lap("load")
     checkpoint, history = out_dir / "checkpoint.pt", []
     if args.masks or args.weights:  # a file that does not fit is refused here, before anything is written
@@ -2463,7 +2465,8 @@ def run(args, device):
         chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
         test_images, test_labels = cache_images(test_set, chosen, "cpu", args.workers)  # decoded once
         lap(f"decode {name}")
-        models = {args.baseline: ClipClassifier(baseline, names, templates, baseline_tokenizer)} if args.baseline else {}
+        models = ({args.baseline: ClipClassifier(baseline, names, templates, baseline_tokenizer)} if args.baseline
+                  else {})
         for tuned_name, model in {**models, TUNED_MODEL[args.tune]: classifiers[name]}.items():
             with autocast(device, args.eval_precision):
                 result = evaluate(model, test_images, test_labels, attacks, args.eval_batch_size, args.seed)
