@@ -13,10 +13,13 @@ ICLR 2026, https://openreview.net/forum?id=kzGkXpW4FT
 
 The method comes first and whole, in the paper's order: constants, CLIP as a classifier, binary masks with a
 straight-through estimator, PGD, the losses (CE + LAFA), the K-shot sampler, training, evaluation, and
-`adversarial_mask_tuning`, which runs it all on images in memory. A reader who stops there has all of AdvMask.
-Tooling follows, a section each: attack adapters (APGD, AutoAttack), mask and weight files, datasets and splits,
-results and summaries, analysis and figures, the benchmark, the command line. Each section uses only torch /
-open_clip / torchvision (and the library it names) and the sections above it, so any one can be copied out alone.
+`adversarial_mask_tuning`, which runs it all on images in memory. A reader who stops there has all of AdvMask: the
+method needs torch, open_clip, tqdm and the standard library's contextlib, math, sys, time and functools.partial, and
+nothing below it (train reaches the checkpoint helpers of the tooling only when given a checkpoint file). The
+README's method table lists, for each function, the helpers and imports that come with it.
+Tooling follows, a section each: attack adapters (APGD, AutoAttack), models (tags, files, model folders), mask and
+weight files, training checkpoints, datasets and splits, results and summaries, analysis and figures, the benchmark,
+the command line. Each uses only the libraries it names and the sections above it.
 """
 
 
@@ -289,7 +292,7 @@ def pgd_attack(model, images, labels, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST
 # ----------------------------------------------------------------------------------------------------------------------
 # Losses: L_mask = L_CE(x_adv, y) + λ · L_LAFA(x, x_adv, y)
 
-def lafa_loss(clean_feats, adv_feats, clean_logits, labels, adaptive=True, eps=1e-8):
+def lafa_loss(clean_feats, adv_feats, clean_logits, labels, adaptive=True, stabiliser=1e-8):
     """Layer-wise adaptive feature alignment: pull each block's adversarial features onto the clean ones.
 
     Args:
@@ -298,7 +301,8 @@ def lafa_loss(clean_feats, adv_feats, clean_logits, labels, adaptive=True, eps=1
         clean_logits: (B, C) logits on the clean images, for the confidence weights.
         labels: (B,) true classes.
         adaptive: weight each sample by its clean confidence (the paper's LAFA) or uniformly ("LAFA w/o adaptive").
-        eps: keeps the weights finite when every clean confidence is ~0 (not in the paper).
+        stabiliser: the paper's ε in the weights' denominator (its value is not in the paper); it keeps them
+            finite when every clean confidence is ~0. Not PGD's ε.
     Returns:
         Scalar loss, ≥ 0, and 0 when the features match.
     Example:
@@ -312,8 +316,9 @@ def lafa_loss(clean_feats, adv_feats, clean_logits, labels, adaptive=True, eps=1
     with torch.no_grad():
         # p_i = p(y_i | x_i) on the clean input
         p = clean_logits.float().softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)  # (B,)
-        # w_i = p_i / (E_B[p] + ε): confidently classified samples dominate, misclassified (noisy) ones count less
-        w = p / (p.mean() + eps) if adaptive else torch.ones_like(p)
+        # w_i = p_i / (E_B[p] + ε), ε the stabiliser: confidently classified samples dominate, misclassified
+        # (noisy) ones count less
+        w = p / (p.mean() + stabiliser) if adaptive else torch.ones_like(p)
     # L_LAFA = 1/(|L||B|) Σ_l Σ_i w_i · d_i^l
     return (d * w).mean()
 
@@ -338,8 +343,9 @@ def js_loss(clean_logits, adv_logits):
 LOSSES = ("ce", "ce+js", "ce+kl", "ce+lafa_plain", "ce+lafa")
 
 
-def mask_loss(kind, clean_logits, clean_feats, adv_logits, adv_feats, labels):
-    """(L_CE(x_adv, y), regulariser) for one of LOSSES; the training loss is L_CE + λ · regulariser."""
+def mask_loss(kind, clean_feats, adv_feats, clean_logits, adv_logits, labels):
+    """(L_CE(x_adv, y), regulariser) for one of LOSSES; the training loss is L_CE + λ · regulariser. Arguments in
+    lafa_loss's order: features, then logits, clean before adversarial."""
     ce = F.cross_entropy(adv_logits, labels)
     if kind == "ce":
         return ce, torch.zeros_like(ce)
@@ -419,11 +425,12 @@ def train_step(model, optimizer, x, y, lam=LAM, eps=TRAIN_EPS, alpha=TRAIN_ALPHA
     # inner max: x_adv = argmax_{‖x_adv − x‖∞ ≤ ε} L_CE(f(x_adv), y), with the mask held fixed (formed once, and
     # shared with the clean pass, which needs no gradient either)
     with fixed_masks(model):
-        x_adv = pgd_attack(model, x, y, eps, alpha, steps, generator=generator)
+        # not in the paper: PGD starts from a uniform point in the ε-ball, as FAP's and torchattacks' PGD do
+        x_adv = pgd_attack(model, x, y, eps, alpha, steps, random_start=True, generator=generator)
         with torch.no_grad():
             clean_logits, clean_feats = model(x, return_features=True)
     adv_logits, adv_feats = model(x_adv, return_features=True)
-    ce, reg = mask_loss(loss, clean_logits, clean_feats, adv_logits, adv_feats, y)
+    ce, reg = mask_loss(loss, clean_feats, adv_feats, clean_logits, adv_logits, y)
     # L_mask = L_CE(x_adv, y) + λ · L_LAFA(x, x_adv, y)
     objective = ce + lam * reg
     optimizer.zero_grad(set_to_none=True)
@@ -433,16 +440,17 @@ def train_step(model, optimizer, x, y, lam=LAM, eps=TRAIN_EPS, alpha=TRAIN_ALPHA
     return ce.detach(), reg.detach(), adv_logits.detach()
 
 
-def _log_row(model, step, total_steps, sums, seconds):
-    """The log row of the steps since the last one, printed as one greppable line; zeroes the running sums."""
+def _log_row(model, step, total_steps, sums, seconds, loss):
+    """The log row of the steps since the last one, printed as one greppable line that names the regulariser of
+    `loss` ("lafa" for AdvMask's); zeroes the running sums."""
     ce, reg, correct, seen = (sums[k].item() for k in ("ce", "reg", "correct", "seen"))
     masked = next(_masks(model), None) is not None
-    # "lafa" is the regulariser's value, whichever the loss (LAFA by default)
-    row = {"step": step, "ce": ce / seen, "lafa": reg / seen, "adv_acc": correct / seen,
+    row = {"step": step, "ce": ce / seen, "reg": reg / seen, "adv_acc": correct / seen,
            "off": mask_sparsity(model) if masked else None, "img_per_s": seen / seconds}
     off = f" | off {100 * row['off']:.2f}%" if masked else ""
     memory = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if sums["seen"].is_cuda else ""
-    print(f"step {step}/{total_steps} | ce {row['ce']:.3f} | lafa {row['lafa']:.4f} | adv-acc {row['adv_acc']:.2f}"
+    print(f"step {step}/{total_steps} | ce {row['ce']:.3f} | {loss.partition('+')[2] or 'reg'} {row['reg']:.4f} | "
+          f"adv-acc {row['adv_acc']:.2f}"
           f"{off} | {row['img_per_s']:.0f} img/s{memory}", flush=True)
     for value in sums.values():
         value.zero_()
@@ -516,7 +524,7 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
                 if step % log_every == 0 or step == total_steps:
                     if not finite:
                         break
-                    history.append(_log_row(model, step, total_steps, sums, time.perf_counter() - tic))
+                    history.append(_log_row(model, step, total_steps, sums, time.perf_counter() - tic, loss))
                     tic = time.perf_counter()
             if not finite:
                 raise FloatingPointError(
@@ -620,16 +628,20 @@ def adversarial_mask_tuning(clip, images, labels, class_names, templates=("a pho
             (sample_k_shot), and their (N,) classes, indices into class_names.
         class_names, templates: prompts template.format(name), averaged over the templates of each class.
         target: the weights the mask covers (MASK_TARGETS; "mhsa" is the paper's).
-        tune: "mask" (AdvMask) or "weights" (adversarial fine-tuning of the same weights, the comparator).
+        tune: "mask" (AdvMask) or "weights" (adversarial fine-tuning of the same weights, the comparator, at
+            WEIGHTS_LR unless train_args give lr).
         epochs: default_epochs(N, batch size) unless given; train_args: the rest of train's arguments.
     Example:
-        >>> clip = open_clip.create_model("ViT-B-32", pretrained="openai")
+        >>> clip = open_clip.create_model("ViT-B-32-quickgelu", pretrained="openai")  # OpenAI's network: QuickGELU
         >>> classifier, log = adversarial_mask_tuning(clip, x_u8, y, ["cat", "dog"])
         >>> evaluate(bake_masks(classifier), test_u8, test_y, {"pgd": pgd_attack})
     """
+    if tune not in ("mask", "weights"):
+        raise ValueError(f"unknown tune {tune!r}; use 'mask' (AdvMask) or 'weights' (adversarial fine-tuning)")
     classifier = ClipClassifier(clip, class_names, templates, tokenizer)
     params = (apply_masks if tune == "mask" else tune_weights)(classifier, target)
     epochs = epochs or default_epochs(len(labels), train_args.get("batch_size", BATCH_SIZE))
+    train_args.setdefault("lr", LR if tune == "mask" else WEIGHTS_LR)
     return classifier, train(classifier, params, images, labels, epochs, **train_args)
 
 

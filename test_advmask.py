@@ -419,10 +419,10 @@ def test_mask_loss_rows_of_the_ablation():
                 "ce+lafa": am.lafa_loss(clean_feats, adv_feats, logits, labels, adaptive=True)}
     assert set(expected) == set(am.LOSSES)
     for kind, reg in expected.items():
-        ce, got = am.mask_loss(kind, logits, clean_feats, adv_logits, adv_feats, labels)
+        ce, got = am.mask_loss(kind, clean_feats, adv_feats, logits, adv_logits, labels)
         assert ce == F.cross_entropy(adv_logits, labels) and got == reg
     with pytest.raises(ValueError, match="unknown loss"):
-        am.mask_loss("ce+trades", logits, clean_feats, adv_logits, adv_feats, labels)
+        am.mask_loss("ce+trades", clean_feats, adv_feats, logits, adv_logits, labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -654,6 +654,61 @@ def test_adversarial_mask_tuning_in_a_few_lines_without_files():
     am.train(by_hand, am.apply_masks(by_hand), x, y, 6, batch_size=4, lr=1e-2, log_every=3)
     for (_, _, s, _), (_, _, s2, _) in zip(masked_weights(classifier), masked_weights(by_hand)):
         assert torch.equal(s, s2)
+
+
+def test_adversarial_mask_tuning_refuses_an_unknown_tune_and_gives_weights_their_learning_rate(monkeypatch):
+    """tune is "mask" or "weights", anything else a sentence; each trains at its own default learning rate (LR,
+    WEIGHTS_LR) unless given one."""
+    x, y = synthetic_training_set(2, 2)
+    with pytest.raises(ValueError, match="unknown tune 'scores'; use 'mask' .* or 'weights'"):
+        am.adversarial_mask_tuning(tiny_clip(), x, y, ["cat", "dog"], tune="scores")
+    monkeypatch.setattr(am, "train", lambda *args, **kwargs: kwargs["lr"])
+    lr = {tune: am.adversarial_mask_tuning(tiny_clip(), x, y, ["cat", "dog"], tune=tune)[1] for tune in ("mask", "weights")}
+    assert lr == {"mask": am.LR, "weights": am.WEIGHTS_LR}
+    assert am.adversarial_mask_tuning(tiny_clip(), x, y, ["cat", "dog"], tune="weights", lr=3e-3)[1] == 3e-3
+
+
+# The imports the method's sections use, as a copier of the method writes them: nothing from the tooling.
+METHOD_IMPORTS = """import contextlib
+import math
+import sys
+import time
+from functools import partial
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+from tqdm import tqdm
+"""
+
+
+def test_the_methods_lines_alone_run_the_readme_example(capsys):
+    """advmask.py's text above the tooling marker, its import block replaced by METHOD_IMPORTS, runs in a fresh
+    namespace: mask tuning (and weights tuning), baking and the README's evaluate with PGD-100, with both sanity
+    warnings forced; its mask equals the module's."""
+    text = (HERE / "advmask.py").read_text()
+    method = text[:text.index("\n# =====")]
+    start, end = method.index("\nimport argparse\n"), method.index("from tqdm import tqdm\n") + len("from tqdm import tqdm\n")
+    alone = {"__name__": "advmask_method"}
+    exec(compile(method[:start + 1] + METHOD_IMPORTS + method[end:], "advmask_method", "exec"), alone)
+    x, y = synthetic_training_set(3, 4)
+    names, train_args = ["cat", "dog", "fox"], {"epochs": 3, "batch_size": 4, "lr": 1e-2}
+    classifier, log = alone["adversarial_mask_tuning"](tiny_clip(), x, y, names, **train_args)
+    reference, _ = am.adversarial_mask_tuning(tiny_clip(), x, y, names, **train_args)
+    for (_, _, s, _), (_, _, s2, _) in zip(masked_weights(classifier), masked_weights(reference)):
+        assert torch.equal(s, s2)
+    result = alone["evaluate"](alone["bake_masks"](classifier), x, y, {"pgd": alone["pgd_attack"]})
+    assert result["n"] == 12 and result["attacks"]["pgd"]["adv_acc"] <= result["clean_acc"]
+    alone["default_epochs"].__defaults__ = (6,)  # the default budget's path (math.ceil), 6 steps instead of 500
+    _, log = alone["adversarial_mask_tuning"](tiny_clip(), x, y, names, tune="weights", log_every=1)
+    assert log[-1]["step"] == 6
+    capsys.readouterr()
+    alone["evaluate"](OffGridOracle(), x, torch.ones(12, dtype=torch.long),
+                      {"pgd": partial(alone["pgd_attack"], steps=2)}, batch_size=4)
+    err = capsys.readouterr().err
+    assert "exceeds clean accuracy" in err and "input gradient is exactly zero" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1886,13 +1941,13 @@ def test_a_fixed_seed_cpu_run_is_deterministic_and_trains_as_it_always_has(tmp_p
         am.main(["--dry-run", "--device", "cpu", "--lr", "1e-3", "--epochs", "20", "--out-dir", out])
     assert (tmp_path / "ref" / "masks.bin").read_bytes() == (tmp_path / "again" / "masks.bin").read_bytes()
     results = json.loads((tmp_path / "ref" / "results.json").read_text())
-    expected = [{"step": 20, "ce": 1.40115, "lafa": 0.000805, "adv_acc": 0.2578, "off": 0.28445},
-                {"step": 40, "ce": 1.28467, "lafa": 0.001092, "adv_acc": 0.4422, "off": 0.29465}]
+    expected = [{"step": 20, "ce": 1.40115, "reg": 0.000805, "adv_acc": 0.2578, "off": 0.28445},
+                {"step": 40, "ce": 1.28467, "reg": 0.001092, "adv_acc": 0.4422, "off": 0.29465}]
     assert len(results["train_log"]) == len(expected)
     for row, want in zip(results["train_log"], expected):
         assert row["step"] == want["step"]
         assert row["ce"] == pytest.approx(want["ce"], rel=0.005)
-        assert row["lafa"] == pytest.approx(want["lafa"], rel=0.05)
+        assert row["reg"] == pytest.approx(want["reg"], rel=0.05)
         assert abs(row["adv_acc"] - want["adv_acc"]) < 0.02 and abs(row["off"] - want["off"]) < 0.002
     [entry] = results["results"]  # 64 test images: one image is 1/64
     assert abs(entry["clean_acc"] - 0.265625) < 1.5 / 64 and abs(entry["adv_acc"] - 0.0625) < 1.5 / 64
