@@ -272,6 +272,20 @@ def test_pgd_stays_in_the_eps_ball_and_the_pixel_range(batch, eps, alpha, steps,
     assert x_adv.min() >= 0 and x_adv.max() <= 1
 
 
+@MODEL_SETTINGS
+@given(eps=st.sampled_from([1 / 255, 4 / 255, 8 / 255]), seed=st.integers(0, 10_000))
+def test_pgd_starts_from_a_uniform_point_of_the_whole_ball(eps, seed):
+    """With no steps, PGD returns its random start: x + U(−ε, ε) drawn from the generator given, clamped to [0, 1];
+    the start fills the ball on both sides."""
+    x = torch.full((4, 3, SIZE, SIZE), 0.5)
+    start = am.pgd_attack(tiny_classifier(), x, torch.zeros(4, dtype=torch.long), eps, eps, steps=0,
+                          generator=torch.Generator().manual_seed(seed))
+    noise = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(start, (x + noise).clamp(0, 1))
+    delta = start - x
+    assert delta.min() < -0.9 * eps and delta.max() > 0.9 * eps and abs(delta.mean()) < 0.05 * eps
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_pgd_leaves_no_grad_and_restores_the_mode(training):
     """The attack runs in eval mode, restores the caller's mode, and leaves no .grad on any parameter."""
@@ -553,6 +567,85 @@ def test_training_batches_are_full_as_in_dassl(n, batch_size, per_epoch, size):
     assert sizes == [size] * 3 * per_epoch * 3  # 3 epochs; 3 passes a step with 1 PGD step: attack, clean, adversarial
 
 
+@MODEL_SETTINGS
+@given(lam=st.sampled_from([0.0, 1.0, 50.0]), steps=st.integers(0, 3), loss=st.sampled_from(am.LOSSES),
+       seed=st.integers(0, 10_000))
+def test_a_training_step_descends_the_objective_computed_by_hand(lam, steps, loss, seed):
+    """train_step moves the scores by the gradient of L_CE(f(x̃), y) + λ · regulariser, computed here from the
+    pieces: x̃ = PGD with the given steps from the generator's start, the regulariser on the clean pass's features and
+    logits (as targets) and the adversarial pass's."""
+    model = tiny_classifier(3)
+    scores = am.apply_masks(model)
+    randomize_scores(model, seed)
+    by_hand = copy.deepcopy(model)
+    x, y = images(4, seed), torch.tensor([0, 1, 2, 1])
+    am.train_step(model, torch.optim.SGD(scores, lr=0.0), x, y, lam, 2 / 255, 1 / 255, steps, loss,
+                  torch.Generator().manual_seed(seed))
+    x_adv = am.pgd_attack(by_hand, x, y, 2 / 255, 1 / 255, steps, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        clean_logits, clean_feats = by_hand(x, return_features=True)
+    adv_logits, adv_feats = by_hand(x_adv, return_features=True)
+    regulariser = {"ce": lambda: 0.0, "ce+js": lambda: am.js_loss(clean_logits, adv_logits),
+                   "ce+kl": lambda: am.kl_loss(clean_logits, adv_logits),
+                   "ce+lafa_plain": lambda: am.lafa_loss(clean_feats, adv_feats, clean_logits, y, adaptive=False),
+                   "ce+lafa": lambda: am.lafa_loss(clean_feats, adv_feats, clean_logits, y)}[loss]()
+    hand_scores = [mask.scores for *_, mask in am._masks(by_hand)]
+    grads = torch.autograd.grad(F.cross_entropy(adv_logits, y) + lam * regulariser, hand_scores)
+    for score, grad in zip(scores, grads):  # the gradient the step took, left in .grad
+        torch.testing.assert_close(score.grad, grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item())
+
+
+def record_training(monkeypatch, n_classes, shots, epochs, batch_size, lr=1e-3):
+    """Train a tiny masked classifier with train_step replaced by a recorder: (images seen per step, learning rate
+    per step, the uint8 training images)."""
+    seen, rates = [], []
+
+    def recorder(model, optimizer, x, y, *args):
+        seen.append(x.clone())
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # nothing to step (no gradients), but the schedule expects a step before it
+        return torch.zeros(()), torch.zeros(()), torch.zeros(len(y), n_classes)
+
+    monkeypatch.setattr(am, "train_step", recorder)
+    model = tiny_classifier(n_classes)
+    x_u8, y = synthetic_training_set(n_classes, shots)
+    am.train(model, am.apply_masks(model), x_u8, y, epochs, batch_size=batch_size, lr=lr, log_every=10**6)
+    return seen, rates, x_u8
+
+
+def test_training_flips_half_the_images_horizontally_and_shuffles_every_epoch(monkeypatch):
+    """Each image a step sees is its training image or that image's horizontal mirror, about half of them mirrored;
+    every epoch draws its own batch order."""
+    seen, _, x_u8 = record_training(monkeypatch, n_classes=4, shots=8, epochs=10, batch_size=8)
+    originals, mirrors = am.to_unit(x_u8), am.to_unit(x_u8).flip(-1)
+    flipped, orders = 0, []
+    for x in seen:
+        for image in x:
+            plain = (originals == image).flatten(1).all(1).nonzero().flatten().tolist()
+            mirrored = (mirrors == image).flatten(1).all(1).nonzero().flatten().tolist()
+            assert len(plain + mirrored) == 1, "neither a training image nor its horizontal mirror"
+            flipped += bool(mirrored)
+            orders.append((plain + mirrored)[0])
+    assert 0.35 < flipped / len(orders) < 0.65  # 320 fair coins: 0.5 ± 0.15 is 5 standard deviations
+    epochs = [orders[i:i + 32] for i in range(0, len(orders), 32)]
+    assert all(sorted(e) == list(range(32)) for e in epochs) and len({tuple(e) for e in epochs}) == len(epochs)
+
+
+def test_the_learning_rate_follows_a_cosine_from_lr_to_zero_over_all_steps(monkeypatch):
+    """Step t of T trains at lr · (1 + cos(π t / T)) / 2: the schedule spans every step of every epoch."""
+    _, rates, _ = record_training(monkeypatch, n_classes=2, shots=8, epochs=3, batch_size=4, lr=1e-3)
+    total = 3 * 4
+    assert rates == pytest.approx([1e-3 * (1 + math.cos(math.pi * t / total)) / 2 for t in range(total)], rel=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 5000), batch_size=st.integers(1, 64), budget=st.integers(1, 2000))
+def test_default_epochs_is_the_fewest_that_reach_the_budget(n, batch_size, budget):
+    """default_epochs gives the fewest epochs (at least one) whose full batches reach the step budget."""
+    epochs, per_epoch = am.default_epochs(n, batch_size, budget), am.steps_per_epoch(n, batch_size)
+    assert epochs * per_epoch >= budget and (epochs == 1 or (epochs - 1) * per_epoch < budget)
+
+
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     """When the loss turns NaN in epoch 3, training stops with FloatingPointError; the checkpoint of epoch 2 stays."""
     model = tiny_classifier(n_classes=4)
@@ -605,6 +698,24 @@ def test_an_evaluation_cell_does_not_depend_on_the_cells_beside_it():
     other_seed = am.evaluate(model, x_u8, y, {"pgd": pgd}, batch_size=8, seed=1)["attacks"]["pgd"]["correct"]
     assert torch.equal(am.evaluate(model, x_u8, y, {"pgd": pgd}, batch_size=8)["attacks"]["pgd"]["correct"], alone)
     assert other_seed.shape == alone.shape  # (another seed may or may not flip an image; it must run)
+
+
+@given(seed=st.integers(0, 10_000), n_attacks=st.integers(1, 4))
+@settings(max_examples=20, deadline=None)
+def test_every_attack_draws_from_a_generator_of_its_own_seeded_with_the_seed(seed, n_attacks):
+    """Each attack's generator, in every batch, continues the stream of a generator seeded with `seed` alone,
+    however many attacks draw beside it."""
+    draws = {}
+
+    def attack(name, model, x, y, generator):
+        draws.setdefault(name, []).append(torch.rand(3, generator=generator))
+        return x
+
+    am.evaluate(tiny_classifier(), *synthetic_training_set(3, 2), {f"a{i}": partial(attack, f"a{i}")
+                                                                   for i in range(n_attacks)}, batch_size=4, seed=seed)
+    expected = torch.rand(2 * 3, generator=torch.Generator().manual_seed(seed)).view(2, 3)  # 2 batches of 4, 2
+    for name in draws:
+        assert torch.equal(torch.stack(draws[name]), expected)
 
 
 @settings(max_examples=100, deadline=None)
