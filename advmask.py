@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -2074,6 +2075,117 @@ def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Export: a finished run as an open_clip model folder (the hub's layout), which open_clip alone loads
+
+# Licences of base weights we know; a model card says "unknown" for any other.
+WEIGHTS_LICENSES = {"openai": "mit"}
+
+
+def export(run_dir, out_dir, visual=False, overwrite=False):
+    """Write out_dir, an open_clip model folder of the finished run in run_dir: open_clip_config.json (the base
+    model's config, its activation made explicit, and its preprocessing), open_clip_model.safetensors (the whole CLIP
+    with the mask baked in, or the tuned weights put in), the run's masks.bin or weights.bin, README.md (a model card
+    made from the run) and, with visual, visual.safetensors (the image tower alone). Written into a temporary folder
+    and renamed, so out_dir is whole or absent. Returns the model card."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / "results.json").is_file():
+        raise ValueError(f"{run_dir} holds no finished run (no results.json); finish it by rerunning its command, "
+                         f"then export it")
+    tuned = next((f for f in (run_dir / "masks.bin", run_dir / "weights.bin") if f.is_file()), None)
+    if tuned is None:
+        raise ValueError(f"{run_dir} holds neither masks.bin nor weights.bin (a run that evaluated a --masks or "
+                         f"--weights file); export the run that trained it")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ValueError(f"{out_dir} exists and is not an empty folder; pass another one, or --overwrite to replace it")
+    finished = json.loads((run_dir / "results.json").read_text())
+    settings = finished["settings"]
+    if "model_identity" not in settings:
+        raise ValueError(f"{run_dir} was made before runs recorded their model; evaluate its file again with this "
+                         f"version (--protocol transfer --{tuned.stem} {tuned}) and export that run")
+    torch.manual_seed(settings["seed"])  # random base weights (--pretrained none) are drawn as main drew them
+    clip, _, identity = load_clip(settings["model"] or "ViT-B-32", settings["pretrained"])
+    if tuned.name == "masks.bin":  # either load refuses other base weights than the run's
+        sparsity = mask_sparsity(load_masks(clip, tuned, describe(identity)))
+        bake_masks(clip)
+    else:
+        load_weights(clip, tuned, describe(identity))
+        sparsity = None
+    model_cfg = copy.deepcopy(TINY_CLIP if identity["model"] == "tiny" else open_clip.get_model_config(identity["model"]))
+    if identity["activation"] == "QuickGELU":  # a tag's network, whatever the name's own config says
+        model_cfg["quick_gelu"] = True
+    preprocess = {k: identity["preprocess"][k] for k in ("mean", "std", "interpolation", "resize_mode")}
+    card = model_card(run_dir, finished, identity, sparsity, tuned.name)
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess},
+                                                              indent=2) + "\n")
+        state = {k: v.detach().cpu().contiguous() for k, v in clip.state_dict().items()}
+        safetensors.torch.save_file(state, tmp / "open_clip_model.safetensors")
+        if visual:
+            safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in clip.visual.state_dict().items()},
+                                        tmp / "visual.safetensors")
+        shutil.copyfile(tuned, tmp / tuned.name)
+        (tmp / "README.md").write_text(card)
+        if out_dir.exists():
+            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return card
+
+
+def model_card(run_dir, finished, identity, sparsity, file_name):
+    """README.md of an exported folder: the hub's front matter, the base model, the method's settings, every
+    evaluation cell of the run, and how to load, apply and upload it."""
+    s = finished["settings"]
+    method = "AdvMask (a binary mask over the weights)" if file_name == "masks.bin" else "adversarial fine-tuning"
+    base = identity["pretrained"] if identity["pretrained"] is not None else "its folder's"
+    pre = identity["preprocess"]
+    rows = [("tuning", method), ("weights tuned or masked", s["mask_target"]),
+            ("weights off", "—" if sparsity is None else f"{100 * sparsity:.2f} %"),
+            ("trained on", f"{s['dataset']}, {s['shots']} shots per class, seed {s['seed']} ({s['protocol']})"),
+            ("loss", f"{s['loss']}, λ = {s['lam']:g}"),
+            ("training attack", f"l∞ PGD, ε = {s['train_eps']:g}/255, α = {s['train_alpha']:g}/255, "
+                                f"{s['train_steps']} steps"),
+            ("budget", f"{finished['train_log'][-1]['step'] if finished['train_log'] else '—'} steps of batch "
+                       f"{s['batch_size']}, Adam at lr {s['lr']:g} with a cosine schedule"),
+            ("training precision", s["precision"])]
+    cells = ["| model | evaluated on | attack | ε | steps | test images | clean % | robust % |", "|---|---|---|---|---|---|---|---|"]
+    cells += [f"| {e['model']} | {e['eval']} | {e['attack']} | {e['eps']:g}/255 | {s['test_steps']} | {e['n']} | "
+              f"{100 * e['clean_acc']:.2f} | {100 * e['adv_acc']:.2f} |" for e in finished["results"]]
+    return "\n".join([
+        "---", "tags:", "- clip", "- adversarial-robustness", "- advmask", "library_name: open_clip",
+        "pipeline_tag: zero-shot-image-classification",
+        f"license: {WEIGHTS_LICENSES.get(identity['pretrained'], 'unknown')}", "---",
+        f"# {describe(identity)}, made robust by {method.split(' (')[0]}", "",
+        f"CLIP {identity['model']} with {base} weights, tuned against l∞ adversarial images by {method}, as in "
+        f"\"Identifying Robust Neural Pathways: Few-Shot Adversarial Mask Tuning for Vision-Language Models\" "
+        f"(ICLR 2026), with advmask.py from the run `{run_dir}`.", "",
+        "## Base model", "",
+        f"- model: `{identity['model']}`; weights: `{identity['pretrained']}`"
+        + (f" (sha256 {identity['file_sha256']})" if "file_sha256" in identity else ""),
+        f"- activation: {identity['activation']}; open_clip {identity['open_clip']}",
+        f"- preprocessing: size {pre['size']}, resize {pre['resize_mode']} ({pre['interpolation']}), mean "
+        f"{pre['mean']}, std {pre['std']}",
+        f"- fingerprint of the base weights: `{identity['weights_sha256']}`",
+        f"- licence: that of the base weights ({WEIGHTS_LICENSES.get(identity['pretrained'], 'unknown')})", "",
+        "## Method", "", "| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
+        "## Evaluation (this run)", "", *cells, "",
+        "## Load it", "", "```python", "import open_clip",
+        "model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:THIS_FOLDER\")  # or hf-hub:ORG/NAME",
+        "tokenizer = open_clip.get_tokenizer(\"local-dir:THIS_FOLDER\")", "```", "",
+        f"## The {'mask' if file_name == 'masks.bin' else 'tuned weights'} alone", "",
+        f"`{file_name}` holds only what the run changed"
+        + (", 1 bit per masked weight," if file_name == "masks.bin" else ", the tuned weights in fp32,")
+        + " bound to the base weights by their fingerprint. With advmask.py and the base model: "
+        + (f"`advmask.bake_masks(advmask.load_masks(clip, \"{file_name}\"))`." if file_name == "masks.bin"
+           else f"`advmask.load_weights(clip, \"{file_name}\")`."), "",
+        "## Upload", "", "With huggingface_hub's command line (advmask.py itself makes no network calls):", "",
+        "```bash", "hf upload ORG/NAME THIS_FOLDER .", "```", ""])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
 def _list(kind):
@@ -2104,10 +2216,11 @@ DRY_RUN = {"model": "tiny", "pretrained": "none", "test_steps": 3, "epochs": 20,
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="AdvMask: few-shot adversarial mask tuning of CLIP. Three commands: "
+    p = argparse.ArgumentParser(description="AdvMask: few-shot adversarial mask tuning of CLIP. Four commands: "
                                             "'advmask.py [flags]' runs one protocol; 'advmask.py summarize RUNS_DIR' "
                                             "tables finished runs; 'advmask.py analyze PATH...' shows where masks "
-                                            "cut (each has --help).", formatter_class=_HelpFormatter)
+                                            "cut; 'advmask.py export RUN_DIR OUT_DIR' writes a run as an open_clip "
+                                            "model folder (each has --help).", formatter_class=_HelpFormatter)
     # every usage error ends in one line and exit status 2, without argparse's usage block
     p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
     p.add_argument("--dataset", default="oxford_pets", choices=[d for d in DATASETS if DATASETS[d][1] != ()],
@@ -2265,6 +2378,21 @@ def parse_summarize_args(argv):
                                 "and the few-shot figure (summary.png) of the finished runs under RUNS_DIR.")
     p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
     p.add_argument("runs_dir", metavar="RUNS_DIR", help="a runs root: RUNS_DIR/<protocol>/<dataset>/<K>shot/seed<S>/")
+    return p.parse_args(argv)
+
+
+def parse_export_args(argv):
+    p = argparse.ArgumentParser(prog="advmask.py export", description="A finished run as an open_clip model folder "
+                                "(open_clip_config.json, open_clip_model.safetensors, the mask or weights file and a "
+                                "model card), loadable with open_clip alone as local-dir:OUT_DIR.")
+    p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (results.json beside masks.bin or "
+                                                      "weights.bin)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the model folder to write (absent or empty)")
+    p.add_argument("--visual", action="store_true",
+                   help="also write visual.safetensors, the image tower alone, for tools that swap CLIP's vision "
+                        "encoder")
+    p.add_argument("--overwrite", action="store_true", help="replace an OUT_DIR that is not empty")
     return p.parse_args(argv)
 
 
@@ -2503,6 +2631,13 @@ def main(argv=None):
             _require_writable(args.runs_dir)
             summarize(args.runs_dir)
             plot_few_shot(args.runs_dir)
+            return
+        if argv[:1] == ["export"]:
+            args = parse_export_args(argv[1:])
+            _require_writable(args.out_dir)
+            export(args.run_dir, args.out_dir, args.visual, args.overwrite)
+            print(f"exported {args.run_dir} to {args.out_dir}; load it with "
+                  f"open_clip.create_model_and_transforms(\"local-dir:{args.out_dir}\")")
             return
         if argv[:1] == ["analyze"]:
             args = parse_analyze_args(argv[1:])

@@ -909,10 +909,11 @@ def test_a_tag_builds_the_network_its_weights_were_trained_as_and_a_file_the_one
     assert file_identity["weights_sha256"] != identity["weights_sha256"]
 
 
-def model_folder(path, clip, **preprocess):
+def model_folder(path, clip, quick_gelu=False, **preprocess):
     """An open_clip model folder (hub layout) of a TINY_CLIP model: open_clip_config.json and safetensors weights."""
     path.mkdir(parents=True)
-    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": am.TINY_CLIP, "preprocess_cfg": preprocess}))
+    config = {"model_cfg": {**am.TINY_CLIP, "quick_gelu": quick_gelu}, "preprocess_cfg": preprocess}
+    (path / "open_clip_config.json").write_text(json.dumps(config))
     safetensors.torch.save_file(clip.state_dict(), path / "open_clip_model.safetensors")
     return f"local-dir:{path}"
 
@@ -1824,6 +1825,102 @@ def test_benchmark_reports_every_figure_and_one_bit_per_weight():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Export
+
+# A fresh process that never imports advmask: open_clip alone loads the folder and computes zero-shot logits.
+OPEN_CLIP_ALONE = """
+import sys, torch, open_clip, torch.nn.functional as F
+folder, inputs, out = sys.argv[1:]
+model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+x, prompts = torch.load(inputs)
+mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.visual.image_mean, model.visual.image_std))
+with torch.no_grad():
+    image = F.normalize(model.encode_image((x - mean) / std), dim=-1)
+    text = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
+    torch.save(model.logit_scale.exp() * image @ text.T, out)
+assert "advmask" not in sys.modules
+"""
+
+
+@pytest.mark.parametrize("tune", ["mask", "weights"])
+def test_an_exported_run_loads_in_open_clip_alone_with_the_masked_models_logits(tune, tiny_files, tmp_path,
+                                                                               monkeypatch):
+    """export writes an open_clip model folder whose logits, in a fresh process with open_clip alone, equal the
+    run's tuned model's on the run's classes (the mask on a base folder with QuickGELU and its own mean and std, the
+    weights on a config and checkpoint file); the folder is a --model here too, holds the run's file and the image
+    tower alone, and its card names the base model, the sparsity and every evaluation cell."""
+    monkeypatch.chdir(tmp_path)
+    if tune == "mask":
+        base = [model_folder(tmp_path / "base", tiny_clip(7), quick_gelu=True, mean=[0.5, 0.4, 0.3], std=[0.2] * 3),
+                None]
+    else:
+        base = [str(tiny_files / "tiny-test-clip.json"), str(tiny_files / "tiny.pt")]
+    am.main(["--model", base[0], *(["--pretrained", base[1]] if base[1] else []), *tiny_cli_args(tiny_files)[4:],
+             "--tune", tune, "--epochs", "2", "--lr", "0.05", "--shots", "2", "--attack", "pgd,cw", "--out-dir", "run"])
+    am.main(["export", "run", "exported", "--visual"])
+    tuned_file = "masks.bin" if tune == "mask" else "weights.bin"
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == sorted(
+        ["README.md", "open_clip_config.json", "open_clip_model.safetensors", "visual.safetensors", tuned_file])
+    clip, tokenizer, identity = am.load_clip(*base)
+    if tune == "mask":
+        am.bake_masks(am.load_masks(clip, tmp_path / "run" / "masks.bin"))
+        assert 0 < am.mask_sparsity(am.load_masks(am.load_clip(*base)[0], tmp_path / "run" / "masks.bin")) < 1
+    else:
+        am.load_weights(clip, tmp_path / "run" / "weights.bin")
+    names = [n.replace("_", " ").lower() for n in PET_CLASSES]
+    prompts = [am.DATASETS["oxford_pets"][0].format(n) for n in names]
+    x = images(3)
+    torch.save((x, prompts), tmp_path / "inputs.pt")
+    proc = subprocess.run([sys.executable, "-c", OPEN_CLIP_ALONE, str(tmp_path / "exported"), str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    with torch.no_grad():
+        expected = am.ClipClassifier(clip, names, [am.DATASETS["oxford_pets"][0]], tokenizer)(x)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
+    here, _, here_identity = am.load_clip(f"local-dir:{tmp_path / 'exported'}", None)
+    assert here_identity["weights_sha256"] == am.weights_fingerprint(clip)
+    tower = safetensors.torch.load_file(tmp_path / "exported" / "visual.safetensors")
+    assert tower.keys() == clip.visual.state_dict().keys()
+    assert all(torch.equal(tower[k], v) for k, v in clip.visual.state_dict().items())
+    card = (tmp_path / "exported" / "README.md").read_text()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "library_name: open_clip" in card and "pipeline_tag: zero-shot-image-classification" in card
+    assert "license: unknown" in card and f"`{identity['model']}`" in card and identity["weights_sha256"] in card
+    off = "—" if tune == "weights" else f"{100 * results['sparsity']:.2f} %"
+    assert f"| weights off | {off} |" in card
+    for e in results["results"]:
+        assert f"| {e['model']} | {e['eval']} | {e['attack']} | {e['eps']:g}/255 | 1 | {e['n']} | " \
+               f"{100 * e['clean_acc']:.2f} | {100 * e['adv_acc']:.2f} |" in card
+
+
+@pytest.mark.parametrize("case", ["unfinished", "no file", "not empty"])
+def test_every_bad_export_ends_in_one_line_exit_2_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
+    """An unfinished run, a run without its mask or weights file, and an OUT_DIR that is not empty (without
+    --overwrite) are one line and exit 2, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    if case != "unfinished":
+        (run / "results.json").write_text(json.dumps({"results": [], "settings": {}}))
+    if case == "not empty":
+        am.save_masks(masked_tiny_clip(), run / "masks.bin")
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "other.txt").write_text("keep me")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_:
+        am.main(["export", "run", "out"])
+    err = capsys.readouterr().err
+    message = {"unfinished": "holds no finished run (no results.json); finish it",
+               "no file": "holds neither masks.bin nor weights.bin", "not empty": "out exists and is not an empty "
+                                                                              "folder; pass another one, or --overwrite"}
+    assert exit_.value.code == 2 and err.count("\n") == 1 and message[case] in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Command line (subprocesses of the real CLI)
 
 PET_CLASSES = ["Abyssinian", "american_bulldog", "Bengal", "yorkshire_terrier"]  # cats capitalised, dogs not
@@ -2329,12 +2426,13 @@ def test_a_finished_run_is_not_overwritten_by_other_training_settings(tmp_path, 
 
 def test_help_shows_each_default_once_and_budgets_take_either_spelling(capsys):
     """Every flag has help and at most one default, printed plainly (no None, no Python lists); the description names
-    the three commands; summarize --help prints usage and exits 0; --test-eps 4/255 is --test-eps 4, and 0.0039
+    the four commands; summarize --help prints usage and exits 0; --test-eps 4/255 is --test-eps 4, and 0.0039
     (pixel units where /255 is meant) warns in one line."""
     with pytest.raises(SystemExit) as exit_:
         am.main(["--help"])
     text = capsys.readouterr().out
-    assert exit_.value.code == 0 and all(c in text for c in ("summarize RUNS_DIR", "analyze PATH"))
+    assert exit_.value.code == 0 and all(c in " ".join(text.split()) for c in ("summarize RUNS_DIR", "analyze PATH",
+                                                                              "export RUN_DIR OUT_DIR"))
     options = re.split(r"\n  (?=-)", text.split("options:")[1])[1:]
     assert len(options) > 40  # every flag, -h included
     for option in options:
