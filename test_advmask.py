@@ -1881,6 +1881,11 @@ def test_an_exported_run_loads_in_open_clip_alone_with_the_masked_models_logits(
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
     here, _, here_identity = am.load_clip(f"local-dir:{tmp_path / 'exported'}", None)
     assert here_identity["weights_sha256"] == am.weights_fingerprint(clip)
+    folder = f"local-dir:{tmp_path / 'exported'}"  # as the model to mask and as the baseline of a transfer run
+    am.main(["--model", folder, *tiny_cli_args(tiny_files)[4:], "--protocol", "transfer", "--eval-datasets", "dtd",
+             "--baseline", folder, "--epochs", "1", "--shots", "1", "--out-dir", "again"])
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert {(e["model"], e["eval"]) for e in again["results"]} == {("advmask", "dtd"), (folder, "dtd")}
     tower = safetensors.torch.load_file(tmp_path / "exported" / "visual.safetensors")
     assert tower.keys() == clip.visual.state_dict().keys()
     assert all(torch.equal(tower[k], v) for k, v in clip.visual.state_dict().items())
