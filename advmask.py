@@ -849,10 +849,13 @@ def _create_clip(name, pretrained):
             raise ValueError(f"could not fetch the {pretrained!r} weights of {name} (no network?); download them "
                              f"where there is one and pass the file with --pretrained PATH{quick}, or an open_clip "
                              f"model folder with --model local-dir:DIR") from None
-        detail = "not a torch checkpoint" if not isinstance(e, RuntimeError) else " ".join(str(e).split())[:160]
-        weights = f"checkpoint {pretrained}" if not folder else f"the weights in {name}"
-        raise ValueError(f"{weights} is not a state dict of {name} ({detail}); pass the --model it was saved from, "
-                         f"or a checkpoint of this one") from None
+        detail = ("not a torch checkpoint" if isinstance(e, (pickle.UnpicklingError, EOFError)) else
+                  " ".join(str(e).split())[:160])
+        if folder:
+            raise ValueError(f"{name} does not load ({detail}); give it the open_clip_config.json and the weights "
+                             f"file of one model") from None
+        raise ValueError(f"checkpoint {pretrained} is not a state dict of {name} ({detail}); pass the --model it was "
+                         f"saved from, or a checkpoint of this one") from None
     finally:
         logging.disable(logging.NOTSET)
     return clip, identity

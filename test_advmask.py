@@ -2300,6 +2300,7 @@ def bad_input_cases(files):
         (["--model", f"local-dir:{files / 'squash'}", "--pretrained", "openai"],
          "carries its own weights; drop --pretrained openai"),
         (["--baseline", "ViT-B-16"], "--baseline ViT-B-16: give no value (unmasked CLIP) or an open_clip model"),
+        (["--model", f"local-dir:{files / 'misfit'}"], f"local-dir:{files / 'misfit'} does not load (Error(s) in"),
         ([*tiny, "--baseline", f"local-dir:{files / 'squash'}"],
          "takes other images than the masked model (resize_mode squash)"),
         ([*transfer, "--masks", str(files / "masks-other-weights.bin")],
@@ -2327,6 +2328,7 @@ def bad_files(tiny_files):
     am.save_masks(mlp, tiny_files / "masks-mlp.bin")
     am.save_masks(masked_tiny_clip(3), tiny_files / "masks-other-weights.bin")
     model_folder(tiny_files / "squash", tiny_clip(7), resize_mode="squash")
+    model_folder(tiny_files / "misfit", open_clip.CLIP(**{**am.TINY_CLIP, "embed_dim": 16}))  # other weights' shapes
     for name, config, target in (("weights.bin", am.TINY_CLIP, "mhsa"), ("weights-mlp.bin", am.TINY_CLIP, "mlp"),
                                  ("weights-other-arch.bin", other_config, "mhsa")):
         tuned = tiny_clip(7) if config is am.TINY_CLIP else open_clip.CLIP(**config)  # tiny.pt's weights
