@@ -154,6 +154,9 @@ def test_apply_masks_leaves_only_scores_trainable(target, bare):
         am.apply_masks(model, target)
     with pytest.raises(ValueError, match="unknown mask target"):
         am.apply_masks(tiny_clip(), "heads")
+    other = tiny_clip()
+    assert all(torch.all(s == 0.25) for s in am.apply_masks(other, target, init=0.25, threshold=0.2))
+    assert all(mask.threshold == 0.2 for *_, mask in am._masks(other))
 
 
 @MODEL_SETTINGS
@@ -738,6 +741,31 @@ class OffGridOracle(torch.nn.Module):
     def forward(self, x):
         off = ((x * 255 - (x * 255).round()).abs().flatten(1).amax(1) > 1e-3).float()  # (B,)
         return torch.stack([1 - off, off], dim=1) + self.bias
+
+
+class PartlyFlat(torch.nn.Module):
+    """Logits ±mean(x), except on images whose first pixel is 0, where they are 0: an exactly zero input gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))  # evaluate finds the device through a parameter
+
+    def forward(self, x):
+        keep = (x[:, 0, 0, 0] != 0).float()  # (B,)
+        m = self.scale * x.mean(dim=(1, 2, 3)) * keep
+        return torch.stack([m, -m], dim=1)
+
+
+@pytest.mark.parametrize("flat, warned", [(2, True), (1, False)])
+def test_evaluate_counts_the_zero_gradient_share_and_warns_above_5_percent(flat, warned, capsys):
+    """zero_grad_share is the share of images whose loss has an all-zero input gradient; over 5 % of them warns:
+    2 of 20 (10 %) does, 1 of 40 (2.5 %) does not."""
+    n = 20 if warned else 40
+    x_u8 = torch.full((n, 3, SIZE, SIZE), 128, dtype=torch.uint8)
+    x_u8[:flat, :, 0, 0] = 0
+    result = am.evaluate(PartlyFlat(), x_u8, torch.zeros(n, dtype=torch.long), {}, batch_size=8)
+    assert result["zero_grad_share"] == flat / n
+    assert ("input gradient is exactly zero" in capsys.readouterr().err) == warned
 
 
 def test_evaluate_warns_about_a_broken_attack(capsys):
