@@ -1467,7 +1467,7 @@ def load_dataset(name, root, preprocess, download=True, split_json=None):
             parts = {"train": Split(joined, range(len(joined)), sum((_labels(d) for d in train_parts), [])),
                      "test": Split(test, range(len(test)), _labels(test))}
     except (RuntimeError, OSError) as e:  # how torchvision, and file reads, report a missing or odd tree
-        for made in created if download else []:  # a failed download leaves empty or partial folders
+        for made in created:  # a failed download, or torchvision's own mkdir, leaves empty or partial folders
             shutil.rmtree(made, ignore_errors=True)
         fetch = ", or drop --no-download to let torchvision fetch it" if name in DOWNLOADABLE and not download else ""
         raise ValueError(f"{name} could not be loaded from {root} ({str(e).splitlines()[0]}); it is read from "
@@ -1659,14 +1659,14 @@ def summarize(runs_dir):
             rows = {d: [stat(d, k, d, m) for k in all_shots for m in (0, 1)] for d in datasets}
             tables = [(title, "dataset", columns, rows)]
         elif protocol == "base2new":  # one table per shot count
-            tables = [(f"{title}, {k} shots", "dataset", ["base clean", "base adv", "new clean", "new adv"],
+            tables = [(f"{title}, {k} shot{'s' * (k != 1)}", "dataset", ["base clean", "base adv", "new clean", "new adv"],
                        {d: [stat(d, k, part, m) for part in ("base", "new") for m in (0, 1)] for d in datasets})
                       for k in all_shots]
         else:  # transfer: one table per source dataset and shot count, a row per evaluated dataset
             tables = []
             for d, k in itertools.product(datasets, all_shots):
                 targets = in_paper_order({key[6] for key in acc if key[:6] == (protocol, model, attack, eps, d, k)})
-                tables.append((f"{title}, trained on {d}, {k} shots", "evaluated on", ["clean", "adv"],
+                tables.append((f"{title}, trained on {d}, {k} shot{'s' * (k != 1)}", "evaluated on", ["clean", "adv"],
                                {t: [stat(d, k, t, m) for m in (0, 1)] for t in targets}))
         for heading, first, columns, rows in tables:
             with_h = protocol == "base2new"
@@ -2240,9 +2240,9 @@ def parse_args(argv):
     p.add_argument("--protocol", default="few_shot", choices=["few_shot", "base2new", "transfer"],
                    help="few_shot: K shots of every class; base2new: train on the first half of the classes, test on "
                         "both halves; transfer: test zero-shot on --eval-datasets")
-    p.add_argument("--eval-datasets", type=_list(str), default="coop",
+    p.add_argument("--eval-datasets", type=_list(str), default=None,
                    help="transfer: comma-separated datasets or presets evaluated zero-shot; presets: " + "; ".join(
-                       f"{k} = {' '.join(v)}" for k, v in EVAL_PRESETS.items()))
+                       f"{k} = {' '.join(v)}" for k, v in EVAL_PRESETS.items()) + " (default: coop)")
     p.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate a fixed, class-balanced subset of at most this many test images per evaluated "
                         "dataset, the same for every run (default: the whole test split)")
@@ -2329,9 +2329,8 @@ def parse_args(argv):
         p.error(f"--baseline {args.baseline}: give no value (unmasked CLIP) or an open_clip model folder, "
                 f"hf-hub:ORG/NAME or local-dir:PATH")
     small = [f"{v:g}" for v in args.test_eps + [args.train_eps] if 0 < v < 0.1]
-    if small:
-        print(f"warning: ε {', '.join(small)} is in /255 units, i.e. {small[0]}/255 in pixels; for ε = 1/255 pass 1",
-              file=sys.stderr)
+    if small:  # pixel units given by mistake: 0.0157 would be ε = 0.0157/255
+        p.error(f"ε {small[0]} is in /255 units, i.e. {small[0]}/255 in pixels; for ε = 4/255 pass 4 (or 4/255)")
     for flag in ("shots", "batch_size", "eval_batch_size", "epochs", "checkpoint_every", "eval_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer")
@@ -2354,6 +2353,8 @@ def parse_args(argv):
         p.error("--lr must be positive")
     if not args.attack or not set(args.attack) <= set(ATTACKS):
         p.error(f"--attack takes a comma-separated list of {', '.join(ATTACKS)}")
+    unused_eval_datasets = args.eval_datasets is not None and args.protocol != "transfer"
+    args.eval_datasets = ["coop"] if args.eval_datasets is None else args.eval_datasets
     unknown = [name for name in args.eval_datasets if name not in DATASETS and name not in EVAL_PRESETS]
     if unknown or not args.eval_datasets:
         p.error(f"--eval-datasets: {unknown[0] if unknown else 'nothing'} is neither a dataset nor a preset; "
@@ -2373,6 +2374,9 @@ def parse_args(argv):
     if (args.masks or args.weights) and args.protocol != "transfer":
         p.error(f"--{'masks' if args.masks else 'weights'} goes with --protocol transfer; the other protocols train "
                 f"their {args.tune}")
+    if unused_eval_datasets:  # a warning, not an error: a sweep may pass one flag set to every protocol
+        print(f"warning: --eval-datasets goes with --protocol transfer; {args.protocol} evaluates on "
+              f"{args.dataset}'s own test set", file=sys.stderr)
     return args
 
 
@@ -2675,8 +2679,11 @@ def main(argv=None):
     except FloatingPointError as e:  # the loss diverged: not a usage error, but one line all the same
         print(f"advmask: stopped: {e}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:  # e.g. `summarize RUNS | head`: the reader left; no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except KeyboardInterrupt as e:  # Ctrl-C: the shell's status for SIGINT, and one line
-        print(f"advmask: {e or 'interrupted'}", file=sys.stderr)
+        print(f"advmask: {str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
 
 

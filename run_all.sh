@@ -95,11 +95,18 @@ else  # GPU g takes every n-th cell, so that the GPUs share the sweep without a 
   wait
 fi
 
-if "$PYTHON" advmask.py summarize "$RUNS" > /dev/null; then  # what finished, even after failures
+# what finished, even after failures; a summary that summarize refuses (its one line says why) leaves none behind,
+# so that no stale table is taken for this sweep's
+rm -f "$RUNS/summary.md" "$RUNS/summary.csv" "$RUNS/summary.png"
+status=0
+if "$PYTHON" advmask.py summarize "$RUNS" > /dev/null; then
   echo "wrote $RUNS/summary.md and $RUNS/summary.csv"
+else
+  status=1
 fi
 if [ -s "$failed" ]; then
   echo "$(wc -l < "$failed") cell(s) failed:" >&2
   cat "$failed" >&2
-  exit 1
+  status=1
 fi
+exit $status

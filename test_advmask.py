@@ -1243,7 +1243,10 @@ def test_a_failed_download_leaves_nothing_and_says_what_fits(tmp_path, monkeypat
         am.load_dataset("dtd", tmp_path / "data", PRE, download=False)
     with pytest.raises(ValueError, match="put it there$"):
         am.load_dataset("ucf101", tmp_path / "data", PRE, download=False)
-    assert list(tmp_path.iterdir()) == [tmp_path / "data"]
+    for name in ("oxford_pets", "food101", "stl10"):  # torchvision makes some folders even with download=False
+        with pytest.raises(ValueError, match="drop --no-download"):
+            am.load_dataset(name, tmp_path / "data", PRE, download=False)
+    assert list(tmp_path.iterdir()) == [tmp_path / "data"] and list((tmp_path / "data").iterdir()) == []
 
 
 def test_imagenet_names_are_clips_curated_list_with_no_colliding_prompts():
@@ -2265,6 +2268,12 @@ def test_run_all_dry_sweep_summarises_and_resumes(tmp_path):
     assert "2 cell(s) failed:" in proc.stderr and str(runs / "few_shot" / "broken" / "1shot" / "seed2") in proc.stderr
     assert proc.stdout.count("skip ") == 1 and f"run  {lost.parent}" in proc.stdout and lost.is_file()
     assert {p: p.stat().st_mtime_ns for p in before} == before
+    odd = runs / "few_shot" / "dtd" / "1shot" / "seed3" / "results.json"  # a seed run with other settings
+    odd.parent.mkdir()
+    odd.write_text(json.dumps({**json.loads(lost.read_text()), "settings": {"test_steps": 100}}))
+    env["PYTHON"] = sys.executable
+    proc = sweep()  # every cell done; summarize refuses the mix: exit 1, and no stale summary left
+    assert proc.returncode == 1 and "mixes" in proc.stderr and not (runs / "summary.md").exists(), proc.stderr
 
 
 def bad_input_cases(files):
@@ -2324,6 +2333,7 @@ def bad_input_cases(files):
         (["--test-eps", "4/256"], "argument --test-eps: '4/256' is not a number in /255 units, e.g. 4 or 4/255"),
         (["--model", "tiny", "--pretrained", "openai"], "--model tiny is a random model of this file's own"),
         (["--test-eps", "1,2,1"], "--test-eps lists 1 twice; give each value once"),
+        (["--test-eps", "0.0157"], "ε 0.0157 is in /255 units, i.e. 0.0157/255 in pixels; for ε = 4/255 pass 4"),
         (["--model", f"local-dir:{files / 'nowhere'}"], f"{files / 'nowhere'} is not an open_clip model folder"),
         (["--model", f"local-dir:{files / 'squash'}", "--pretrained", "openai"],
          "carries its own weights; drop --pretrained openai"),
@@ -2461,8 +2471,8 @@ def test_a_finished_run_is_not_overwritten_by_other_training_settings(tmp_path, 
 
 def test_help_shows_each_default_once_and_budgets_take_either_spelling(capsys):
     """Every flag has help and at most one default, printed plainly (no None, no Python lists); the description names
-    the four commands; summarize --help prints usage and exits 0; --test-eps 4/255 is --test-eps 4, and 0.0039
-    (pixel units where /255 is meant) warns in one line."""
+    the four commands; summarize --help prints usage and exits 0; --test-eps 4/255 is --test-eps 4; --eval-datasets
+    without --protocol transfer says in one line that it is not used."""
     with pytest.raises(SystemExit) as exit_:
         am.main(["--help"])
     text = capsys.readouterr().out
@@ -2478,8 +2488,27 @@ def test_help_shows_each_default_once_and_budgets_take_either_spelling(capsys):
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: advmask.py summarize")
     assert am.parse_args(["--test-eps", "4/255,1"]).test_eps == am.parse_args(["--test-eps", "4,1"]).test_eps == [4, 1]
     capsys.readouterr()
-    am.parse_args(["--test-eps", "0.0039"])
-    assert capsys.readouterr().err.count("is in /255 units") == 1
+    assert am.parse_args(["--eval-datasets", "dtd"]).eval_datasets == ["dtd"]
+    assert capsys.readouterr().err == ("warning: --eval-datasets goes with --protocol transfer; few_shot evaluates on "
+                                       "oxford_pets's own test set\n")
+    am.parse_args(["--eval-datasets", "dtd", "--protocol", "transfer"])
+    assert capsys.readouterr().err == ""
+
+
+def test_an_interrupt_outside_training_and_a_closed_pipe_end_in_a_line_or_silence(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before or after training prints "advmask: interrupted" and exits 130; a reader that leaves the pipe
+    (summarize RUNS | head) ends the process with status 1 and no traceback."""
+    def interrupted(args, device):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(am, "run", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        am.main(["--dry-run"])
+    assert exit_.value.code == 130 and capsys.readouterr().err == "advmask: interrupted\n"
+    write_results(tmp_path / "runs", "few_shot", "dtd", 16, 1, [("dtd", 0.5, 0.2)])
+    proc = subprocess.Popen([sys.executable, str(HERE / "advmask.py"), "summarize", str(tmp_path / "runs")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the process has imported torch, let alone printed
+    assert proc.wait(timeout=300) == 1 and proc.stderr.read() == ""
 
 
 def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path, capsys):
