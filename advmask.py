@@ -1595,9 +1595,9 @@ def _basis(finished, dataset, entry):
             ("attacks", ",".join(entry["attacks"]) if "attacks" in entry else None))
 
 
-def summarize(runs_dir):
-    """Tables over seeds of runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json, in summary.md (returned) and
-    summary.csv: mean ± std in %, an "Average" row over datasets, and for base2new the paper's five columns with H,
+def summarize(runs_dir, out_dir=None):
+    """Tables over seeds of runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json, in out_dir (default: runs_dir)
+    as summary.md (returned) and summary.csv: mean ± std in %, an "Average" row over datasets, and for base2new the paper's five columns with H,
     the harmonic mean of the four averaged accuracies. A cell with no finished seed is "—", never 0, and so is an
     average over a column with such a cell. Seeds of a cell that differ in anything else their numbers rest on
     (_basis: split source, model, data, training and evaluation settings) are refused."""
@@ -1683,7 +1683,7 @@ def summarize(runs_dir):
                 md.append("| " + " | ".join([f"**{name}**" if cells is None else name] + texts) + " |")
             md.append("")
     text = "\n".join(md)
-    write_report(runs_dir, "summary", text, csv_rows)
+    write_report(out_dir or runs_dir, "summary", text, csv_rows)
     return text
 
 
@@ -1783,7 +1783,9 @@ def analyze(paths, out_dir, consensus=None, save=None):
     """Where masks cut and how far they agree: DIR/analysis.md (printed), analysis.csv and heatmaps; with consensus K,
     also the mask of the weights off in at least K of them, saved as a mask file to `save`. Returns the markdown."""
     files = _mask_files(paths)
-    masks = [(_label(f), *read_mask_file(f)) for f in files]  # (label, header, bits)
+    labels = [_label(f) for f in files]
+    labels = [str(f) if labels.count(label) > 1 else label for f, label in zip(files, labels)]  # two roots' cell
+    masks = [(label, *read_mask_file(f)) for label, f in zip(labels, files)]  # (label, header, bits)
     if consensus is not None:
         if not 1 <= consensus <= len(masks):
             raise ValueError(f"--consensus {consensus} must lie between 1 and the number of masks, {len(masks)}")
@@ -1803,6 +1805,8 @@ def analyze(paths, out_dir, consensus=None, save=None):
                                  f"masks of one model")
             recorded.update({key: v for v in values})
     out_dir = Path(out_dir)
+    for old in [*out_dir.glob("heads_*.png"), out_dir / "overlap.png"]:  # an earlier analysis's figures
+        old.unlink(missing_ok=True)
     md, csv = ["# Mask analysis", ""], [["view", "mask", "block", "part", "head", "value"]]
     for i, (label, header, bits) in enumerate(masks):
         cells = mask_breakdown(header, bits)
@@ -1863,11 +1867,11 @@ def analyze(paths, out_dir, consensus=None, save=None):
     return text
 
 
-def plot_few_shot(runs_dir):
-    """summary.png from summary.csv: accuracy against shots per dataset and for the Average, clean solid and robust
+def plot_few_shot(out_dir):
+    """summary.png from the summary.csv in out_dir: accuracy against shots per dataset and for the Average, clean solid and robust
     dashed, a colour per model, under the paper's attack (PGD at the smallest ε) where it was run. Base-to-new and
     transfer keep their tables alone: one shot count gives one point per line, which a table shows better."""
-    rows = [line.split(",") for line in (Path(runs_dir) / "summary.csv").read_text().splitlines()[1:]]
+    rows = [line.split(",") for line in (Path(out_dir) / "summary.csv").read_text().splitlines()[1:]]
     rows = [r for r in rows if r[0] == "few_shot" and r[6] == r[4]]  # protocol, model, attack, eps, dataset, ..
     if not rows:
         return None
@@ -1895,7 +1899,7 @@ def plot_few_shot(runs_dir):
         ax.minorticks_off()
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    path = Path(runs_dir) / "summary.png"
+    path = Path(out_dir) / "summary.png"
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return path
@@ -2385,6 +2389,8 @@ def parse_summarize_args(argv):
                                 "and the few-shot figure (summary.png) of the finished runs under RUNS_DIR.")
     p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
     p.add_argument("runs_dir", metavar="RUNS_DIR", help="a runs root: RUNS_DIR/<protocol>/<dataset>/<K>shot/seed<S>/")
+    p.add_argument("--out", default=None, help="folder for the summary files, e.g. for a read-only RUNS_DIR "
+                                               "(default: RUNS_DIR)")
     return p.parse_args(argv)
 
 
@@ -2635,9 +2641,10 @@ def main(argv=None):
     try:
         if argv[:1] == ["summarize"]:
             args = parse_summarize_args(argv[1:])
-            _require_writable(args.runs_dir)
-            summarize(args.runs_dir)
-            plot_few_shot(args.runs_dir)
+            out = args.out or args.runs_dir
+            _require_writable(out)
+            summarize(args.runs_dir, out)
+            plot_few_shot(out)
             return
         if argv[:1] == ["export"]:
             args = parse_export_args(argv[1:])

@@ -1789,12 +1789,35 @@ def test_analyze_reports_overlaps_and_saves_a_consensus_that_transfer_evaluates(
 
 
 def test_summary_png_plots_the_few_shot_table(tmp_path):
-    """summarize's CLI command also writes summary.png, a decodable image, from the few-shot rows."""
+    """summarize's CLI command also writes summary.png, a decodable image, from the few-shot rows; with --out, all
+    of it goes to that folder and nothing to the runs folder."""
     write_results(tmp_path, "few_shot", "dtd", 1, 1, [("dtd", 0.4, 0.1)])
     write_results(tmp_path, "few_shot", "dtd", 16, 1, [("dtd", 0.6, 0.3)])
     am.main(["summarize", str(tmp_path)])
     channels, height, width = png_shape(tmp_path / "summary.png")
     assert channels in (3, 4) and height > 100 and width > 100
+    for name in ("summary.md", "summary.csv", "summary.png"):
+        (tmp_path / name).unlink()
+    am.main(["summarize", str(tmp_path), "--out", str(tmp_path.parent / f"{tmp_path.name}-summary")])
+    out = tmp_path.parent / f"{tmp_path.name}-summary"
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv", "summary.md", "summary.png"]
+    assert not list(tmp_path.glob("summary.*"))
+
+
+def test_analyze_tells_apart_two_roots_and_leaves_no_old_figure(tmp_path):
+    """Masks of the same cell under two runs roots get labels of their own; a figure of an earlier analysis that
+    this one does not make is gone."""
+    for root in ("a", "b"):
+        cell = tmp_path / root / "few_shot" / "dtd" / "1shot" / "seed1"
+        cell.mkdir(parents=True)
+        am.save_masks(masked_tiny_clip(), cell / "masks.bin")
+        (cell / "config.json").write_text(json.dumps({"dataset": "dtd", "protocol": "few_shot", "shots": 1, "seed": 1}))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "heads_7.png").write_bytes(b"old")
+    md = am.analyze([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    assert f"## {tmp_path / 'a' / 'few_shot' / 'dtd' / '1shot' / 'seed1' / 'masks.bin'}" in md
+    assert f"## {tmp_path / 'b' / 'few_shot' / 'dtd' / '1shot' / 'seed1' / 'masks.bin'}" in md
+    assert not (tmp_path / "out" / "heads_7.png").exists() and (tmp_path / "out" / "heads_1.png").is_file()
 
 
 def analyze_bad_inputs(root):
