@@ -1502,8 +1502,9 @@ def cache_images(dataset, indices, device, num_workers=0):
             try:
                 dataset[i]
             except OSError as e:
-                raise ValueError(f"{_image_file(dataset, i)} does not decode ({e}); download the dataset again, or "
-                                 f"delete that file") from None
+                raise ValueError(f"{_image_file(dataset, i)} does not decode ({e}); restore that file from the "
+                                 f"dataset's archive (or download the dataset again) and rerun: finished cells are "
+                                 f"kept") from None
         raise
     return torch.cat(images).to(device), torch.cat(labels).to(device)
 
@@ -1571,6 +1572,9 @@ def _split_source(splits, *datasets):
                      for d, s in named)
 
 
+# What makes a results cell besides the model, the class set, the attack and ε, recorded in each entry: a rerun into
+# the same folder evaluates only the cells its results.json lacks and keeps every other.
+CELL_SETTINGS = ("test_steps", "test_alpha", "eval_precision", "eval_limit")
 # What a results entry's numbers rest on besides its seed: runs that differ in any of these are not averaged together.
 # The model and its weights, the data (synthetic or dry run), the prompts, the training and the evaluation settings.
 SAME_BASIS = ("model", "pretrained", "synthetic", "dry_run", "templates", "mask_target", "loss", "lam", "lr", "epochs",
@@ -1590,7 +1594,8 @@ def _basis(finished, dataset, entry):
     if settings.get("pretrained") == "none" and entry["model"] in MODEL_NAMES:  # random weights, drawn from the seed
         identity = {**identity, "weights_sha256": "random"}
     return (("splits", _split_source(finished.get("splits"), dataset, entry["eval"])),
-            *((k, settings.get(k, "unrecorded")) for k in SAME_BASIS),
+            *((k, entry[k] if k in CELL_SETTINGS and k in entry else settings.get(k, "unrecorded"))
+              for k in SAME_BASIS),
             *((f"model {k}", json.dumps(identity.get(k, "unrecorded"))) for k in SAME_MODEL),
             ("attacks", ",".join(entry["attacks"]) if "attacks" in entry else None))
 
@@ -2433,22 +2438,24 @@ EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size"
 
 
 def _check_out_dir(out_dir, checkpoint, settings, overwrite):
-    """A checkpoint in out_dir is resumed, and a finished run re-evaluated, only by a run with the same training
-    settings; with overwrite, a finished run of other settings is trained again from scratch."""
+    """True when out_dir holds a run of the same training settings, whose checkpoint is resumed, trained file reused
+    and finished cells kept; False when it holds none, or (with overwrite) one of other settings, which is then
+    trained and evaluated again from scratch. Other settings without overwrite are refused."""
     if not (out_dir / "config.json").is_file():
-        return
+        return False
     saved = json.loads((out_dir / "config.json").read_text())
     differ = sorted(k for k, v in settings.items() if k not in EVAL_ONLY and saved.get(k) != v)
     if not differ:
-        return
+        return True
     if overwrite:
         checkpoint.unlink(missing_ok=True)
     elif checkpoint.is_file():
         raise ValueError(f"{out_dir} holds a checkpoint of a run with other training settings ({', '.join(differ)}), "
                          f"which would give another mask; pass another --out-dir, or delete {checkpoint} to start over")
-    elif (out_dir / "results.json").is_file():
+    elif any((out_dir / f).is_file() for f in ("results.json", "masks.bin", "weights.bin")):
         raise ValueError(f"{out_dir} holds a finished run with other training settings ({', '.join(differ)}); pass "
                          f"another --out-dir, or --overwrite to replace it")
+    return False
 
 
 def _require_writable(folder):
@@ -2476,24 +2483,38 @@ def _template(dataset, templates):
     return TGA_ZSR_TEMPLATE if templates == "tga-zsr" else DATASETS[dataset][0]
 
 
-def _result_rows(tuned_name, set_name, result, args):
-    """results.json entries of one evaluate() call: one per attack × ε, and with several attacks the per-image
-    worst case over them at each ε."""
+def _cell_key(row):
+    """The cell a results.json entry fills: model, class set, attack (a worst case's attacks too), ε, CELL_SETTINGS."""
+    return (row["model"], row["eval"], row["attack"], tuple(row.get("attacks", ())), row["eps"],
+            *(row.get(k) for k in CELL_SETTINGS))
+
+
+def _print_row(r):
+    print(f"{r['model']} | {r['eval']} | {r['attack']}-{r['test_steps']} eps {r['eps']:g}/255 | clean "
+          f"{100 * r['clean_acc']:.2f}% | adv {100 * r['adv_acc']:.2f}% | n {r['n']} | {r['seconds']:.1f} s")
+
+
+def _result_rows(cell, result, todo):
+    """results.json entries of one evaluate() call over the (attack, ε) pairs todo; cell holds the model, the class
+    set and CELL_SETTINGS; each entry keeps its per-image outcome (np.packbits, hex) for worst cases made later."""
     rows = []
-    for attack, eps in itertools.product(args.attack, args.test_eps):
+    for attack, eps in todo:
         r = result["attacks"][_cell_label(attack, eps)]
-        rows.append({"model": tuned_name, "eval": set_name, "attack": attack, "eps": eps, "n": result["n"],
-                     "clean_acc": result["clean_acc"], "adv_acc": r["adv_acc"],
-                     "zero_grad_share": result["zero_grad_share"], "seconds": r["seconds"]})
-    if len(args.attack) > 1:
-        for eps in args.test_eps:
-            worst = worst_case_accuracy([result["attacks"][_cell_label(a, eps)]["correct"] for a in args.attack])
-            rows.append({**rows[0], "attack": "worst", "attacks": args.attack, "eps": eps, "adv_acc": worst,
-                         "seconds": sum(r["seconds"] for r in rows if r["eps"] == eps and r["attack"] != "worst")})
-    for r in rows:
-        print(f"{tuned_name} | {set_name} | {r['attack']}-{args.test_steps} eps {r['eps']:g}/255 | clean "
-              f"{100 * r['clean_acc']:.2f}% | adv {100 * r['adv_acc']:.2f}% | n {r['n']} | {r['seconds']:.1f} s")
+        rows.append({**cell, "attack": attack, "eps": eps, "n": result["n"], "clean_acc": result["clean_acc"],
+                     "adv_acc": r["adv_acc"], "zero_grad_share": result["zero_grad_share"], "seconds": r["seconds"],
+                     "correct": np.packbits(r["correct"].numpy()).tobytes().hex()})
+        _print_row(rows[-1])
     return rows
+
+
+def _worst_row(rows, attacks):
+    """The per-image worst case over the entries rows of one cell at one ε, one per attack of attacks."""
+    correct = [torch.from_numpy(np.unpackbits(np.frombuffer(bytes.fromhex(r["correct"]), np.uint8),
+                                              count=r["n"]).astype(bool)) for r in rows]
+    worst = {**{k: v for k, v in rows[0].items() if k != "correct"}, "attack": "worst", "attacks": attacks,
+             "adv_acc": worst_case_accuracy(correct), "seconds": sum(r["seconds"] for r in rows)}
+    _print_row(worst)
+    return worst
 
 
 def run(args, device):
@@ -2571,15 +2592,22 @@ def run(args, device):
             raise ValueError(f"--baseline {args.baseline} takes other images than the masked model "
                              f"({', '.join(differ)}); pass a baseline of the same input size and resizing")
     lap("load")
-    checkpoint, history = out_dir / "checkpoint.pt", []
+    checkpoint, results_path = out_dir / "checkpoint.pt", out_dir / "results.json"
+    trained = out_dir / ("masks.bin" if args.tune == "mask" else "weights.bin")
+    same_run = _check_out_dir(out_dir, checkpoint, settings, args.overwrite)
+    previous = json.loads(results_path.read_text()) if same_run and results_path.is_file() else {}
+    history = previous.get("train_log", [])
     if args.masks or args.weights:  # a file that does not fit is refused here, before anything is written
         target = (_mask_target(load_masks(clip, args.masks, source)) if args.masks else
                   load_weights(clip, args.weights, source)["target"])
         if target != args.mask_target:
             raise ValueError(f"{args.masks or args.weights} covers the {target} weights; pass --mask-target {target} "
                              f"with it")
-    else:
-        _check_out_dir(out_dir, checkpoint, settings, args.overwrite)
+    elif same_run and trained.is_file():  # trained before, with these settings: never trained again
+        (load_masks if args.tune == "mask" else load_weights)(clip, trained, source)
+        print(f"reusing {trained}, trained by an earlier run with the same settings")
+    train_now = not (args.masks or args.weights or same_run and trained.is_file())
+    if train_now:
         try:
             indices = sample_k_shot(train_set.targets, args.shots, args.seed, train_names)
         except ValueError as e:
@@ -2590,7 +2618,7 @@ def run(args, device):
         print(f"{args.protocol} on {args.dataset}: {len(labels)} training images ({args.shots} per class, "
               f"{len(train_names)} classes), {epochs} epoch{'s' * (epochs != 1)} on {device} ({args.precision})")
     write_json(out_dir / "config.json", settings)
-    if not (args.masks or args.weights):
+    if train_now:
         with autocast(device, args.precision):
             _, history = adversarial_mask_tuning(
                 clip, images, labels, train_names, template, args.mask_target, args.tune, epochs, tokenizer,
@@ -2598,9 +2626,10 @@ def run(args, device):
                 alpha=args.train_alpha / 255, steps=args.train_steps, loss=args.loss, seed=args.seed,
                 checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
         if args.tune == "mask":
-            save_masks(clip, out_dir / "masks.bin", source)
+            save_masks(clip, trained, source)
         else:
-            save_weights(clip, out_dir / "weights.bin", args.mask_target, source)
+            save_weights(clip, trained, args.mask_target, source)
+        checkpoint.unlink()  # its result is in the trained file now
     if args.tune == "mask":
         sparsity = mask_sparsity(clip)
         outcome = f"off {100 * sparsity:.2f}% of masked weights"
@@ -2611,28 +2640,50 @@ def run(args, device):
         clip.requires_grad_(False)  # attacks need the input's gradient only
     lap("train")
 
-    attacks = {_cell_label(attack, eps): make_attack(attack, eps / 255, args.test_alpha / 255, args.test_steps)
-               for attack in args.attack for eps in args.test_eps}
-    results = []
+    # cells of earlier runs into this folder (older files record their evaluation settings once, for all cells)
+    results = [{k: previous["settings"].get(k) for k in CELL_SETTINGS} | row for row in previous.get("results", [])]
+    done = {_cell_key(row) for row in results}
+    if results:
+        print(f"reusing {len(results)} finished cell{'s' * (len(results) != 1)} of {results_path}")
+
+    def save(complete):  # at once, atomically, after every evaluation: a failure keeps every finished cell
+        write_json(results_path, {
+            "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
+            "sparsity": sparsity, "splits": splits, "seconds": time.perf_counter() - start, "phases": phases,
+            "complete": complete, "results": results, "train_log": history, "settings": settings})
+
+    save(complete=False)
     for name, (test_set, names, templates) in sets.items():
-        chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
-        test_images, test_labels = cache_images(test_set, chosen, "cpu", args.workers)  # decoded once
-        lap(f"decode {name}")
         models = ({args.baseline: ClipClassifier(baseline, names, templates, baseline_tokenizer)} if args.baseline
                   else {})
-        for tuned_name, model in {**models, TUNED_MODEL[args.tune]: classifiers[name]}.items():
-            with autocast(device, args.eval_precision):
-                result = evaluate(model, test_images, test_labels, attacks, args.eval_batch_size, args.seed)
-            results += _result_rows(tuned_name, name, result, args)
+        models[TUNED_MODEL[args.tune]] = classifiers[name]
+        cells = {m: {"model": m, "eval": name, **{k: getattr(args, k) for k in CELL_SETTINGS}} for m in models}
+        todo = {m: [(a, eps) for a, eps in itertools.product(args.attack, args.test_eps)
+                    if _cell_key({**cells[m], "attack": a, "eps": eps}) not in done] for m in models}
+        if any(todo.values()):
+            chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
+            test_images, test_labels = cache_images(test_set, chosen, "cpu", args.workers)  # decoded once
+            lap(f"decode {name}")
+        for tuned_name, model in models.items():
+            if todo[tuned_name]:
+                attacks = {_cell_label(a, eps): make_attack(a, eps / 255, args.test_alpha / 255, args.test_steps)
+                           for a, eps in todo[tuned_name]}
+                with autocast(device, args.eval_precision):
+                    result = evaluate(model, test_images, test_labels, attacks, args.eval_batch_size, args.seed)
+                results += _result_rows(cells[tuned_name], result, todo[tuned_name])
+            for eps in args.test_eps if len(args.attack) > 1 else []:
+                worst = {**cells[tuned_name], "attack": "worst", "attacks": args.attack, "eps": eps}
+                if _cell_key(worst) not in done:
+                    rows = {_cell_key(r): r for r in results}
+                    results.append(_worst_row([rows[_cell_key({**cells[tuned_name], "attack": a, "eps": eps})]
+                                               for a in args.attack], args.attack))
+            done.update(_cell_key(r) for r in results)
+            save(complete=False)
             lap(f"eval {tuned_name} {name}")
     seconds = time.perf_counter() - start
     print("time | " + " | ".join(f"{phase} {s:.1f} s" for phase, s in phases.items()) + f" | total {seconds:.1f} s")
     print(f"done | {outcome} | {seconds:.0f} s | {out_dir}")
-    write_json(out_dir / "results.json", {
-        "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
-        "sparsity": sparsity, "splits": splits, "seconds": seconds, "phases": phases, "results": results,
-        "train_log": history, "settings": settings})
-    checkpoint.unlink(missing_ok=True)  # the run is complete; masks.bin (weights.bin) holds its result
+    save(complete=True)
     return results
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The AdvMask experiment sweep: PROTOCOL × DATASETS × SHOTS × SEEDS, one advmask.py run per cell, then the
-# aggregated tables. Cells whose results.json exists are skipped, so a stopped sweep continues where it stopped.
+# aggregated tables. Cells whose results.json is complete are skipped, so a stopped sweep continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -10,7 +10,7 @@ usage: run_all.sh [--datasets "a b"] [--shots "1 2"] [--seeds "1 2 3"] [--protoc
                   [--runs DIR] [--python PATH] [--dry-run] [-- ARGS FOR advmask.py]
 
 Runs advmask.py once per (dataset, shots, seed) into RUNS/PROTOCOL/DATASET/<K>shot/seed<S>/ (its log beside the
-results there, in log.txt), skipping cells that already have a results.json, then writes RUNS/summary.md and
+results there, in log.txt), skipping cells whose results.json is complete, then writes RUNS/summary.md and
 RUNS/summary.csv (mean ± std over seeds; missing cells shown as missing).
 
 Every option can also be set by the environment variable of the same name (flags win):
@@ -70,7 +70,8 @@ done; done; done; done
 
 run_cell() {  # protocol dataset shots seed [gpu]
   local out="$RUNS/$1/$2/${3}shot/seed$4"
-  if [ -f "$out/results.json" ]; then echo "skip $out (done)"; return 0; fi
+  # a cell is done when its results.json says complete; a partial one is run again, which evaluates only what it lacks
+  if grep -qs '"complete": true' "$out/results.json"; then echo "skip $out (done)"; return 0; fi
   mkdir -p "$out"
   echo "run  $out"
   # TQDM_DISABLE: no carriage-return progress bars in log.txt

@@ -2176,8 +2176,8 @@ def test_tune_weights_runs_saves_its_weights_and_transfer_evaluates_them(tiny_fi
 
 def test_a_corrupt_image_ends_in_one_line_and_the_rerun_evaluates_without_training(tiny_files, tmp_path, monkeypatch,
                                                                                     capsys):
-    """A truncated test image: one line naming the file and exit 2 after training, with the mask and the final
-    checkpoint kept; once the file is whole again the same command evaluates without a training step."""
+    """A truncated test image: one line naming the file and how to restore it, exit 2 after training, with the mask
+    kept; once the file is whole again the same command evaluates without a training step."""
     data = tmp_path / "data"
     fabricate_oxford_pets(data)
     image = data / "oxford-iiit-pet" / "images" / "Bengal_100.jpg"
@@ -2189,12 +2189,63 @@ def test_a_corrupt_image_ends_in_one_line_and_the_rerun_evaluates_without_traini
         am.main(args)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and f"advmask: error: {image} does not decode" in err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint.pt", "config.json", "masks.bin"]
+    assert "restore that file from the dataset's archive" in err and "delete" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "masks.bin", "results.json"]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["complete"] is False
+    mask = (tmp_path / "out" / "masks.bin").read_bytes()
     image.write_bytes(whole)
     am.main(args)
     out = capsys.readouterr().out
-    assert "resuming from out/checkpoint.pt after epoch 2/2" in out and "step " not in out
-    assert (tmp_path / "out" / "results.json").is_file() and not (tmp_path / "out" / "checkpoint.pt").exists()
+    assert "reusing out/masks.bin, trained by an earlier run" in out and "step " not in out
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["complete"] is True
+    assert (tmp_path / "out" / "masks.bin").read_bytes() == mask
+
+
+def test_a_failure_keeps_every_finished_cell_and_the_rerun_evaluates_only_the_rest(tiny_files, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A transfer run over three datasets whose third has an unreadable test image: after the error results.json
+    holds the first two cells, marked incomplete; once the image is restored the same command trains nothing,
+    keeps those two cells as they were and evaluates the third alone."""
+    data = tmp_path / "data"
+    fabricate_oxford_pets(data)
+    fabricate_dtd(data)
+    fabricate_eurosat(data)
+    image = data / "oxford-iiit-pet" / "images" / "Bengal_100.jpg"
+    whole = image.read_bytes()
+    image.write_bytes(whole[:len(whole) // 3])
+    monkeypatch.chdir(tmp_path)
+    args = [*tiny_cli_args(tiny_files), "--data-root", str(data), "--protocol", "transfer", "--eval-datasets",
+            "dtd,eurosat,oxford_pets", "--shots", "2", "--epochs", "2", "--out-dir", "out"]
+    with pytest.raises(SystemExit):
+        am.main(args)
+    first = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert first["complete"] is False and [e["eval"] for e in first["results"]] == ["dtd", "eurosat"]
+    capsys.readouterr()
+    image.write_bytes(whole)
+    am.main(args)
+    out = capsys.readouterr().out
+    assert "step " not in out and "reusing 2 finished cells" in out
+    assert "| dtd |" not in out and "| eurosat |" not in out and "advmask | oxford_pets |" in out
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert again["complete"] is True and again["results"][:2] == first["results"]
+    assert [e["eval"] for e in again["results"]] == ["dtd", "eurosat", "oxford_pets"]
+
+
+def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_cells(tmp_path, monkeypatch, capsys):
+    """The same command with --attack pgd,cw after a PGD run: masks.bin byte for byte, the PGD cell as it was, the
+    CW cell and the per-image worst case over both added, and no training step."""
+    monkeypatch.chdir(tmp_path)
+    am.main(dry_run_args("out", 2))
+    mask, before = (tmp_path / "out" / "masks.bin").read_bytes(), json.loads((tmp_path / "out" / "results.json").read_text())
+    capsys.readouterr()
+    am.main([*dry_run_args("out", 2), "--attack", "pgd,cw"])
+    assert "step " not in capsys.readouterr().out and (tmp_path / "out" / "masks.bin").read_bytes() == mask
+    after = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert after["results"][0] == before["results"][0] and [e["attack"] for e in after["results"]] == [
+        "pgd", "cw", "worst"]
+    pgd, cw, worst = after["results"]
+    both = [np.unpackbits(np.frombuffer(bytes.fromhex(e["correct"]), np.uint8), count=e["n"]) for e in (pgd, cw)]
+    assert worst["adv_acc"] == (both[0] & both[1]).mean() and worst["attacks"] == ["pgd", "cw"]
 
 
 def test_a_fixed_seed_cpu_run_is_deterministic_and_trains_as_it_always_has(tmp_path, monkeypatch):
