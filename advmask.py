@@ -2429,12 +2429,15 @@ def parse_analyze_args(argv):
     return args
 
 
-# Settings that only change the evaluation, or how the run is saved: a checkpoint may be resumed with other values
-# of these. Device and precision are training settings: bf16 and fp32 training end in different masks, and devices
-# draw other random starts.
+# Settings that only change the evaluation, how the run is saved, or where its inputs are found: a checkpoint is
+# resumed, and a trained file reused, with other values of these. What they name is compared instead: the model by
+# its identity (SAME_MODEL: the weights' fingerprint, not the path or name), the training data by its split record
+# (a CoOp file's sha256, not the folder). Device and precision are training settings: bf16 and fp32 training end in
+# different masks, and devices draw other random starts.
 EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "eval_precision", "baseline",
-             "baseline_identity",
-             "workers", "eval_datasets", "eval_presets", "eval_limit", "checkpoint_every", "out_dir", "overwrite"}
+             "baseline_identity", "workers", "eval_datasets", "eval_presets", "eval_limit", "checkpoint_every",
+             "out_dir", "overwrite", "data_root", "no_download", "split_dir", "split_json", "model", "pretrained",
+             "model_identity"}
 
 
 def _check_out_dir(out_dir, checkpoint, settings, overwrite):
@@ -2445,16 +2448,19 @@ def _check_out_dir(out_dir, checkpoint, settings, overwrite):
         return False
     saved = json.loads((out_dir / "config.json").read_text())
     differ = sorted(k for k, v in settings.items() if k not in EVAL_ONLY and saved.get(k) != v)
+    differ += [f"model {k}" for k in SAME_MODEL
+               if saved.get("model_identity", {}).get(k) != settings["model_identity"].get(k)]
     if not differ:
         return True
     if overwrite:
         checkpoint.unlink(missing_ok=True)
     elif checkpoint.is_file():
         raise ValueError(f"{out_dir} holds a checkpoint of a run with other training settings ({', '.join(differ)}), "
-                         f"which would give another mask; pass another --out-dir, or delete {checkpoint} to start over")
+                         f"which would give another mask; rerun with the settings in {out_dir / 'config.json'} to "
+                         f"resume it, or pass another --out-dir")
     elif any((out_dir / f).is_file() for f in ("results.json", "masks.bin", "weights.bin")):
         raise ValueError(f"{out_dir} holds a finished run with other training settings ({', '.join(differ)}); pass "
-                         f"another --out-dir, or --overwrite to replace it")
+                         f"another --out-dir (this one keeps its training), or --overwrite to replace it")
     return False
 
 
@@ -2557,6 +2563,7 @@ def run(args, device):
 
     # what is trained on, and the class sets evaluated: name -> (test split, class names, prompt templates)
     train_on = None if args.masks or args.weights else data(args.dataset)
+    settings["train_split"] = splits.get(args.dataset)  # the training data as it decides the mask, not its folder
     template = [_template(args.dataset, args.templates)]
     if args.protocol == "base2new":
         base_train, _, n_base = base_new_split(train_on["train"], len(train_on["classes"]))

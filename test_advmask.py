@@ -2587,7 +2587,7 @@ def test_an_interrupt_outside_training_and_a_closed_pipe_end_in_a_line_or_silenc
 
 def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path, capsys):
     """SIGKILL after the checkpoint of epoch 25 of 40: the checkpoint is refused by runs with other training settings
-    (λ, precision), and the same command again ends with the masks, accuracies and training log of a run never
+    (λ, precision), and the same command again (with another data root) ends with the masks, accuracies and training log of a run never
     interrupted, the mask having moved, and leaves no checkpoint."""
     am.main(dry_run_args(str(tmp_path / "whole"), 40))  # uninterrupted, in this process
     cmd = [sys.executable, str(HERE / "advmask.py"), *dry_run_args("killed", 40)]
@@ -2618,7 +2618,8 @@ def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path
                         r"of step 50\n", err)
     am.main(dry_run_args(str(tmp_path / "int"), 40))  # the same command, in this process
     assert (tmp_path / "int" / "masks.bin").read_bytes() == (tmp_path / "whole" / "masks.bin").read_bytes()
-    am.main(dry_run_args(str(killed), 40))
+    # where the inputs are found does not decide the mask: the same command with another data root resumes
+    am.main([*dry_run_args(str(killed), 40), "--data-root", "elsewhere", "--no-download", "--workers", "0"])
     assert "after epoch 25/40" in capsys.readouterr().out
     assert (killed / "masks.bin").read_bytes() == (tmp_path / "whole" / "masks.bin").read_bytes()
     whole, again = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "killed"))
