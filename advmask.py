@@ -974,10 +974,11 @@ def _mask_target(model):
     return next(target for target, names in MASK_TARGETS.items() if set(names) == masked)
 
 
-def save_masks(model, path, source=None):
+def save_masks(model, path, source=None, provenance=None):
     """Store M_bin of a masked model only, 1 bit a weight (ViT-B/32's attention: 28.3 M weights, 3.5 MB), with what
     load_masks needs to refuse a model it does not fit (the fingerprint of the pre-trained weights under the mask, and
-    source, their name, e.g. describe(identity)) and the per-head analysis needs (attention heads per block)."""
+    source, their name, e.g. describe(identity)), what the per-head analysis needs (attention heads per block), and
+    provenance, a dict of how it was trained (the CLI's dataset, shots, seed, lr, loss, lam), if given."""
     entries = list(_masks(model))
     if not entries:
         raise ValueError("this model has no masks; call apply_masks and train before saving")
@@ -989,6 +990,7 @@ def save_masks(model, path, source=None):
         "shapes": [list(mask.scores.shape) for *_, mask in entries],
         "heads": visual_tower(model).transformer.resblocks[0].attn.num_heads,
         "base_weights": {"fingerprint": weights_fingerprint(model), "source": source or "source unrecorded"},
+        **({"provenance": provenance} if provenance else {}),
     }, torch.cat([(mask.scores > mask.threshold).flatten().cpu() for *_, mask in entries]))
 
 
@@ -1009,16 +1011,18 @@ def load_masks(model, path, source=None):
     return model
 
 
-def save_weights(model, path, target="mhsa", source=None):
+def save_weights(model, path, target="mhsa", source=None, provenance=None):
     """Store the tuned weights only (fp32, 32 bits a weight), with what load_weights needs to refuse a misfit model;
     the rest of CLIP is the pre-trained checkpoint, untouched, and its fingerprint binds the file to it (the tuned
-    weights themselves are left out of it: the file replaces them). Same container as a mask file."""
+    weights themselves are left out of it: the file replaces them). Same container as a mask file; provenance as
+    save_masks'."""
     entries = target_weights(model, target)
     names = [name for name, _ in entries]
     write_checked_file(path, WEIGHTS_MAGIC, {
         "format": WEIGHTS_FILE_FORMAT, "arch": _arch(model), "target": target, "dtype": "float32",
         "names": names, "shapes": [list(w.shape) for _, w in entries], "n_weights": sum(w.numel() for _, w in entries),
-        "base_weights": {"fingerprint": weights_fingerprint(model, names), "source": source or "source unrecorded"}},
+        "base_weights": {"fingerprint": weights_fingerprint(model, names), "source": source or "source unrecorded"},
+        **({"provenance": provenance} if provenance else {})},
         torch.cat([w.detach().float().flatten().cpu() for _, w in entries]).numpy().tobytes())
 
 
@@ -1862,8 +1866,8 @@ def analyze(paths, out_dir, consensus=None, save=None):
         md += ["", "![Jaccard index between masks](overlap.png)", ""]
     if consensus is not None:
         bits = consensus_bits([b for *_, b in masks], consensus)
-        header = {k: v for k, v in masks[0][1].items()
-                  if k not in ("format", "n_weights", "sha256", "heads", "base_weights")}
+        header = {k: v for k, v in masks[0][1].items()  # a consensus was not trained: no provenance
+                  if k not in ("format", "n_weights", "sha256", "heads", "base_weights", "provenance")}
         write_mask_file(save, header | recorded, bits)
         md += [f"Consensus of {len(masks)} masks (off in ≥ {consensus}): {100 * (1 - bits.float().mean()):.2f} % off, "
                f"saved to {save}; evaluate it with --protocol transfer --masks {save}.", ""]
@@ -2523,6 +2527,10 @@ def _worst_row(rows, attacks):
     return worst
 
 
+# How a mask or weights file was trained, as its header records it: what labels the runs that evaluate the file.
+PROVENANCE = ("dataset", "shots", "seed", "lr", "loss", "lam")
+
+
 def run(args, device):
     """One run of a protocol: load CLIP and data, tune (or load) the mask, save it, evaluate clean and under attack."""
     start = tic = time.perf_counter()
@@ -2533,6 +2541,15 @@ def run(args, device):
         phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - tic
         tic = time.perf_counter()
 
+    if args.masks or args.weights:  # labelled, and its folder named, by what trained the file, where it records it
+        path = args.masks or args.weights
+        header = (read_mask_file(path)[0] if args.masks else
+                  read_checked_file(path, WEIGHTS_MAGIC, (1, WEIGHTS_FILE_FORMAT), lambda h: 4 * h["n_weights"],
+                                    "weights")[0])
+        if "provenance" in header:
+            vars(args).update(header["provenance"])
+            print(f"{path} was trained on {args.dataset}, {args.shots} shot{'s' * (args.shots != 1)}, seed "
+                  f"{args.seed}, lr {args.lr:g}, loss {args.loss} (λ {args.lam:g}); the results are labelled so")
     # dry and synthetic runs default to folders of their own, so that no real cell is ever taken for done
     root = "runs_dry" if args.dry_run else "runs_synthetic" if args.synthetic else "runs"
     out_dir = Path(args.out_dir or f"{root}/{args.protocol}/{args.dataset}/{args.shots}shot/seed{args.seed}")
@@ -2632,10 +2649,11 @@ def run(args, device):
                 batch_size=args.batch_size, lr=args.lr, lam=args.lam, eps=args.train_eps / 255,
                 alpha=args.train_alpha / 255, steps=args.train_steps, loss=args.loss, seed=args.seed,
                 checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
+        provenance = {k: getattr(args, k) for k in PROVENANCE}
         if args.tune == "mask":
-            save_masks(clip, trained, source)
+            save_masks(clip, trained, source, provenance)
         else:
-            save_weights(clip, trained, args.mask_target, source)
+            save_weights(clip, trained, args.mask_target, source, provenance)
         checkpoint.unlink()  # its result is in the trained file now
     if args.tune == "mask":
         sparsity = mask_sparsity(clip)

@@ -2248,6 +2248,29 @@ def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_c
     assert worst["adv_acc"] == (both[0] & both[1]).mean() and worst["attacks"] == ["pgd", "cw"]
 
 
+def test_a_mask_file_run_is_labelled_by_the_file_and_obeys_the_finished_run_guard(tiny_files, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """--masks FILE takes its source dataset, shots, seed and learning rate from the file's header, which names its
+    default folder and labels its results; into a finished run's folder it is refused without --overwrite, and it
+    leaves that folder as it was."""
+    monkeypatch.chdir(tmp_path)
+    am.main([*tiny_cli_args(tiny_files), "--shots", "2", "--seed", "4", "--lr", "3e-3", "--epochs", "1",
+             "--out-dir", "trained"])
+    finished = {p.name: p.read_bytes() for p in (tmp_path / "trained").iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        am.main([*tiny_cli_args(tiny_files), "--protocol", "transfer", "--masks", "trained/masks.bin",
+                 "--eval-datasets", "dtd", "--out-dir", "trained"])
+    assert exit_.value.code == 2 and "trained holds a finished run with other training settings" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "trained").iterdir()} == finished
+    am.main([*tiny_cli_args(tiny_files), "--protocol", "transfer", "--masks", "trained/masks.bin",
+             "--eval-datasets", "dtd"])  # --shots 16, --seed 1 and --lr by default: the file says otherwise
+    assert "trained/masks.bin was trained on oxford_pets, 2 shots, seed 4, lr 0.003" in capsys.readouterr().out
+    results = json.loads((tmp_path / "runs" / "transfer" / "oxford_pets" / "2shot" / "seed4" / "results.json").read_text())
+    assert (results["shots"], results["seed"], results["settings"]["lr"]) == (2, 4, 3e-3)
+    assert "trained on oxford_pets, 2 shots" in am.summarize(tmp_path / "runs")
+
+
 def test_a_fixed_seed_cpu_run_is_deterministic_and_trains_as_it_always_has(tmp_path, monkeypatch):
     """The reference run: a fixed-seed CPU dry run writes the same masks.bin twice in one process, and its log and
     accuracies stay within a hair of the values recorded before the refactors that were not meant to change training.
