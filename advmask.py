@@ -1613,7 +1613,7 @@ def summarize(runs_dir, out_dir=None):
     runs_dir = Path(runs_dir)
     # (protocol, model, attack, eps, dataset, shots, eval) -> {seed: (clean, adv)}
     acc, seen = {}, {}  # seen: protocol -> (datasets, shots, seeds) that have a run folder, finished or not
-    bases = {}  # (protocol, dataset, eval, attack) -> {basis: a run folder that has it}
+    bases = {}  # (protocol, model, dataset, eval, attack) -> {basis: a run folder that has it}
     lrs = {}  # (protocol, model) -> learning rates of its runs, shown in the titles (a tuned model's curve point)
     for cell in sorted(runs_dir.glob("*/*/*shot/seed*")):
         if not (cell.is_dir() and re.fullmatch(r"\d+shot/seed\d+", f"{cell.parent.name}/{cell.name}")):
@@ -1628,9 +1628,9 @@ def summarize(runs_dir, out_dir=None):
                 acc.setdefault(key, {})[seed] = (e["clean_acc"], e["adv_acc"])
                 if e["model"] != "clip" and "lr" in finished.get("settings", {}):
                     lrs.setdefault((protocol, e["model"]), set()).add(finished["settings"]["lr"])
-                bases.setdefault((protocol, dataset, e["eval"], e["attack"]), {}).setdefault(
+                bases.setdefault((protocol, e["model"], dataset, e["eval"], e["attack"]), {}).setdefault(
                     _basis(finished, dataset, e), cell)
-    for (protocol, dataset, eval_name, _), used in bases.items():
+    for (protocol, _, dataset, eval_name, _), used in bases.items():
         if len(used) > 1:
             (a, cell_a), (b, cell_b) = list(used.items())[:2]
             what, value_a, value_b = next((k, va, vb) for (k, va), (_, vb) in zip(a, b) if va != vb)

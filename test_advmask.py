@@ -1011,6 +1011,19 @@ def test_the_fingerprint_changes_with_any_tensor_and_not_with_a_mask(seed, data)
     assert am.weights_fingerprint(clip) != reference
 
 
+def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_learning_rate(tmp_path):
+    """AdvMask runs at lr 1e-4 and adversarial fine-tuning runs at 1e-5 under one root are two methods, each with its
+    own table and learning rate, not a cell that mixes learning rates."""
+    for seed, (model, lr) in enumerate([("advmask", 1e-4), ("advmask", 1e-4), ("adv_ft", 1e-5), ("adv_ft", 1e-5)]):
+        write_results(tmp_path, "few_shot", "dtd", 16, seed + 1, [("dtd", 0.5, 0.2)])
+        path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed + 1}" / "results.json"
+        finished = json.loads(path.read_text())
+        finished["results"][0]["model"] = model
+        path.write_text(json.dumps({**finished, "settings": {"lr": lr}}))
+    md = am.summarize(tmp_path)
+    assert "## few_shot | AdvMask | lr 0.0001 | PGD" in md and "## few_shot | adversarial fine-tuning | lr 1e-05" in md
+
+
 def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
     """Two seeds whose recorded model identities differ in the activation are refused, naming it; the same identity
     averages as usual."""
