@@ -1533,6 +1533,7 @@ def _image_file(dataset, i):
 
 # The models a results entry can name: the mask, the weights tuned instead (--tune weights), the unmasked baseline.
 MODEL_NAMES = {"advmask": "AdvMask", "adv_ft": "adversarial fine-tuning", "clip": "CLIP"}
+TUNED_NAMES = ("advmask", "adv_ft")  # the trained ones, whose learning rate the tables show
 
 
 def write_json(path, obj):
@@ -1589,6 +1590,32 @@ SAME_BASIS = ("model", "pretrained", "synthetic", "dry_run", "templates", "mask_
 SAME_MODEL = ("file_sha256", "activation", "preprocess", "weights_sha256")
 
 
+def _heading(finished, entry):
+    """What a results entry's numbers rest on beyond the defaults of this file, in the words a table's heading adds
+    ("" for the paper's setting): the data, the model, the evaluation settings and the prompts."""
+    s = finished.get("settings", {})
+
+    def get(k):  # a cell's own evaluation settings, else its run's
+        return entry.get(k, s.get(k))
+
+    words = ["dry run: random model and images" if s.get("dry_run") else "synthetic images" if s.get("synthetic")
+             else None]
+    if not s.get("dry_run") and (s.get("model") or "ViT-B-32", s.get("pretrained") or "openai") != ("ViT-B-32",
+                                                                                                    "openai"):
+        words.append(f"model {s.get('model') or 'ViT-B-32'} {s.get('pretrained') or ''}".strip())
+    if get("test_steps") not in (None, TEST_STEPS):
+        words.append(f"{get('test_steps')} attack steps")
+    if get("test_alpha") not in (None, TEST_ALPHA * 255):
+        words.append(f"α = {get('test_alpha'):g}/255")
+    if get("eval_limit"):
+        words.append(f"at most {get('eval_limit')} test images per dataset")
+    if get("eval_precision") not in (None, "fp32"):  # EVAL_PRECISION, the default
+        words.append(f"{get('eval_precision')} evaluation")
+    if s.get("templates") not in (None, "coop"):
+        words.append(f"{s['templates']} prompts")
+    return "; ".join(w for w in words if w)
+
+
 def _basis(finished, dataset, entry):
     """(what, value) pairs that must agree across the seeds of a summary cell: the split source of the datasets the
     entry rests on, the settings of SAME_BASIS, the identity of the model evaluated (SAME_MODEL; a --baseline folder's
@@ -1611,10 +1638,9 @@ def summarize(runs_dir, out_dir=None):
     average over a column with such a cell. Seeds of a cell that differ in anything else their numbers rest on
     (_basis: split source, model, data, training and evaluation settings) are refused."""
     runs_dir = Path(runs_dir)
-    # (protocol, model, attack, eps, dataset, shots, eval) -> {seed: (clean, adv)}
+    # (protocol, attack, eps, basis, method, dataset, shots, eval) -> {seed: (clean, adv)}
     acc, seen = {}, {}  # seen: protocol -> (datasets, shots, seeds) that have a run folder, finished or not
     bases = {}  # (protocol, model, dataset, eval, attack) -> {basis: a run folder that has it}
-    lrs = {}  # (protocol, model) -> learning rates of its runs, shown in the titles (a tuned model's curve point)
     for cell in sorted(runs_dir.glob("*/*/*shot/seed*")):
         if not (cell.is_dir() and re.fullmatch(r"\d+shot/seed\d+", f"{cell.parent.name}/{cell.name}")):
             continue
@@ -1623,11 +1649,12 @@ def summarize(runs_dir, out_dir=None):
             group.add(value)
         if (cell / "results.json").is_file():
             finished = json.loads((cell / "results.json").read_text())
+            lr = finished.get("settings", {}).get("lr")
             for e in finished["results"]:
-                key = (protocol, e["model"], e["attack"], e["eps"], dataset, shots, e["eval"])
-                acc.setdefault(key, {})[seed] = (e["clean_acc"], e["adv_acc"])
-                if e["model"] != "clip" and "lr" in finished.get("settings", {}):
-                    lrs.setdefault((protocol, e["model"]), set()).add(finished["settings"]["lr"])
+                method = MODEL_NAMES.get(e["model"], e["model"]) + (
+                    f" (lr {lr:g})" if lr is not None and e["model"] in TUNED_NAMES else "")
+                key = (protocol, e["attack"], e["eps"], _heading(finished, e), method, dataset, shots, e["eval"])
+                acc.setdefault(key, {})[seed] = (e["clean_acc"], e["adv_acc"], e["model"])
                 bases.setdefault((protocol, e["model"], dataset, e["eval"], e["attack"]), {}).setdefault(
                     _basis(finished, dataset, e), cell)
     for (protocol, _, dataset, eval_name, _), used in bases.items():
@@ -1645,51 +1672,61 @@ def summarize(runs_dir, out_dir=None):
         return sorted(names, key=lambda name: (order.get(name, len(order)), name))
 
     md, csv_rows = [f"# AdvMask results ({runs_dir})", ""], [["protocol", "model", "attack", "eps", "dataset",
-                                                               "shots", "eval", "metric", "mean", "std", "seeds"]]
-    for protocol, model, attack, eps in sorted({k[:4] for k in acc}):
+                                                               "shots", "eval", "metric", "mean", "std", "seeds",
+                                                               "method", "basis"]]
+    # a table per protocol, attack, ε and basis (what its cells rest on beyond the defaults), a row per method there
+    for protocol, attack, eps, basis in sorted({k[:4] for k in acc}):
         datasets, all_shots, seeds = seen[protocol]
+        # the datasets with cells on this basis, and those with none finished on any (their rows say "—")
+        datasets = {k[5] for k in acc if k[:4] == (protocol, attack, eps, basis)} | (datasets - {k[5] for k in acc})
         datasets, all_shots, seeds = in_paper_order(datasets), sorted(all_shots), sorted(seeds)
+        methods = sorted({k[4] for k in acc if k[:4] == (protocol, attack, eps, basis)}, key=lambda m: m != "CLIP")
 
-        def stat(dataset, shots, eval_name, metric):  # per-seed values of one metric of one cell
-            runs = acc.get((protocol, model, attack, eps, dataset, shots, eval_name), {})
-            values = [pair[metric] for pair in runs.values()]
+        def stat(method, dataset, shots, eval_name, metric):  # per-seed values of one metric of one cell
+            runs = acc.get((protocol, attack, eps, basis, method, dataset, shots, eval_name), {})
+            values = [triple[metric] for triple in runs.values()]
             if values:
-                csv_rows.append([protocol, model, attack, eps, dataset, shots, eval_name, ("clean", "adv")[metric],
-                                 _mean(values), statistics.stdev(values) if len(values) > 1 else "", len(values)])
+                csv_rows.append([protocol, next(iter(runs.values()))[2], attack, eps, dataset, shots, eval_name,
+                                 ("clean", "adv")[metric], _mean(values),
+                                 statistics.stdev(values) if len(values) > 1 else "", len(values), method, basis])
             return values
 
         attack_name = "worst case per image over the run's attacks" if attack == "worst" else attack.upper()
-        used_lr = sorted(lrs.get((protocol, model), ()))
-        lr = f" | lr {', '.join(f'{v:g}' for v in used_lr)}" if used_lr else ""
-        title = f"## {protocol} | {MODEL_NAMES.get(model, model)}{lr} | {attack_name} " \
-                f"ε = {eps:g}/255 | mean ± std over seeds {', '.join(map(str, seeds))} (%)"
+        title = (f"## {protocol} | {attack_name} ε = {eps:g}/255" + (f" | {basis}" if basis else "") +
+                 f" | mean ± std over seeds {', '.join(map(str, seeds))} (%)")
         if protocol == "few_shot":
             columns = [f"{k}-shot {m}" for k in all_shots for m in ("clean", "adv")]
-            rows = {d: [stat(d, k, d, m) for k in all_shots for m in (0, 1)] for d in datasets}
-            tables = [(title, "dataset", columns, rows)]
+            tables = [(title, "dataset", columns, {method: {d: [stat(method, d, k, d, m) for k in all_shots
+                                                                 for m in (0, 1)] for d in datasets}
+                                                   for method in methods})]
         elif protocol == "base2new":  # one table per shot count
-            tables = [(f"{title}, {k} shot{'s' * (k != 1)}", "dataset", ["base clean", "base adv", "new clean", "new adv"],
-                       {d: [stat(d, k, part, m) for part in ("base", "new") for m in (0, 1)] for d in datasets})
-                      for k in all_shots]
+            tables = [(f"{title}, {k} shot{'s' * (k != 1)}", "dataset", ["base clean", "base adv", "new clean",
+                                                                         "new adv"],
+                       {method: {d: [stat(method, d, k, part, m) for part in ("base", "new") for m in (0, 1)]
+                                 for d in datasets} for method in methods}) for k in all_shots]
         else:  # transfer: one table per source dataset and shot count, a row per evaluated dataset
             tables = []
             for d, k in itertools.product(datasets, all_shots):
-                targets = in_paper_order({key[6] for key in acc if key[:6] == (protocol, model, attack, eps, d, k)})
-                tables.append((f"{title}, trained on {d}, {k} shot{'s' * (k != 1)}", "evaluated on", ["clean", "adv"],
-                               {t: [stat(d, k, t, m) for m in (0, 1)] for t in targets}))
-        for heading, first, columns, rows in tables:
+                targets = in_paper_order({key[7] for key in acc if key[:4] == (protocol, attack, eps, basis)
+                                          and key[5:7] == (d, k)})
+                if targets:
+                    tables.append((f"{title}, trained on {d}, {k} shot{'s' * (k != 1)}", "evaluated on",
+                                   ["clean", "adv"], {method: {t: [stat(method, d, k, t, m) for m in (0, 1)]
+                                                               for t in targets} for method in methods}))
+        for heading, first, columns, by_method in tables:
             with_h = protocol == "base2new"
-            md += [heading, "", "| " + " | ".join([first] + columns + (["H"] if with_h else [])) + " |",
-                   "|" + "---|" * (len(columns) + 1 + with_h)]
-            averages = [_mean([_mean(r[j]) for r in rows.values()]) if all(r[j] for r in rows.values()) else None
-                        for j in range(len(columns))]
-            for name, cells in list(rows.items()) + [("Average", None)]:
-                means = [_mean(c) for c in cells] if cells else averages
-                texts = [_cell(c, len(seeds)) for c in cells] if cells else [
-                    "—" if m is None else f"{100 * m:.1f}" for m in averages]
-                if with_h:
-                    texts.append("—" if None in means else f"{100 * harmonic_mean(means):.1f}")
-                md.append("| " + " | ".join([f"**{name}**" if cells is None else name] + texts) + " |")
+            md += [heading, "", "| " + " | ".join(["method", first] + columns + (["H"] if with_h else [])) + " |",
+                   "|" + "---|" * (len(columns) + 2 + with_h)]
+            for method, rows in by_method.items():
+                averages = [_mean([_mean(r[j]) for r in rows.values()]) if all(r[j] for r in rows.values()) else None
+                            for j in range(len(columns))]
+                for name, cells in list(rows.items()) + [("Average", None)]:
+                    means = [_mean(c) for c in cells] if cells else averages
+                    texts = [_cell(c, len(seeds)) for c in cells] if cells else [
+                        "—" if m is None else f"{100 * m:.1f}" for m in averages]
+                    if with_h:
+                        texts.append("—" if None in means else f"{100 * harmonic_mean(means):.1f}")
+                    md.append("| " + " | ".join([method, f"**{name}**" if cells is None else name] + texts) + " |")
             md.append("")
     text = "\n".join(md)
     write_report(out_dir or runs_dir, "summary", text, csv_rows)
@@ -1877,15 +1914,18 @@ def analyze(paths, out_dir, consensus=None, save=None):
 
 
 def plot_few_shot(out_dir):
-    """summary.png from the summary.csv in out_dir: accuracy against shots per dataset and for the Average, clean solid and robust
-    dashed, a colour per model, under the paper's attack (PGD at the smallest ε) where it was run. Base-to-new and
-    transfer keep their tables alone: one shot count gives one point per line, which a table shows better."""
+    """summary.png from the summary.csv in out_dir: accuracy against shots per dataset and for the Average, clean
+    solid and robust dashed, a colour per model, under the paper's attack (PGD at the smallest ε) and on one basis
+    (the paper's setting where there is one) where it was run. Base-to-new and transfer keep their tables alone: one
+    shot count gives one point per line, which a table shows better."""
     rows = [line.split(",") for line in (Path(out_dir) / "summary.csv").read_text().splitlines()[1:]]
     rows = [r for r in rows if r[0] == "few_shot" and r[6] == r[4]]  # protocol, model, attack, eps, dataset, ..
     if not rows:
         return None
-    attack, eps = min({(r[2], float(r[3])) for r in rows}, key=lambda a: (a[0] != "pgd", a[1], a[0]))
-    acc = {(r[1], r[4], int(r[5]), r[7]): float(r[8]) for r in rows if (r[2], float(r[3])) == (attack, eps)}
+    attack, eps, basis = min({(r[2], float(r[3]), r[12]) for r in rows},
+                             key=lambda a: (a[0] != "pgd", a[1], a[2] != "", a[2], a[0]))
+    acc = {(r[1], r[4], int(r[5]), r[7]): float(r[8]) for r in rows if (r[2], float(r[3]), r[12]) == (attack, eps,
+                                                                                                    basis)}
     datasets = list(dict.fromkeys(d for _, d, _, _ in acc))
     shots = sorted({k for _, _, k, _ in acc})
     for model, metric, k in itertools.product({m for m, *_ in acc}, ("clean", "adv"), shots):  # Average of complete
@@ -1904,6 +1944,8 @@ def plot_few_shot(out_dir):
                             label=f"{MODEL_NAMES[model]} {metric}")
         ax.set(title=dataset, xscale="log", xlabel="shots per class", ylabel=f"accuracy (%), {attack.upper()} "
                                                                                   f"ε = {eps:g}/255")
+    if basis:
+        fig.suptitle(basis)
         ax.set_xticks(shots, shots)
         ax.minorticks_off()
     axes[0][0].legend(fontsize=7)

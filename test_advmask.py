@@ -19,6 +19,7 @@ import zlib
 from functools import partial
 from pathlib import Path
 
+import matplotlib.axes
 import numpy as np
 import open_clip
 import pytest
@@ -1011,9 +1012,9 @@ def test_the_fingerprint_changes_with_any_tensor_and_not_with_a_mask(seed, data)
     assert am.weights_fingerprint(clip) != reference
 
 
-def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_learning_rate(tmp_path):
-    """AdvMask runs at lr 1e-4 and adversarial fine-tuning runs at 1e-5 under one root are two methods, each with its
-    own table and learning rate, not a cell that mixes learning rates."""
+def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_learning_rate(tmp_path, monkeypatch):
+    """AdvMask runs at lr 1e-4 and adversarial fine-tuning runs at 1e-5 under one root are two methods side by side
+    in one table, each at its learning rate, not a cell that mixes learning rates; summary.png draws both."""
     for seed, (model, lr) in enumerate([("advmask", 1e-4), ("advmask", 1e-4), ("adv_ft", 1e-5), ("adv_ft", 1e-5)]):
         write_results(tmp_path, "few_shot", "dtd", 16, seed + 1, [("dtd", 0.5, 0.2)])
         path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed + 1}" / "results.json"
@@ -1021,7 +1022,36 @@ def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_
         finished["results"][0]["model"] = model
         path.write_text(json.dumps({**finished, "settings": {"lr": lr}}))
     md = am.summarize(tmp_path)
-    assert "## few_shot | AdvMask | lr 0.0001 | PGD" in md and "## few_shot | adversarial fine-tuning | lr 1e-05" in md
+    assert md.count("## few_shot | PGD ε = 1/255") == 1  # one table, a row per method at its learning rate
+    assert "| AdvMask (lr 0.0001) | dtd | 50.0 ± 0.0 (2/4) |" in md
+    assert "| adversarial fine-tuning (lr 1e-05) | dtd | 50.0 ± 0.0 (2/4) |" in md
+    labels, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda ax, *args, **kwargs: labels.append(kwargs.get("label")) or plot(ax, *args, **kwargs))
+    am.plot_few_shot(tmp_path)  # summary.png: both methods' curves
+    assert {"AdvMask clean", "AdvMask adv", "adversarial fine-tuning clean", "adversarial fine-tuning adv"} <= set(
+        labels)
+
+
+def test_summarize_gives_each_evaluation_basis_a_table_of_its_own_named_in_its_heading(tmp_path):
+    """Two datasets evaluated with different attack steps (and one at an eval limit) make tables of their own, each
+    heading naming what differs from the defaults, and no Average mixes them."""
+    for dataset, steps, limit, acc in (("dtd", 100, None, (0.6, 0.3)), ("eurosat", 10, None, (0.4, 0.1)),
+                                       ("oxford_pets", 10, 1000, (0.2, 0.05))):
+        write_results(tmp_path, "few_shot", dataset, 16, 1, [(dataset, *acc)])
+        path = tmp_path / "few_shot" / dataset / "16shot" / "seed1" / "results.json"
+        finished = json.loads(path.read_text())
+        path.write_text(json.dumps({**finished, "settings": {"test_steps": steps, "eval_limit": limit}}))
+    md = am.summarize(tmp_path)
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert headings == ["## few_shot | PGD ε = 1/255 | mean ± std over seeds 1 (%)",
+                        "## few_shot | PGD ε = 1/255 | 10 attack steps | mean ± std over seeds 1 (%)",
+                        "## few_shot | PGD ε = 1/255 | 10 attack steps; at most 1000 test images per dataset | mean ± "
+                        "std over seeds 1 (%)"]
+    tables = [{r[0]: r[1:] for r in table(md, heading[3:])} for heading in headings]
+    assert [set(t) for t in tables] == [{"dtd", "**Average**"}, {"eurosat", "**Average**"},
+                                        {"oxford_pets", "**Average**"}]
+    assert [t["**Average**"] for t in tables] == [["60.0", "30.0"], ["40.0", "10.0"], ["20.0", "5.0"]]
 
 
 def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
@@ -1548,10 +1578,12 @@ def write_results(runs, protocol, dataset, shots, seed, entries):
     (cell / "results.json").write_text(json.dumps({"results": rows}))
 
 
-def table(markdown, heading):
-    """The data rows of the markdown table under the first heading containing `heading`, as lists of cells."""
+def table(markdown, heading, method="AdvMask"):
+    """The data rows of one method in the markdown table under the first heading containing `heading`, as lists of
+    cells after the method's."""
     lines = next(part for part in markdown.split("## ") if heading in part).splitlines()
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[4:] if line.startswith("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[4:] if line.startswith("|")]
+    return [r[1:] for r in rows if r[0].split(" (lr ")[0] == method]
 
 
 def test_summary_means_stds_averages_and_missing_cells(tmp_path):
@@ -1569,8 +1601,10 @@ def test_summary_means_stds_averages_and_missing_cells(tmp_path):
     assert rows["**Average**"] == ["—", "—", "47.5", "27.5"]
     lines = (tmp_path / "summary.csv").read_text().splitlines()
     csv = {tuple(r[:8]): r[8:] for r in (line.split(",") for line in lines)}
-    mean, std, seeds = csv[("few_shot", "advmask", "pgd", "1.0", "oxford_pets", "16", "oxford_pets", "clean")]
+    mean, std, seeds, method, basis = csv[("few_shot", "advmask", "pgd", "1.0", "oxford_pets", "16", "oxford_pets",
+                                           "clean")]
     assert float(mean) == pytest.approx(0.65) and float(std) == pytest.approx(statistics.stdev([0.6, 0.7]))
+    assert (method, basis) == ("AdvMask", "")
     assert seeds == "2" and ("few_shot", "advmask", "pgd", "1.0", "oxford_pets", "1", "oxford_pets", "clean") not in csv
     write_results(tmp_path, "base2new", "eurosat", 16, 1, [("base", 0.695, 0.436), ("new", 0.502, 0.261)])
     rows = {r[0]: r[1:] for r in table(am.summarize(tmp_path), "base2new")}
@@ -2184,7 +2218,7 @@ def test_tune_weights_runs_saves_its_weights_and_transfer_evaluates_them(tiny_fi
              "--eval-datasets", "dtd", "--out-dir", "t"])
     transfer = json.loads((tmp_path / "t" / "results.json").read_text())
     assert [(e["model"], e["eval"]) for e in transfer["results"]] == [("adv_ft", "dtd")]
-    assert "## few_shot | adversarial fine-tuning | lr 1e-05 | PGD" in am.summarize(tmp_path / "runs")
+    assert "| adversarial fine-tuning (lr 1e-05) | oxford_pets |" in am.summarize(tmp_path / "runs")
 
 
 def test_a_corrupt_image_ends_in_one_line_and_the_rerun_evaluates_without_training(tiny_files, tmp_path, monkeypatch,
