@@ -964,8 +964,8 @@ def _check_fit(path, header, model, weights, source, exclude=()):
               f"on: it cannot be checked against this model's", file=sys.stderr)
     elif base["fingerprint"] != (ours := weights_fingerprint(model, exclude)):
         raise ValueError(f"{path} was trained on other weights ({base['source']}, fingerprint "
-                         f"{base['fingerprint'][:12]}) than this model's ({source or 'source unrecorded'}, fingerprint {ours[:12]}); load it onto "
-                         f"the weights it was trained on")
+                         f"{base['fingerprint'][:12]}) than this model's ({source or 'source unrecorded'}, "
+                         f"fingerprint {ours[:12]}); load it onto the weights it was trained on")
 
 
 def _mask_target(model):
@@ -1632,9 +1632,10 @@ def _basis(finished, dataset, entry):
 
 
 def summarize(runs_dir, out_dir=None):
-    """Tables over seeds of runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json, in out_dir (default: runs_dir)
-    as summary.md (returned) and summary.csv: mean ± std in %, an "Average" row over datasets, and for base2new the paper's five columns with H,
-    the harmonic mean of the four averaged accuracies. A cell with no finished seed is "—", never 0, and so is an
+    """Tables over seeds of runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json, in out_dir (default:
+    runs_dir) as summary.md (returned) and summary.csv: a table per protocol, attack, ε and basis (_heading), a row
+    per method and dataset, mean ± std in %, an "Average" row over datasets per method, and for base2new the paper's
+    five columns with H, the harmonic mean of the four averaged accuracies. A cell with no finished seed is "—", never 0, and so is an
     average over a column with such a cell. Seeds of a cell that differ in anything else their numbers rest on
     (_basis: split source, model, data, training and evaluation settings) are refused."""
     runs_dir = Path(runs_dir)
@@ -2168,7 +2169,8 @@ def export(run_dir, out_dir, visual=False, overwrite=False):
     else:
         load_weights(clip, tuned, describe(identity))
         sparsity = None
-    model_cfg = copy.deepcopy(TINY_CLIP if identity["model"] == "tiny" else open_clip.get_model_config(identity["model"]))
+    model_cfg = copy.deepcopy(TINY_CLIP if identity["model"] == "tiny" else
+                              open_clip.get_model_config(identity["model"]))
     if identity["activation"] == "QuickGELU":  # a tag's network, whatever the name's own config says
         model_cfg["quick_gelu"] = True
     preprocess = {k: identity["preprocess"][k] for k in ("mean", "std", "interpolation", "resize_mode")}
@@ -2209,7 +2211,7 @@ def model_card(run_dir, finished, identity, sparsity, file_name):
             ("budget", f"{finished['train_log'][-1]['step'] if finished['train_log'] else '—'} steps of batch "
                        f"{s['batch_size']}, Adam at lr {s['lr']:g} with a cosine schedule"),
             ("training precision", s["precision"])]
-    cells = ["| model | evaluated on | attack | ε | steps | test images | clean % | robust % |", "|---|---|---|---|---|---|---|---|"]
+    cells = ["| model | evaluated on | attack | ε | steps | test images | clean % | robust % |", "|---" * 8 + "|"]
     cells += [f"| {e['model']} | {e['eval']} | {e['attack']} | {e['eps']:g}/255 | {s['test_steps']} | {e['n']} | "
               f"{100 * e['clean_acc']:.2f} | {100 * e['adv_acc']:.2f} |" for e in finished["results"]]
     return "\n".join([

@@ -803,7 +803,8 @@ def test_adversarial_mask_tuning_refuses_an_unknown_tune_and_gives_weights_their
     with pytest.raises(ValueError, match="unknown tune 'scores'; use 'mask' .* or 'weights'"):
         am.adversarial_mask_tuning(tiny_clip(), x, y, ["cat", "dog"], tune="scores")
     monkeypatch.setattr(am, "train", lambda *args, **kwargs: kwargs["lr"])
-    lr = {tune: am.adversarial_mask_tuning(tiny_clip(), x, y, ["cat", "dog"], tune=tune)[1] for tune in ("mask", "weights")}
+    lr = {tune: am.adversarial_mask_tuning(tiny_clip(), x, y, ["cat", "dog"], tune=tune)[1]
+          for tune in ("mask", "weights")}
     assert lr == {"mask": am.LR, "weights": am.WEIGHTS_LR}
     assert am.adversarial_mask_tuning(tiny_clip(), x, y, ["cat", "dog"], tune="weights", lr=3e-3)[1] == 3e-3
 
@@ -830,7 +831,8 @@ def test_the_methods_lines_alone_run_the_readme_example(capsys):
     warnings forced; its mask equals the module's."""
     text = (HERE / "advmask.py").read_text()
     method = text[:text.index("\n# =====")]
-    start, end = method.index("\nimport argparse\n"), method.index("from tqdm import tqdm\n") + len("from tqdm import tqdm\n")
+    last_import = "from tqdm import tqdm\n"
+    start, end = method.index("\nimport argparse\n"), method.index(last_import) + len(last_import)
     alone = {"__name__": "advmask_method"}
     exec(compile(method[:start + 1] + METHOD_IMPORTS + method[end:], "advmask_method", "exec"), alone)
     x, y = synthetic_training_set(3, 4)
@@ -1973,9 +1975,9 @@ def test_an_exported_run_loads_in_open_clip_alone_with_the_masked_models_logits(
     prompts = [am.DATASETS["oxford_pets"][0].format(n) for n in names]
     x = images(3)
     torch.save((x, prompts), tmp_path / "inputs.pt")
-    proc = subprocess.run([sys.executable, "-c", OPEN_CLIP_ALONE, str(tmp_path / "exported"), str(tmp_path / "inputs.pt"),
-                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run([sys.executable, "-c", OPEN_CLIP_ALONE, *(str(tmp_path / f) for f in
+                                                                    ("exported", "inputs.pt", "logits.pt"))],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     with torch.no_grad():
         expected = am.ClipClassifier(clip, names, [am.DATASETS["oxford_pets"][0]], tokenizer)(x)
@@ -2020,8 +2022,8 @@ def test_every_bad_export_ends_in_one_line_exit_2_and_writes_nothing(case, tmp_p
         am.main(["export", "run", "out"])
     err = capsys.readouterr().err
     message = {"unfinished": "holds no finished run (no results.json); finish it",
-               "no file": "holds neither masks.bin nor weights.bin", "not empty": "out exists and is not an empty "
-                                                                              "folder; pass another one, or --overwrite"}
+               "no file": "holds neither masks.bin nor weights.bin",
+               "not empty": "out exists and is not an empty folder; pass another one, or --overwrite"}
     assert exit_.value.code == 2 and err.count("\n") == 1 and message[case] in err, err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
@@ -2283,7 +2285,8 @@ def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_c
     CW cell and the per-image worst case over both added, and no training step."""
     monkeypatch.chdir(tmp_path)
     am.main(dry_run_args("out", 2))
-    mask, before = (tmp_path / "out" / "masks.bin").read_bytes(), json.loads((tmp_path / "out" / "results.json").read_text())
+    mask = (tmp_path / "out" / "masks.bin").read_bytes()
+    before = json.loads((tmp_path / "out" / "results.json").read_text())
     capsys.readouterr()
     am.main([*dry_run_args("out", 2), "--attack", "pgd,cw"])
     assert "step " not in capsys.readouterr().out and (tmp_path / "out" / "masks.bin").read_bytes() == mask
@@ -2308,12 +2311,13 @@ def test_a_mask_file_run_is_labelled_by_the_file_and_obeys_the_finished_run_guar
     with pytest.raises(SystemExit) as exit_:
         am.main([*tiny_cli_args(tiny_files), "--protocol", "transfer", "--masks", "trained/masks.bin",
                  "--eval-datasets", "dtd", "--out-dir", "trained"])
-    assert exit_.value.code == 2 and "trained holds a finished run with other training settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "trained holds a finished run with other training settings" in err
     assert {p.name: p.read_bytes() for p in (tmp_path / "trained").iterdir()} == finished
     am.main([*tiny_cli_args(tiny_files), "--protocol", "transfer", "--masks", "trained/masks.bin",
              "--eval-datasets", "dtd"])  # --shots 16, --seed 1 and --lr by default: the file says otherwise
     assert "trained/masks.bin was trained on oxford_pets, 2 shots, seed 4, lr 0.003" in capsys.readouterr().out
-    results = json.loads((tmp_path / "runs" / "transfer" / "oxford_pets" / "2shot" / "seed4" / "results.json").read_text())
+    results = json.loads((tmp_path / "runs/transfer/oxford_pets/2shot/seed4/results.json").read_text())
     assert (results["shots"], results["seed"], results["settings"]["lr"]) == (2, 4, 3e-3)
     assert "trained on oxford_pets, 2 shots" in am.summarize(tmp_path / "runs")
 
@@ -2657,8 +2661,8 @@ def test_an_interrupt_outside_training_and_a_closed_pipe_end_in_a_line_or_silenc
 
 def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path, capsys):
     """SIGKILL after the checkpoint of epoch 25 of 40: the checkpoint is refused by runs with other training settings
-    (λ, precision), and the same command again (with another data root) ends with the masks, accuracies and training log of a run never
-    interrupted, the mask having moved, and leaves no checkpoint."""
+    (λ, precision), and the same command again (with another data root) ends with the masks, accuracies and
+    training log of a run never interrupted, the mask having moved, and leaves no checkpoint."""
     am.main(dry_run_args(str(tmp_path / "whole"), 40))  # uninterrupted, in this process
     cmd = [sys.executable, str(HERE / "advmask.py"), *dry_run_args("killed", 40)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
