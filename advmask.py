@@ -1236,14 +1236,17 @@ def stratified_split(labels, test_fraction=0.3, seed=0):
 def balanced_subset(labels, limit):
     """Indices of at most `limit` images, as even over the classes as their counts allow, the same for any run. not in
     the paper: a fixed evaluation subset (--eval-limit), as RobustVLM/FARE evaluate 1,000 images a dataset. It takes
-    the first image of every class, then the second, and so on, each class in one seed-0 order, so a class with fewer
-    images than its share leaves its place to the others."""
+    one image of every class, then a second, and so on, the images of each class and the classes themselves in seed-0
+    orders: every class is drawn before any gets a second image, the leftovers of a round fall on classes all over the
+    label range, and a class with fewer images than its share leaves its place to the others."""
     labels = torch.as_tensor(labels)
     if limit >= len(labels):
         return list(range(len(labels)))
     generator = torch.Generator().manual_seed(0)
+    classes = labels.unique()
     queues = [pool[torch.randperm(len(pool), generator=generator)].tolist()
-              for pool in ((labels == c).nonzero().flatten() for c in labels.unique())]
+              for pool in ((labels == c).nonzero().flatten() for c in classes)]
+    queues = [queues[c] for c in torch.randperm(len(classes), generator=generator).tolist()]
     round_robin = [q[r] for r in range(max(map(len, queues))) for q in queues if r < len(q)]
     return sorted(round_robin[:limit])
 
@@ -2719,8 +2722,10 @@ def run(args, device):
         write_json(results_path, {
             "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
             "sparsity": sparsity, "splits": splits, "seconds": time.perf_counter() - start, "phases": phases,
-            "complete": complete, "results": results, "train_log": history, "settings": settings})
+            "complete": complete, "results": results, "train_log": history, "settings": settings,
+            "test_indices_sha256": subsets})
 
+    subsets = previous.get("test_indices_sha256", {})  # dataset -> sha256 of the JSON list of test images evaluated
     save(complete=False)
     for name, (test_set, names, templates) in sets.items():
         models = ({args.baseline: ClipClassifier(baseline, names, templates, baseline_tokenizer)} if args.baseline
@@ -2731,6 +2736,7 @@ def run(args, device):
                     if _cell_key({**cells[m], "attack": a, "eps": eps}) not in done] for m in models}
         if any(todo.values()):
             chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
+            subsets[name] = hashlib.sha256(json.dumps(list(chosen)).encode()).hexdigest()
             test_images, test_labels = cache_images(test_set, chosen, "cpu", args.workers)  # decoded once
             lap(f"decode {name}")
         for tuned_name, model in models.items():

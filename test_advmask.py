@@ -1218,6 +1218,22 @@ def test_eval_limit_subset_is_fixed_and_as_balanced_as_the_counts_allow(counts, 
         assert taken[a] >= taken[b] - 1 or taken[a] == counts[a]
 
 
+@pytest.mark.parametrize("limit", [1, 37, 100, 150])
+def test_an_eval_limit_below_the_class_count_draws_classes_from_all_over_the_label_range(limit):
+    """With fewer images than classes (TinyImageNet's 200 at --eval-limit 100), every class gets at most one image and
+    the classes drawn are the first `limit` of one seed-0 order of all classes, not labels 0 … limit − 1; the same
+    for every run."""
+    labels = [c for c in range(200) for _ in range(50)]
+    chosen = am.balanced_subset(labels, limit)
+    drawn = [labels[i] for i in chosen]
+    assert len(drawn) == len(set(drawn)) == limit
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):  # the per-class image orders are drawn first
+        torch.randperm(50, generator=generator)
+    assert set(drawn) == set(torch.randperm(200, generator=generator)[:limit].tolist())
+    assert limit < 50 or max(drawn) >= limit  # not the lowest labels
+
+
 def jpeg(path, seed, size=(30, 40)):
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
@@ -2294,6 +2310,8 @@ def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_c
     assert after["results"][0] == before["results"][0] and [e["attack"] for e in after["results"]] == [
         "pgd", "cw", "worst"]
     pgd, cw, worst = after["results"]
+    assert after["test_indices_sha256"] == {"oxford_pets": hashlib.sha256(json.dumps(list(range(pgd["n"]))).encode())
+                                            .hexdigest()}  # the test images evaluated, recorded
     both = [np.unpackbits(np.frombuffer(bytes.fromhex(e["correct"]), np.uint8), count=e["n"]) for e in (pgd, cw)]
     assert worst["adv_acc"] == (both[0] & both[1]).mean() and worst["attacks"] == ["pgd", "cw"]
 
