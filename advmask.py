@@ -654,43 +654,46 @@ def adversarial_mask_tuning(clip, images, labels, class_names, templates=("a pho
 # Attack adapters: AutoAttack's APGD (torchattacks), every attack by name in the convention evaluate calls, and the
 # per-image worst case over several
 
-DLR_MIN_CLASSES = 4  # the targeted DLR loss divides by the gap to the 4th-largest logit
+# The DLR loss divides by the gap to the 3rd-largest logit, the targeted one by the gap to the 4th
+DLR_MIN_CLASSES = {"dlr": 3, "dlr-targeted": 4}
 
 
-def apgd_attack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, targeted=False, generator=None):
+def apgd_attack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, loss="ce", generator=None):
     """APGD (Croce & Hein, 2020), torchattacks' implementation: l∞, with a step size adapted to the loss's progress.
 
-    targeted=False is APGD-CE, untargeted on the cross-entropy; True is APGD-T, the targeted DLR loss towards each of
-    the top min(9, C − 1) other classes in turn, as AutoAttack runs it (C ≥ 4). torchattacks takes a seed, not a
-    generator: the seed is drawn from generator (0 without one). An image the attack does not break comes back clean.
+    loss "ce" is APGD-CE and "dlr" APGD-DLR, untargeted; "dlr-targeted" is APGD-T, the targeted DLR loss towards each
+    of the top min(9, C − 1) other classes in turn, as AutoAttack runs it. torchattacks takes a seed, not a generator:
+    the seed is drawn from generator (0 without one). An image the attack does not break comes back clean.
     Example:
-        >>> x_adv = apgd_attack(classifier, x, y, eps=1/255, steps=100, targeted=True)
+        >>> x_adv = apgd_attack(classifier, x, y, eps=1/255, steps=100, loss="dlr-targeted")
     """
     seed = 0 if generator is None else int(torch.randint(2**31 - 1, (), generator=generator, device=generator.device))
     with torch.no_grad():
         n_classes = model(images[:1]).shape[1]
-    if targeted and n_classes < DLR_MIN_CLASSES:
-        raise ValueError(f"APGD-T's targeted DLR loss needs at least {DLR_MIN_CLASSES} classes, not {n_classes}; use "
+    if n_classes < DLR_MIN_CLASSES.get(loss, 0):
+        raise ValueError(f"APGD's {loss} loss needs at least {DLR_MIN_CLASSES[loss]} classes, not {n_classes}; use "
                          f"APGD-CE or PGD")
-    if targeted:  # torchattacks targets the top n_classes − 1 other classes; AutoAttack's default is 9 of them
+    if loss == "dlr-targeted":  # torchattacks targets the top n_classes − 1 other classes; AutoAttack's default is 9
         attack = torchattacks.APGDT(model, eps=eps, steps=steps, seed=seed, n_classes=min(10, n_classes))
     else:
-        attack = torchattacks.APGD(model, eps=eps, steps=steps, seed=seed, loss="ce")
+        attack = torchattacks.APGD(model, eps=eps, steps=steps, seed=seed, loss=loss)
     return attack(images, labels).detach()
 
 
-def autoattack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, generator=None):
-    """AutoAttack as the CLIP robustness literature runs it: APGD-CE, then APGD-T from the clean images on those
-    APGD-CE did not break, so the second stage can only remove images from the robust set. Each stage draws its seed
-    from generator, so the first is exactly apgd_attack's APGD-CE.
+def autoattack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, second="dlr-targeted", generator=None):
+    """AutoAttack as CLIP robustness work runs it: APGD-CE, then a second APGD from the clean images on those APGD-CE
+    did not break, so the second stage can only remove images from the robust set. second "dlr-targeted" (APGD-T) is
+    RobustVLM/FARE's; "dlr" (untargeted APGD-DLR) is TGA-ZSR's, which runs APGD-CE alone on 2-class sets (PCAM),
+    where DLR is undefined. Each stage draws its seed from generator, so the first is exactly apgd_attack's APGD-CE.
     Example:
         >>> x_adv = autoattack(classifier, x, y, eps=1/255)
     """
-    x_adv = apgd_attack(model, images, labels, eps, steps, False, generator)
+    x_adv = apgd_attack(model, images, labels, eps, steps, "ce", generator)
     with torch.no_grad():
-        robust = model(x_adv).argmax(1) == labels  # (B,)
-    if robust.any():
-        x_adv[robust] = apgd_attack(model, images[robust], labels[robust], eps, steps, True, generator)
+        logits = model(x_adv)
+    robust = logits.argmax(1) == labels  # (B,)
+    if robust.any() and not (second == "dlr" and logits.shape[1] < DLR_MIN_CLASSES["dlr"]):
+        x_adv[robust] = apgd_attack(model, images[robust], labels[robust], eps, steps, second, generator)
     return x_adv
 
 
@@ -701,23 +704,26 @@ def cw_loss(logits, labels):
     return (z_other - z_y).mean()
 
 
-ATTACKS = ("pgd", "cw", "apgd-ce", "apgd-t", "aa")
-MIN_CLASSES = {"apgd-t": DLR_MIN_CLASSES, "aa": DLR_MIN_CLASSES}
+ATTACKS = ("pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "aa", "aa-tga-zsr")
+MIN_CLASSES = {"apgd-dlr": DLR_MIN_CLASSES["dlr"], "apgd-t": DLR_MIN_CLASSES["dlr-targeted"],
+               "aa": DLR_MIN_CLASSES["dlr-targeted"]}
 
 
 def make_attack(name, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST_STEPS):
     """An attack of ATTACKS as evaluate calls it, attack(model, x, y, generator=g) -> x_adv: "pgd" and "cw" are PGD on
-    the cross-entropy and on the CW margin; "apgd-ce", "apgd-t" and "aa" (APGD-CE, then APGD-T) are seeded from g.
+    the cross-entropy and on the CW margin; "apgd-ce", "apgd-dlr", "apgd-t", "aa" (APGD-CE, then APGD-T) and
+    "aa-tga-zsr" (APGD-CE, then APGD-DLR) are seeded from g.
     Example:
         >>> evaluate(model, x_u8, y, {name: make_attack(name, eps=4/255) for name in ("pgd", "aa")})
     """
     if name in ("pgd", "cw"):
         return partial(pgd_attack, eps=eps, alpha=alpha, steps=steps, random_start=True,
                        loss_fn=F.cross_entropy if name == "pgd" else cw_loss)
-    if name == "aa":
-        return partial(autoattack, eps=eps, steps=steps)
-    if name in ("apgd-ce", "apgd-t"):
-        return partial(apgd_attack, eps=eps, steps=steps, targeted=name == "apgd-t")
+    if name in ("aa", "aa-tga-zsr"):
+        return partial(autoattack, eps=eps, steps=steps, second="dlr-targeted" if name == "aa" else "dlr")
+    if name in ("apgd-ce", "apgd-dlr", "apgd-t"):
+        return partial(apgd_attack, eps=eps, steps=steps,
+                       loss={"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-targeted"}[name])
     raise ValueError(f"unknown attack {name!r}; use one of {', '.join(ATTACKS)}")
 
 
@@ -2351,8 +2357,10 @@ def parse_args(argv):
     p.add_argument("--train-alpha", type=_per255, default=TRAIN_ALPHA * 255, help="its step, in /255 units")
     p.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="training PGD's steps")
     p.add_argument("--attack", type=_list(str), default="pgd",
-                   help="comma-separated: pgd (CE loss), cw (CW margin), apgd-ce, apgd-t, aa (AutoAttack: APGD-CE "
-                        "then APGD-T); with several, results also get the per-image worst case")
+                   help="comma-separated: pgd (CE loss), cw (CW margin), apgd-ce, apgd-dlr, apgd-t, aa (AutoAttack "
+                        "as RobustVLM/FARE run it: APGD-CE then APGD-T), aa-tga-zsr (as TGA-ZSR runs it: APGD-CE then "
+                        "APGD-DLR, APGD-CE alone on 2 classes); with several, results also get the per-image worst "
+                        "case")
     p.add_argument("--test-eps", type=_list(_per255), default=f"{TEST_EPS * 255:g}",
                    help="comma-separated, in /255 units: 1,4 or 1/255,4/255")
     p.add_argument("--test-alpha", type=_per255, default=TEST_ALPHA * 255, help="the attacks' step, in /255 units")
@@ -2645,7 +2653,7 @@ def run(args, device):
         for attack in args.attack:
             if len(names) < MIN_CLASSES.get(attack, 0):
                 raise ValueError(f"class set {name!r} has {len(names)} classes, fewer than the {MIN_CLASSES[attack]} "
-                                 f"that {attack}'s targeted DLR loss needs; use apgd-ce, pgd or cw for it instead")
+                                 f"that {attack}'s DLR loss needs; use apgd-ce, pgd, cw or aa-tga-zsr for it instead")
     # one text-tower pass per class set; the classifiers share the one image tower, which the mask then changes
     classifiers = {name: ClipClassifier(clip, names, templates, tokenizer)
                    for name, (_, names, templates) in sets.items()}

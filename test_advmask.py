@@ -873,10 +873,11 @@ def test_evaluate_runs_every_attack_make_attack_builds_and_refuses_float_images(
         am.train(model, scores, x.double() / 255, y, epochs=1)
 
 
-@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "aa"])
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "aa", "aa-tga-zsr"])
 @pytest.mark.parametrize("training", [True, False])
 def test_apgd_attacks_stay_in_the_ball_and_leave_no_trace(name, training):
-    """APGD-CE, APGD-T and AutoAttack images lie within ε in l∞ and in [0, 1]; no .grad, mode and scores unchanged."""
+    """APGD-CE, APGD-DLR, APGD-T and both AutoAttacks' images lie within ε in l∞ and in [0, 1]; no .grad, mode and
+    scores unchanged."""
     model = tiny_classifier(n_classes=5)
     am.apply_masks(model)
     randomize_scores(model, 3)
@@ -903,10 +904,27 @@ def test_autoattack_is_never_above_its_apgd_ce_stage():
     assert result["aa"]["adv_acc"] <= result["apgd-ce"]["adv_acc"] < 1
 
 
-def test_apgd_t_refuses_fewer_than_four_classes():
-    """The targeted DLR loss needs the 4th-largest logit: three classes are a ValueError that says what to use."""
-    with pytest.raises(ValueError, match="at least 4 classes, not 3; use APGD-CE or PGD"):
-        am.apgd_attack(tiny_classifier(n_classes=3), images(2), torch.tensor([0, 1]), targeted=True)
+def test_apgd_t_refuses_fewer_than_four_classes_and_apgd_dlr_fewer_than_three():
+    """The targeted DLR loss needs the 4th-largest logit, the untargeted one the 3rd: fewer classes are a ValueError
+    that says what to use."""
+    with pytest.raises(ValueError, match="dlr-targeted loss needs at least 4 classes, not 3; use APGD-CE or PGD"):
+        am.apgd_attack(tiny_classifier(n_classes=3), images(2), torch.tensor([0, 1]), loss="dlr-targeted")
+    with pytest.raises(ValueError, match="dlr loss needs at least 3 classes, not 2; use APGD-CE or PGD"):
+        am.apgd_attack(tiny_classifier(n_classes=2), images(2), torch.tensor([0, 1]), loss="dlr")
+
+
+def test_tga_zsrs_autoattack_adds_apgd_dlr_and_on_two_classes_is_apgd_ce_alone():
+    """aa-tga-zsr (APGD-CE, then untargeted APGD-DLR on what survived) keeps no image its APGD-CE stage broke, and on
+    a 2-class set (PCAM), where DLR is undefined, it is exactly APGD-CE, as TGA-ZSR runs it there."""
+    for n_classes in (6, 2):
+        model = am.bake_masks(tiny_classifier(n_classes=n_classes).requires_grad_(False))
+        x_u8, y = synthetic_training_set(n_classes, 4, seed=9)
+        names = ("apgd-ce", "aa-tga-zsr") + (("apgd-dlr",) if n_classes > 2 else ())
+        result = am.evaluate(model, x_u8, y, {name: am.make_attack(name, 8 / 255, 8 / 255, 5) for name in names},
+                             batch_size=8)["attacks"]
+        assert not (result["aa-tga-zsr"]["correct"] & ~result["apgd-ce"]["correct"]).any()
+        if n_classes == 2:
+            assert torch.equal(result["aa-tga-zsr"]["correct"], result["apgd-ce"]["correct"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2459,9 +2477,9 @@ def bad_input_cases(files):
         (["--lam", "-1"], "--lam must be 0 or more"),
         (["--mask-target", "heads"], "argument --mask-target: invalid choice: 'heads'"),
         (["--loss", "ce+trades"], "argument --loss: invalid choice: 'ce+trades'"),
-        (["--attack", "fgsm"], "--attack takes a comma-separated list of pgd, cw, apgd-ce, apgd-t, aa"),
+        (["--attack", "fgsm"], "--attack takes a comma-separated list of pgd, cw, apgd-ce, apgd-dlr, apgd-t, aa"),
         ([*tiny, "--protocol", "base2new", "--attack", "pgd,aa"],
-         "class set 'base' has 2 classes, fewer than the 4 that aa's targeted DLR loss needs; use apgd-ce, pgd or cw"),
+         "class set 'base' has 2 classes, fewer than the 4 that aa's DLR loss needs; use apgd-ce, pgd, cw or aa-tga-zsr"),
         (["--split-dir", str(files / "nowhere")], "--split-dir " + str(files / "nowhere") + " is not a folder"),
         (["--eval-precision", "fp16"], "argument --eval-precision: invalid choice: 'fp16'"),
         (["--split-dir", str(files), "--split-json", str(files / "tiny.pt")], "(a folder for every dataset), not both"),
