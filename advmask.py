@@ -1403,7 +1403,10 @@ def _fixed_split(name, whole):
     # CoOp drops Caltech101's Faces_easy (the subjects of Faces again): 100 classes, later labels move up; we drop
     # Caltech-256's clutter class likewise (no object to name), leaving its 256 object classes
     if name in ("caltech101", "caltech256"):
-        gone = whole.categories.index("Faces_easy" if name == "caltech101" else "257.clutter")
+        dropped = "Faces_easy" if name == "caltech101" else "257.clutter"
+        if dropped not in whole.categories:  # load_dataset turns this into its one-line layout error
+            raise FileNotFoundError(f"no class folder {dropped}")
+        gone = whole.categories.index(dropped)
         del classes[gone]
         order = [i for i in order if labels[i] != gone]
         labels = [y - (y > gone) for y in labels]

@@ -1347,6 +1347,15 @@ def fabricate_caltech101(root, classes=("BACKGROUND_Google", "Faces", "Faces_eas
             jpeg(Path(root) / "caltech101" / "101_ObjectCategories" / c / f"image_{n:04d}.jpg", n)
 
 
+def test_a_caltech_tree_without_the_class_it_drops_gets_the_layout_error(tmp_path):
+    """A Caltech101 tree without Faces_easy (the class dropped, as CoOp does) is the usual one-line layout error, not
+    a bare ValueError of list.index."""
+    fabricate_caltech101(tmp_path, classes=("BACKGROUND_Google", "Faces", "Leopards"))
+    with pytest.raises(ValueError, match=r"^caltech101 could not be loaded from .* \(no class folder Faces_easy\); it "
+                                         r"is read from caltech101/101_ObjectCategories"):
+        am.load_dataset("caltech101", tmp_path, PRE, download=False)
+
+
 def fabricate_stanford_cars(root, names=("AM General Hummer SUV 2000", "Acura RL Sedan 2012")):
     """Stanford Cars as torchvision reads it: devkit/cars_meta.mat, the two annotation .mat files, the image folders."""
     import scipy.io
