@@ -1630,13 +1630,15 @@ def _heading(finished, entry):
 
 def _basis(finished, dataset, entry):
     """(what, value) pairs that must agree across the seeds of a summary cell: the split source of the datasets the
-    entry rests on, the settings of SAME_BASIS, the identity of the model evaluated (SAME_MODEL; a --baseline folder's
+    entry rests on, its prompts (templates and class names, by their sha256), the settings of SAME_BASIS, the identity of the model evaluated (SAME_MODEL; a --baseline folder's
     own), and for a worst-case entry the attacks it is the worst of."""
     settings = finished.get("settings", {})
     identity = settings.get("model_identity" if entry["model"] in MODEL_NAMES else "baseline_identity") or {}
     if settings.get("pretrained") == "none" and entry["model"] in MODEL_NAMES:  # random weights, drawn from the seed
         identity = {**identity, "weights_sha256": "random"}
+    prompts = finished.get("class_sets", {}).get(entry["eval"])  # the prompts are template.format(class), in order
     return (("splits", _split_source(finished.get("splits"), dataset, entry["eval"])),
+            ("prompts", hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:12] if prompts else "unrecorded"),
             *((k, entry[k] if k in CELL_SETTINGS and k in entry else settings.get(k, "unrecorded"))
               for k in SAME_BASIS),
             *((f"model {k}", json.dumps(identity.get(k, "unrecorded"))) for k in SAME_MODEL),
@@ -2734,7 +2736,8 @@ def run(args, device):
             "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
             "sparsity": sparsity, "splits": splits, "seconds": time.perf_counter() - start, "phases": phases,
             "complete": complete, "results": results, "train_log": history, "settings": settings,
-            "test_indices_sha256": subsets})
+            "test_indices_sha256": subsets, "class_sets": {name: {"templates": templates, "classes": names}
+                                                          for name, (_, names, templates) in sets.items()}})
 
     subsets = previous.get("test_indices_sha256", {})  # dataset -> sha256 of the JSON list of test images evaluated
     save(complete=False)

@@ -1074,6 +1074,24 @@ def test_summarize_gives_each_evaluation_basis_a_table_of_its_own_named_in_its_h
     assert [t["**Average**"] for t in tables] == [["60.0", "30.0"], ["40.0", "10.0"], ["20.0", "5.0"]]
 
 
+def test_results_record_each_class_sets_prompts_and_summarize_refuses_seeds_whose_prompts_differ(tmp_path,
+                                                                                               monkeypatch):
+    """results.json records, per evaluated class set, its templates and class names in label order (the prompts are
+    template.format(name)); two seeds of a cell whose prompts differ are refused, naming the prompts."""
+    monkeypatch.chdir(tmp_path)
+    am.main(dry_run_args("out", 1))
+    recorded = json.loads((tmp_path / "out" / "results.json").read_text())["class_sets"]
+    assert recorded == {"oxford_pets": {"templates": [am.DATASETS["oxford_pets"][0]],
+                                        "classes": [f"class {c}" for c in range(4)]}}
+    for seed, template in ((1, "a photo of a {}."), (2, "This is a photo of a {}")):
+        write_results(tmp_path / "runs", "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)])
+        path = tmp_path / "runs" / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
+        class_sets = {"dtd": {"templates": [template], "classes": ["banded", "zigzagged"]}}
+        path.write_text(json.dumps({**json.loads(path.read_text()), "class_sets": class_sets}))
+    with pytest.raises(ValueError, match=r"mixes prompts, \w{12} in .*seed1 and \w{12} in .*seed2"):
+        am.summarize(tmp_path / "runs")
+
+
 def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
     """Two seeds whose recorded model identities differ in the activation are refused, naming it; the same identity
     averages as usual."""
