@@ -2634,6 +2634,8 @@ def run(args, device):
                     missing = f"no CoOp split file {split_json.name} in {args.split_dir}" if coop else "CoOp has none"
                     print(f"{name}: {missing}; using its default split (README, 'Datasets and splits')")
                     split_json = None
+                elif name != args.dataset:  # an evaluated target: its test set changes with the file, so say so
+                    print(f"{name}: tested on the test list of CoOp's {split_json.name}, not on its default test split")
             d = load_dataset(name, args.data_root, identity["preprocess"], not args.no_download, split_json)
         splits[name] = d["split"]
         return d

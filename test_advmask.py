@@ -2180,8 +2180,9 @@ def test_cli_base2new_and_transfer_protocols(tiny_files, tmp_path):
 
 
 def test_cli_split_dir_picks_each_datasets_coop_file_and_falls_back(tiny_files, tmp_path):
-    """--split-dir uses split_zhou_OxfordPets.json for the source and split_zhou_DescribableTextures.json for DTD;
-    EuroSAT, with no file there, keeps its default split and says so in one line; results.json records each."""
+    """--split-dir uses split_zhou_OxfordPets.json for the source and split_zhou_DescribableTextures.json for DTD, a
+    target whose test set that changes, in one line; EuroSAT, with no file there, keeps its default split and says so
+    in one line; results.json records each."""
     splits = tmp_path / "coop_splits"
     splits.mkdir()
     pets = {"train": [[f"{b}_{n}.jpg", c, b.lower()] for c, b in enumerate(PET_CLASSES) for n in (1, 2)],
@@ -2199,6 +2200,8 @@ def test_cli_split_dir_picks_each_datasets_coop_file_and_falls_back(tiny_files, 
     assert [line for line in proc.stdout.splitlines() if "no CoOp split file" in line] == [
         f"eurosat: no CoOp split file split_zhou_EuroSAT.json in {splits}; using its default split (README, "
         f"'Datasets and splits')"]
+    assert [line for line in proc.stdout.splitlines() if "tested on the test list" in line] == [
+        "dtd: tested on the test list of CoOp's split_zhou_DescribableTextures.json, not on its default test split"]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     digest = {f: hashlib.sha256((splits / f).read_bytes()).hexdigest() for f in os.listdir(splits)}
     assert results["splits"] == {
