@@ -1334,19 +1334,21 @@ def _class_names(name, ds):
     return [CLASS_RENAMES.get(c, c.replace("_", " ")) for c in raw]
 
 
-def _tinyimagenet(root, transform):
+def _tinyimagenet(root, transform, train=True):
     """TinyImageNet as its zip unpacks: train = train/<wnid>/images/ (500 a class), test = val/images/ (50 a class,
     labelled by val/val_annotations.txt); classes in the sorted order of wnids.txt, each named by the first synonym of
-    its line in words.txt ("n01443537\tgoldfish, Carassius auratus" -> "goldfish"), as TGA-ZSR's class-name file."""
+    its line in words.txt ("n01443537\tgoldfish, Carassius auratus" -> "goldfish"), as TGA-ZSR's class-name file.
+    train=False reads the test images alone ("train" None)."""
     base = Path(root) / "tiny-imagenet-200"
     wnids = sorted((base / "wnids.txt").read_text().split())
     synonyms = dict(line.split("\t", 1) for line in (base / "words.txt").read_text().splitlines() if "\t" in line)
-    missing = [w for w in wnids if w not in synonyms or not (base / "train" / w / "images").is_dir()]
+    missing = [w for w in wnids if w not in synonyms or train and not (base / "train" / w / "images").is_dir()]
     if missing:
         raise ValueError(f"{base}/wnids.txt lists {missing[0]}, which has no line in words.txt or no folder "
                          f"train/{missing[0]}/images/: unpack tiny-imagenet-200.zip there again")
     label = {w: i for i, w in enumerate(wnids)}
-    train_files = [(path, label[w]) for w in wnids for path in sorted((base / "train" / w / "images").iterdir())
+    train_files = [(path, label[w]) for w in wnids * train
+                   for path in sorted((base / "train" / w / "images").iterdir())
                    if torchvision.datasets.folder.is_image_file(path.name)]
     test_files = []
     for line in (base / "val" / "val_annotations.txt").read_text().splitlines():  # file, wnid, bounding box
@@ -1356,7 +1358,8 @@ def _tinyimagenet(root, transform):
                              f"wnids.txt: unpack tiny-imagenet-200.zip there again")
         test_files.append((base / "val" / "images" / file, label[wnid]))
     classes = [synonyms[w].split(",")[0].strip().replace("_", " ") for w in wnids]
-    return {"train": ImageFiles(train_files, transform), "test": ImageFiles(test_files, transform)}, classes
+    return {"train": ImageFiles(train_files, transform) if train else None,
+            "test": ImageFiles(test_files, transform)}, classes
 
 
 def _imagenet_wnids(root):
@@ -1436,12 +1439,13 @@ def _fixed_split(name, whole):
     return [i for i in order if part(i) == "train"], [i for i in order if part(i) == "test"], labels, classes
 
 
-def load_dataset(name, root, preprocess, download=True, split_json=None):
+def load_dataset(name, root, preprocess, download=True, split_json=None, train=True):
     """A dataset's splits and class names, {"train": Split, "test": Split, "classes": [str], "split"}; "train" is None
     for the evaluation-only sets (ImageNet-V2, -Sketch, -A, -R). Images come as the model's preprocess_cfg says
     (image_transform), as uint8 (3, H, W) tensors. With split_json (CoOp's split_zhou_<Name>.json) its
     "train" and "test" lists and class names are used exactly, and "split" records the file and its sha256;
-    otherwise "split" is {"source": "default"} (see README)."""
+    otherwise "split" is {"source": "default"} (see README). train=False (a dataset only evaluated) reads the test
+    split alone, so only it need be on disk (ImageNet: val/ and torchvision's meta.bin), and "train" is None."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
     transform = image_transform(preprocess)
@@ -1455,18 +1459,19 @@ def load_dataset(name, root, preprocess, download=True, split_json=None):
             raise ValueError(f"{split_json} is not a readable CoOp split JSON ({type(e).__name__}: {e}); pass a "
                              f"split_zhou_<Name>.json") from None
         folder = Path(root) / image_dir
-        entries = parts["train"] + parts["test"]
+        entries = parts["train"] * train + parts["test"]
         missing = next((p for p, _, _ in entries if not (folder / p).is_file()), None)
         if missing is not None:
             raise ValueError(f"{split_json} lists {missing}, which is not under {folder}; put {name}'s images there")
         names = dict(sorted({(label, cname.replace("_", " ")) for _, label, cname in entries}))
         split = {"source": "coop", "file": Path(split_json).name, "sha256": hashlib.sha256(raw).hexdigest()}
         return {part: ImageFiles([(folder / p, label) for p, label, _ in items], transform)
+                if train or part == "test" else None
                 for part, items in parts.items()} | {"classes": [names[c] for c in range(len(names))], "split": split}
     created = [f for f in (Path(root), Path(root) / image_dir.split("/")[0]) if not f.exists()]  # by a download
     try:
         if name == "tinyimagenet":
-            parts, classes = _tinyimagenet(root, transform)
+            parts, classes = _tinyimagenet(root, transform, train)
         elif train_splits == ():  # an evaluation-only test set
             test, classes = _imagenet_variant(name, root, transform)
             parts = {"train": None, "test": test}
@@ -1476,12 +1481,12 @@ def load_dataset(name, root, preprocess, download=True, split_json=None):
             parts = {"train": Split(whole, train_idx, [labels[i] for i in train_idx]),
                      "test": Split(whole, test_idx, [labels[i] for i in test_idx])}
         else:
-            train_parts = [_torchvision_dataset(name, root, s, transform, download) for s in train_splits]
             test = _torchvision_dataset(name, root, test_split, transform, download)
-            joined = torch.utils.data.ConcatDataset(train_parts)
-            classes = _class_names(name, train_parts[0])
-            parts = {"train": Split(joined, range(len(joined)), sum((_labels(d) for d in train_parts), [])),
-                     "test": Split(test, range(len(test)), _labels(test))}
+            train_parts = [_torchvision_dataset(name, root, s, transform, download) for s in train_splits * train]
+            joined = torch.utils.data.ConcatDataset(train_parts) if train else None
+            classes = _class_names(name, test)  # a split's class list is the dataset's
+            parts = {"train": Split(joined, range(len(joined)), sum((_labels(d) for d in train_parts), []))
+                     if train else None, "test": Split(test, range(len(test)), _labels(test))}
     except (RuntimeError, OSError) as e:  # how torchvision, and file reads, report a missing or odd tree
         for made in created:  # a failed download, or torchvision's own mkdir, leaves empty or partial folders
             shutil.rmtree(made, ignore_errors=True)
@@ -2620,7 +2625,7 @@ def run(args, device):
     settings = {**vars(args), "device": str(device), "model_identity": identity}
     splits = {}  # dataset -> which split it used: default, CoOp's file (with its sha256) or synthetic
 
-    def data(name):
+    def data(name, train=True):  # train=False: a dataset only evaluated, read from its test split alone
         if args.synthetic or args.dry_run:  # every dataset name gets synthetic data of its own
             n_classes, n_test = DATASET_SIZES[name] if args.synthetic else (4, 4 * max(args.shots, 4))
             d = synthetic_dataset(n_classes, args.shots if args.synthetic else max(args.shots, 4), n_test, size,
@@ -2636,7 +2641,7 @@ def run(args, device):
                     split_json = None
                 elif name != args.dataset:  # an evaluated target: its test set changes with the file, so say so
                     print(f"{name}: tested on the test list of CoOp's {split_json.name}, not on its default test split")
-            d = load_dataset(name, args.data_root, identity["preprocess"], not args.no_download, split_json)
+            d = load_dataset(name, args.data_root, identity["preprocess"], not args.no_download, split_json, train)
         splits[name] = d["split"]
         return d
 
@@ -2652,7 +2657,7 @@ def run(args, device):
     elif args.protocol == "transfer":
         train_set, train_names = (None, None) if train_on is None else (train_on["train"], train_on["classes"])
         sets = {name: (d["test"], d["classes"], [_template(name, args.templates)]) for name in args.eval_datasets
-                for d in [data(name)]}
+                for d in [data(name, train=False)]}
     else:
         train_set, train_names = train_on["train"], train_on["classes"]
         sets = {args.dataset: (train_on["test"], train_names, template)}

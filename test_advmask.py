@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -1344,6 +1345,29 @@ def test_a_failed_download_leaves_nothing_and_says_what_fits(tmp_path, monkeypat
         with pytest.raises(ValueError, match="drop --no-download"):
             am.load_dataset(name, tmp_path / "data", PRE, download=False)
     assert list(tmp_path.iterdir()) == [tmp_path / "data"] and list((tmp_path / "data").iterdir()) == []
+
+
+def test_a_dataset_only_evaluated_needs_only_its_test_split(tmp_path):
+    """ImageNet from val/ and torchvision's meta.bin alone (no 140 GB training archive), and TinyImageNet without its
+    train/ folder, load for evaluation (train=False, as a transfer run loads its targets); training still needs
+    them."""
+    wnids = ["n01440764", "n01443537"]
+    base = tmp_path / "imagenet"
+    for w in wnids:
+        for n in range(2):
+            jpeg(base / "val" / w / f"ILSVRC2012_val_{w}_{n}.JPEG", n)
+    torch.save(({w: (w,) for w in wnids}, [w for w in wnids for _ in range(2)]), base / "meta.bin")
+    with pytest.raises(ValueError, match="imagenet could not be loaded"):
+        am.load_dataset("imagenet", tmp_path, PRE, download=False)
+    data = am.load_dataset("imagenet", tmp_path, PRE, download=False, train=False)
+    assert data["train"] is None and data["test"].targets == [0, 0, 1, 1]
+    assert data["classes"][:2] == ["tench", "goldfish"]
+    fabricate_tinyimagenet(tmp_path)
+    shutil.rmtree(tmp_path / "tiny-imagenet-200" / "train")
+    with pytest.raises(ValueError, match="no folder train/"):
+        am.load_dataset("tinyimagenet", tmp_path, PRE, download=False)
+    tiny = am.load_dataset("tinyimagenet", tmp_path, PRE, download=False, train=False)
+    assert tiny["train"] is None and len(tiny["test"]) > 0
 
 
 def test_imagenet_names_are_clips_curated_list_with_no_colliding_prompts():
