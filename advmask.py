@@ -1032,11 +1032,15 @@ def save_weights(model, path, target="mhsa", source=None, provenance=None):
         torch.cat([w.detach().float().flatten().cpu() for _, w in entries]).numpy().tobytes())
 
 
+def read_weights_file(path):
+    """(header, payload bytes) of a weights file, after checking that it is whole and intact."""
+    return read_checked_file(path, WEIGHTS_MAGIC, (1, WEIGHTS_FILE_FORMAT), lambda h: 4 * h["n_weights"], "weights")
+
+
 def load_weights(model, path, source=None):
     """Overwrite the model's weights with those of a file save_weights wrote, after checking that they fit, the rest
     of its weights included (source names them in the error)."""
-    header, payload = read_checked_file(path, WEIGHTS_MAGIC, (1, WEIGHTS_FILE_FORMAT), lambda h: 4 * h["n_weights"],
-                                        "weights")
+    header, payload = read_weights_file(path)
     entries = target_weights(model, header["target"])
     _check_fit(path, header, model, [(name, list(w.shape)) for name, w in entries], source, header["names"])
     values = torch.from_numpy(np.frombuffer(payload, np.float32).copy())
@@ -2608,9 +2612,7 @@ def run(args, device):
 
     if args.masks or args.weights:  # labelled, and its folder named, by what trained the file, where it records it
         path = args.masks or args.weights
-        header = (read_mask_file(path)[0] if args.masks else
-                  read_checked_file(path, WEIGHTS_MAGIC, (1, WEIGHTS_FILE_FORMAT), lambda h: 4 * h["n_weights"],
-                                    "weights")[0])
+        header = (read_mask_file if args.masks else read_weights_file)(path)[0]
         if "provenance" in header:
             vars(args).update(header["provenance"])
             print(f"{path} was trained on {args.dataset}, {args.shots} shot{'s' * (args.shots != 1)}, seed "
