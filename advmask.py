@@ -1144,17 +1144,48 @@ LAYOUTS = {
 }
 DOWNLOADABLE = {"caltech101", "oxford_pets", "flowers102", "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat",
                 "cifar10", "cifar100", "stl10", "caltech256", "pcam"}
-# --eval-datasets presets. coop: CoOp's suite less ImageNet (the transfer default); tga-zsr: the 16 datasets of
-# TGA-ZSR's zero-shot table, in its order (its TGA-ZSR.py); imagenet-shifts: the domain-generalisation test sets.
+# --conventions tga-zsr: TGA-ZSR's data as its code at commit 663fe57 makes it (utils.py: load_val_datasets,
+# get_text_prompts_val, refine_classname; replace/datasets/*.py), for its 16 test sets in its order (TGA-ZSR.py). Per
+# dataset: the prompt template (its dataset class's own, from which it forms clip_prompts, where it has one; else
+# utils.py's "This is a photo of a {}") and the characters its class names turn into spaces once lower-cased (its
+# classes' own "_-", FGVC's "_" alone, refine_classname's "_-/"). PCAM's prompts are two fixed sentences.
+TGA_ZSR_TEMPLATE = "This is a photo of a {}"
+TGA_ZSR = {
+    "tinyimagenet": (TGA_ZSR_TEMPLATE, "_-/"),
+    "cifar10": (TGA_ZSR_TEMPLATE, "_-/"),
+    "cifar100": (TGA_ZSR_TEMPLATE, "_-/"),
+    "stl10": (TGA_ZSR_TEMPLATE, "_-/"),
+    "food101": ("A photo of {}, a type of food.", "_-"),
+    "oxford_pets": ("A photo of a {}, a type of pet.", "_-"),
+    "flowers102": ("A photo of a {}, a type of flower.", "_-"),
+    "dtd": ("A surface with a {} texture.", "_-"),
+    "eurosat": ("A centered satellite photo of {}.", "_-"),
+    "fgvc_aircraft": ("A photo of a {}, a type of aircraft.", "_"),
+    "caltech101": (TGA_ZSR_TEMPLATE, "_-/"),
+    "caltech256": ("A photo of a {}.", "_-"),
+    "stanford_cars": ("A photo of a {}.", "_-"),
+    "pcam": ("{}", ""),
+    "imagenet": (TGA_ZSR_TEMPLATE, "_-/"),
+    "sun397": (TGA_ZSR_TEMPLATE, "_-/"),
+}
+TGA_ZSR_TRAIN = ("tinyimagenet", "cifar10", "cifar100", "imagenet")  # what its load_train_dataset can train on
+TGA_ZSR_WHOLE = ("caltech101", "caltech256", "eurosat", "sun397")  # tested on every image: it splits none of them
+TGA_ZSR_SQUASHED = ("cifar10", "cifar100", "stl10")  # Resize((224, 224)); the others Resize(256) + CenterCrop(224)
+# Its names where they are not torchvision's: EuroSAT's and PCAM's by label, Flowers102's spellings of four (sic)
+TGA_ZSR_EUROSAT = ["annual crop land", "a forest", "brushland or shrubland", "a highway or a road",
+                   "industrial buildings", "pasture land", "permanent crop land", "residential buildings", "a river",
+                   "a sea or a lake"]
+TGA_ZSR_PCAM = ["Tthis is a photo of healthy lymph node tissue.", "This is a photo of lymph node tumor tissue."]
+TGA_ZSR_FLOWERS = {"colt's foot": "colts foot", "pink-yellow dahlia": "pink-yellow dahlia?", "cyclamen": "cyclamen ",
+                   "hippeastrum": "hippeastrum "}
+# --eval-datasets presets. coop: CoOp's suite less ImageNet (the transfer default); tga-zsr: TGA-ZSR's 16, in its
+# order (the default under --conventions tga-zsr); imagenet-shifts: the domain-generalisation test sets.
 EVAL_PRESETS = {
     "coop": ["caltech101", "oxford_pets", "stanford_cars", "flowers102", "food101", "fgvc_aircraft", "sun397", "dtd",
              "eurosat", "ucf101"],
-    "tga-zsr": ["tinyimagenet", "cifar10", "cifar100", "stl10", "food101", "oxford_pets", "flowers102", "dtd",
-                "eurosat", "fgvc_aircraft", "caltech101", "caltech256", "stanford_cars", "pcam", "imagenet", "sun397"],
+    "tga-zsr": list(TGA_ZSR),
     "imagenet-shifts": ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"],
 }
-# --templates tga-zsr: TGA-ZSR's one template for every dataset, in training and evaluation (its TGA-ZSR.py)
-TGA_ZSR_TEMPLATE = "This is a photo of a {}"
 # CoOp's split file of each dataset (CoOp's DATASETS.md links them): --split-dir DIR reads DIR/split_zhou_<Name>.json.
 # ImageNet and FGVC Aircraft have none; CoOp uses their official splits, as we do.
 COOP_SPLIT_FILES = {"caltech101": "Caltech101", "oxford_pets": "OxfordPets", "stanford_cars": "StanfordCars",
@@ -1277,9 +1308,13 @@ def _rgb(image):
 def image_transform(preprocess):
     """PIL image -> the model's input as a uint8 (3, H, W) tensor: open_clip's own evaluation resize and crop for a
     preprocess_cfg (size, resize mode, interpolation, fill), without its ToTensor and Normalize (to_unit scales, the
-    classifier normalises)."""
-    ops = open_clip.image_transform(preprocess["size"], is_train=False, resize_mode=preprocess["resize_mode"],
-                                    interpolation=preprocess["interpolation"], fill_color=preprocess["fill_color"])
+    classifier normalises); a "resize" entry (tga_zsr_preprocess) resizes the shorter side to it before the crop."""
+    if "resize" in preprocess:  # open_clip's cfgs have none: their crop is the whole shorter side
+        ops = T.Compose([T.Resize(preprocess["resize"], T.InterpolationMode(preprocess["interpolation"])),
+                         T.CenterCrop(preprocess["size"])])
+    else:
+        ops = open_clip.image_transform(preprocess["size"], is_train=False, resize_mode=preprocess["resize_mode"],
+                                        interpolation=preprocess["interpolation"], fill_color=preprocess["fill_color"])
     # not open_clip's order: RGB first, before the resize, so that a palette image is resized as colours (PIL resizes
     # palette indices by nearest neighbour); identical for the RGB images of every dataset here
     return T.Compose([T.Lambda(_rgb), *[op for op in ops.transforms if not isinstance(op, (T.ToTensor, T.Normalize))],
@@ -1336,6 +1371,46 @@ def _class_names(name, ds):
     if name == "ucf101":  # "Apply_Eye_Makeup" (CoOp's folders) or "ApplyEyeMakeup" -> "Apply Eye Makeup"
         raw = [" ".join(re.findall(r"[A-Z][^A-Z]*", c.replace("_", ""))) or c for c in raw]
     return [CLASS_RENAMES.get(c, c.replace("_", " ")) for c in raw]
+
+
+def tga_zsr_preprocess(name, size):
+    """A dataset's resizing under --conventions tga-zsr, as image_transform takes it: TGA-ZSR's utils.py resizes CIFAR
+    and STL-10 straight to 224 × 224 and the others to 256 on the shorter side, then crops the centre 224 × 224, with
+    torchvision's default (bilinear) interpolation. not in TGA-ZSR: a model of another input size gets the same
+    ratios (for 224, exactly TGA-ZSR's)."""
+    cfg = {"size": size, "resize_mode": "squash", "interpolation": "bilinear", "fill_color": 0}
+    return cfg if name in TGA_ZSR_SQUASHED else {**cfg, "resize_mode": "shortest", "resize": round(size * 256 / 224)}
+
+
+def _tga_zsr_classes(name, ds, root, ours):
+    """Class names as TGA-ZSR's code words them, in our (its) label order, each prompt being its template.format(name)
+    (TGA_ZSR): from the torchvision dataset ds, TinyImageNet's first synonyms (ours), or ImageNet's names file."""
+    if name == "pcam":  # whole sentences: its PCAM class's clip_prompts
+        return list(TGA_ZSR_PCAM)
+    raw = (ours if name == "tinyimagenet" else TGA_ZSR_EUROSAT if name == "eurosat" else
+           [TGA_ZSR_FLOWERS.get(c, c) for c in FLOWERS102_CLASSES] if name == "flowers102" else
+           _tga_zsr_imagenet_names(root, ds.wnids) if name == "imagenet" else
+           ds.categories if name == "caltech101" else  # all 101: Faces and Faces_easy both (a mistake we follow)
+           [c[4:].replace("-101", "") for c in ds.categories] if name == "caltech256" else  # "257.clutter" kept
+           [f"Boeing {c}" if c[0] == "7" else c for c in ds.classes] if name == "fgvc_aircraft" else
+           [c[:-5] for c in ds.classes] if name == "stanford_cars" else  # the year cut off
+           ds.classes)
+    spaces = str.maketrans(TGA_ZSR[name][1], " " * len(TGA_ZSR[name][1]))
+    names = [c.lower().translate(spaces) for c in raw]
+    return [c.strip() for c in names] if name == "caltech256" else names
+
+
+def _tga_zsr_imagenet_names(root, wnids):
+    """ImageNet's names in TGA-ZSR's code: the third word of the line of each wnid in its imagenet_classes_names.txt
+    ("wnid number name", as its load_imagenet_folder2name reads it), which only its repository has."""
+    path = Path(root) / "imagenet" / "imagenet_classes_names.txt"
+    try:
+        names = {words[0]: words[2] for words in map(str.split, path.read_text().splitlines()) if words}
+        return [names[w] for w in wnids]
+    except (OSError, IndexError, KeyError) as e:
+        raise ValueError(f"ImageNet under --conventions tga-zsr is named by TGA-ZSR's imagenet_classes_names.txt, "
+                         f"which {path} is not ({type(e).__name__}: {e}); copy that file from "
+                         f"github.com/zhyblue424/TGA-ZSR there") from None
 
 
 def _tinyimagenet(root, transform, train=True):
@@ -1401,11 +1476,17 @@ def _imagenet_variant(name, root, transform):
     return Split(ds, range(len(ds)), [label[y] for y in ds.targets]), [open_clip.IMAGENET_CLASSNAMES[i] for i in kept]
 
 
-def _fixed_split(name, whole):
+def _fixed_split(name, whole, every_image=False):
     """(train indices, test indices, labels, class names) of a dataset that torchvision does not split: as close to
-    CoOp's as the official files allow, in CoOp's label order, and the same whatever order the files are listed in."""
+    CoOp's as the official files allow, in CoOp's label order, and the same whatever order the files are listed in.
+    every_image: every image is the test set, every class kept, as TGA-ZSR tests these datasets."""
     labels, classes = _labels(whole), _class_names(name, whole)
     order = list(range(len(labels)))  # the images that take part, in the order the split draws from
+    if name == "sun397":
+        files = [p.relative_to(whole._data_dir).as_posix() for p in whole._image_files]
+        order.sort(key=files.__getitem__)  # torchvision lists the files with rglob, in no fixed order
+    if every_image:
+        return [], order, labels, classes
     part = None  # image -> "train" / "test" / None (unused), where official files fix the split
     # CoOp drops Caltech101's Faces_easy (the subjects of Faces again): 100 classes, later labels move up; we drop
     # Caltech-256's clutter class likewise (no object to name), leaving its 256 object classes
@@ -1430,28 +1511,31 @@ def _fixed_split(name, whole):
                 raise ValueError(f"{path} is not named v_<Class>_gNN_cMM.jpg as CoOp's UCF-101-midframes are")
             groups.append(int(match.group(1)))
         part = lambda i: "test" if groups[i] <= 7 else "train"
-    elif name == "sun397":
-        files = [p.relative_to(whole._data_dir).as_posix() for p in whole._image_files]
-        order.sort(key=files.__getitem__)  # torchvision lists the files with rglob, in no fixed order
-        if (whole._data_dir / "Testing_01.txt").is_file():  # the official partition 1, which CoOp uses
-            listed = [{line.strip().lstrip("/") for line in (whole._data_dir / f).read_text().splitlines()}
-                      for f in ("Training_01.txt", "Testing_01.txt")]
-            part = lambda i: "train" if files[i] in listed[0] else "test" if files[i] in listed[1] else None
+    elif name == "sun397" and (whole._data_dir / "Testing_01.txt").is_file():  # official partition 1, CoOp's
+        listed = [{line.strip().lstrip("/") for line in (whole._data_dir / f).read_text().splitlines()}
+                  for f in ("Training_01.txt", "Testing_01.txt")]
+        part = lambda i: "train" if files[i] in listed[0] else "test" if files[i] in listed[1] else None
     if part is None:
         train_idx, test_idx = stratified_split([labels[i] for i in order])
         return [order[j] for j in train_idx], [order[j] for j in test_idx], labels, classes
     return [i for i in order if part(i) == "train"], [i for i in order if part(i) == "test"], labels, classes
 
 
-def load_dataset(name, root, preprocess, download=True, split_json=None, train=True):
+def load_dataset(name, root, preprocess, download=True, split_json=None, train=True, conventions="coop"):
     """A dataset's splits and class names, {"train": Split, "test": Split, "classes": [str], "split"}; "train" is None
-    for the evaluation-only sets (ImageNet-V2, -Sketch, -A, -R). Images come as the model's preprocess_cfg says
-    (image_transform), as uint8 (3, H, W) tensors. With split_json (CoOp's split_zhou_<Name>.json) its
-    "train" and "test" lists and class names are used exactly, and "split" records the file and its sha256;
-    otherwise "split" is {"source": "default"} (see README). train=False (a dataset only evaluated) reads the test
-    split alone, so only it need be on disk (ImageNet: val/ and torchvision's meta.bin), and "train" is None."""
+    for the evaluation-only sets (ImageNet-V2, -Sketch, -A, -R). Images come as preprocess (a preprocess_cfg, or
+    tga_zsr_preprocess) says (image_transform), as uint8 (3, H, W) tensors. With split_json (CoOp's
+    split_zhou_<Name>.json) its "train" and "test" lists and class names are used exactly, and "split" records the
+    file and its sha256; otherwise "split" is {"source": "default"} (see README). train=False (a dataset only
+    evaluated) reads the test split alone, so only it need be on disk (ImageNet: val/ and torchvision's meta.bin), and
+    "train" is None. conventions="tga-zsr": TGA-ZSR's class sets, test sets and names (split "tga-zsr"); the
+    datasets it tests on every image have no training split."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+    tga_zsr = conventions == "tga-zsr"
+    if tga_zsr and (name not in TGA_ZSR or split_json is not None):
+        raise ValueError(f"--conventions tga-zsr reads TGA-ZSR's 16 datasets as its code does, without CoOp's "
+                         f"splits; pass {name} without a split file, under --conventions coop")
     transform = image_transform(preprocess)
     _, train_splits, test_split, image_dir = DATASETS[name]
     if split_json is not None:
@@ -1474,18 +1558,19 @@ def load_dataset(name, root, preprocess, download=True, split_json=None, train=T
                 for part, items in parts.items()} | {"classes": [names[c] for c in range(len(names))], "split": split}
     created = [f for f in (Path(root), Path(root) / image_dir.split("/")[0]) if not f.exists()]  # by a download
     try:
+        ds = None  # the torchvision dataset whose class list is the dataset's
         if name == "tinyimagenet":
             parts, classes = _tinyimagenet(root, transform, train)
         elif train_splits == ():  # an evaluation-only test set
             test, classes = _imagenet_variant(name, root, transform)
             parts = {"train": None, "test": test}
         elif train_splits is None:
-            whole = _torchvision_dataset(name, root, None, transform, download)
-            train_idx, test_idx, labels, classes = _fixed_split(name, whole)
-            parts = {"train": Split(whole, train_idx, [labels[i] for i in train_idx]),
+            whole = ds = _torchvision_dataset(name, root, None, transform, download)
+            train_idx, test_idx, labels, classes = _fixed_split(name, whole, every_image=tga_zsr)
+            parts = {"train": None if tga_zsr else Split(whole, train_idx, [labels[i] for i in train_idx]),
                      "test": Split(whole, test_idx, [labels[i] for i in test_idx])}
         else:
-            test = _torchvision_dataset(name, root, test_split, transform, download)
+            test = ds = _torchvision_dataset(name, root, test_split, transform, download)
             train_parts = [_torchvision_dataset(name, root, s, transform, download) for s in train_splits * train]
             joined = torch.utils.data.ConcatDataset(train_parts) if train else None
             classes = _class_names(name, test)  # a split's class list is the dataset's
@@ -1497,6 +1582,8 @@ def load_dataset(name, root, preprocess, download=True, split_json=None, train=T
         fetch = ", or drop --no-download to let torchvision fetch it" if name in DOWNLOADABLE and not download else ""
         raise ValueError(f"{name} could not be loaded from {root} ({str(e).splitlines()[0]}); it is read from "
                          f"{LAYOUTS[name]} under {root}: put it there{fetch}") from None
+    if tga_zsr:
+        return {**parts, "classes": _tga_zsr_classes(name, ds, root, classes), "split": {"source": "tga-zsr"}}
     return {**parts, "classes": classes, "split": {"source": "default"}}
 
 
@@ -1603,8 +1690,8 @@ def _split_source(splits, *datasets):
 CELL_SETTINGS = ("test_steps", "test_alpha", "eval_precision", "eval_limit")
 # What a results entry's numbers rest on besides its seed: runs that differ in any of these are not averaged together.
 # The model and its weights, the data (synthetic or dry run), the prompts, the training and the evaluation settings.
-SAME_BASIS = ("model", "pretrained", "synthetic", "dry_run", "templates", "mask_target", "loss", "lam", "lr", "epochs",
-              "batch_size", "train_eps", "train_alpha", "train_steps", "precision", "test_alpha", "test_steps",
+SAME_BASIS = ("model", "pretrained", "synthetic", "dry_run", "conventions", "mask_target", "loss", "lam", "lr",
+              "epochs", "batch_size", "train_eps", "train_alpha", "train_steps", "precision", "test_alpha", "test_steps",
               "eval_precision", "eval_limit")
 # What identifies the model evaluated besides its name and tag or file (load_clip's identity): the network and the
 # weights themselves. open_clip's version is recorded beside them, not compared.
@@ -1632,22 +1719,24 @@ def _heading(finished, entry):
         words.append(f"at most {get('eval_limit')} test images per dataset")
     if get("eval_precision") not in (None, "fp32"):  # EVAL_PRECISION, the default
         words.append(f"{get('eval_precision')} evaluation")
-    if s.get("templates") not in (None, "coop"):
-        words.append(f"{s['templates']} prompts")
+    if s.get("conventions") not in (None, "coop"):
+        words.append(f"{s['conventions']} conventions")
     return "; ".join(w for w in words if w)
 
 
 def _basis(finished, dataset, entry):
     """(what, value) pairs that must agree across the seeds of a summary cell: the split source of the datasets the
-    entry rests on, its prompts (templates and class names, by their sha256), the settings of SAME_BASIS, the identity of the model evaluated (SAME_MODEL; a --baseline folder's
-    own), and for a worst-case entry the attacks it is the worst of."""
+    entry rests on, its class set as recorded (templates, class names, test-set size and resizing, by their sha256),
+    the settings of SAME_BASIS, the identity of the model evaluated (SAME_MODEL; a --baseline folder's own), and for
+    a worst-case entry the attacks it is the worst of."""
     settings = finished.get("settings", {})
     identity = settings.get("model_identity" if entry["model"] in MODEL_NAMES else "baseline_identity") or {}
     if settings.get("pretrained") == "none" and entry["model"] in MODEL_NAMES:  # random weights, drawn from the seed
         identity = {**identity, "weights_sha256": "random"}
-    prompts = finished.get("class_sets", {}).get(entry["eval"])  # the prompts are template.format(class), in order
+    class_set = finished.get("class_sets", {}).get(entry["eval"])  # the prompts are template.format(class), in order
     return (("splits", _split_source(finished.get("splits"), dataset, entry["eval"])),
-            ("prompts", hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:12] if prompts else "unrecorded"),
+            ("prompts and resizing", hashlib.sha256(json.dumps(class_set).encode()).hexdigest()[:12] if class_set
+             else "unrecorded"),
             *((k, entry[k] if k in CELL_SETTINGS and k in entry else settings.get(k, "unrecorded"))
               for k in SAME_BASIS),
             *((f"model {k}", json.dumps(identity.get(k, "unrecorded"))) for k in SAME_MODEL),
@@ -2326,9 +2415,10 @@ def parse_args(argv):
     p.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate a fixed, class-balanced subset of at most this many test images per evaluated "
                         "dataset, the same for every run (default: the whole test split)")
-    p.add_argument("--templates", default="coop", choices=["coop", "tga-zsr"],
-                   help=f"prompt templates, in training and evaluation: each dataset's own (CoOp's) or TGA-ZSR's "
-                        f"one {TGA_ZSR_TEMPLATE!r} for all")
+    p.add_argument("--conventions", default="coop", choices=["coop", "tga-zsr"],
+                   help="the data's conventions, in training and evaluation: coop (CoOp's templates, names, class "
+                        "sets and splits; the model's resizing) or tga-zsr (TGA-ZSR's code exactly: its prompts, "
+                        "names, class sets, test sets and resizing, its 16 test sets by default; see README)")
     p.add_argument("--masks", default=None, help="transfer: evaluate this mask file instead of training one")
     p.add_argument("--tune", default=None, choices=list(TUNED_MODEL),
                    help="mask: AdvMask; weights: adversarial fine-tuning of the same weights (--mask-target) with "
@@ -2436,7 +2526,8 @@ def parse_args(argv):
     if not args.attack or not set(args.attack) <= set(ATTACKS):
         p.error(f"--attack takes a comma-separated list of {', '.join(ATTACKS)}")
     unused_eval_datasets = args.eval_datasets is not None and args.protocol != "transfer"
-    args.eval_datasets = ["coop"] if args.eval_datasets is None else args.eval_datasets
+    tga_zsr = args.conventions == "tga-zsr"
+    args.eval_datasets = [args.conventions] if args.eval_datasets is None else args.eval_datasets
     unknown = [name for name in args.eval_datasets if name not in DATASETS and name not in EVAL_PRESETS]
     if unknown or not args.eval_datasets:
         p.error(f"--eval-datasets: {unknown[0] if unknown else 'nothing'} is neither a dataset nor a preset; "
@@ -2449,6 +2540,20 @@ def parse_args(argv):
     if args.split_dir and not Path(args.split_dir).is_dir():
         p.error(f"--split-dir {args.split_dir} is not a folder; pass the folder that holds CoOp's "
                 f"split_zhou_<Name>.json files")
+    if tga_zsr:  # TGA-ZSR's data only, as its code reads it
+        others = [d for d in args.eval_datasets * (args.protocol == "transfer") if d not in TGA_ZSR]
+        if others:
+            p.error(f"--conventions tga-zsr covers TGA-ZSR's 16 test sets, not {others[0]}; evaluate it in a run "
+                    f"under --conventions coop")
+        if args.dataset not in TGA_ZSR_TRAIN and not (args.masks or args.weights):
+            p.error(f"--conventions tga-zsr trains where TGA-ZSR's code can ({', '.join(TGA_ZSR_TRAIN)}); pass one "
+                    f"of them as --dataset, or --conventions coop")
+        if args.split_json:
+            p.error("--split-json gives CoOp's split, which --conventions tga-zsr does not use; drop it")
+        if args.split_dir:  # a sweep may pass it to every cell: said, not refused
+            print("--split-dir: --conventions tga-zsr uses TGA-ZSR's test sets, not CoOp's splits; it is ignored",
+                  file=sys.stderr)
+            args.split_dir = None
     for flag, values in (("attack", args.attack), ("test-eps", [f"{eps:g}" for eps in args.test_eps])):
         repeated = next((v for v in values if values.count(v) > 1), None)
         if repeated is not None:
@@ -2557,9 +2662,9 @@ def _cell_label(attack, eps):
 TUNED_MODEL = {"mask": "advmask", "weights": "adv_ft"}
 
 
-def _template(dataset, templates):
-    """The prompt template of a dataset under --templates: its own (CoOp's) or TGA-ZSR's one for all."""
-    return TGA_ZSR_TEMPLATE if templates == "tga-zsr" else DATASETS[dataset][0]
+def _template(dataset, conventions):
+    """The prompt template of a dataset under --conventions: CoOp's (or CLIP's) or TGA-ZSR's."""
+    return TGA_ZSR[dataset][0] if conventions == "tga-zsr" else DATASETS[dataset][0]
 
 
 def _cell_key(row):
@@ -2625,7 +2730,8 @@ def run(args, device):
     clip, source = clip.to(device), describe(identity)
     size = clip.visual.image_size[0]
     settings = {**vars(args), "device": str(device), "model_identity": identity}
-    splits = {}  # dataset -> which split it used: default, CoOp's file (with its sha256) or synthetic
+    splits = {}  # dataset -> which split it used: default, CoOp's file (with its sha256), TGA-ZSR's or synthetic
+    resizing = {}  # dataset -> how its images were resized and cropped (tga_zsr_preprocess or the model's)
 
     def data(name, train=True):  # train=False: a dataset only evaluated, read from its test split alone
         if args.synthetic or args.dry_run:  # every dataset name gets synthetic data of its own
@@ -2633,6 +2739,8 @@ def run(args, device):
             d = synthetic_dataset(n_classes, args.shots if args.synthetic else max(args.shots, 4), n_test, size,
                                   seed=list(DATASETS).index(name))
         else:
+            resizing[name] = (tga_zsr_preprocess(name, size) if args.conventions == "tga-zsr" else
+                              identity["preprocess"])
             split_json = args.split_json if name == args.dataset else None
             if args.split_dir:
                 coop = COOP_SPLIT_FILES.get(name)
@@ -2643,14 +2751,15 @@ def run(args, device):
                     split_json = None
                 elif name != args.dataset:  # an evaluated target: its test set changes with the file, so say so
                     print(f"{name}: tested on the test list of CoOp's {split_json.name}, not on its default test split")
-            d = load_dataset(name, args.data_root, identity["preprocess"], not args.no_download, split_json, train)
+            d = load_dataset(name, args.data_root, resizing[name], not args.no_download, split_json, train,
+                             args.conventions)
         splits[name] = d["split"]
         return d
 
     # what is trained on, and the class sets evaluated: name -> (test split, class names, prompt templates)
     train_on = None if args.masks or args.weights else data(args.dataset)
     settings["train_split"] = splits.get(args.dataset)  # the training data as it decides the mask, not its folder
-    template = [_template(args.dataset, args.templates)]
+    template = [_template(args.dataset, args.conventions)]
     if args.protocol == "base2new":
         base_train, _, n_base = base_new_split(train_on["train"], len(train_on["classes"]))
         base_test, new_test, _ = base_new_split(train_on["test"], len(train_on["classes"]))
@@ -2658,7 +2767,7 @@ def run(args, device):
         sets = {"base": (base_test, train_names, template), "new": (new_test, train_on["classes"][n_base:], template)}
     elif args.protocol == "transfer":
         train_set, train_names = (None, None) if train_on is None else (train_on["train"], train_on["classes"])
-        sets = {name: (d["test"], d["classes"], [_template(name, args.templates)]) for name in args.eval_datasets
+        sets = {name: (d["test"], d["classes"], [_template(name, args.conventions)]) for name in args.eval_datasets
                 for d in [data(name, train=False)]}
     else:
         train_set, train_names = train_on["train"], train_on["classes"]
@@ -2745,8 +2854,10 @@ def run(args, device):
             "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
             "sparsity": sparsity, "splits": splits, "seconds": time.perf_counter() - start, "phases": phases,
             "complete": complete, "results": results, "train_log": history, "settings": settings,
-            "test_indices_sha256": subsets, "class_sets": {name: {"templates": templates, "classes": names}
-                                                          for name, (_, names, templates) in sets.items()}})
+            "test_indices_sha256": subsets, "class_sets": {
+                name: {"templates": templates, "classes": names, "n_test": len(test_set),
+                       "preprocess": resizing.get(args.dataset if name in ("base", "new") else name, "synthetic")}
+                for name, (test_set, names, templates) in sets.items()}})
 
     subsets = previous.get("test_indices_sha256", {})  # dataset -> sha256 of the JSON list of test images evaluated
     save(complete=False)

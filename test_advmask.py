@@ -1078,19 +1078,23 @@ def test_summarize_gives_each_evaluation_basis_a_table_of_its_own_named_in_its_h
 def test_results_record_each_class_sets_prompts_and_summarize_refuses_seeds_whose_prompts_differ(tmp_path,
                                                                                                monkeypatch):
     """results.json records, per evaluated class set, its templates and class names in label order (the prompts are
-    template.format(name)); two seeds of a cell whose prompts differ are refused, naming the prompts."""
+    template.format(name)), its test-set size and its resizing; two seeds of a cell whose prompts, or only their
+    resizing, differ are refused, naming them."""
     monkeypatch.chdir(tmp_path)
     am.main(dry_run_args("out", 1))
     recorded = json.loads((tmp_path / "out" / "results.json").read_text())["class_sets"]
     assert recorded == {"oxford_pets": {"templates": [am.DATASETS["oxford_pets"][0]],
-                                        "classes": [f"class {c}" for c in range(4)]}}
-    for seed, template in ((1, "a photo of a {}."), (2, "This is a photo of a {}")):
-        write_results(tmp_path / "runs", "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)])
-        path = tmp_path / "runs" / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
-        class_sets = {"dtd": {"templates": [template], "classes": ["banded", "zigzagged"]}}
-        path.write_text(json.dumps({**json.loads(path.read_text()), "class_sets": class_sets}))
-    with pytest.raises(ValueError, match=r"mixes prompts, \w{12} in .*seed1 and \w{12} in .*seed2"):
-        am.summarize(tmp_path / "runs")
+                                        "classes": [f"class {c}" for c in range(4)], "n_test": 64,
+                                        "preprocess": "synthetic"}}
+    dtd = {"templates": ["a photo of a {}."], "classes": ["banded", "zigzagged"], "n_test": 2, "preprocess": PRE}
+    for runs, differ in ((tmp_path / "a", {"preprocess": am.tga_zsr_preprocess("dtd", SIZE)}),
+                         (tmp_path / "b", {"templates": ["This is a photo of a {}"]})):
+        for seed, class_set in ((1, dtd), (2, {**dtd, **differ})):
+            write_results(runs, "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)])
+            path = runs / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "class_sets": {"dtd": class_set}}))
+        with pytest.raises(ValueError, match=r"mixes prompts and resizing, \w{12} in .*seed1 and \w{12} in .*seed2"):
+            am.summarize(runs)
 
 
 def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
@@ -1606,6 +1610,149 @@ def test_cifar_stl10_caltech256_and_pcam_have_readable_names_and_official_tests(
     with pytest.raises(ValueError, match="^pcam is stored as HDF5 files, which need the h5py package: pip install"):
         am.load_dataset("pcam", tmp_path, PRE, download=False)
     assert am._class_names("pcam", None) == ["lymph node", "lymph node containing metastatic tumor tissue"]
+
+
+def fabricate_tga_zsr_rest(root):
+    """Trees of the TGA-ZSR targets no other test makes, as torchvision reads them, a few real classes each:
+    CIFAR-100's pickles, Food-101's meta/test.json, Flowers102's .mat files, FGVC Aircraft's variant lists, and an
+    ImageNet val/ with torchvision's meta.bin and TGA-ZSR's imagenet_classes_names.txt."""
+    import pickle
+    import scipy.io
+    base = Path(root) / "cifar-100-python"
+    base.mkdir(parents=True)
+    for name in ("train", "test"):
+        batch = {"data": np.zeros((2, 3072), dtype=np.uint8), "fine_labels": [1, 0]}
+        (base / name).write_bytes(pickle.dumps(batch))
+    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": ["apple", "aquarium_fish", "maple_tree"]}))
+    meta = {"apple_pie": ["apple_pie/1"], "baby_back_ribs": ["baby_back_ribs/2"], "hot_and_sour_soup": []}
+    for folder in meta["apple_pie"] + meta["baby_back_ribs"]:
+        jpeg(Path(root) / "food-101" / "images" / f"{folder}.jpg", 1)
+    (Path(root) / "food-101" / "meta" / "test.json").parent.mkdir(parents=True)
+    (Path(root) / "food-101" / "meta" / "test.json").write_text(json.dumps(meta))
+    flowers = Path(root) / "flowers-102"
+    for i in (1, 2, 3):
+        jpeg(flowers / "jpg" / f"image_{i:05d}.jpg", i)
+    scipy.io.savemat(flowers / "imagelabels.mat", {"labels": np.array([12, 60, 88])})
+    scipy.io.savemat(flowers / "setid.mat", {"trnid": np.array([1, 2]), "valid": np.array([1, 2]),
+                                             "tstid": np.array([1, 2, 3])})
+    data = Path(root) / "fgvc-aircraft-2013b" / "data"
+    variants = ["707-320", "A300B4", "F-16A/B", "Cessna 172"]
+    for i in range(len(variants)):
+        jpeg(data / "images" / f"{i:07d}.jpg", i)
+    (data / "variants.txt").write_text("\n".join(variants) + "\n")
+    (data / "images_variant_test.txt").write_text("".join(f"{i:07d} {v}\n" for i, v in enumerate(variants)))
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    for w in wnids:
+        jpeg(Path(root) / "imagenet" / "val" / w / f"ILSVRC2012_val_{w}.JPEG", 1)
+    torch.save(({w: (w,) for w in wnids}, wnids), Path(root) / "imagenet" / "meta.bin")
+    (Path(root) / "imagenet" / "imagenet_classes_names.txt").write_text(
+        "n01440764 1 tench\nn01443537 2 goldfish\nn01484850 3 great_white_shark\n")
+
+
+# The prompts TGA-ZSR's code (commit 663fe57: utils.py get_text_prompts_val, replace/datasets/*.py) forms for the
+# classes of the fabricated trees, written out by hand from that code: label -> prompt, a few labels per dataset.
+TGA_ZSR_PROMPTS = {
+    "tinyimagenet": {0: "This is a photo of a goldfish", 1: "This is a photo of a european fire salamander",
+                     3: "This is a photo of a water tower"},
+    "cifar10": {0: "This is a photo of a airplane", 3: "This is a photo of a cat"},
+    "cifar100": {1: "This is a photo of a aquarium fish", 2: "This is a photo of a maple tree"},
+    "stl10": {0: "This is a photo of a airplane", 2: "This is a photo of a car"},
+    "food101": {0: "A photo of apple pie, a type of food.", 2: "A photo of hot and sour soup, a type of food."},
+    "oxford_pets": {1: "A photo of a american bulldog, a type of pet.", 3: "A photo of a yorkshire terrier, a type "
+                                                                          "of pet."},
+    "flowers102": {1: "A photo of a hard leaved pocket orchid, a type of flower.",
+                   11: "A photo of a colts foot, a type of flower.",
+                   59: "A photo of a pink yellow dahlia?, a type of flower.",
+                   87: "A photo of a cyclamen , a type of flower."},
+    "dtd": {0: "A surface with a banded texture.", 2: "A surface with a zigzagged texture."},
+    "eurosat": {0: "A centered satellite photo of annual crop land.", 1: "A centered satellite photo of a forest.",
+                9: "A centered satellite photo of a sea or a lake."},
+    "fgvc_aircraft": {0: "A photo of a boeing 707-320, a type of aircraft.",
+                      2: "A photo of a f-16a/b, a type of aircraft.", 3: "A photo of a cessna 172, a type of aircraft."},
+    "caltech101": {0: "This is a photo of a faces", 1: "This is a photo of a faces easy",
+                   4: "This is a photo of a airplanes"},
+    "caltech256": {1: "A photo of a american flag.", 3: "A photo of a car side.", 4: "A photo of a clutter."},
+    "stanford_cars": {0: "A photo of a am general hummer suv.", 2: "A photo of a ram c/v cargo van minivan."},
+    "pcam": {0: "Tthis is a photo of healthy lymph node tissue.", 1: "This is a photo of lymph node tumor tissue."},
+    "imagenet": {0: "This is a photo of a tench", 2: "This is a photo of a great white shark"},
+    "sun397": {1: "This is a photo of a apartment building outdoor", 2: "This is a photo of a bakery shop"},
+}
+EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
+                   "PermanentCrop", "Residential", "River", "SeaLake"]
+CALTECH256_FOLDERS = ["001.ak47", "002.american-flag", "251.airplanes-101", "252.car-side-101", "257.clutter"]
+
+
+def test_tga_zsr_conventions_give_tga_zszs_prompts_class_sets_and_test_sets(tmp_path, monkeypatch):
+    """Under --conventions tga-zsr every one of TGA-ZSR's 16 datasets, read from a fabricated tree, gives the prompts
+    TGA-ZSR's code forms, label for label; Caltech101 keeps Faces_easy, Caltech-256 its clutter, and those two,
+    EuroSAT and SUN397 are tested on every image, with no training split."""
+    for cls in ("CIFAR10", "STL10", "Flowers102"):  # checksums of the real files
+        monkeypatch.setattr(getattr(torchvision.datasets, cls), "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    fabricate_tinyimagenet(tmp_path)
+    fabricate_cifar10(tmp_path)
+    fabricate_stl10(tmp_path)
+    fabricate_oxford_pets(tmp_path)
+    fabricate_dtd(tmp_path)
+    fabricate_eurosat(tmp_path, EUROSAT_FOLDERS, per_class=2)
+    fabricate_caltech101(tmp_path)
+    for folder in CALTECH256_FOLDERS:
+        for n in range(1, 3):
+            jpeg(tmp_path / "caltech256" / "256_ObjectCategories" / folder / f"{folder[:3]}_{n:04d}.jpg", n)
+    fabricate_stanford_cars(tmp_path, ("AM General Hummer SUV 2000", "Acura RL Sedan 2012",
+                                       "Ram C/V Cargo Van Minivan 2012"))
+    fabricate_sun397(tmp_path, ("/a/abbey", "/a/apartment_building/outdoor", "/b/bakery/shop"), per_class=2)
+    fabricate_tga_zsr_rest(tmp_path)
+    every_image = {"caltech101": 5 * 4, "caltech256": 5 * 2, "eurosat": 10 * 2, "sun397": 3 * 2}
+    assert list(TGA_ZSR_PROMPTS) == am.EVAL_PRESETS["tga-zsr"]
+    for name, expected in TGA_ZSR_PROMPTS.items():
+        if name == "pcam":  # its HDF5 files need h5py, which is not a dependency; its prompts need no file
+            classes = am._tga_zsr_classes("pcam", None, tmp_path, None)
+        else:
+            data = am.load_dataset(name, tmp_path, am.tga_zsr_preprocess(name, SIZE), download=False,
+                                   train=name == "tinyimagenet", conventions="tga-zsr")
+            classes = data["classes"]
+            assert data["split"] == {"source": "tga-zsr"}
+            if name in every_image:
+                assert data["train"] is None and len(data["test"]) == every_image[name]
+                assert sorted(data["test"].indices) == list(range(every_image[name]))
+        prompts = [am._template(name, "tga-zsr").format(c) for c in classes]
+        assert {label: prompts[label] for label in expected} == expected, name
+    assert len(am.load_dataset("caltech101", tmp_path, PRE, download=False, conventions="tga-zsr")["classes"]) == 5
+    assert am.load_dataset("eurosat", tmp_path, PRE, download=False, conventions="tga-zsr")["test"].targets == [
+        c for c in range(10) for _ in range(2)]
+    (tmp_path / "imagenet" / "imagenet_classes_names.txt").write_text("n01440764 1 tench\n")
+    with pytest.raises(ValueError, match=r"^ImageNet under --conventions tga-zsr is named by TGA-ZSR's "
+                                         r"imagenet_classes_names.txt, which .* is not \(KeyError: 'n01443537'\); copy"):
+        am.load_dataset("imagenet", tmp_path, PRE, download=False, train=False, conventions="tga-zsr")
+
+
+def test_tga_zsr_keeps_all_101_and_257_caltech_classes(tmp_path):
+    """Caltech101 under TGA-ZSR's conventions has all 101 classes of the real tree (BACKGROUND_Google dropped, both
+    face classes kept), Caltech-256 all 257 (clutter kept), each tested on every image."""
+    others = [f"c{i:03d}" for i in range(97)]
+    fabricate_caltech101(tmp_path, ["BACKGROUND_Google", "Faces", "Faces_easy", "Leopards", "Motorbikes", *others], 1)
+    for i in range(1, 258):
+        folder = tmp_path / "caltech256" / "256_ObjectCategories" / f"{i:03d}.class{i}"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(folder / f"{i:03d}_0001.jpg")
+    for name, n_classes in (("caltech101", 101), ("caltech256", 257)):
+        data = am.load_dataset(name, tmp_path, PRE, download=False, train=False, conventions="tga-zsr")
+        assert len(data["classes"]) == n_classes and sorted(data["test"].targets) == list(range(n_classes))
+
+
+def test_tga_zsr_resizing_is_its_torchvision_transforms():
+    """tga_zsr_preprocess through image_transform gives, pixel for pixel, the images TGA-ZSR's utils.py makes:
+    Resize((224, 224)) for CIFAR and STL-10, Resize(256) + CenterCrop(224) for the others (bilinear, torchvision's
+    default), from a non-square picture."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 410, 3), dtype=np.uint8))
+    theirs = {"cifar10": T.Compose([T.Resize((224, 224)), T.PILToTensor()]),
+              "dtd": T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])}
+    for name, transform in theirs.items():
+        ours = am.image_transform(am.tga_zsr_preprocess(name, 224))(image)
+        assert ours.shape == (3, 224, 224) and torch.equal(ours, transform(image)), name
+    assert not torch.equal(am.image_transform(am.tga_zsr_preprocess("dtd", 224))(image),
+                           am.image_transform({**PRE, "size": 224})(image))  # not the model's own resizing
 
 
 def fabricate_imagenet_shift(root, folder, classes, per_class=2):
@@ -2451,6 +2598,8 @@ def test_eval_dataset_presets_expand_through_the_parser():
     assert am.parse_args([]).eval_datasets == am.parse_args(["--eval-datasets", "coop"]).eval_datasets == coop
     assert am.parse_args(["--eval-datasets", "dtd,imagenet-shifts,dtd"]).eval_datasets == [
         "dtd", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+    tga = am.parse_args(["--conventions", "tga-zsr", "--dataset", "tinyimagenet", "--split-dir", str(HERE)])
+    assert tga.eval_datasets == list(tga_zsr.values()) and tga.split_dir is None  # TGA-ZSR's own, CoOp's ignored
 
 
 def test_synthetic_runs_at_the_real_size_of_the_dataset(tiny_files, tmp_path):
@@ -2545,7 +2694,13 @@ def bad_input_cases(files):
          "val_annotations.txt names val_0.JPEG of n02124075, which is not in val/images/"),
         (["--eval-datasets", "dtd,tga_zsr"], "--eval-datasets: tga_zsr is neither a dataset nor a preset"),
         (["--eval-limit", "0"], "--eval-limit must be a positive integer"),
-        (["--templates", "clip"], "argument --templates: invalid choice: 'clip'"),
+        (["--conventions", "clip"], "argument --conventions: invalid choice: 'clip'"),
+        (["--conventions", "tga-zsr"], "--conventions tga-zsr trains where TGA-ZSR's code can (tinyimagenet, "),
+        (["--conventions", "tga-zsr", "--protocol", "transfer", "--dataset", "cifar10", "--eval-datasets", "ucf101"],
+         "--conventions tga-zsr covers TGA-ZSR's 16 test sets, not ucf101; evaluate it in a run under --conventions "
+         "coop"),
+        (["--conventions", "tga-zsr", "--dataset", "cifar10", "--split-json", str(files / "tiny.pt")],
+         "--split-json gives CoOp's split, which --conventions tga-zsr does not use; drop it"),
         (["--tune", "scores"], "argument --tune: invalid choice: 'scores'"),
         (["--benchmark", "memory"], "argument --benchmark: invalid choice: 'memory'"),
         ([*transfer[:-1], "imagenet_r"], "none of them lists 1000 wnids here"),
