@@ -65,11 +65,19 @@ from tqdm import tqdm
 LAM = 50.0
 TRAIN_EPS, TRAIN_ALPHA, TRAIN_STEPS = 1 / 255, 1 / 255, 2
 TEST_EPS, TEST_ALPHA, TEST_STEPS = 1 / 255, 1 / 255, 100
-# Parameter names inside each visual block. Names, not module types, so they also fit open_clip versions that
-# replace nn.MultiheadAttention. "mlp" and "all" are the paper's which-layers ablation.
-MASK_TARGETS = {"mhsa": ("attn.in_proj_weight", "attn.out_proj.weight"),
-                "mlp": ("mlp.c_fc.weight", "mlp.c_proj.weight")}
-MASK_TARGETS["all"] = MASK_TARGETS["mhsa"] + MASK_TARGETS["mlp"]
+# The weights a mask covers: "mhsa" (attention, the paper's); "mlp" and "all" are the paper's which-layers ablation.
+MASK_TARGETS = ("mhsa", "mlp", "all")
+# not in the paper (OpenAI's ViTs only): per family of open_clip image tower, its blocks and a block's attention and
+# MLP weights, by name (not module type: it fits open_clip versions that replace nn.MultiheadAttention). A new family
+# is one entry; pooling heads, embeddings and projections lie outside the blocks and are never masked.
+FAMILIES = {  # family: (blocks, attention weights, MLP weights)
+    "open_clip ViT": ("transformer.resblocks", ("attn.in_proj_weight", "attn.out_proj.weight"),  # OpenAI's, CoCa's
+                      ("mlp.c_fc.weight", "mlp.c_proj.weight")),
+    "timm ViT": ("trunk.blocks", ("attn.qkv.weight", "attn.proj.weight"),  # SigLIP, SigLIP2, PE-Core
+                 ("mlp.fc1.weight", "mlp.fc2.weight")),
+    "timm EVA02": ("trunk.blocks", ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
+                                    "attn.proj.weight"), ("mlp.fc1_g.weight", "mlp.fc1_x.weight", "mlp.fc2.weight")),
+}
 # not in the paper: mask init 1e-2 and threshold 5e-3 are R-AMT's (public mask-tuning code for CLIP).
 MASK_INIT, MASK_THRESHOLD = 1e-2, 5e-3
 # not in the paper: Adam with a cosine schedule and batch 32 as in R-AMT, lr 1e-4 over a fixed budget of about 500
@@ -108,18 +116,20 @@ class ClipClassifier(nn.Module):
         x = (images - self.mean) / self.std
         if return_features:
             out = self.clip.visual.forward_intermediates(x, output_fmt="NLC", output_extra_tokens=True)
-            image = out["image_features"]
+            image, blocks = out["image_features"], out["image_intermediates"]
             # not in the paper: LAFA aligns each block's output, every token (the paper says "each layer's features");
-            # the class token goes back in front of the patch tokens: L × (B, T, D)
-            feats = [torch.cat(pair, dim=1)
-                     for pair in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
+            # the class token goes back in front of the patch tokens (SigLIP has none: no prefix): L × (B, T, D)
+            prefix = out.get("image_intermediates_prefix") or [x[:, :0] for x in blocks]
+            feats = [torch.cat(pair, dim=1) for pair in zip(prefix, blocks)]
         else:
-            image = self.clip.visual(x)
+            image = self.clip.encode_image(x, normalize=False)  # CoCa's tower also returns its tokens; this does not
         # not in the paper: the normalisation and the logits are fp32 under any autocast; in bf16, logits of 20-35
         # (logit scale 100) would lie on a 0.125-0.25 grid and argmax ties would go to the lower class index
         with torch.autocast(x.device.type, enabled=False):
             # logits = exp(logit_scale) · f̂(x) · T̂ᵀ
             logits = self.clip.logit_scale.exp() * F.normalize(image.float(), dim=-1) @ self.text_features.T  # (B, C)
+            if getattr(self.clip, "logit_bias", None) is not None:  # SigLIP's, added as open_clip adds it: it moves
+                logits = logits + self.clip.logit_bias  # every class alike, so softmax, CE and argmax ignore it
         return (logits, feats) if return_features else logits
 
 
@@ -164,12 +174,31 @@ def _masks(model):
                 yield f"{module_name}.{param_name}", module, param_name, chain[0]
 
 
+def tower_family(model):
+    """(family, blocks' path, blocks): the first FAMILIES entry whose every block holds its attention weights."""
+    visual = visual_tower(model)
+    for family, (path, attention, _) in FAMILIES.items():
+        with contextlib.suppress(AttributeError):  # no such path in this tower
+            blocks = visual.get_submodule(path)
+            if len(blocks) and all(set(attention) <= {n.replace("parametrizations.", "").removesuffix(".original")
+                                                      for n, _ in block.named_parameters()} for block in blocks):
+                return family, path, blocks
+    raise ValueError(f"the {type(getattr(visual, 'trunk', visual)).__name__} image tower has no transformer blocks "
+                     f"of a family AdvMask knows ({', '.join(FAMILIES)}); use a model of one of them")
+
+
 def target_weights(model, target="mhsa"):
-    """(name relative to the visual tower, weight) of every weight a MASK_TARGETS entry covers, block by block."""
+    """(name relative to the visual tower, weight) of every weight a target covers (MASK_TARGETS), block by block."""
     if target not in MASK_TARGETS:
         raise ValueError(f"unknown mask target {target!r}; use one of {', '.join(MASK_TARGETS)}")
-    return [(f"transformer.resblocks.{i}.{name}", block.get_parameter(name))
-            for i, block in enumerate(visual_tower(model).transformer.resblocks) for name in MASK_TARGETS[target]]
+    family, path, blocks = tower_family(model)
+    _, attention, mlp = FAMILIES[family]
+    names = {"mhsa": attention, "mlp": mlp, "all": attention + mlp}[target]
+    try:
+        return [(f"{path}.{i}.{name}", block.get_parameter(name)) for i, block in enumerate(blocks) for name in names]
+    except AttributeError:
+        raise ValueError(f"the blocks of this {family} tower lack the {target} weights of its family "
+                         f"({', '.join(names)}); use --mask-target mhsa") from None
 
 
 def apply_masks(model, target="mhsa", init=MASK_INIT, threshold=MASK_THRESHOLD):
@@ -177,8 +206,9 @@ def apply_masks(model, target="mhsa", init=MASK_INIT, threshold=MASK_THRESHOLD):
 
     Args:
         model: a ClipClassifier or a bare open_clip CLIP model.
-        target: "mhsa" (attention in_proj and out_proj weights, the paper's choice), "mlp" (c_fc, c_proj) or "all".
-            Biases, norms, embeddings, the projection and the text tower are never masked.
+        target: "mhsa" (the attention weights of every block: in_proj and out_proj in open_clip's ViT, the paper's
+            choice), "mlp" (c_fc, c_proj) or "all"; FAMILIES names them in each kind of tower. Biases, norms,
+            embeddings, pooling heads, the projection and the text tower are never masked.
         init: initial score of every weight (not in the paper; R-AMT's 1e-2).
         threshold: a weight is on while its score is above this (not in the paper; R-AMT's 5e-3).
     Returns:
@@ -197,6 +227,7 @@ def apply_masks(model, target="mhsa", init=MASK_INIT, threshold=MASK_THRESHOLD):
         module = visual_tower(model).get_submodule(module_name)
         mask = ScoreMask(weight, init, threshold)
         mask.param_order = tuple(module._parameters)  # register_parametrization moves the weight; bake restores
+        mask.target = target  # for the mask file
         parametrize.register_parametrization(module, param_name, mask)
         scores.append(mask.scores)
     return scores
@@ -757,8 +788,10 @@ def preprocess_cfg(clip):
 
 
 def activation(clip):
-    """The class name of the image tower's MLP activation: QuickGELU for OpenAI's weights, GELU for most others."""
-    return type(clip.visual.transformer.resblocks[0].mlp.gelu).__name__
+    """The class name of the image tower's MLP activation: QuickGELU for OpenAI's weights, GELU for most others (a
+    timm tower's act: GELU, GELUTanh, SiLU)."""
+    mlp = tower_family(clip)[2][0].mlp
+    return type(getattr(mlp, "gelu", None) or mlp.act).__name__
 
 
 def weights_fingerprint(model, exclude=()):
@@ -810,7 +843,14 @@ def load_clip(model, pretrained):
         clip, tokenizer, identity = open_clip.CLIP(**TINY_CLIP), None, {"model": model, "pretrained": pretrained}
     else:
         clip, identity = _create_clip(resolve_model(model), pretrained)
-        tokenizer = open_clip.get_tokenizer(identity["model"])
+        try:  # SigLIP's tokenizers, and some others', are Hugging Face's: a package and a download of their own
+            tokenizer = open_clip.get_tokenizer(identity["model"])
+        except ImportError as e:
+            raise ValueError(f"the tokenizer of {identity['model']} needs the {e.name} package, which only some model "
+                             f"families need: pip install {e.name}") from None
+        except OSError as e:
+            raise ValueError(f"could not fetch the tokenizer of {identity['model']} ({str(e).splitlines()[0]}); run "
+                             f"once where there is a network, so that Hugging Face's cache holds it") from None
     identity.update(activation=activation(clip), preprocess=preprocess_cfg(clip),
                     weights_sha256=weights_fingerprint(clip), open_clip=open_clip.__version__)
     return clip, tokenizer, identity
@@ -885,10 +925,13 @@ WEIGHTS_FILE_FORMAT, WEIGHTS_MAGIC = 2, b"ADVTUNE\n"  # --tune weights: the tune
 
 
 def _arch(model):
-    """A short description of the visual tower, stored in mask files to refuse a mask made for another model."""
-    visual = visual_tower(model)
-    return (f"{type(visual).__name__}(layers={len(visual.transformer.resblocks)}, width={visual.transformer.width}, "
-            f"patch={tuple(visual.patch_size)}, image={tuple(visual.image_size)})")
+    """A short description of the visual tower, stored in mask files to refuse a mask made for another model: its
+    class (a timm tower's network's), blocks, width, patch and input size."""
+    visual, blocks = visual_tower(model), tower_family(model)[2]
+    trunk = getattr(visual, "trunk", None)  # a timm tower's network
+    kind, width, patch = ((type(visual).__name__, visual.transformer.width, visual.patch_size) if trunk is None else
+                          (f"timm {type(trunk).__name__}", trunk.embed_dim, trunk.patch_embed.patch_size))
+    return f"{kind}(layers={len(blocks)}, width={width}, patch={tuple(patch)}, image={tuple(visual.image_size)})"
 
 
 def _atomic_write(path, write):
@@ -974,12 +1017,6 @@ def _check_fit(path, header, model, weights, source, exclude=()):
                          f"fingerprint {ours[:12]}); load it onto the weights it was trained on")
 
 
-def _mask_target(model):
-    """The MASK_TARGETS entry whose weights carry the model's masks."""
-    masked = {name.split(".", 3)[3] for name, *_ in _masks(model)}  # "transformer.resblocks.0.attn.in_proj_weight"
-    return next(target for target, names in MASK_TARGETS.items() if set(names) == masked)
-
-
 def save_masks(model, path, source=None, provenance=None):
     """Store M_bin of a masked model only, 1 bit a weight (ViT-B/32's attention: 28.3 M weights, 3.5 MB), with what
     load_masks needs to refuse a model it does not fit (the fingerprint of the pre-trained weights under the mask, and
@@ -990,11 +1027,11 @@ def save_masks(model, path, source=None, provenance=None):
         raise ValueError("this model has no masks; call apply_masks and train before saving")
     write_mask_file(path, {
         "arch": _arch(model),
-        "target": _mask_target(model),
+        "target": entries[0][3].target,
         "threshold": entries[0][3].threshold,
         "names": [name for name, *_ in entries],
         "shapes": [list(mask.scores.shape) for *_, mask in entries],
-        "heads": visual_tower(model).transformer.resblocks[0].attn.num_heads,
+        "heads": tower_family(model)[2][0].attn.num_heads,
         "base_weights": {"fingerprint": weights_fingerprint(model), "source": source or "source unrecorded"},
         **({"provenance": provenance} if provenance else {}),
     }, torch.cat([(mask.scores > mask.threshold).flatten().cpu() for *_, mask in entries]))
@@ -1858,23 +1895,27 @@ def _pyplot():
 
 
 ATTENTION_PARTS = ("q", "k", "v", "out")
+# The attention weights of every family (FAMILIES) by their name in a block: rows q, k and v in thirds (open_clip's
+# in_proj, timm's qkv), one of them (EVA02's), or the output projection, whose columns are the heads' outputs. Any
+# other masked weight is an MLP layer, named by its module: fc and proj (c_fc, c_proj), fc1, fc2, fc1_g, fc1_x.
+ATTENTION_WEIGHTS = {"attn.in_proj_weight": "qkv", "attn.qkv.weight": "qkv", "attn.q_proj.weight": "q",
+                     "attn.k_proj.weight": "k", "attn.v_proj.weight": "v", "attn.out_proj.weight": "out",
+                     "attn.proj.weight": "out"}
 
 
 def mask_breakdown(header, bits):
-    """Weights off per block and part: (block, part, head) -> (number off, number of weights). Parts are q, k, v
-    (in_proj_weight's rows in thirds) and out (out_proj's weight) of attention, fc and proj of the MLP; head None
-    stands for the whole part, a head h for its rows of q, k, v and its columns of out, when the header knows the
-    number of heads (format 2)."""
+    """Weights off per block and part: (block, part, head) -> (number off, number of weights). Parts are q, k, v and
+    out of attention and the MLP's layers (ATTENTION_WEIGHTS), in any family's tower; head None stands for the whole
+    part, a head h for its rows of q, k, v and its columns of out, when the header knows the number of heads (format
+    2)."""
     cells = {}
     for name, shape, b in zip(header["names"], header["shapes"], bits.split([math.prod(s) for s in header["shapes"]])):
-        block, param = int(name.split(".")[2]), name.split(".", 3)[3]
-        off = ~b.view(shape)  # (rows, cols)
-        if param == "attn.in_proj_weight":  # rows: q, k, v, each width × width
+        _, block, param = re.fullmatch(r"(.+?)\.(\d+)\.(.+)", name).groups()  # "trunk.blocks", "0", "attn.qkv.weight"
+        block, part, off = int(block), ATTENTION_WEIGHTS.get(param), ~b.view(shape)  # off: (rows, cols)
+        if part == "qkv":
             parts = dict(zip("qkv", off.chunk(3, dim=0)))
-        elif param == "attn.out_proj.weight":  # columns: the heads' outputs, concatenated
-            parts = {"out": off.T}
-        else:  # mlp.c_fc.weight, mlp.c_proj.weight
-            parts = {param.split(".")[1][2:]: off}
+        else:  # "out": the heads' columns as rows
+            parts = {part or param.split(".")[-2].removeprefix("c_"): off.T if part == "out" else off}
         for part, m in parts.items():  # m: (rows, cols), the head's slice on dim 0
             cells[block, part, None] = (m.sum().item(), m.numel())
             if header.get("heads") and part in ATTENTION_PARTS:
@@ -2800,7 +2841,7 @@ def run(args, device):
     previous = json.loads(results_path.read_text()) if same_run and results_path.is_file() else {}
     history = previous.get("train_log", [])
     if args.masks or args.weights:  # a file that does not fit is refused here, before anything is written
-        target = (_mask_target(load_masks(clip, args.masks, source)) if args.masks else
+        target = (next(_masks(load_masks(clip, args.masks, source)))[3].target if args.masks else
                   load_weights(clip, args.weights, source)["target"])
         if target != args.mask_target:
             raise ValueError(f"{args.masks or args.weights} covers the {target} weights; pass --mask-target {target} "

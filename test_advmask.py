@@ -141,8 +141,9 @@ def test_apply_masks_leaves_only_scores_trainable(target, bare):
     """Only the chosen visual weights get masks; every other parameter, text tower included, is frozen and unmasked."""
     model = tiny_clip() if bare else tiny_classifier()
     visual = am.visual_tower(model)
+    names = {"mhsa": ["attn.in_proj_weight", "attn.out_proj.weight"], "mlp": ["mlp.c_fc.weight", "mlp.c_proj.weight"]}
     want = {f"transformer.resblocks.{i}.{p}" for i in range(len(visual.transformer.resblocks))
-            for p in am.MASK_TARGETS[target]}
+            for p in names.get(target, names["mhsa"] + names["mlp"])}
     n_want = sum(visual.get_parameter(n).numel() for n in want)
     scores = am.apply_masks(model, target)
     assert {name for name, *_ in am._masks(model)} == want
@@ -1111,6 +1112,148 @@ def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
     settings["model_identity"]["activation"] = "GELU"
     path.write_text(json.dumps({**json.loads(path.read_text()), "settings": settings}))
     assert table(am.summarize(tmp_path), "few_shot")[0] == ["dtd", "50.0 ± 0.0", "20.0 ± 0.0"]
+
+
+# The families of image tower AdvMask masks, each as a named open_clip config shrunk to a tiny random model (timm
+# towers through timm.create_model's own size arguments): the blocks' path, the attention and MLP weights of a block
+# and the prefix tokens per block, written out from each tower's source.
+FAMILY_MODELS = {
+    "ViT-B-16": ("transformer.resblocks", ["attn.in_proj_weight", "attn.out_proj.weight"],
+                 ["mlp.c_fc.weight", "mlp.c_proj.weight"], 1),
+    "coca_ViT-B-32": ("transformer.resblocks", ["attn.in_proj_weight", "attn.out_proj.weight"],
+                      ["mlp.c_fc.weight", "mlp.c_proj.weight"], 1),
+    "ViT-B-16-SigLIP": ("trunk.blocks", ["attn.qkv.weight", "attn.proj.weight"], ["mlp.fc1.weight", "mlp.fc2.weight"],
+                        0),
+    "ViT-B-16-SigLIP2": ("trunk.blocks", ["attn.qkv.weight", "attn.proj.weight"],
+                         ["mlp.fc1.weight", "mlp.fc2.weight"], 0),
+    "EVA02-B-16": ("trunk.blocks", ["attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
+                                    "attn.proj.weight"], ["mlp.fc1_g.weight", "mlp.fc1_x.weight", "mlp.fc2.weight"], 1),
+    "PE-Core-B-16": ("trunk.blocks", ["attn.qkv.weight", "attn.proj.weight"], ["mlp.fc1.weight", "mlp.fc2.weight"],
+                     1),
+}
+TIMM_SIZES = {"convnext_tiny": {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}}  # else a ViT's
+CREATE_TIMM_MODEL = open_clip.timm_model.timm.create_model
+
+
+def tiny_family_config(name, folder, monkeypatch, **timm_kwargs):
+    """A config JSON of open_clip's model `name`, shrunk: 2 blocks of width 64, 2 heads, 8-pixel patches, the tiny
+    input size (a timm tower's through timm.create_model, patched), a 1-layer text tower with open_clip's own
+    tokenizer (a file name without "siglip", which would choose SigLIP's)."""
+    cfg = open_clip.get_model_config(name)
+    vision = {**cfg["vision_cfg"], "image_size": SIZE}
+    if "timm_model_name" in vision:
+        sizes = TIMM_SIZES.get(vision["timm_model_name"],
+                               {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": SIZE, "patch_size": 8})
+        monkeypatch.setattr(open_clip.timm_model.timm, "create_model",
+                            lambda model, **kw: CREATE_TIMM_MODEL(model, **kw, **sizes, **timm_kwargs))
+    else:
+        vision.update(layers=2, width=64, patch_size=8, head_width=32)
+    text = {k: v for k, v in cfg["text_cfg"].items() if k not in ("hf_tokenizer_name", "tokenizer_kwargs")}
+    text.update(width=32, heads=2, layers=1, vocab_size=49408)
+    tiny = {**cfg, "embed_dim": 64, "vision_cfg": vision, "text_cfg": text}
+    if "multimodal_cfg" in cfg:
+        tiny["multimodal_cfg"] = {**cfg["multimodal_cfg"], "width": 32, "heads": 2, "layers": 1}
+    path = Path(folder) / f"tiny-{name.lower().replace('siglip', 'sl')}.json"
+    path.write_text(json.dumps(tiny))
+    return path
+
+
+def tiny_family_model(name, folder, monkeypatch, **timm_kwargs):
+    """(clip in eval mode, tokenizer, identity) of tiny_family_config's model, built through load_clip."""
+    path = tiny_family_config(name, folder, monkeypatch, **timm_kwargs)
+    torch.manual_seed(0)
+    clip, tokenizer, identity = am.load_clip(str(path), "none")
+    return clip.eval(), tokenizer, identity
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_every_family_masks_its_blocks_alone_and_trains_and_saves_as_the_vit_does(name, tmp_path, monkeypatch):
+    """For each family (a tiny random tower of it): masks go on exactly its blocks' attention and MLP weights; an
+    all-on mask gives the unmasked logits, which are open_clip's own (SigLIP's logit_bias included); the
+    straight-through gradient reaches every score; LAFA gets one (B, tokens, width) feature per block, with the class
+    token where the family has one; a mask file round-trips and analyze splits it into q, k, v, out and the MLP's
+    layers, per head too."""
+    path, attention, mlp, prefix = FAMILY_MODELS[name]
+    clip, tokenizer, identity = tiny_family_model(name, tmp_path, monkeypatch)
+    fresh = copy.deepcopy(clip)
+    names, x, y = ["cat", "dog", "axolotl"], images(2), torch.tensor([0, 2])
+    clf = am.ClipClassifier(clip, names, ["a photo of a {}."], tokenizer)
+    with torch.no_grad():
+        plain = clf(x)
+        theirs = clip.get_logits((x - clf.mean) / clf.std, tokenizer([f"a photo of a {n}." for n in names]).to(
+            x.device))[0] if hasattr(clip, "get_logits") else plain
+    torch.testing.assert_close(plain, theirs)
+    assert (getattr(clip, "logit_bias", None) is not None) == ("SigLIP" in name)
+    scores = am.apply_masks(clf, "all")
+    assert [n for n, *_ in am._masks(clf)] == [f"{path}.{i}.{w}" for i in range(2) for w in attention + mlp]
+    with torch.no_grad():
+        torch.testing.assert_close(clf(x), plain)  # torch's attention may take another kernel for masked weights
+    logits, feats = clf(x, return_features=True)
+    torch.testing.assert_close(logits, plain)
+    assert [tuple(f.shape) for f in feats] == [(2, (SIZE // 8) ** 2 + prefix, 64)] * 2
+    (F.cross_entropy(logits, y) + am.lafa_loss([f.detach() for f in feats], feats, logits.detach(), y)).backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in scores)
+    randomize_scores(clf, seed=1)
+    am.save_masks(clf, tmp_path / "masks.bin", am.describe(identity))
+    header, bits = am.read_mask_file(tmp_path / "masks.bin")
+    loaded = am.load_masks(am.ClipClassifier(fresh, names, ["a photo of a {}."], tokenizer), tmp_path / "masks.bin")
+    assert torch.equal(torch.cat([(m.scores > m.threshold).flatten() for *_, m in am._masks(loaded)]), bits)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), clf(x))
+    cells = am.mask_breakdown(header, bits)
+    mlp_parts = {"ViT-B-16": ["fc", "proj"], "coca_ViT-B-32": ["fc", "proj"], "EVA02-B-16": ["fc1_g", "fc1_x", "fc2"]}
+    assert [p for b, p, h in cells if b == 1 and h is None] == ["q", "k", "v", "out",
+                                                                *mlp_parts.get(name, ["fc1", "fc2"])]
+    assert header["heads"] == 2 and sum(cells[1, "q", h][1] for h in (0, 1)) == cells[1, "q", None][1] == 64 * 64
+    assert sum(n for (_, _, h), (_, n) in cells.items() if h is None) == len(bits)
+
+
+def test_a_tower_without_known_blocks_is_refused_and_a_target_a_family_lacks_too(tmp_path, monkeypatch, capsys):
+    """A ConvNeXt tower (no transformer blocks) ends the CLI in one line naming the families that work, before
+    anything is written; a timm ViT whose MLP is a SwiGLU takes attention masks but refuses --mask-target mlp."""
+    config = tiny_family_config("convnext_tiny", tmp_path, monkeypatch)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as exit_:
+        am.main(["--model", str(config), "--pretrained", "none"])
+    warning, err = capsys.readouterr().err.split("\n", 1)  # --pretrained none's random weights, said first
+    assert warning.startswith("WARNING: --pretrained none")
+    assert_one_line_exit_2_no_files(exit_.value.code, err, cwd, "the ConvNeXt image tower has no "
+                                    "transformer blocks of a family AdvMask knows (open_clip ViT, timm ViT, timm "
+                                    "EVA02); use a model of one of them")
+    import timm.layers
+    clip = tiny_family_model("ViT-B-16-SigLIP", tmp_path, monkeypatch, mlp_layer=timm.layers.SwiGLU)[0]
+    assert len(am.apply_masks(copy.deepcopy(clip), "mhsa")) == 4
+    with pytest.raises(ValueError, match=r"^the blocks of this timm ViT tower lack the mlp weights of its family "
+                                         r"\(mlp.fc1.weight, mlp.fc2.weight\); use --mask-target mhsa$"):
+        am.apply_masks(clip, "mlp")
+
+    def hf_tokenizer(name):  # open_clip's HFTokenizer (SigLIP's) where transformers is not installed
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+    monkeypatch.setattr(open_clip, "get_tokenizer", hf_tokenizer)
+    with pytest.raises(ValueError, match=r"^the tokenizer of tiny-vit-b-16-sl needs the transformers package, which "
+                                         r"only some model families need: pip install transformers$"):
+        am.load_clip(str(tmp_path / "tiny-vit-b-16-sl.json"), "none")
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "EVA02-B-16"])
+def test_a_timm_family_runs_through_the_cli_and_analyze(name, tmp_path, monkeypatch):
+    """A tiny SigLIP and a tiny EVA02 tower run the CLI end to end (training, mask file, baseline, evaluation), and
+    analyze breaks their mask down per part and head."""
+    config = tiny_family_config(name, tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    am.main(["--model", str(config), "--pretrained", "none", "--synthetic", "--dataset", "dtd", "--shots", "1",
+             "--epochs", "1", "--test-steps", "1", "--eval-limit", "8", "--out-dir", "out", "--device", "cpu",
+             "--baseline"])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["complete"] and {r["model"] for r in results["results"]} == {"clip", "advmask"}
+    header = am.read_mask_file(tmp_path / "out" / "masks.bin")[0]
+    path, attention, _, _ = FAMILY_MODELS[name]
+    assert header["names"] == [f"{path}.{i}.{w}" for i in range(2) for w in attention]
+    assert header["arch"].startswith("timm ") and header["heads"] == 2
+    md = am.analyze([tmp_path / "out"], tmp_path / "analysis")
+    assert "| block | q | k | v | out |" in md and (tmp_path / "analysis" / "heads_0.png").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
