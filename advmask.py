@@ -68,8 +68,7 @@ TEST_EPS, TEST_ALPHA, TEST_STEPS = 1 / 255, 1 / 255, 100
 # The weights a mask covers: "mhsa" (attention, the paper's); "mlp" and "all" are the paper's which-layers ablation.
 MASK_TARGETS = ("mhsa", "mlp", "all")
 # not in the paper (OpenAI's ViTs only): per family of open_clip image tower, its blocks and a block's attention and
-# MLP weights, by name (not module type: it fits open_clip versions that replace nn.MultiheadAttention). A new family
-# is one entry; pooling heads, embeddings and projections lie outside the blocks and are never masked.
+# MLP weights, by name (it fits open_clip versions that replace nn.MultiheadAttention); a new family is one entry.
 FAMILIES = {  # family: (blocks, attention weights, MLP weights)
     "open_clip ViT": ("transformer.resblocks", ("attn.in_proj_weight", "attn.out_proj.weight"),  # OpenAI's, CoCa's
                       ("mlp.c_fc.weight", "mlp.c_proj.weight")),
@@ -174,31 +173,28 @@ def _masks(model):
                 yield f"{module_name}.{param_name}", module, param_name, chain[0]
 
 
-def tower_family(model):
-    """(family, blocks' path, blocks): the first FAMILIES entry whose every block holds its attention weights."""
+def tower_family(model, target="mhsa"):
+    """(family, blocks' path, blocks, weight names) of the image tower: the first FAMILIES entry whose every block
+    holds all the weights of target (a masked weight under its own name)."""
     visual = visual_tower(model)
-    for family, (path, attention, _) in FAMILIES.items():
+    for family, (path, attention, mlp) in FAMILIES.items():
+        names = {"mhsa": attention, "mlp": mlp, "all": attention + mlp}[target]
         with contextlib.suppress(AttributeError):  # no such path in this tower
             blocks = visual.get_submodule(path)
-            if len(blocks) and all(set(attention) <= {n.replace("parametrizations.", "").removesuffix(".original")
-                                                      for n, _ in block.named_parameters()} for block in blocks):
-                return family, path, blocks
+            if len(blocks) and all(set(names) <= {n.replace("parametrizations.", "").removesuffix(".original")
+                                                  for n, _ in block.named_parameters()} for block in blocks):
+                return family, path, blocks, names
     raise ValueError(f"the {type(getattr(visual, 'trunk', visual)).__name__} image tower has no transformer blocks "
-                     f"of a family AdvMask knows ({', '.join(FAMILIES)}); use a model of one of them")
+                     f"with the {target} weights of a family AdvMask knows ({', '.join(FAMILIES)}); use a model of "
+                     f"one of them" + (", or --mask-target mhsa" if target != "mhsa" else ""))
 
 
 def target_weights(model, target="mhsa"):
     """(name relative to the visual tower, weight) of every weight a target covers (MASK_TARGETS), block by block."""
     if target not in MASK_TARGETS:
         raise ValueError(f"unknown mask target {target!r}; use one of {', '.join(MASK_TARGETS)}")
-    family, path, blocks = tower_family(model)
-    _, attention, mlp = FAMILIES[family]
-    names = {"mhsa": attention, "mlp": mlp, "all": attention + mlp}[target]
-    try:
-        return [(f"{path}.{i}.{name}", block.get_parameter(name)) for i, block in enumerate(blocks) for name in names]
-    except AttributeError:
-        raise ValueError(f"the blocks of this {family} tower lack the {target} weights of its family "
-                         f"({', '.join(names)}); use --mask-target mhsa") from None
+    _, path, blocks, names = tower_family(model, target)
+    return [(f"{path}.{i}.{name}", block.get_parameter(name)) for i, block in enumerate(blocks) for name in names]
 
 
 def apply_masks(model, target="mhsa", init=MASK_INIT, threshold=MASK_THRESHOLD):
@@ -206,9 +202,8 @@ def apply_masks(model, target="mhsa", init=MASK_INIT, threshold=MASK_THRESHOLD):
 
     Args:
         model: a ClipClassifier or a bare open_clip CLIP model.
-        target: "mhsa" (the attention weights of every block: in_proj and out_proj in open_clip's ViT, the paper's
-            choice), "mlp" (c_fc, c_proj) or "all"; FAMILIES names them in each kind of tower. Biases, norms,
-            embeddings, pooling heads, the projection and the text tower are never masked.
+        target: "mhsa" (every block's attention weights, the paper's choice), "mlp" or "all", as FAMILIES names them.
+            Biases, norms, embeddings, pooling heads, projections and the text tower are never masked.
         init: initial score of every weight (not in the paper; R-AMT's 1e-2).
         threshold: a weight is on while its score is above this (not in the paper; R-AMT's 5e-3).
     Returns:

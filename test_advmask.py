@@ -1210,7 +1210,8 @@ def test_every_family_masks_its_blocks_alone_and_trains_and_saves_as_the_vit_doe
 
 def test_a_tower_without_known_blocks_is_refused_and_a_target_a_family_lacks_too(tmp_path, monkeypatch, capsys):
     """A ConvNeXt tower (no transformer blocks) ends the CLI in one line naming the families that work, before
-    anything is written; a timm ViT whose MLP is a SwiGLU takes attention masks but refuses --mask-target mlp."""
+    anything is written; a timm ViT whose MLP is a SwiGLU (EVA02's) takes masks on its attention and on its MLP, but
+    refuses --mask-target all, which no one family's names cover there; a missing tokenizer package is one line."""
     config = tiny_family_config("convnext_tiny", tmp_path, monkeypatch)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -1219,15 +1220,17 @@ def test_a_tower_without_known_blocks_is_refused_and_a_target_a_family_lacks_too
         am.main(["--model", str(config), "--pretrained", "none"])
     warning, err = capsys.readouterr().err.split("\n", 1)  # --pretrained none's random weights, said first
     assert warning.startswith("WARNING: --pretrained none")
-    assert_one_line_exit_2_no_files(exit_.value.code, err, cwd, "the ConvNeXt image tower has no "
-                                    "transformer blocks of a family AdvMask knows (open_clip ViT, timm ViT, timm "
-                                    "EVA02); use a model of one of them")
+    assert_one_line_exit_2_no_files(exit_.value.code, err, cwd, "the ConvNeXt image tower has no transformer blocks "
+                                    "with the mhsa weights of a family AdvMask knows (open_clip ViT, timm ViT, timm "
+                                    "EVA02); use a model of one of them\n")
     import timm.layers
     clip = tiny_family_model("ViT-B-16-SigLIP", tmp_path, monkeypatch, mlp_layer=timm.layers.SwiGLU)[0]
-    assert len(am.apply_masks(copy.deepcopy(clip), "mhsa")) == 4
-    with pytest.raises(ValueError, match=r"^the blocks of this timm ViT tower lack the mlp weights of its family "
-                                         r"\(mlp.fc1.weight, mlp.fc2.weight\); use --mask-target mhsa$"):
-        am.apply_masks(clip, "mlp")
+    assert len(am.apply_masks(copy.deepcopy(clip), "mhsa")) == 4  # timm ViT's attention
+    assert len(am.apply_masks(copy.deepcopy(clip), "mlp")) == 6  # EVA02's SwiGLU MLP
+    with pytest.raises(ValueError, match=r"^the VisionTransformer image tower has no transformer blocks with the all "
+                                         r"weights of a family AdvMask knows \(open_clip ViT, timm ViT, timm EVA02\); "
+                                         r"use a model of one of them, or --mask-target mhsa$"):
+        am.apply_masks(clip, "all")
 
     def hf_tokenizer(name):  # open_clip's HFTokenizer (SigLIP's) where transformers is not installed
         raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
