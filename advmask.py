@@ -92,7 +92,8 @@ WEIGHTS_LR = 1e-5
 
 class ClipClassifier(nn.Module):
     """Zero-shot CLIP classifier whose input is an image in [0, 1]; normalisation happens inside. Text features are
-    computed once here, with the frozen text tower, and kept as a buffer: the mask only touches the image tower."""
+    computed once here, with the frozen text tower, and kept as a buffer: the mask only touches the image tower.
+    tokenizer: the model's own, open_clip.get_tokenizer(name) (SigLIP's is not OpenAI's); default open_clip.tokenize."""
 
     def __init__(self, clip_model, class_names, templates, tokenizer=None):
         super().__init__()
