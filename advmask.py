@@ -2564,6 +2564,7 @@ def parse_args(argv):
         p.error(f"--attack takes a comma-separated list of {', '.join(ATTACKS)}")
     unused_eval_datasets = args.eval_datasets is not None and args.protocol != "transfer"
     tga_zsr = args.conventions == "tga-zsr"
+    # by default the preset named as the conventions: CoOp's suite, or TGA-ZSR's 16
     args.eval_datasets = [args.conventions] if args.eval_datasets is None else args.eval_datasets
     unknown = [name for name in args.eval_datasets if name not in DATASETS and name not in EVAL_PRESETS]
     if unknown or not args.eval_datasets:
