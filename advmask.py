@@ -2972,6 +2972,9 @@ def main(argv=None):
             model = args.model or {"speed": "BENCH_CLIP", "precision": "ViT-B-32"}[args.benchmark]
             config = {"BENCH_CLIP": BENCH_CLIP, "tiny": TINY_CLIP}.get(model) or open_clip.get_model_config(
                 resolve_model(model))
+            if not config or "timm_model_name" in config["vision_cfg"] or config.get("custom_text"):
+                raise ValueError(f"--benchmark builds open_clip's own CLIP ViT from a config name or JSON, which "
+                                 f"{model} is not; benchmark such a model, e.g. ViT-B-16")
             rows = (precision_check(config, device) if args.benchmark == "precision" else
                     [benchmark(config, args.batch_size, device, args.precision, args.mask_target)])
             for row in rows:

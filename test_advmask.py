@@ -2849,6 +2849,8 @@ def bad_input_cases(files):
          "--split-json gives CoOp's split, which --conventions tga-zsr does not use; drop it"),
         (["--tune", "scores"], "argument --tune: invalid choice: 'scores'"),
         (["--benchmark", "memory"], "argument --benchmark: invalid choice: 'memory'"),
+        (["--benchmark", "--model", "ViT-B-16-SigLIP"], "--benchmark builds open_clip's own CLIP ViT from a config "
+                                                        "name or JSON, which ViT-B-16-SigLIP is not"),
         ([*transfer[:-1], "imagenet_r"], "none of them lists 1000 wnids here"),
         (["--pretrained", str(files / "missing.pt")], "is neither an open_clip tag of ViT-B-32"),
         ([*tiny, "--pretrained", str(files / "other.pt")],
