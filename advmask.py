@@ -978,8 +978,8 @@ def read_checked_file(path, magic, formats, payload_bytes, what):
 
 def write_mask_file(path, header, bits):
     """Write a mask file: header fields (arch, target, threshold, names, shapes, heads, base_weights) and the (n,) bool
-    bits, True
-    = on, packed 8 to a byte in np.packbits order, in write_checked_file's container; numpy alone can read it."""
+    bits, True = on, packed 8 to a byte in np.packbits order, in write_checked_file's container; numpy alone can read
+    it."""
     write_checked_file(path, MASK_MAGIC, {"format": MASK_FILE_FORMAT, **header, "n_weights": bits.numel()},
                        np.packbits(bits.numpy()).tobytes())  # ⌈n/8⌉ bytes
 
@@ -1202,7 +1202,6 @@ TGA_ZSR = {
     "sun397": (TGA_ZSR_TEMPLATE, "_-/"),
 }
 TGA_ZSR_TRAIN = ("tinyimagenet", "cifar10", "cifar100", "imagenet")  # what its load_train_dataset can train on
-TGA_ZSR_WHOLE = ("caltech101", "caltech256", "eurosat", "sun397")  # tested on every image: it splits none of them
 TGA_ZSR_SQUASHED = ("cifar10", "cifar100", "stl10")  # Resize((224, 224)); the others Resize(256) + CenterCrop(224)
 # Its names where they are not torchvision's: EuroSAT's and PCAM's by label, Flowers102's spellings of four (sic)
 TGA_ZSR_EUROSAT = ["annual crop land", "a forest", "brushland or shrubland", "a highway or a road",
@@ -1599,6 +1598,7 @@ def load_dataset(name, root, preprocess, download=True, split_json=None, train=T
             parts = {"train": None, "test": test}
         elif train_splits is None:
             whole = ds = _torchvision_dataset(name, root, None, transform, download)
+            # TGA-ZSR tests these on every image (of its 16: Caltech101, Caltech-256, EuroSAT, SUN397)
             train_idx, test_idx, labels, classes = _fixed_split(name, whole, every_image=tga_zsr)
             parts = {"train": None if tga_zsr else Split(whole, train_idx, [labels[i] for i in train_idx]),
                      "test": Split(whole, test_idx, [labels[i] for i in test_idx])}
@@ -1724,8 +1724,8 @@ CELL_SETTINGS = ("test_steps", "test_alpha", "eval_precision", "eval_limit")
 # What a results entry's numbers rest on besides its seed: runs that differ in any of these are not averaged together.
 # The model and its weights, the data (synthetic or dry run), the prompts, the training and the evaluation settings.
 SAME_BASIS = ("model", "pretrained", "synthetic", "dry_run", "conventions", "mask_target", "loss", "lam", "lr",
-              "epochs", "batch_size", "train_eps", "train_alpha", "train_steps", "precision", "test_alpha", "test_steps",
-              "eval_precision", "eval_limit")
+              "epochs", "batch_size", "train_eps", "train_alpha", "train_steps", "precision", "test_alpha",
+              "test_steps", "eval_precision", "eval_limit")
 # What identifies the model evaluated besides its name and tag or file (load_clip's identity): the network and the
 # weights themselves. open_clip's version is recorded beside them, not compared.
 SAME_MODEL = ("file_sha256", "activation", "preprocess", "weights_sha256")
@@ -1780,9 +1780,10 @@ def summarize(runs_dir, out_dir=None):
     """Tables over seeds of runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json, in out_dir (default:
     runs_dir) as summary.md (returned) and summary.csv: a table per protocol, attack, ε and basis (_heading), a row
     per method and dataset, mean ± std in %, an "Average" row over datasets per method, and for base2new the paper's
-    five columns with H, the harmonic mean of the four averaged accuracies. A cell with no finished seed is "—", never 0, and so is an
-    average over a column with such a cell. Seeds of a cell that differ in anything else their numbers rest on
-    (_basis: split source, model, data, training and evaluation settings) are refused."""
+    five columns with H, the harmonic mean of the four averaged accuracies. A cell with no finished seed is "—", never
+    0, and so is an average over a column with such a cell. Seeds of a cell that differ in anything else their
+    numbers rest on (_basis: split source, prompts and resizing, model, data, training and evaluation settings) are
+    refused."""
     runs_dir = Path(runs_dir)
     # (protocol, attack, eps, basis, method, dataset, shots, eval) -> {seed: (clean, adv)}
     acc, seen = {}, {}  # seen: protocol -> (datasets, shots, seeds) that have a run folder, finished or not
