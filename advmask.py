@@ -101,10 +101,10 @@ class ClipClassifier(nn.Module):
         visual = clip_model.visual
         mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
         std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        device = next(clip_model.parameters()).device  # every buffer on the CLIP's device; .to() moves them along
+        self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1))
         tokenizer = tokenizer or partial(open_clip.tokenize, context_length=clip_model.context_length)
-        device = next(clip_model.parameters()).device
         with torch.no_grad():
             prompts = [clip_model.encode_text(tokenizer([t.format(c) for t in templates]).to(device), normalize=True)
                        for c in class_names]  # C × (n_templates, E)
@@ -119,7 +119,7 @@ class ClipClassifier(nn.Module):
             image, blocks = out["image_features"], out["image_intermediates"]
             # not in the paper: LAFA aligns each block's output, every token (the paper says "each layer's features");
             # the class token goes back in front of the patch tokens (SigLIP has none: no prefix): L × (B, T, D)
-            prefix = out.get("image_intermediates_prefix") or [x[:, :0] for x in blocks]
+            prefix = out.get("image_intermediates_prefix") or [z[:, :0] for z in blocks]
             feats = [torch.cat(pair, dim=1) for pair in zip(prefix, blocks)]
         else:
             image = self.clip.encode_image(x, normalize=False)  # CoCa's tower also returns its tokens; this does not

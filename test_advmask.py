@@ -3,6 +3,7 @@
 Everything runs on CPU with tiny open_clip models built from a config (random weights, no downloads).
 """
 import collections
+import contextlib
 import copy
 import functools
 import hashlib
@@ -26,12 +27,14 @@ import open_clip
 import pytest
 import safetensors.torch
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.utils import parametrize
 
 import advmask as am
@@ -242,6 +245,66 @@ def test_mask_sparsity_is_the_fraction_of_weights_off(seed):
     off = sum((s <= t).sum().item() for _, _, s, t in masked_weights(model))
     total = sum(s.numel() for _, _, s, _ in masked_weights(model))
     assert am.mask_sparsity(model) == pytest.approx(off / total, abs=1e-12)
+
+
+def placement(module):
+    """The device types of every parameter and buffer of a module."""
+    return {t.device.type for t in itertools.chain(module.parameters(), module.buffers())}
+
+
+def test_every_model_the_method_and_the_cli_build_sits_on_the_device_of_its_clip():
+    """Placement, with the meta device standing in for a GPU: the classifier (built on a meta CLIP, or moved there
+    with .to), its masks, the baked model, the tuned weights, the baseline's copy and the benchmark's model hold
+    every parameter and buffer on the CLIP's device; a CPU tensor among CUDA ones fails at the first forward."""
+    with torch.device("meta"):
+        clip = open_clip.CLIP(**am.TINY_CLIP)
+    classifier = am.ClipClassifier(clip, ["cat", "dog"], ["a photo of a {}."])
+    assert placement(classifier) == {"meta"}
+    am.apply_masks(classifier, "all")
+    assert placement(classifier) == {"meta"} and placement(copy.deepcopy(classifier)) == {"meta"}
+    assert placement(am.bake_masks(classifier)) == {"meta"}
+    assert placement(tiny_classifier().to("meta")) == {"meta"}
+    weights = am.tune_weights(am.ClipClassifier(copy.deepcopy(clip), ["cat"], ["a {}."]))
+    assert {w.device.type for w in weights} == {"meta"}
+    for masked in (True, False):
+        model, optimizer = am._bench_model(am.TINY_CLIP, torch.device("meta"), "mhsa", masked)
+        assert placement(model) == {"meta"}
+
+
+def fake_cuda(module, mode):
+    """The module with every parameter and buffer replaced by a fake CUDA tensor of FakeTensorMode `mode`."""
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    fake = mode.fake_tensor_converter.from_meta_and_device(mode, t.to("meta"), torch.device("cuda"))
+                    table[name] = nn.Parameter(fake, t.requires_grad) if isinstance(t, nn.Parameter) else fake
+    return module
+
+
+def test_the_forward_paths_run_on_fake_cuda_tensors():
+    """Under FakeTensorMode (CUDA's device rules, no GPU): the classifier's logits and block features, with masks,
+    fixed masks and baked, and the evaluation's clean pass (uint8 batch moved over, scaled, classified) all run on
+    CUDA tensors and give CUDA outputs. (Backward needs a CUDA runtime: the GPU group covers it.)"""
+    mode = FakeTensorMode()
+    clip = fake_cuda(open_clip.CLIP(**am.TINY_CLIP), mode)
+    with mode:
+        classifier = am.ClipClassifier(clip, ["cat", "dog", "axolotl"], ["a photo of a {}.", "art of a {}."])
+        x = torch.rand(4, 3, SIZE, SIZE, device="cuda")
+        for stage in ("plain", "masked", "fixed", "baked"):
+            if stage == "masked":
+                am.apply_masks(classifier)
+            if stage == "baked":
+                am.bake_masks(classifier)
+            with am.fixed_masks(classifier) if stage == "fixed" else contextlib.nullcontext():
+                logits, feats = classifier(x, return_features=True)
+                assert logits.device.type == "cuda" and logits.shape == (4, 3) and logits.dtype == torch.float32
+                assert [f.device.type for f in feats] == ["cuda"] * am.TINY_CLIP["vision_cfg"]["layers"]
+        images_u8 = torch.randint(0, 256, (4, 3, SIZE, SIZE), dtype=torch.uint8)  # evaluate's cached test images
+        y = torch.tensor([0, 1, 2, 0])
+        device = next(classifier.parameters()).device
+        correct = (classifier(am.to_unit(images_u8.to(device))).argmax(1) == y.to(device)).cpu()
+        assert correct.device.type == "cpu" and correct.shape == (4,)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
