@@ -85,6 +85,12 @@ LR, BATCH_SIZE, TRAIN_BUDGET_STEPS = 1e-4, 32, 500
 # not in the paper: tune_weights (adversarial fine-tuning of the masked weights) takes Adam at 1e-5, the step CLIP
 # fine-tuning uses (FARE, WiSE-FT), for the same budget; a sweep on the tiny CLIP is in the README ("Mask or weights?")
 WEIGHTS_LR = 1e-5
+# not in the paper: training in fp32 on every device (TF32 matmuls on CUDA); under bf16, LAFA's signal at ε = 1/255
+# drowns in rounding, with an error 8-13× the signal per block on ViT-B/32 (--benchmark precision; README, "Precision")
+TRAIN_PRECISION = "fp32"
+# not in the paper: evaluation in fp32 as well, the reference for robust accuracy; bf16 did not weaken PGD or AutoAttack
+# on a small CLIP (README, "Evaluation"), but on ViT-B/32 that is not measured yet
+EVAL_PRECISION = "fp32"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -445,6 +451,11 @@ def default_epochs(n_images, batch_size, budget_steps=TRAIN_BUDGET_STEPS):
     return max(1, math.ceil(budget_steps / steps_per_epoch(n_images, batch_size)))
 
 
+def autocast(device, precision):
+    """Mixed precision for forward and backward passes: bf16 autocast, or nothing for "fp32"."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+
+
 def train_step(model, optimizer, x, y, lam=LAM, eps=TRAIN_EPS, alpha=TRAIN_ALPHA, steps=TRAIN_STEPS, loss="ce+lafa",
                generator=None):
     """One min-max step on images x in [0, 1]; returns (L_CE, regulariser, adversarial logits), detached.
@@ -486,10 +497,11 @@ def _log_row(model, step, total_steps, sums, seconds, loss):
 
 
 def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, lam=LAM, eps=TRAIN_EPS,
-          alpha=TRAIN_ALPHA, steps=TRAIN_STEPS, loss="ce+lafa", seed=0, log_every=20, checkpoint=None,
-          checkpoint_every=50):
+          alpha=TRAIN_ALPHA, steps=TRAIN_STEPS, loss="ce+lafa", seed=0, precision=TRAIN_PRECISION, log_every=20,
+          checkpoint=None, checkpoint_every=50):
     """Adversarial mask tuning: only the scores change; every pre-trained weight stays bit for bit as it was. (Given
-    the weights tune_weights returned instead, the same loop is adversarial fine-tuning of those weights.)
+    the weights tune_weights returned instead, the same loop is adversarial fine-tuning of those weights.) The frozen
+    network runs in eval mode throughout (no dropout, drop-path or patch dropout), and no step waits for the GPU.
 
     Args:
         model, params: a ClipClassifier and the scores apply_masks put on it (or the weights tune_weights returned).
@@ -499,8 +511,10 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
         lam: λ, the weight of LAFA (50 in the paper; 0 gives CE-only adversarial mask tuning).
         eps, alpha, steps: the training PGD, in pixel units.
         loss: one of LOSSES; "ce+lafa" is the paper's method, the others its ablation rows.
-        seed: seeds the only two generators training draws from, batch order and flips (CPU) and PGD's random starts
-            (on the device): the mask does not depend on torch's global generator, which an evaluation may have used.
+        seed: seeds the only two generators training draws from, both on the device, one for batch order and flips
+            and one for PGD's random starts: the mask does not depend on torch's global generator.
+        precision: "fp32" or "bf16" (autocast), one autocast block per step (so that autocast's cache of the bf16
+            casts of trainable weights, as tune_weights makes them, never outlives a step).
         log_every: print a line every this many steps.
         checkpoint: None, or a file for the training state, resumed from if it exists and written at the first epoch
             end after checkpoint_every steps and at the end: a run killed and started again ends with the same mask,
@@ -518,12 +532,13 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
     per_epoch = steps_per_epoch(len(labels), batch_size)
     total_steps = epochs * per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    batch_rng = torch.Generator().manual_seed(seed)  # batch order and flips
-    pgd_rng = torch.Generator(labels.device).manual_seed(seed)  # PGD's random starts
-    # running sums of the log row in progress, kept on the device like the finiteness flag, so that a step never
-    # waits for the GPU
-    sums = {k: torch.zeros((), device=labels.device) for k in ("ce", "reg", "correct", "seen")}
-    finite = torch.ones((), dtype=torch.bool, device=labels.device)
+    device = labels.device
+    batch_rng = torch.Generator(device).manual_seed(seed)  # batch order and flips
+    pgd_rng = torch.Generator(device).manual_seed(seed)  # PGD's random starts
+    # running sums of the log row in progress, kept on the device like the finiteness flag and every random draw, so
+    # that only a log line waits for the GPU
+    sums = {k: torch.zeros((), device=device) for k in ("ce", "reg", "correct", "seen")}
+    finite = torch.ones((), dtype=torch.bool, device=device)
     first_epoch, history = 0, []
     if checkpoint is not None and Path(checkpoint).is_file():
         first_epoch, history = _load_training_state(checkpoint, params, optimizer, scheduler, (batch_rng, pgd_rng),
@@ -531,18 +546,19 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
         print(f"resuming from {checkpoint} after epoch {first_epoch}/{epochs}", flush=True)
     step = saved_at = first_epoch * per_epoch
     tic = time.perf_counter()
-    model.train()
+    model.eval()  # frozen: LAFA compares two passes of one network, not two draws of its dropout
     try:
         for epoch in range(first_epoch, epochs):
-            shuffled = torch.randperm(len(labels), generator=batch_rng).to(labels.device)
-            for batch in shuffled.split(batch_size)[:per_epoch]:
+            batches = torch.randperm(len(labels), generator=batch_rng, device=device).split(batch_size)[:per_epoch]
+            # not in the paper: random horizontal flips are the only augmentation; they run on the device, on the
+            # cached tensor, so no image is decoded twice; the epoch's flips drawn at once, one per image
+            flips = torch.rand(sum(map(len, batches)), generator=batch_rng, device=device) < 0.5
+            for batch, flip in zip(batches, flips.split(batch_size)):
                 step += 1
                 x, y = to_unit(images[batch]), labels[batch]
-                # not in the paper: random horizontal flips are the only augmentation; they run on the device, on the
-                # cached tensor, so no image is decoded twice
-                flip = (torch.rand(len(y), generator=batch_rng) < 0.5).to(x.device)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                ce, reg, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, loss, pgd_rng)
+                with autocast(device, precision):
+                    ce, reg, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, loss, pgd_rng)
                 scheduler.step()
                 finite &= torch.isfinite(ce + lam * reg)
                 sums["ce"] += ce * len(y)
@@ -1636,12 +1652,18 @@ def synthetic_dataset(n_classes, train_per_class, n_test, image_size, seed):
 
 
 def cache_images(dataset, indices, device, num_workers=0):
-    """Decode and resize the chosen images once: ((N, 3, H, W) uint8, (N,) int64), both on device. A file that does not
-    decode (a truncated download, say) raises ValueError naming it."""
-    subset = torch.utils.data.Subset(dataset, indices)
-    loader = torch.utils.data.DataLoader(subset, batch_size=64, num_workers=num_workers)
+    """Decode and resize the chosen images once: ((N, 3, H, W) uint8, (N,) int64), both on device, filled batch by
+    batch into tensors made once (host memory holds the images about once, not a list of batches and their copy). A
+    file that does not decode (a truncated download, say) raises ValueError naming it."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=64,
+                                         num_workers=num_workers)
+    labels, filled = torch.empty(len(indices), dtype=torch.int64, device=device), 0
     try:
-        images, labels = zip(*loader)
+        for x, y in loader:
+            if filled == 0:  # the image size is known from the first batch
+                images = torch.empty((len(indices), *x.shape[1:]), dtype=x.dtype, device=device)  # (N, 3, H, W)
+            images[filled:filled + len(y)], labels[filled:filled + len(y)] = x, y
+            filled += len(y)
     except (OSError, RuntimeError):  # PIL's error, as raised here or re-raised from a loader worker: find the file
         for i in indices:
             try:
@@ -1651,7 +1673,7 @@ def cache_images(dataset, indices, device, num_workers=0):
                                  f"dataset's archive (or download the dataset again) and rerun: finished cells are "
                                  f"kept") from None
         raise
-    return torch.cat(images).to(device), torch.cat(labels).to(device)
+    return images, labels
 
 
 def _image_file(dataset, i):
@@ -2108,21 +2130,8 @@ def plot_few_shot(out_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Precision and benchmarks: the training precision, what masking costs over plain adversarial training, what a baked
-# mask costs at evaluation, and how faithful LAFA is in bf16
-
-# not in the paper: training in fp32 on every device (TF32 matmuls on CUDA); under bf16, LAFA's signal at ε = 1/255
-# drowns in rounding, with an error 8-13× the signal per block on ViT-B/32 (--benchmark precision; README, "Precision")
-TRAIN_PRECISION = "fp32"
-# not in the paper: evaluation in fp32 as well, the reference for robust accuracy; bf16 did not weaken PGD or AutoAttack
-# on a small CLIP (README, "Evaluation"), but on ViT-B/32 that is not measured yet
-EVAL_PRECISION = "fp32"
-
-
-def autocast(device, precision):
-    """Mixed precision for forward and backward passes: bf16 autocast, or nothing for "fp32"."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
-
+# Benchmarks: what masking costs over plain adversarial training, what a baked mask costs at evaluation, and how
+# faithful LAFA is in bf16
 
 # A small CLIP for --benchmark on a CPU: 65 tokens × batch 32 gives each weight about as much matrix-product work as
 # ViT-B/32 at batch 32 (50 tokens), so the cost of masking relative to the rest is comparable.
@@ -2149,15 +2158,13 @@ def _min_seconds(fns, device, repeats):
     """Fastest time of each fn over interleaved rounds after a warm-up round. Rounds alternate the order, so drifts in
     machine speed and order effects hit all alike; the minimum, as timeit advises, is the least noisy estimate of
     what the computation itself costs."""
-    times = {name: [] for name in fns}
+    times, sync = {name: [] for name in fns}, torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for i in range(repeats + 1):
         for name, fn in list(fns.items())[:: 1 if i % 2 else -1]:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             tic = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             times[name].append(time.perf_counter() - tic)
     return {name: min(t[1:]) for name, t in times.items()}
 
@@ -2182,8 +2189,9 @@ def _train_peak_memory(clip_config, batch_size, device, target, masked, precisio
         _bench_train_step(model, optimizer, x, y, device, precision)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
-    import resource  # Unix only, like /proc above; the benchmark is for Linux machines
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    # VmHWM, this process's own peak: ru_maxrss would carry over the peak of the process that spawned this one
+    peak_kb = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]  # Linux, like statm
+    return int(peak_kb) * 1024 - rss_before
 
 
 def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats=25, pgd_steps=3):
@@ -2740,6 +2748,18 @@ def _worst_row(rows, attacks):
     return worst
 
 
+@contextlib.contextmanager
+def _out_of_memory(flag, value):
+    """Running out of (GPU) memory inside this block ends in one line naming the flag to lower and the memory asked
+    for; what was written before (the trained file, finished cells, a checkpoint) stays for the rerun."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        asked = re.search(r"(?i)tried to allocate ([\d.]+ ?\w+)", str(e))
+        raise ValueError(f"out of memory{f' asking for {asked[1]}' if asked else ''}; lower {flag} (now {value}) and "
+                         f"rerun the same command: what is finished is kept") from None
+
+
 # How a mask or weights file was trained, as its header records it: what labels the runs that evaluate the file.
 PROVENANCE = ("dataset", "shots", "seed", "lr", "loss", "lam")
 
@@ -2860,12 +2880,12 @@ def run(args, device):
               f"{len(train_names)} classes), {epochs} epoch{'s' * (epochs != 1)} on {device} ({args.precision})")
     write_json(out_dir / "config.json", settings)
     if train_now:
-        with autocast(device, args.precision):
+        with _out_of_memory("--batch-size", args.batch_size):  # the checkpoint stays for the rerun
             _, history = adversarial_mask_tuning(
                 clip, images, labels, train_names, template, args.mask_target, args.tune, epochs, tokenizer,
                 batch_size=args.batch_size, lr=args.lr, lam=args.lam, eps=args.train_eps / 255,
                 alpha=args.train_alpha / 255, steps=args.train_steps, loss=args.loss, seed=args.seed,
-                checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
+                precision=args.precision, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
         provenance = {k: getattr(args, k) for k in PROVENANCE}
         if args.tune == "mask":
             save_masks(clip, trained, source, provenance)
@@ -2916,7 +2936,7 @@ def run(args, device):
             if todo[tuned_name]:
                 attacks = {_cell_label(a, eps): make_attack(a, eps / 255, args.test_alpha / 255, args.test_steps)
                            for a, eps in todo[tuned_name]}
-                with autocast(device, args.eval_precision):
+                with autocast(device, args.eval_precision), _out_of_memory("--eval-batch-size", args.eval_batch_size):
                     result = evaluate(model, test_images, test_labels, attacks, args.eval_batch_size, args.seed)
                 results += _result_rows(cells[tuned_name], result, todo[tuned_name])
             for eps in args.test_eps if len(args.attack) > 1 else []:

@@ -735,6 +735,51 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert state["epoch"] == 2 and all(torch.isfinite(s).all() for s in state["params"])
 
 
+def test_training_runs_the_frozen_network_in_eval_mode(tmp_path, monkeypatch):
+    """Inside train every pass runs in eval mode: on a tiny timm ViT with drop-path, two passes over a step's images
+    give LAFA(x, x) = 0 at every step, where in train mode the drop-path draws make them differ."""
+    clip, tokenizer, _ = tiny_family_model("ViT-B-16-SigLIP", tmp_path, monkeypatch, drop_path_rate=0.5)
+    classifier = am.ClipClassifier(clip, ["cat", "dog"], ["a photo of a {}."], tokenizer)
+    x_u8, y = synthetic_training_set(2, 4)
+    real_step, lafa = am.train_step, []
+
+    def step(model, optimizer, x, y, *args):
+        with torch.no_grad():
+            (logits, clean), (_, again) = (model(x, return_features=True) for _ in range(2))
+        lafa.append(am.lafa_loss(clean, again, logits, y).item())
+        return real_step(model, optimizer, x, y, *args)
+
+    monkeypatch.setattr(am, "train_step", step)
+    am.train(classifier, am.apply_masks(classifier), x_u8, y, epochs=2, batch_size=4, log_every=10**6)
+    assert lafa == [0.0] * 4
+    torch.manual_seed(0)
+    with torch.no_grad():  # the same check in train mode, which train used to set
+        (logits, clean), (_, again) = (classifier.train()(am.to_unit(x_u8), return_features=True) for _ in range(2))
+    assert am.lafa_loss(clean, again, logits, y) > 1e-6
+
+
+def test_bf16_training_sees_fp32_text_features_and_each_steps_own_weights(tmp_path, monkeypatch):
+    """Under --precision bf16 the training classifier's text features are the fp32 ones of a classifier built outside
+    autocast (the evaluation's), and every step's forward sees the weights the previous step left (--tune weights:
+    autocast's cached bf16 casts of trainable weights never outlive a step)."""
+    monkeypatch.chdir(tmp_path)
+    real_step, checks = am.train_step, []
+
+    def step(model, optimizer, x, y, *args):
+        with torch.no_grad():
+            with torch.autocast("cpu", enabled=False):
+                reference = am.ClipClassifier(model.clip, [f"class {c}" for c in range(4)],
+                                              [am.DATASETS["oxford_pets"][0]])
+            fresh = copy.deepcopy(model)  # new leaf tensors, cast afresh
+            checks.append((torch.equal(model.text_features, reference.text_features),
+                           torch.equal(model(x), fresh(x))))
+        return real_step(model, optimizer, x, y, *args)
+
+    monkeypatch.setattr(am, "train_step", step)
+    am.main(["--dry-run", "--tune", "weights", "--precision", "bf16", "--epochs", "2", "--out-dir", "bf16"])
+    assert checks == [(True, True)] * 4
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -1999,6 +2044,38 @@ def test_imagenet_shifts_use_clips_names_in_imagenets_label_order(tmp_path):
     assert [v2["classes"][y] for y in v2["test"].targets] == [names[f] for f in folders]
 
 
+CACHE_MEMORY = """
+import json, os, re, sys, torch
+sys.path.insert(0, sys.argv[1])
+import advmask as am
+
+class Images(torch.utils.data.Dataset):  # each image made anew when read, as a decoded file would be
+    def __len__(self):
+        return 4000
+
+    def __getitem__(self, i):
+        return torch.full((3, 224, 224), i % 251, dtype=torch.uint8), i % 7
+
+rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+images, labels = am.cache_images(Images(), range(0, 4000, 2), "cpu")  # 301 MB
+# the peak of this process alone (VmHWM), not ru_maxrss, which a process started by a larger one carries over
+peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) * 1024 - rss
+print(json.dumps({"ratio": peak / images.numel(), "shape": list(images.shape), "dtypes": [str(images.dtype),
+                  str(labels.dtype)], "right": all(bool(images[i].eq(2 * i % 251).all()) and labels[i] == 2 * i % 7
+                                                   for i in range(2000))}))
+"""
+
+
+def test_cache_images_holds_the_decoded_images_about_once():
+    """cache_images fills tensors made once: in a fresh process its peak host memory stays under 1.3× the decoded
+    images (a list of batches joined by torch.cat peaks at about 2×), with each image and label at its index."""
+    proc = subprocess.run([sys.executable, "-c", CACHE_MEMORY, str(HERE)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["ratio"] < 1.3 and got["right"] and got["shape"] == [2000, 3, 224, 224]
+    assert got["dtypes"] == ["torch.uint8", "torch.int64"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Results
 
@@ -3035,6 +3112,40 @@ def dry_run_args(out, epochs):
     return ["--dry-run", "--epochs", str(epochs), "--lr", "0.01", "--out-dir", out]
 
 
+def test_out_of_memory_names_the_flag_to_lower_and_keeps_what_is_finished(tmp_path, monkeypatch, capsys):
+    """Running out of memory is one line naming the memory asked for and the flag to lower (--batch-size in training,
+    --eval-batch-size in evaluation), exit 2; the trained mask and the cells finished before stay, and the rerun
+    trains nothing and evaluates only the missing cell."""
+    monkeypatch.chdir(tmp_path)
+    args, evaluate, calls = ["--dry-run", "--epochs", "2", "--baseline", "--out-dir", "oom"], am.evaluate, []
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of "
+                                     "23.54 GiB of which 1.02 GiB is free.")
+
+    def second_evaluation_fails(*args, **kwargs):
+        calls.append(args)
+        return out_of_memory() if len(calls) == 2 else evaluate(*args, **kwargs)
+
+    for patched, fn, flag in (("train_step", out_of_memory, "--batch-size (now 32)"),
+                              ("evaluate", second_evaluation_fails, "--eval-batch-size (now 256)")):
+        with monkeypatch.context() as m, pytest.raises(SystemExit) as exit_:
+            m.setattr(am, patched, fn)
+            am.main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and "asking for 2.50 GiB" in err and flag in err, err
+        assert (tmp_path / "oom" / "masks.bin").exists() == (patched == "evaluate")
+    masks = (tmp_path / "oom" / "masks.bin").read_bytes()
+    kept = json.loads((tmp_path / "oom" / "results.json").read_text())
+    assert [e["model"] for e in kept["results"]] == ["clip"] and not kept["complete"]
+    am.main(args)
+    out = capsys.readouterr().out
+    assert "reusing oom/masks.bin" in out and "reusing 1 finished cell" in out
+    done = json.loads((tmp_path / "oom" / "results.json").read_text())
+    assert [e["model"] for e in done["results"]] == ["clip", "advmask"] and done["complete"]
+    assert done["results"][0] == kept["results"][0] and (tmp_path / "oom" / "masks.bin").read_bytes() == masks
+
+
 def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_path, monkeypatch, capsys):
     """A --dry-run without --out-dir writes under runs_dry/, never runs/, records the model and settings it used and
     turns weights off; the flags it overrides are named in one line; analyze of two masks prints no nan, even where
@@ -3161,3 +3272,108 @@ def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path
         return [{k: v for k, v in row.items() if k != "img_per_s"} for row in log]
     assert len(whole["train_log"]) == 4 and untimed(whole["train_log"]) == untimed(again["train_log"])
     assert not (killed / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On a GPU: the CUDA paths end to end, at tiny size (`pytest -q -k gpu` where torch.cuda.is_available(); skipped,
+# with that reason, elsewhere: CI has no GPU)
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is "
+                                                              "False); run `pytest -q -k gpu` on a machine with one")
+
+
+@gpu
+def test_gpu_the_method_tunes_bakes_and_evaluates_on_cuda():
+    """adversarial_mask_tuning, bake_masks and evaluate with PGD run on CUDA: the classifier and its masks sit on the
+    GPU, the baked model gives the masked logits, and evaluate takes its uint8 images from the CPU or the GPU alike."""
+    x_u8, y = (t.cuda() for t in synthetic_training_set(3, 4))
+    classifier, log = am.adversarial_mask_tuning(tiny_clip().cuda(), x_u8, y, ["cat", "dog", "axolotl"], epochs=3,
+                                                 batch_size=4, lr=1e-2, log_every=1)
+    assert placement(classifier) == {"cuda"} and len(log) == 9 and 0 < log[-1]["off"] < 1
+    with torch.no_grad():
+        masked = classifier(am.to_unit(x_u8))
+        torch.testing.assert_close(am.bake_masks(classifier)(am.to_unit(x_u8)), masked)
+    attacks = {"pgd": partial(am.pgd_attack, steps=3)}
+    on_gpu, on_cpu = (am.evaluate(classifier, images, labels, attacks, batch_size=5)
+                      for images, labels in ((x_u8, y), (x_u8.cpu(), y.cpu())))
+    assert on_gpu["n"] == 12 and on_gpu["clean_acc"] == (masked.argmax(1) == y).sum().item() / 12
+    assert torch.equal(on_gpu["attacks"]["pgd"]["correct"], on_cpu["attacks"]["pgd"]["correct"])
+
+
+@gpu
+@pytest.mark.parametrize("flags", [["--baseline"], ["--protocol", "base2new", "--baseline"],
+                                   ["--precision", "bf16", "--eval-precision", "bf16"], ["--attack", "apgd-ce,aa"],
+                                   ["--tune", "weights"]])
+def test_gpu_cli_dry_runs_finish_on_cuda(flags, tmp_path, monkeypatch):
+    """The CLI's dry run on --device cuda, few-shot and base-to-new with the baseline, in bf16, under APGD-CE and
+    AutoAttack, and for the weights arm: every cell is evaluated and the run is complete."""
+    monkeypatch.chdir(tmp_path)
+    am.main(["--dry-run", "--device", "cuda", "--epochs", "2", *flags, "--out-dir", "gpu"])
+    results = json.loads((tmp_path / "gpu" / "results.json").read_text())
+    assert results["complete"] and results["settings"]["device"] == "cuda" and results["results"]
+    assert all(0 <= e["adv_acc"] <= e["clean_acc"] + 1e-9 <= 1 + 1e-9 for e in results["results"])
+
+
+@gpu
+def test_gpu_deterministic_runs_repeat_bit_for_bit(tmp_path):
+    """Two --deterministic dry runs on CUDA, each in a fresh process, write the same masks.bin and accuracies."""
+    for out in ("a", "b"):
+        proc = run_cli("--dry-run", "--device", "cuda", "--deterministic", "--epochs", "3", "--out-dir", out,
+                       cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "a" / "masks.bin").read_bytes() == (tmp_path / "b" / "masks.bin").read_bytes()
+    a, b = (json.loads((tmp_path / out / "results.json").read_text())["results"] for out in ("a", "b"))
+    assert [(e["clean_acc"], e["adv_acc"]) for e in a] == [(e["clean_acc"], e["adv_acc"]) for e in b]
+
+
+@gpu
+def test_gpu_files_of_a_cuda_run_load_on_either_device_and_export(tmp_path, monkeypatch):
+    """The mask and weights files of CUDA dry runs load onto a CUDA and a CPU copy of the base model alike (the same
+    bits, the same weights; saved again from either, the same bytes), and export writes the CUDA run's mask baked."""
+    monkeypatch.chdir(tmp_path)
+    for tune in ("mask", "weights"):
+        am.main(["--dry-run", "--device", "cuda", "--epochs", "2", "--tune", tune, "--out-dir", tune])
+    torch.manual_seed(1)  # the dry run's random CLIP, drawn from its --seed as main draws it
+    base = am.load_clip("tiny", "none")[0]
+    on = {d: am.load_masks(copy.deepcopy(base).to(d), "mask/masks.bin") for d in ("cuda", "cpu")}
+    bits = {d: [(m.scores > m.threshold).cpu() for *_, m in am._masks(model)] for d, model in on.items()}
+    assert all(map(torch.equal, bits["cuda"], bits["cpu"]))
+    assert torch.equal(torch.cat([b.flatten() for b in bits["cpu"]]), am.read_mask_file("mask/masks.bin")[1])
+    for d, model in on.items():
+        am.save_masks(model, f"again-{d}.bin")
+    assert Path("again-cuda.bin").read_bytes() == Path("again-cpu.bin").read_bytes()
+    tuned = {d: copy.deepcopy(base).to(d) for d in ("cuda", "cpu")}
+    for d, model in tuned.items():
+        am.load_weights(model, "weights/weights.bin")
+        am.save_weights(model, f"again-{d}.weights")
+    assert all(torch.equal(a.cpu(), b) for (_, a), (_, b) in zip(*(am.target_weights(m) for m in tuned.values())))
+    assert Path("again-cuda.weights").read_bytes() == Path("again-cpu.weights").read_bytes()
+    am.export("mask", "exported")
+    exported = safetensors.torch.load_file("exported/open_clip_model.safetensors")
+    assert all(torch.equal(exported[k], v) for k, v in am.bake_masks(on["cpu"]).state_dict().items())
+
+
+@gpu
+def test_gpu_training_never_waits_for_the_gpu_between_log_lines(monkeypatch):
+    """The steps between two log lines make no host synchronisation: they run under
+    torch.cuda.set_sync_debug_mode("error"), which raises at any, with only the log rows themselves let through."""
+    log_row = am._log_row
+
+    def unguarded(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return log_row(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(am, "_log_row", unguarded)
+    classifier = tiny_classifier().cuda()
+    x_u8, y = (t.cuda() for t in synthetic_training_set(3, 8))
+    scores = am.apply_masks(classifier)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        log = am.train(classifier, scores, x_u8, y, epochs=3, batch_size=4, log_every=6)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [row["step"] for row in log] == [6, 12, 18]
