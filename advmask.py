@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import pickle
+import random
 import re
 import shutil
 import statistics
@@ -919,6 +920,27 @@ def _create_clip(name, pretrained):
     return clip, identity
 
 
+def fp16_network(clip):
+    """clip as FAP's code evaluates it (its configs' PREC "fp16", clip.build_model): conv, linear and attention weights
+    and the projections in fp16 as OpenAI's convert_weights makes them (open_clip's convert_weights_to_lp), every
+    LayerNorm computing in fp32 (LayerNormFp32, as in OpenAI's model and open_clip's precision="fp16" build), and the
+    image cast to fp16 as it enters the tower (OpenAI's image.type(self.dtype)); gradients then flow in fp16, unscaled.
+    For open_clip's ViT (check_fp16 says so in one line for another tower). Returns clip, changed in place."""
+    open_clip.model.convert_weights_to_lp(clip, torch.float16)
+    for module in clip.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.__class__ = open_clip.transformer.LayerNormFp32
+    clip.visual.register_forward_pre_hook(lambda _, inputs: (inputs[0].half(), *inputs[1:]))
+    return clip
+
+
+def check_fp16(clip, what):
+    """Refuse, in one line, fp16 evaluation (fp16_network) of a tower that is not open_clip's ViT."""
+    if tower_family(clip)[0] != "open_clip ViT":
+        raise ValueError(f"--eval-precision fp16 converts OpenAI's ViT as FAP's code does, and {what} is another "
+                         f"family's tower; evaluate it in fp32 or bf16")
+
+
 def describe(identity):
     """A model identity in a few words, for messages and file headers: "ViT-B-32 openai (QuickGELU)"."""
     weights = "" if identity["pretrained"] is None else f" {identity['pretrained']}"
@@ -1239,6 +1261,9 @@ EVAL_PRESETS = {
 COOP_SPLIT_FILES = {"caltech101": "Caltech101", "oxford_pets": "OxfordPets", "stanford_cars": "StanfordCars",
                     "flowers102": "OxfordFlowers", "food101": "Food101", "sun397": "SUN397",
                     "dtd": "DescribableTextures", "eurosat": "EuroSAT", "ucf101": "UCF101"}
+# --conventions fap: the datasets whose K-shot draw is FAP's here, those with a CoOp file and FGVC Aircraft (CoOp reads
+# its official train list, in file order, as torchvision does); ImageNet's items come from a directory listing
+FAP_DATASETS = (*COOP_SPLIT_FILES, "fgvc_aircraft")
 # (classes, test images) of each dataset's default split below, for --synthetic: a run of the real size with random
 # images. Caltech101's 2,472 is derived: 2,602 measured with Faces_easy, less its 130 test images; Caltech-256's is
 # derived too: 30 % of each of its 256 classes, 29,780 images without clutter (our rounding, not measured);
@@ -1347,6 +1372,18 @@ def base_new_split(split, n_classes):
     new = [i for i, y in enumerate(split.targets) if y >= n_base]
     return (Split(split, base, [split.targets[i] for i in base]),
             Split(split, new, [split.targets[i] - n_base for i in new]), n_base)
+
+
+def dassl_k_shot(labels, shots, seed):
+    """The K-shot draw of CoOp's and FAP's code, Dassl's DatasetBase.generate_fewshot_dataset (KaiyangZhou/
+    Dassl.pytorch at c61a1b5) after its set_random_seed(seed), as indices into labels in its order: the items grouped
+    by label in order of first appearance, then per label random.sample(items, K), or, for a label with fewer than K,
+    random.choices(items, k=K) (its repeat=True: images repeat). Python's random, seeded as Dassl seeds it."""
+    rng, groups = random.Random(seed), {}
+    for i, label in enumerate(labels):
+        groups.setdefault(int(label), []).append(i)
+    return [i for items in groups.values() for i in (rng.sample(items, shots) if len(items) >= shots else
+                                                      rng.choices(items, k=shots))]
 
 
 def _rgb(image):
@@ -1586,6 +1623,8 @@ def load_dataset(name, root, preprocess, download=True, split_json=None, train=T
                          f"splits; pass {name} without a split file, under --conventions coop")
     transform = image_transform(preprocess)
     _, train_splits, test_split, image_dir = DATASETS[name]
+    if conventions == "fap" and name == "fgvc_aircraft":  # CoOp's (FAP's) training split is train, not trainval
+        train_splits = ("train",)
     if split_json is not None:
         try:  # {"train": [[relpath, label, classname], ...], "val": ..., "test": ...}
             raw = Path(split_json).read_bytes()
@@ -1742,7 +1781,7 @@ def _split_source(splits, *datasets):
 
 # What makes a results cell besides the model, the class set, the attack and ε, recorded in each entry: a rerun into
 # the same folder evaluates only the cells its results.json lacks and keeps every other.
-CELL_SETTINGS = ("test_steps", "test_alpha", "eval_precision", "eval_limit")
+CELL_SETTINGS = ("test_steps", "test_alpha", "eval_precision", "eval_limit", "test_batch")
 # What a results entry's numbers rest on besides its seed: runs that differ in any of these are not averaged together.
 # The model and its weights, the data (synthetic or dry run), the prompts, the training and the evaluation settings.
 SAME_BASIS = ("model", "pretrained", "synthetic", "dry_run", "conventions", "mask_target", "loss", "lam", "lr",
@@ -1773,7 +1812,8 @@ def _heading(finished, entry):
     if get("eval_limit"):
         words.append(f"at most {get('eval_limit')} test images per dataset")
     if get("eval_precision") not in (None, "fp32"):  # EVAL_PRECISION, the default
-        words.append(f"{get('eval_precision')} evaluation")
+        words.append(f"{get('eval_precision')} evaluation" + (f" in test batches of {get('test_batch')}"
+                                                               if get("test_batch") else ""))
     if s.get("conventions") not in (None, "coop"):
         words.append(f"{s['conventions']} conventions")
     return "; ".join(w for w in words if w)
@@ -2461,10 +2501,12 @@ def parse_args(argv):
     p.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate a fixed, class-balanced subset of at most this many test images per evaluated "
                         "dataset, the same for every run (default: the whole test split)")
-    p.add_argument("--conventions", default="coop", choices=["coop", "tga-zsr"],
+    p.add_argument("--conventions", default="coop", choices=["coop", "fap", "tga-zsr"],
                    help="the data's conventions, in training and evaluation: coop (CoOp's templates, names, class "
-                        "sets and splits; the model's resizing) or tga-zsr (TGA-ZSR's code exactly: its prompts, "
-                        "names, class sets, test sets and resizing, its 16 test sets by default; see README)")
+                        "sets and splits; the model's resizing), fap (FAP's code exactly, for few_shot and base2new: "
+                        "CoOp's split files with Dassl's K-shot draw, fp16 evaluation in test batches of 200) or "
+                        "tga-zsr (TGA-ZSR's code exactly: its prompts, names, class sets, test sets and resizing, its "
+                        "16 test sets by default); see README")
     p.add_argument("--masks", default=None, help="transfer: evaluate this mask file instead of training one")
     p.add_argument("--tune", default=None, choices=list(TUNED_MODEL),
                    help="mask: AdvMask; weights: adversarial fine-tuning of the same weights (--mask-target) with "
@@ -2500,7 +2542,8 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, default=None,
                    help=f"default: enough for about {TRAIN_BUDGET_STEPS} optimisation steps, at least 1")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training images per optimisation step")
-    p.add_argument("--eval-batch-size", type=int, default=256, help="test images per attacked batch")
+    p.add_argument("--eval-batch-size", type=int, default=None,
+                   help="test images per attacked batch (default: 256; FAP's 200 under --conventions fap)")
     p.add_argument("--lr", type=float, default=None,
                    help=f"Adam's learning rate (default: {LR:g} for mask scores, {WEIGHTS_LR:g} for weights)")
     p.add_argument("--train-eps", type=_per255, default=TRAIN_EPS * 255, help="training PGD's ε, in /255 units")
@@ -2515,8 +2558,10 @@ def parse_args(argv):
                    help="comma-separated, in /255 units: 1,4 or 1/255,4/255")
     p.add_argument("--test-alpha", type=_per255, default=TEST_ALPHA * 255, help="the attacks' step, in /255 units")
     p.add_argument("--test-steps", type=int, default=TEST_STEPS, help="iterations of every test attack")
-    p.add_argument("--eval-precision", default=EVAL_PRECISION, choices=["bf16", "fp32"],
-                   help="precision of clean and attacked evaluation: fp32, or bf16 autocast (see README)")
+    p.add_argument("--eval-precision", default=None, choices=["bf16", "fp16", "fp32"],
+                   help=f"precision of clean and attacked evaluation: fp32, bf16 autocast, or fp16 as FAP's code "
+                        f"converts OpenAI's network (default: {EVAL_PRECISION}; fp16 under --conventions fap; see "
+                        f"README)")
     p.add_argument("--checkpoint-every", type=int, default=50,
                    help="save the training state at the first epoch end after this many steps (1: every epoch)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
@@ -2572,9 +2617,14 @@ def parse_args(argv):
     if not args.attack or not set(args.attack) <= set(ATTACKS):
         p.error(f"--attack takes a comma-separated list of {', '.join(ATTACKS)}")
     unused_eval_datasets = args.eval_datasets is not None and args.protocol != "transfer"
-    tga_zsr = args.conventions == "tga-zsr"
+    tga_zsr, fap = args.conventions == "tga-zsr", args.conventions == "fap"
     # by default the preset named as the conventions: CoOp's suite, or TGA-ZSR's 16
-    args.eval_datasets = [args.conventions] if args.eval_datasets is None else args.eval_datasets
+    args.eval_datasets = ["tga-zsr" if tga_zsr else "coop"] if args.eval_datasets is None else args.eval_datasets
+    # FAP's code tests in fp16 (its configs' PREC) on batches of 200; the batch decides what underflows in fp16, so an
+    # fp16 cell records it (test_batch), where in fp32 and bf16 it changes no number
+    args.eval_precision = args.eval_precision or ("fp16" if fap else EVAL_PRECISION)
+    args.eval_batch_size = args.eval_batch_size or (200 if fap else 256)  # 0 was refused above
+    args.test_batch = args.eval_batch_size if args.eval_precision == "fp16" else None
     unknown = [name for name in args.eval_datasets if name not in DATASETS and name not in EVAL_PRESETS]
     if unknown or not args.eval_datasets:
         p.error(f"--eval-datasets: {unknown[0] if unknown else 'nothing'} is neither a dataset nor a preset; "
@@ -2587,6 +2637,10 @@ def parse_args(argv):
     if args.split_dir and not Path(args.split_dir).is_dir():
         p.error(f"--split-dir {args.split_dir} is not a folder; pass the folder that holds CoOp's "
                 f"split_zhou_<Name>.json files")
+    if fap and (args.protocol == "transfer" or args.dataset not in FAP_DATASETS or not args.split_dir):
+        p.error(f"--conventions fap runs FAP's few_shot and base2new protocols on CoOp's split files, from which "
+                f"Dassl's K-shot draw and the test sets come: pass --split-dir (the folder of CoOp's "
+                f"split_zhou_<Name>.json files) and one of {', '.join(FAP_DATASETS)} as --dataset")
     if tga_zsr:  # TGA-ZSR's data only, as its code reads it
         others = [d for d in args.eval_datasets * (args.protocol == "transfer") if d not in TGA_ZSR]
         if others:
@@ -2659,7 +2713,8 @@ def parse_analyze_args(argv):
 # its identity (SAME_MODEL: the weights' fingerprint, not the path or name), the training data by its split record
 # (a CoOp file's sha256, not the folder). Device and precision are training settings: bf16 and fp32 training end in
 # different masks, and devices draw other random starts.
-EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "eval_precision", "baseline",
+EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "test_batch", "eval_precision",
+             "baseline",
              "baseline_identity", "workers", "eval_datasets", "eval_presets", "eval_limit", "checkpoint_every",
              "out_dir", "overwrite", "data_root", "no_download", "split_dir", "split_json", "model", "pretrained",
              "model_identity"}
@@ -2787,6 +2842,8 @@ def run(args, device):
     _require_writable(out_dir)
     clip, tokenizer, identity = load_clip(args.model or "ViT-B-32", args.pretrained)
     clip, source = clip.to(device), describe(identity)
+    if args.eval_precision == "fp16":
+        check_fp16(clip, source)
     size = clip.visual.image_size[0]
     settings = {**vars(args), "device": str(device), "model_identity": identity}
     splits = {}  # dataset -> which split it used: default, CoOp's file (with its sha256), TGA-ZSR's or synthetic
@@ -2806,6 +2863,8 @@ def run(args, device):
                 split_json = Path(args.split_dir) / f"split_zhou_{coop}.json" if coop else None
                 if split_json is None or not split_json.is_file():
                     missing = f"no CoOp split file {split_json.name} in {args.split_dir}" if coop else "CoOp has none"
+                    if coop and args.conventions == "fap":
+                        raise ValueError(f"{name}: {missing}, from which --conventions fap draws; put it there")
                     print(f"{name}: {missing}; using its default split (README, 'Datasets and splits')")
                     split_json = None
                 elif name != args.dataset:  # an evaluated target: its test set changes with the file, so say so
@@ -2836,9 +2895,6 @@ def run(args, device):
             if len(names) < MIN_CLASSES.get(attack, 0):
                 raise ValueError(f"class set {name!r} has {len(names)} classes, fewer than the {MIN_CLASSES[attack]} "
                                  f"that {attack}'s DLR loss needs; use apgd-ce, pgd, cw or aa-tga-zsr for it instead")
-    # one text-tower pass per class set; the classifiers share the one image tower, which the mask then changes
-    classifiers = {name: ClipClassifier(clip, names, templates, tokenizer)
-                   for name, (_, names, templates) in sets.items()}
     # the baseline, evaluated beside the mask on the same decoded images: a copy of unmasked CLIP, or a model folder
     # with its own tokenizer (frozen: attacks keep no activations for parameter gradients)
     if args.baseline == "clip":
@@ -2846,6 +2902,8 @@ def run(args, device):
     elif args.baseline:
         baseline, baseline_tokenizer, settings["baseline_identity"] = load_clip(args.baseline, None)
         baseline = baseline.to(device).requires_grad_(False)
+        if args.eval_precision == "fp16":
+            check_fp16(baseline, args.baseline)
         theirs = settings["baseline_identity"]["preprocess"]
         differ = [f"{k} {theirs[k]}" for k in ("size", "resize_mode", "interpolation")
                   if theirs[k] != identity["preprocess"][k]]
@@ -2868,11 +2926,16 @@ def run(args, device):
         (load_masks if args.tune == "mask" else load_weights)(clip, trained, source)
         print(f"reusing {trained}, trained by an earlier run with the same settings")
     train_now = not (args.masks or args.weights or same_run and trained.is_file())
-    if train_now:
+    if train_now and args.conventions == "fap":  # Dassl's draw over every class; base2new keeps the base ones after
+        train_set = train_on["train"]
+        indices = [i for i in dassl_k_shot(train_set.targets, args.shots, args.seed)
+                   if train_set.targets[i] < len(train_names)]
+    elif train_now:
         try:
             indices = sample_k_shot(train_set.targets, args.shots, args.seed, train_names)
         except ValueError as e:
             raise ValueError(f"{e} with --shots") from None
+    if train_now:
         images, labels = cache_images(train_set, indices, device, args.workers)
         lap("cache")
         epochs = args.epochs or default_epochs(len(labels), args.batch_size)
@@ -2900,6 +2963,9 @@ def run(args, device):
         n_tuned = sum(w.numel() for _, w in target_weights(clip, args.mask_target))
         sparsity, outcome = None, f"tuned {n_tuned:,} weights"
         clip.requires_grad_(False)  # attacks need the input's gradient only
+    if args.eval_precision == "fp16":  # trained in the training precision: baked, then converted
+        for model in (clip, baseline) if args.baseline else (clip,):
+            fp16_network(model)
     lap("train")
 
     # cells of earlier runs into this folder (older files record their evaluation settings once, for all cells)
@@ -2923,7 +2989,7 @@ def run(args, device):
     for name, (test_set, names, templates) in sets.items():
         models = ({args.baseline: ClipClassifier(baseline, names, templates, baseline_tokenizer)} if args.baseline
                   else {})
-        models[TUNED_MODEL[args.tune]] = classifiers[name]
+        models[TUNED_MODEL[args.tune]] = ClipClassifier(clip, names, templates, tokenizer)  # after fp16_network
         cells = {m: {"model": m, "eval": name, **{k: getattr(args, k) for k in CELL_SETTINGS}} for m in models}
         todo = {m: [(a, eps) for a, eps in itertools.product(args.attack, args.test_eps)
                     if _cell_key({**cells[m], "attack": a, "eps": eps}) not in done] for m in models}

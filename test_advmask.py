@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -1142,6 +1143,43 @@ def test_the_fingerprint_changes_with_any_tensor_and_not_with_a_mask(seed, data)
     assert am.weights_fingerprint(clip) != reference
 
 
+def test_fp16_network_is_open_clips_fp16_build_and_openais_conversion(tmp_path):
+    """fp16_network gives every parameter the dtype open_clip's precision="fp16" build gives it (conv, linear,
+    attention weights and projections fp16; LayerNorms, embeddings and the logit scale fp32), its LayerNorms
+    LayerNormFp32, and with the same weights the same image features as that build fed fp16 images."""
+    path = tmp_path / "tiny-fp16.json"
+    path.write_text(json.dumps(am.TINY_CLIP))
+    open_clip.add_model_config(path)
+    theirs = open_clip.create_model("tiny-fp16", precision="fp16", device="cpu").eval()
+    ours = am.fp16_network(tiny_clip())
+    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
+    assert {torch.float16, torch.float32} == {p.dtype for p in ours.parameters()}
+    norms = [type(m).__name__ for m in ours.modules() if isinstance(m, nn.LayerNorm)]
+    assert norms == [type(m).__name__ for m in theirs.modules() if isinstance(m, nn.LayerNorm)]
+    assert set(norms) == {"LayerNormFp32"}
+    theirs.load_state_dict(ours.state_dict())
+    x = images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(x), theirs.encode_image(x.half()), rtol=0, atol=0)
+
+
+def test_an_input_gradient_too_small_for_fp16_gives_sign_zero_there_and_not_in_fp32():
+    """Through the fp16 network an input gradient below fp16's smallest step underflows to 0, so PGD leaves those
+    pixels where they were, while the fp32 network moves every pixel: the gradient is taken in fp16, unscaled."""
+    clip = tiny_clip()
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(1e-5))  # a tiny loss scale: the input gradient falls below 2^-24
+    x, y = images(4), torch.tensor([0, 1, 2, 0])
+    fp32 = am.ClipClassifier(clip, ["cat", "dog", "axolotl"], ["a photo of a {}."])
+    fp16 = am.ClipClassifier(am.fp16_network(copy.deepcopy(clip)), ["cat", "dog", "axolotl"], ["a photo of a {}."])
+    x_in = x.clone().requires_grad_(True)
+    (grad32,) = torch.autograd.grad(F.cross_entropy(fp32(x_in), y), x_in)
+    assert 0 < grad32.abs().max() < 2**-24 and (grad32 != 0).all()
+    moved = {name: am.pgd_attack(model, x, y, steps=1, random_start=False) != x
+             for name, model in (("fp32", fp32), ("fp16", fp16))}
+    assert moved["fp32"][x < 254 / 255].all() and not moved["fp16"].any()
+
+
 def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_learning_rate(tmp_path, monkeypatch):
     """AdvMask runs at lr 1e-4 and adversarial fine-tuning runs at 1e-5 under one root are two methods side by side
     in one table, each at its learning rate, not a cell that mixes learning rates; summary.png draws both."""
@@ -1469,6 +1507,36 @@ def test_a_mask_or_weights_file_is_refused_on_other_weights_and_an_older_one_loa
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Datasets and splits
+
+def dassl_generate_fewshot_dataset(data_source, num_shots, repeat=True):
+    """Dassl's DatasetBase.generate_fewshot_dataset with its split_dataset_by_label, one data source, written out from
+    KaiyangZhou/Dassl.pytorch at c61a1b5 (dassl/data/datasets/base_dataset.py); items are (index, label) pairs."""
+    tracker = collections.defaultdict(list)
+    for item in data_source:
+        tracker[item[1]].append(item)
+    dataset = []
+    for label, items in tracker.items():
+        if len(items) >= num_shots:
+            sampled_items = random.sample(items, num_shots)
+        else:
+            if repeat:
+                sampled_items = random.choices(items, k=num_shots)
+            else:
+                sampled_items = items
+        dataset.extend(sampled_items)
+    return dataset
+
+
+@settings(max_examples=100, deadline=None)
+@given(labels=st.lists(st.integers(0, 6), min_size=1, max_size=80), shots=st.integers(1, 8),
+       seed=st.integers(0, 2**31 - 1))
+def test_the_fap_draw_is_dassls_on_interleaved_labels(labels, shots, seed):
+    """dassl_k_shot picks the images Dassl's code picks after its set_random_seed(seed), in its order, for labels in
+    any interleaved order (groups in order of first appearance, repeats for a class short of K)."""
+    random.seed(seed)  # Dassl's set_random_seed: random.seed, np.random.seed, torch.manual_seed
+    expected = [i for i, _ in dassl_generate_fewshot_dataset(list(enumerate(labels)), shots)]
+    assert am.dassl_k_shot(labels, shots, seed) == expected
+
 
 @settings(max_examples=100, deadline=None)
 @given(labels=st.lists(st.integers(0, 9), min_size=1, max_size=60))
@@ -2724,6 +2792,34 @@ def tiny_cli_args(files):
             "--data-root", str(files / "data"), "--device", "cpu", "--workers", "0", "--test-steps", "1"]
 
 
+def test_fap_conventions_train_on_dassls_draw_and_evaluate_fp16_in_batches_of_200(tiny_files, tmp_path, monkeypatch):
+    """--conventions fap: base2new trains on exactly the images Dassl's draw picks from the CoOp file's train list
+    (every class drawn, the base ones kept), evaluates in fp16 in test batches of 200, records both in each cell,
+    and summarize tables those cells under that heading; a rerun with another test batch evaluates anew."""
+    monkeypatch.chdir(tmp_path)
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    train = [[f"{b}_{n}.jpg", c, b.lower()] for n in (1, 2, 3) for c, b in enumerate(PET_CLASSES)]  # interleaved
+    test = [[f"{b}_{n}.jpg", c, b.lower()] for c, b in enumerate(PET_CLASSES) for n in (100, 101)]
+    (splits / "split_zhou_OxfordPets.json").write_text(json.dumps({"train": train, "val": [], "test": test}))
+    cached, cache = [], am.cache_images
+    monkeypatch.setattr(am, "cache_images", lambda ds, idx, *a: cached.append(list(idx)) or cache(ds, idx, *a))
+    args = [*tiny_cli_args(tiny_files), "--conventions", "fap", "--split-dir", str(splits), "--protocol", "base2new",
+            "--shots", "2", "--seed", "3", "--epochs", "1", "--out-dir", "runs/base2new/oxford_pets/2shot/seed3"]
+    am.main(args)
+    random.seed(3)
+    drawn = dassl_generate_fewshot_dataset([(i, label) for i, (_, label, _) in enumerate(train)], 2)
+    assert cached[0] == [i for i, label in drawn if label < 2] and len(cached[0]) == 4
+    results = json.loads((tmp_path / "runs/base2new/oxford_pets/2shot/seed3/results.json").read_text())
+    assert {(e["eval"], e["eval_precision"], e["test_batch"]) for e in results["results"]} == {
+        ("base", "fp16", 200), ("new", "fp16", 200)}
+    am.main([*args, "--eval-batch-size", "2"])
+    results = json.loads((tmp_path / "runs/base2new/oxford_pets/2shot/seed3/results.json").read_text())
+    assert sorted(e["test_batch"] for e in results["results"]) == [2, 2, 200, 200]
+    summary = am.summarize(tmp_path / "runs")
+    assert "fp16 evaluation in test batches of 200" in summary and "fp16 evaluation in test batches of 2;" in summary
+
+
 def test_tune_weights_runs_saves_its_weights_and_transfer_evaluates_them(tiny_files, tmp_path, monkeypatch):
     """A --tune weights run trains with its own learning-rate default, writes weights.bin (no masks.bin) and results
     under the name adv_ft; --protocol transfer --weights evaluates the file; summarize calls the model "adversarial
@@ -2970,7 +3066,13 @@ def bad_input_cases(files):
         ([*tiny, "--protocol", "base2new", "--attack", "pgd,aa"],
          "class set 'base' has 2 classes, fewer than the 4 that aa's DLR loss needs; use apgd-ce, pgd, cw or aa-tga-zsr"),
         (["--split-dir", str(files / "nowhere")], "--split-dir " + str(files / "nowhere") + " is not a folder"),
-        (["--eval-precision", "fp16"], "argument --eval-precision: invalid choice: 'fp16'"),
+        (["--eval-precision", "fp64"], "argument --eval-precision: invalid choice: 'fp64'"),
+        (["--conventions", "fap"], "--conventions fap runs FAP's few_shot and base2new protocols on CoOp's split "
+                                   "files, from which Dassl's K-shot draw and the test sets come: pass --split-dir"),
+        (["--conventions", "fap", "--split-dir", str(files), "--dataset", "imagenet"], "--split-dir (the folder"),
+        (["--conventions", "fap", "--split-dir", str(files), "--protocol", "transfer"], "--split-dir (the folder"),
+        ([*tiny, "--conventions", "fap", "--split-dir", str(files)],
+         "oxford_pets: no CoOp split file split_zhou_OxfordPets.json in"),
         (["--split-dir", str(files), "--split-json", str(files / "tiny.pt")], "(a folder for every dataset), not both"),
         (["--device", "cuda:99", "--dry-run"], "--device cuda:99 was asked for but"),
         ([*tiny, "--data-root", str(files / "nowhere")], "it is read from oxford-iiit-pet/images/<Breed>_<n>.jpg"),
