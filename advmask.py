@@ -950,12 +950,11 @@ def describe(identity):
 # ----------------------------------------------------------------------------------------------------------------------
 # Mask and weight files: 1 bit per masked weight (32 per tuned weight), with checked metadata
 
-# Format 2 added "heads", the attention heads per block, for the per-head analysis; 3 adds "base_weights", the
-# fingerprint of the weights the file was trained on. Files of earlier formats still load.
-MASK_FILE_FORMAT = 3
-MASK_MAGIC = b"ADVMASK\n"
-WEIGHTS_FILE_FORMAT, WEIGHTS_MAGIC = 2, b"ADVTUNE\n"  # --tune weights: the tuned weights themselves, fp32; 2 adds
-# "base_weights" as mask format 3 does
+# Format 4 is safetensors: the tensors, and the header as one metadata entry, "advmask", a JSON object (one entry, as
+# safetensors writes several in a random order: the same mask gives the same bytes). Formats 1-3 were advmask's own
+# container (magic, zlib JSON header, payload), refused with a line naming them.
+FILE_FORMAT = 4
+OLD_MAGIC = {b"ADVMASK\n": "mask", b"ADVTUNE\n": "weights"}
 
 
 def _arch(model):
@@ -980,60 +979,67 @@ def _atomic_write(path, write):
         tmp.unlink(missing_ok=True)
 
 
-def write_checked_file(path, magic, header, payload):
-    """Write magic, the header length (4 bytes, little-endian), the zlib-compressed JSON header plus the sha256 of the
-    payload, then the payload bytes, atomically: the container of mask files and of tuned-weight files."""
-    blob = zlib.compress(json.dumps({**header, "sha256": hashlib.sha256(payload).hexdigest()}).encode())
-    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(magic + len(blob).to_bytes(4, "little") + blob + payload))
+def _tensors_sha256(tensors):
+    """sha256 of the tensors' names, dtypes, shapes and bytes, in name order: the payload checksum of a file."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(f"{name} {t.dtype} {tuple(t.shape)}".encode() + t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
-def read_checked_file(path, magic, formats, payload_bytes, what):
-    """(header, payload) of a file write_checked_file wrote, after checking its magic, header, format, length
-    (payload_bytes(header)) and checksum; what ("mask", "weights") names the kind of file in the errors."""
+def write_tuned_file(path, kind, header, tensors):
+    """Write a mask or weights file (kind "mask" or "weights") atomically, as safetensors: the CPU tensors, and as
+    metadata "advmask", the JSON of the kind, the format, the tensors' sha256 and the header's fields."""
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    meta = {"kind": kind, "format": FILE_FORMAT, "sha256": _tensors_sha256(tensors), **header}
+    _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, {"advmask": json.dumps(meta)}))
+
+
+def read_tuned_file(path, kind):
+    """(header, tensors) of a file write_tuned_file wrote, after checking its kind, format and checksum; every
+    failure is one sentence naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{what} file {path} does not exist; pass the file that a training run wrote")
-    data = path.read_bytes()
-    if not data.startswith(magic):
-        raise ValueError(f"{path} is not an advmask {what} file; pass a file that save_{what.rstrip('s')}s wrote")
-    start = len(magic) + 4 + int.from_bytes(data[len(magic):len(magic) + 4], "little")
+        raise ValueError(f"{kind} file {path} does not exist; pass the file that a training run wrote")
     try:
-        header = json.loads(zlib.decompress(data[len(magic) + 4:start]))
-    except (zlib.error, ValueError):  # a cut or altered header fails to decompress or to parse
-        raise ValueError(f"{path} has an unreadable header: it is truncated or corrupted; copy it again or re-run "
-                         f"the training that wrote it") from None
-    if header.get("format") not in formats:
-        raise ValueError(f"{path} has {what} format {header.get('format')}, this code reads "
-                         f"{' and '.join(map(str, formats))}; use the advmask version that wrote it")
-    payload = data[start:]
-    if len(payload) != payload_bytes(header):
-        raise ValueError(f"{path} holds {len(payload)} bytes of {what} for {header['n_weights']} weights: it is "
-                         f"truncated; copy it again or re-run the training that wrote it")
-    if hashlib.sha256(payload).hexdigest() != header["sha256"]:
-        raise ValueError(f"{path} fails its checksum: the {what} are corrupted; copy it again or re-run the training")
-    return header, payload
+        with safetensors.safe_open(path, "pt") as f:
+            meta, tensors = json.loads((f.metadata() or {}).get("advmask", "{}")), {n: f.get_tensor(n) for n in f.keys()}
+    except (safetensors.SafetensorError, ValueError) as e:
+        data = path.read_bytes()
+        old = next((what for magic, what in OLD_MAGIC.items() if data.startswith(magic)), None)
+        if old:  # the format number sits in the old container's zlib-compressed JSON header
+            n = json.loads(zlib.decompress(data[12:12 + int.from_bytes(data[8:12], "little")])).get("format")
+            raise ValueError(f"{path} is a {old} file of format {n}, advmask's own container before format "
+                             f"{FILE_FORMAT} (safetensors), which this version does not read; train it again "
+                             f"(--overwrite), or use the advmask commit that wrote it") from None
+        raise ValueError(f"{path} is not a whole advmask {kind} file ({str(e).splitlines()[0]}): it is truncated, "
+                         f"corrupted or another file; copy it again, or retrain with --overwrite") from None
+    if meta.get("kind") != kind or meta.get("format") != FILE_FORMAT:
+        raise ValueError(f"{path} is not an advmask {kind} file of format {FILE_FORMAT}; pass a file that "
+                         f"save_{'masks' if kind == 'mask' else 'weights'} wrote")
+    if _tensors_sha256(tensors) != meta["sha256"]:
+        raise ValueError(f"{path} fails its checksum: its {kind} tensors are corrupted; copy it again, or retrain "
+                         f"with --overwrite")
+    return {k: v for k, v in meta.items() if k not in ("kind", "format", "sha256")}, tensors
 
 
 def write_mask_file(path, header, bits):
-    """Write a mask file: header fields (arch, target, threshold, names, shapes, heads, base_weights) and the (n,) bool
-    bits, True = on, packed 8 to a byte in np.packbits order, in write_checked_file's container; numpy alone can read
-    it."""
-    write_checked_file(path, MASK_MAGIC, {"format": MASK_FILE_FORMAT, **header, "n_weights": bits.numel()},
-                       np.packbits(bits.numpy()).tobytes())  # ⌈n/8⌉ bytes
+    """Write a mask file: header fields (arch, target, threshold, names, shapes, heads, base_weights, provenance) and
+    the (n,) bool bits, True = on, packed 8 to a byte in np.packbits order as the uint8 tensor "bits"."""
+    write_tuned_file(path, "mask", {**header, "n_weights": bits.numel()},
+                     {"bits": torch.from_numpy(np.packbits(bits.numpy()))})  # ⌈n/8⌉ bytes
 
 
 def read_mask_file(path):
     """(header, bits) of a mask file, (n,) bool with True = on, after checking that the file is whole and intact."""
-    header, packed = read_checked_file(path, MASK_MAGIC, (1, 2, MASK_FILE_FORMAT),
-                                       lambda h: math.ceil(h["n_weights"] / 8), "mask")
-    bits = np.unpackbits(np.frombuffer(packed, np.uint8), count=header["n_weights"]).astype(bool)
-    return header, torch.from_numpy(bits)
+    header, tensors = read_tuned_file(path, "mask")
+    return header, torch.from_numpy(np.unpackbits(tensors["bits"].numpy(), count=header["n_weights"]).astype(bool))
 
 
 def _check_fit(path, header, model, weights, source, exclude=()):
     """Refuse a file made for another architecture, for other weights than (name, shape) pairs `weights`, or trained
-    on other pre-trained weights than the model's (source names them); warn that a file of an earlier format, which
-    does not record them, cannot be checked. exclude: as weights_fingerprint's."""
+    on other pre-trained weights than the model's (source names them). exclude: as weights_fingerprint's."""
     if header["arch"] != _arch(model):
         raise ValueError(f"{path} was made for {header['arch']}, but this model is {_arch(model)}; load it onto the "
                          f"architecture it was trained with")
@@ -1041,11 +1047,8 @@ def _check_fit(path, header, model, weights, source, exclude=()):
         raise ValueError(f"{path} holds {header['target']} weights, which are not the ones this model has masked or "
                          f"tuned; load it onto an unmasked model, or one masked or tuned on the {header['target']} "
                          f"weights")
-    base = header.get("base_weights")
-    if base is None:
-        print(f"WARNING: {path} is a {header['format']}-format file, which does not record the weights it was trained "
-              f"on: it cannot be checked against this model's", file=sys.stderr)
-    elif base["fingerprint"] != (ours := weights_fingerprint(model, exclude)):
+    base = header["base_weights"]
+    if base["fingerprint"] != (ours := weights_fingerprint(model, exclude)):
         raise ValueError(f"{path} was trained on other weights ({base['source']}, fingerprint "
                          f"{base['fingerprint'][:12]}) than this model's ({source or 'source unrecorded'}, "
                          f"fingerprint {ours[:12]}); load it onto the weights it was trained on")
@@ -1091,33 +1094,26 @@ def load_masks(model, path, source=None):
 def save_weights(model, path, target="mhsa", source=None, provenance=None):
     """Store the tuned weights only (fp32, 32 bits a weight), with what load_weights needs to refuse a misfit model;
     the rest of CLIP is the pre-trained checkpoint, untouched, and its fingerprint binds the file to it (the tuned
-    weights themselves are left out of it: the file replaces them). Same container as a mask file; provenance as
-    save_masks'."""
+    weights themselves are left out of it: the file replaces them). A safetensors file of one tensor per weight, by
+    its name, as a mask file; provenance as save_masks'."""
     entries = target_weights(model, target)
     names = [name for name, _ in entries]
-    write_checked_file(path, WEIGHTS_MAGIC, {
-        "format": WEIGHTS_FILE_FORMAT, "arch": _arch(model), "target": target, "dtype": "float32",
-        "names": names, "shapes": [list(w.shape) for _, w in entries], "n_weights": sum(w.numel() for _, w in entries),
+    write_tuned_file(path, "weights", {
+        "arch": _arch(model), "target": target, "names": names, "shapes": [list(w.shape) for _, w in entries],
+        "n_weights": sum(w.numel() for _, w in entries),
         "base_weights": {"fingerprint": weights_fingerprint(model, names), "source": source or "source unrecorded"},
-        **({"provenance": provenance} if provenance else {})},
-        torch.cat([w.detach().float().flatten().cpu() for _, w in entries]).numpy().tobytes())
-
-
-def read_weights_file(path):
-    """(header, payload bytes) of a weights file, after checking that it is whole and intact."""
-    return read_checked_file(path, WEIGHTS_MAGIC, (1, WEIGHTS_FILE_FORMAT), lambda h: 4 * h["n_weights"], "weights")
+        **({"provenance": provenance} if provenance else {})}, {name: w.float() for name, w in entries})
 
 
 def load_weights(model, path, source=None):
     """Overwrite the model's weights with those of a file save_weights wrote, after checking that they fit, the rest
     of its weights included (source names them in the error)."""
-    header, payload = read_weights_file(path)
+    header, tensors = read_tuned_file(path, "weights")
     entries = target_weights(model, header["target"])
     _check_fit(path, header, model, [(name, list(w.shape)) for name, w in entries], source, header["names"])
-    values = torch.from_numpy(np.frombuffer(payload, np.float32).copy())
     with torch.no_grad():
-        for chunk, (_, w) in zip(values.split([w.numel() for _, w in entries]), entries):
-            w.copy_(chunk.view(w.shape))
+        for name, w in entries:
+            w.copy_(tensors[name])
     return header
 
 
@@ -1965,8 +1961,7 @@ ATTENTION_WEIGHTS = {"attn.in_proj_weight": "qkv", "attn.qkv.weight": "qkv", "at
 def mask_breakdown(header, bits):
     """Weights off per block and part: (block, part, head) -> (number off, number of weights). Parts are q, k, v and
     out of attention and the MLP's layers (ATTENTION_WEIGHTS), in any family's tower; head None stands for the whole
-    part, a head h for its rows of q, k, v and its columns of out, when the header knows the number of heads (format
-    2)."""
+    part, a head h for its rows of q, k, v and its columns of out."""
     cells = {}
     for name, shape, b in zip(header["names"], header["shapes"], bits.split([math.prod(s) for s in header["shapes"]])):
         _, block, param = re.fullmatch(r"(.+?)\.(\d+)\.(.+)", name).groups()  # "trunk.blocks", "0", "attn.qkv.weight"
@@ -1977,7 +1972,7 @@ def mask_breakdown(header, bits):
             parts = {part or param.split(".")[-2].removeprefix("c_"): off.T if part == "out" else off}
         for part, m in parts.items():  # m: (rows, cols), the head's slice on dim 0
             cells[block, part, None] = (m.sum().item(), m.numel())
-            if header.get("heads") and part in ATTENTION_PARTS:
+            if part in ATTENTION_PARTS:
                 for h, rows in enumerate(m.chunk(header["heads"], dim=0)):
                     cells[block, part, h] = (rows.sum().item(), rows.numel())
     return cells
@@ -2052,17 +2047,14 @@ def analyze(paths, out_dir, consensus=None, save=None):
         if len(fit) > 1:
             raise ValueError(f"--consensus needs masks of one architecture and target, these have {len(fit)} "
                              f"({', '.join(sorted({a + ' ' + t for a, t, _ in fit}))}); pass masks of one kind")
-        # what only later formats record (heads from 2 on, base_weights from 3 on) the consensus keeps where the
-        # masks that record it agree
-        recorded = {}
+        # the consensus records the heads and pre-trained weights its masks share: masks of two models are refused
         for key, what, show in (("heads", "attention heads per block", str),
                                 ("base_weights", "pre-trained weights",
                                  lambda b: f"{b['source']} {b['fingerprint'][:12]}")):
-            values = [json.loads(v) for v in sorted({json.dumps(h[key]) for _, h, _ in masks if key in h})]
+            values = [json.loads(v) for v in sorted({json.dumps(h[key]) for _, h, _ in masks})]
             if len(values) > 1:
                 raise ValueError(f"--consensus got masks that record {' and '.join(map(show, values))} {what}; pass "
                                  f"masks of one model")
-            recorded.update({key: v for v in values})
     out_dir = Path(out_dir)
     for old in [*out_dir.glob("heads_*.png"), out_dir / "overlap.png"]:  # an earlier analysis's figures
         old.unlink(missing_ok=True)
@@ -2083,10 +2075,6 @@ def analyze(paths, out_dir, consensus=None, save=None):
         md.append("")
         if not any(part in ATTENTION_PARTS for part in parts):
             continue  # an MLP mask: no attention heads to show
-        if not header.get("heads"):
-            print(f"{files[i]}: a format-1 mask file does not record the number of heads; the per-head view is "
-                  f"skipped (re-save it with this version for it)")
-            continue
         heads = range(header["heads"])
         head_cells = {(b, h): [cells[b, p, h] for p in ATTENTION_PARTS] for b in blocks for h in heads}
         per_head = {bh: sum(off for off, _ in c) / sum(n for _, n in c) for bh, c in head_cells.items()}
@@ -2117,8 +2105,8 @@ def analyze(paths, out_dir, consensus=None, save=None):
     if consensus is not None:
         bits = consensus_bits([b for *_, b in masks], consensus)
         header = {k: v for k, v in masks[0][1].items()  # a consensus was not trained: no provenance
-                  if k not in ("format", "n_weights", "sha256", "heads", "base_weights", "provenance")}
-        write_mask_file(save, header | recorded, bits)
+                  if k not in ("n_weights", "provenance")}
+        write_mask_file(save, header, bits)
         md += [f"Consensus of {len(masks)} masks (off in ≥ {consensus}): {100 * (1 - bits.float().mean()):.2f} % off, "
                f"saved to {save}; evaluate it with --protocol transfer --masks {save}.", ""]
     text = "\n".join(md)
@@ -2831,7 +2819,7 @@ def run(args, device):
 
     if args.masks or args.weights:  # labelled, and its folder named, by what trained the file, where it records it
         path = args.masks or args.weights
-        header = (read_mask_file if args.masks else read_weights_file)(path)[0]
+        header = read_tuned_file(path, "mask" if args.masks else "weights")[0]
         if "provenance" in header:
             vars(args).update(header["provenance"])
             print(f"{path} was trained on {args.dataset}, {args.shots} shot{'s' * (args.shots != 1)}, seed "
