@@ -2710,8 +2710,8 @@ EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size"
 
 def _check_out_dir(out_dir, checkpoint, settings, overwrite):
     """True when out_dir holds a run of the same training settings, whose checkpoint is resumed, trained file reused
-    and finished cells kept; False when it holds none, or (with overwrite) one of other settings, which is then
-    trained and evaluated again from scratch. Other settings without overwrite are refused."""
+    and finished cells kept; False when it holds none, or (with overwrite) one of other settings, which run then
+    removes before it writes anything. Other settings without overwrite are refused."""
     if not (out_dir / "config.json").is_file():
         return False
     saved = json.loads((out_dir / "config.json").read_text())
@@ -2721,8 +2721,8 @@ def _check_out_dir(out_dir, checkpoint, settings, overwrite):
     if not differ:
         return True
     if overwrite:
-        checkpoint.unlink(missing_ok=True)
-    elif checkpoint.is_file():
+        return False
+    if checkpoint.is_file():
         raise ValueError(f"{out_dir} holds a checkpoint of a run with other training settings ({', '.join(differ)}), "
                          f"which would give another mask; rerun with the settings in {out_dir / 'config.json'} to "
                          f"resume it, or pass another --out-dir")
@@ -2929,6 +2929,9 @@ def run(args, device):
         epochs = args.epochs or default_epochs(len(labels), args.batch_size)
         print(f"{args.protocol} on {args.dataset}: {len(labels)} training images ({args.shots} per class, "
               f"{len(train_names)} classes), {epochs} epoch{'s' * (epochs != 1)} on {device} ({args.precision})")
+    if args.overwrite and not same_run:  # before anything new: an interrupted overwrite leaves no old result behind
+        for old in (checkpoint, results_path, out_dir / "masks.bin", out_dir / "weights.bin"):
+            old.unlink(missing_ok=True)
     write_json(out_dir / "config.json", settings)
     if train_now:
         with _out_of_memory("--batch-size", args.batch_size):  # the checkpoint stays for the rerun

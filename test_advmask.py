@@ -3233,6 +3233,30 @@ def test_out_of_memory_names_the_flag_to_lower_and_keeps_what_is_finished(tmp_pa
     assert done["results"][0] == kept["results"][0] and (tmp_path / "oom" / "masks.bin").read_bytes() == masks
 
 
+def test_an_interrupted_overwrite_trains_again_and_never_passes_off_the_old_mask(tmp_path, monkeypatch, capsys):
+    """--overwrite with other settings removes the old mask, results and checkpoint before it writes anything, so a
+    rerun after Ctrl-C during its training trains the new settings (its mask differs, its log runs to the end)
+    instead of reusing the old mask under the new settings."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--dry-run", "--lr", "0.01", "--out-dir", "r"]
+    am.main([*base, "--epochs", "2"])
+    old = (tmp_path / "r" / "masks.bin").read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(SystemExit) as exit_:
+        m.setattr(am, "train_step", interrupted)
+        am.main([*base, "--epochs", "6", "--overwrite"])
+    assert exit_.value.code == 130
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["config.json"]
+    capsys.readouterr()
+    am.main([*base, "--epochs", "6"])
+    assert "reusing" not in capsys.readouterr().out and (tmp_path / "r" / "masks.bin").read_bytes() != old
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["complete"] and results["train_log"][-1]["step"] == 12 and results["settings"]["epochs"] == 6
+
+
 def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_path, monkeypatch, capsys):
     """A --dry-run without --out-dir writes under runs_dry/, never runs/, records the model and settings it used and
     turns weights off; the flags it overrides are named in one line; analyze of two masks prints no nan, even where
