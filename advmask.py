@@ -1004,7 +1004,8 @@ def read_tuned_file(path, kind):
         raise ValueError(f"{kind} file {path} does not exist; pass the file that a training run wrote")
     try:
         with safetensors.safe_open(path, "pt") as f:
-            meta, tensors = json.loads((f.metadata() or {}).get("advmask", "{}")), {n: f.get_tensor(n) for n in f.keys()}
+            meta = json.loads((f.metadata() or {}).get("advmask", "{}"))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (safetensors.SafetensorError, ValueError) as e:
         data = path.read_bytes()
         old = next((what for magic, what in OLD_MAGIC.items() if data.startswith(magic)), None)
@@ -1825,9 +1826,12 @@ def _basis(finished, dataset, entry):
     if settings.get("pretrained") == "none" and entry["model"] in MODEL_NAMES:  # random weights, drawn from the seed
         identity = {**identity, "weights_sha256": "random"}
     class_set = finished.get("class_sets", {}).get(entry["eval"])  # the prompts are template.format(class), in order
-    return (("splits", _split_source(finished.get("splits"), dataset, entry["eval"])),
-            ("prompts and resizing", hashlib.sha256(json.dumps(class_set).encode()).hexdigest()[:12] if class_set
-             else "unrecorded"),
+    own = entry.get("test_set") or _test_set(None, None, class_set)  # the cell's own, which a rerun may change
+    splits = finished.get("splits")
+    if splits is not None and own["split"]:
+        splits = {**splits, dataset if entry["eval"] in ("base", "new") else entry["eval"]: own["split"]}
+    return (("splits", _split_source(splits, dataset, entry["eval"])),
+            ("prompts and resizing", own["class_set_sha256"] or "unrecorded"),
             *((k, entry[k] if k in CELL_SETTINGS and k in entry else settings.get(k, "unrecorded"))
               for k in SAME_BASIS),
             *((f"model {k}", json.dumps(identity.get(k, "unrecorded"))) for k in SAME_MODEL),
@@ -1860,9 +1864,9 @@ def summarize(runs_dir, out_dir=None):
                     f" (lr {lr:g})" if lr is not None and e["model"] in TUNED_NAMES else "")
                 key = (protocol, e["attack"], e["eps"], _heading(finished, e), method, dataset, shots, e["eval"])
                 acc.setdefault(key, {})[seed] = (e["clean_acc"], e["adv_acc"], e["model"])
-                bases.setdefault((protocol, e["model"], dataset, e["eval"], e["attack"]), {}).setdefault(
-                    _basis(finished, dataset, e), cell)
-    for (protocol, _, dataset, eval_name, _), used in bases.items():
+                # seeds of one table cell must agree; a run's cells of other evaluation settings have tables apart
+                bases.setdefault(key[:6] + key[7:], {}).setdefault(_basis(finished, dataset, e), cell)
+    for (protocol, *_, dataset, eval_name), used in bases.items():
         if len(used) > 1:
             (a, cell_a), (b, cell_b) = list(used.items())[:2]
             what, value_a, value_b = next((k, va, vb) for (k, va), (_, vb) in zip(a, b) if va != vb)
@@ -2758,9 +2762,17 @@ def _template(dataset, conventions):
 
 
 def _cell_key(row):
-    """The cell a results.json entry fills: model, class set, attack (a worst case's attacks too), ε, CELL_SETTINGS."""
-    return (row["model"], row["eval"], row["attack"], tuple(row.get("attacks", ())), row["eps"],
-            *(row.get(k) for k in CELL_SETTINGS))
+    """The cell a results.json entry fills: model, class set, its test set (_test_set), attack (a worst case's attacks
+    too), ε, CELL_SETTINGS."""
+    return (row["model"], row["eval"], json.dumps(row.get("test_set"), sort_keys=True), row["attack"],
+            tuple(row.get("attacks", ())), row["eps"], *(row.get(k) for k in CELL_SETTINGS))
+
+
+def _test_set(split, indices_sha256, class_set):
+    """What a cell's images and prompts are: its dataset's split record, the sha256 of the indices evaluated, and the
+    sha256 of its class set's record (templates, class names, test-set size, resizing)."""
+    return {"split": split, "indices_sha256": indices_sha256,
+            "class_set_sha256": hashlib.sha256(json.dumps(class_set).encode()).hexdigest()[:12] if class_set else None}
 
 
 def _print_row(r):
@@ -2959,8 +2971,16 @@ def run(args, device):
             fp16_network(model)
     lap("train")
 
-    # cells of earlier runs into this folder (older files record their evaluation settings once, for all cells)
-    results = [{k: previous["settings"].get(k) for k in CELL_SETTINGS} | row for row in previous.get("results", [])]
+    # cells of earlier runs into this folder (older files record their evaluation settings and test images once)
+    test_split = {name: args.dataset if name in ("base", "new") else name for name in sets}  # a class set's dataset
+    old_splits, subsets = previous.get("splits", {}), previous.get("test_indices_sha256", {})
+    class_sets = previous.get("class_sets", {}) | {  # a rerun only adds
+        name: {"templates": templates, "classes": names, "n_test": len(test_set),
+               "preprocess": resizing.get(test_split[name], "synthetic")}
+        for name, (test_set, names, templates) in sets.items()}
+    results = [{k: previous["settings"].get(k) for k in CELL_SETTINGS} | {"test_set": _test_set(
+        old_splits.get(test_split.get(row["eval"], row["eval"])), subsets.get(row["eval"]),
+        previous.get("class_sets", {}).get(row["eval"]))} | row for row in previous.get("results", [])]
     done = {_cell_key(row) for row in results}
     if results:
         print(f"reusing {len(results)} finished cell{'s' * (len(results) != 1)} of {results_path}")
@@ -2968,25 +2988,24 @@ def run(args, device):
     def save(complete):  # at once, atomically, after every evaluation: a failure keeps every finished cell
         write_json(results_path, {
             "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
-            "sparsity": sparsity, "splits": splits, "seconds": time.perf_counter() - start, "phases": phases,
-            "complete": complete, "results": results, "train_log": history, "settings": settings,
-            "test_indices_sha256": subsets, "class_sets": {
-                name: {"templates": templates, "classes": names, "n_test": len(test_set),
-                       "preprocess": resizing.get(args.dataset if name in ("base", "new") else name, "synthetic")}
-                for name, (test_set, names, templates) in sets.items()}})
+            "sparsity": sparsity, "splits": old_splits | splits, "seconds": time.perf_counter() - start,
+            "phases": phases, "complete": complete, "results": results, "train_log": history, "settings": settings,
+            "test_indices_sha256": subsets, "class_sets": class_sets})
 
-    subsets = previous.get("test_indices_sha256", {})  # dataset -> sha256 of the JSON list of test images evaluated
     save(complete=False)
     for name, (test_set, names, templates) in sets.items():
         models = ({args.baseline: ClipClassifier(baseline, names, templates, baseline_tokenizer)} if args.baseline
                   else {})
         models[TUNED_MODEL[args.tune]] = ClipClassifier(clip, names, templates, tokenizer)  # after fp16_network
-        cells = {m: {"model": m, "eval": name, **{k: getattr(args, k) for k in CELL_SETTINGS}} for m in models}
+        chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
+        indices_sha256 = hashlib.sha256(json.dumps(list(chosen)).encode()).hexdigest()  # of the images evaluated
+        test_set_id = _test_set(splits[test_split[name]], indices_sha256, class_sets[name])
+        cells = {m: {"model": m, "eval": name, "test_set": test_set_id, **{k: getattr(args, k) for k in CELL_SETTINGS}}
+                 for m in models}
         todo = {m: [(a, eps) for a, eps in itertools.product(args.attack, args.test_eps)
                     if _cell_key({**cells[m], "attack": a, "eps": eps}) not in done] for m in models}
         if any(todo.values()):
-            chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
-            subsets[name] = hashlib.sha256(json.dumps(list(chosen)).encode()).hexdigest()
+            subsets[name] = indices_sha256
             test_images, test_labels = cache_images(test_set, chosen, "cpu", args.workers)  # decoded once
             lap(f"decode {name}")
         for tuned_name, model in models.items():

@@ -2229,20 +2229,25 @@ def test_summarize_refuses_to_average_runs_of_different_splits(tmp_path):
     assert not (tmp_path / "summary.md").exists()
 
 
-@pytest.mark.parametrize("what, first, second", [("eval_limit", 1000, None), ("dry_run", True, False),
-                                                  ("model", "ViT-B-32", "ViT-B-16"), ("test_steps", 10, 100)])
-def test_summarize_refuses_to_average_runs_that_rest_on_different_settings(tmp_path, what, first, second):
+@pytest.mark.parametrize("what, first, second, words", [
+    ("eval_limit", 1000, None, "at most 1000 test images per dataset"), ("dry_run", True, False, "dry run"),
+    ("model", "ViT-B-16", "ViT-B-32", "model ViT-B-16"), ("test_steps", 10, 100, "10 attack steps")])
+def test_summarize_tables_seeds_of_other_settings_apart_and_refuses_what_no_heading_names(tmp_path, what, first,
+                                                                                         second, words):
     """Two seeds of one cell that differ in an evaluation limit, in being a dry run, in the model or in the attack's
-    steps are refused with one line naming the setting; the same settings average as usual."""
+    steps go to two tables, the heading of one naming the setting, one seed each, never averaged; seeds that differ
+    in a setting no heading names (λ) are refused with one line naming it."""
     for seed, value in ((1, first), (2, second)):
-        write_results(tmp_path, "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)])
+        write_results(tmp_path, "few_shot", "dtd", 16, seed, [("dtd", 0.5 + seed / 10, 0.2)])
         path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {what: value}}))
-    with pytest.raises(ValueError, match=rf"^few_shot/dtd \(evaluated on dtd\) mixes {what}, {first} in .*seed1 "
-                                         rf"and {second} in .*seed2"):
+    summary = am.summarize(tmp_path)
+    assert table(summary, words)[0] == ["dtd", "60.0 (1/2)", "20.0 (1/2)"]
+    assert len([line for line in summary.splitlines() if line.startswith("## few_shot")]) == 2
+    path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {what: first, "lam": 10}}))
+    with pytest.raises(ValueError, match=r"^few_shot/dtd \(evaluated on dtd\) mixes lam, unrecorded in .*seed1 and "
+                                         r"10 in .*seed2"):
         am.summarize(tmp_path)
-    path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {what: first}}))
-    assert table(am.summarize(tmp_path), "few_shot")[0] == ["dtd", "50.0 ± 0.0", "20.0 ± 0.0"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2357,7 +2362,8 @@ def test_a_consensus_keeps_the_head_count_and_the_weights_its_inputs_share(tmp_p
         am.analyze([tmp_path / "seed3.bin", tmp_path / "new.bin"], tmp_path / "out3", consensus=1,
                    save=tmp_path / "e.bin")
     header, bits = am.read_mask_file(tmp_path / "new.bin")
-    am.write_mask_file(tmp_path / "four.bin", {k: v for k, v in header.items() if k != "n_weights"} | {"heads": 4}, bits)
+    four = {k: v for k, v in header.items() if k != "n_weights"} | {"heads": 4}
+    am.write_mask_file(tmp_path / "four.bin", four, bits)
     with pytest.raises(ValueError, match="record 2 and 4 attention heads per block"):
         am.analyze([tmp_path / "four.bin", tmp_path / "new.bin"], tmp_path / "out2", consensus=1,
                    save=tmp_path / "d.bin")
@@ -3024,7 +3030,8 @@ def test_run_all_dry_sweep_summarises_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in before} == before
     odd = runs / "few_shot" / "dtd" / "1shot" / "seed3" / "results.json"  # a seed run with other settings
     odd.parent.mkdir()
-    odd.write_text(json.dumps({**json.loads(lost.read_text()), "settings": {"test_steps": 100}}))
+    kept = json.loads(lost.read_text())
+    odd.write_text(json.dumps({**kept, "settings": {**kept["settings"], "lam": 10}}))  # no heading names λ
     env["PYTHON"] = sys.executable
     proc = sweep()  # every cell done; summarize refuses the mix: exit 1, and no stale summary left
     assert proc.returncode == 1 and "mixes" in proc.stderr and not (runs / "summary.md").exists(), proc.stderr
@@ -3231,6 +3238,39 @@ def test_out_of_memory_names_the_flag_to_lower_and_keeps_what_is_finished(tmp_pa
     done = json.loads((tmp_path / "oom" / "results.json").read_text())
     assert [e["model"] for e in done["results"]] == ["clip", "advmask"] and done["complete"]
     assert done["results"][0] == kept["results"][0] and (tmp_path / "oom" / "masks.bin").read_bytes() == masks
+
+
+def test_a_rerun_on_another_test_set_evaluates_anew_and_keeps_every_other_cells_records(tiny_files, tmp_path,
+                                                                                         monkeypatch):
+    """A cell is keyed by its test set (split record, the sha256 of the indices, its class set): rerun with
+    --split-dir and another attack, a transfer run evaluates PGD again on CoOp's EuroSAT images and builds the worst
+    case from cells of those images alone; a rerun on one dataset keeps the records (class sets, splits, index hashes) of the
+    others; a rerun at another --eval-limit keeps the index hash of each earlier cell."""
+    monkeypatch.chdir(tmp_path)
+    args = [*tiny_cli_args(tiny_files), "--protocol", "transfer", "--eval-datasets", "dtd,eurosat", "--shots", "2",
+            "--epochs", "1", "--out-dir", "t"]
+    am.main(args)
+    first = json.loads((tmp_path / "t" / "results.json").read_text())
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    test = [[f"{c}/{c}_{n}.jpg", label, c] for label, c in enumerate(("AnnualCrop", "SeaLake", "River"))
+            for n in (0, 1)]
+    (splits / "split_zhou_EuroSAT.json").write_text(json.dumps({"train": [], "val": [], "test": test}))
+    am.main([*args, "--attack", "pgd,cw", "--split-dir", str(splits)])
+    second = json.loads((tmp_path / "t" / "results.json").read_text())
+    rows = second["results"]
+    eurosat = [r for r in rows if r["eval"] == "eurosat"]
+    sources = {(r["attack"], r["test_set"]["split"]["source"], r["n"]) for r in eurosat}
+    assert sources == {("pgd", "default", 9), ("pgd", "coop", 6), ("cw", "coop", 6), ("worst", "coop", 6)}
+    dtd = [r for r in rows if r["eval"] == "dtd"]  # no CoOp file for DTD there: its PGD cell is reused
+    assert [(r["attack"], r["test_set"]["split"]["source"]) for r in dtd].count(("pgd", "default")) == 1
+    am.main([*args, "--eval-datasets", "dtd", "--eval-limit", "2"])  # the last --eval-datasets counts
+    after = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert after["class_sets"]["eurosat"] == second["class_sets"]["eurosat"] and "eurosat" in after["splits"]
+    limited = [r for r in after["results"] if r["eval"] == "dtd" and r["eval_limit"] == 2]
+    whole = [r for r in after["results"] if r["eval"] == "dtd" and r["eval_limit"] is None]
+    assert len(limited) == 1 and limited[0]["n"] == 2 and whole[0]["test_set"] == first["results"][0][
+        "test_set"] != limited[0]["test_set"]
 
 
 def test_an_interrupted_overwrite_trains_again_and_never_passes_off_the_old_mask(tmp_path, monkeypatch, capsys):
