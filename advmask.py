@@ -1740,6 +1740,16 @@ def write_json(path, obj):
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
+def read_json(path):
+    """A JSON file a run wrote; one that does not parse (truncated, edited) is one line naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): it is truncated or corrupted; restore it from a copy, or "
+                         f"delete it (a run without its config.json trains again, without its results.json it "
+                         f"evaluates every cell again)") from None
+
+
 def harmonic_mean(values):
     """n / Σ 1/v: the H of the paper's base-to-new table over (base clean, base adv, new clean, new adv)."""
     return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
@@ -1857,7 +1867,7 @@ def summarize(runs_dir, out_dir=None):
         for group, value in zip(seen.setdefault(protocol, (set(), set(), set())), (dataset, shots, seed)):
             group.add(value)
         if (cell / "results.json").is_file():
-            finished = json.loads((cell / "results.json").read_text())
+            finished = read_json(cell / "results.json")
             lr = finished.get("settings", {}).get("lr")
             for e in finished["results"]:
                 method = MODEL_NAMES.get(e["model"], e["model"]) + (
@@ -2012,7 +2022,7 @@ def _label(path):
     config = path.parent / "config.json"
     if not config.is_file():
         return str(path)
-    c = json.loads(config.read_text())
+    c = read_json(config)
     return f"{c['dataset']}/{c['protocol']}/{c['shots']}shot/seed{c['seed']}"
 
 
@@ -2346,7 +2356,7 @@ def export(run_dir, out_dir, visual=False, overwrite=False):
                          f"--weights file); export the run that trained it")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ValueError(f"{out_dir} exists and is not an empty folder; pass another one, or --overwrite to replace it")
-    finished = json.loads((run_dir / "results.json").read_text())
+    finished = read_json(run_dir / "results.json")
     settings = finished["settings"]
     if "model_identity" not in settings:
         raise ValueError(f"{run_dir} was made before runs recorded their model; evaluate its file again with this "
@@ -2718,7 +2728,7 @@ def _check_out_dir(out_dir, checkpoint, settings, overwrite):
     removes before it writes anything. Other settings without overwrite are refused."""
     if not (out_dir / "config.json").is_file():
         return False
-    saved = json.loads((out_dir / "config.json").read_text())
+    saved = read_json(out_dir / "config.json")
     differ = sorted(k for k, v in settings.items() if k not in EVAL_ONLY and saved.get(k) != v)
     differ += [f"model {k}" for k in SAME_MODEL
                if saved.get("model_identity", {}).get(k) != settings["model_identity"].get(k)]
@@ -2914,7 +2924,7 @@ def run(args, device):
     checkpoint, results_path = out_dir / "checkpoint.pt", out_dir / "results.json"
     trained = out_dir / ("masks.bin" if args.tune == "mask" else "weights.bin")
     same_run = _check_out_dir(out_dir, checkpoint, settings, args.overwrite)
-    previous = json.loads(results_path.read_text()) if same_run and results_path.is_file() else {}
+    previous = read_json(results_path) if same_run and results_path.is_file() else {}
     history = previous.get("train_log", [])
     if args.masks or args.weights:  # a file that does not fit is refused here, before anything is written
         target = (next(_masks(load_masks(clip, args.masks, source)))[3].target if args.masks else

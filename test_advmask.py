@@ -3273,6 +3273,29 @@ def test_a_rerun_on_another_test_set_evaluates_anew_and_keeps_every_other_cells_
         "test_set"] != limited[0]["test_set"]
 
 
+def test_a_truncated_json_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """A truncated results.json or config.json is one line naming the file, exit 2, for a rerun, summarize, export
+    and analyze alike; deleting the results file, as the line says, evaluates every cell again."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "few_shot" / "oxford_pets" / "16shot" / "seed1"
+    args = ["--dry-run", "--epochs", "1", "--out-dir", str(run)]
+    am.main(args)
+    for name, argv in (("results.json", args), ("results.json", ["summarize", "runs", "--out", "s"]),
+                       ("results.json", ["export", str(run), "exported"]), ("config.json", args),
+                       ("config.json", ["analyze", str(run), "--out", "a"])):
+        whole = (run / name).read_text()
+        (run / name).write_text(whole[:len(whole) // 2])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            am.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and f"seed1/{name} is not valid JSON" in err, err
+        (run / name).write_text(whole)
+    (run / "results.json").unlink()
+    am.main(args)
+    assert "reusing" in capsys.readouterr().out and json.loads((run / "results.json").read_text())["complete"]
+
+
 def test_an_interrupted_overwrite_trains_again_and_never_passes_off_the_old_mask(tmp_path, monkeypatch, capsys):
     """--overwrite with other settings removes the old mask, results and checkpoint before it writes anything, so a
     rerun after Ctrl-C during its training trains the new settings (its mask differs, its log runs to the end)
