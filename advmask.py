@@ -856,6 +856,9 @@ def load_clip(model, pretrained):
         clip, tokenizer, identity = open_clip.CLIP(**TINY_CLIP), None, {"model": model, "pretrained": pretrained}
     else:
         clip, identity = _create_clip(resolve_model(model), pretrained)
+        if model.endswith(".json"):  # known by its content, not by its file's stem (which names the registered config)
+            text = Path(model).read_bytes()
+            identity.update(model_config=json.loads(text), config_sha256=hashlib.sha256(text).hexdigest())
         try:  # SigLIP's tokenizers, and some others', are Hugging Face's: a package and a download of their own
             tokenizer = open_clip.get_tokenizer(identity["model"])
         except ImportError as e:
@@ -1796,7 +1799,7 @@ SAME_BASIS = ("model", "pretrained", "synthetic", "dry_run", "conventions", "mas
               "test_steps", "eval_precision", "eval_limit")
 # What identifies the model evaluated besides its name and tag or file (load_clip's identity): the network and the
 # weights themselves. open_clip's version is recorded beside them, not compared.
-SAME_MODEL = ("file_sha256", "activation", "preprocess", "weights_sha256")
+SAME_MODEL = ("file_sha256", "config_sha256", "activation", "preprocess", "weights_sha256")
 
 
 def _heading(finished, entry):
@@ -2369,8 +2372,8 @@ def export(run_dir, out_dir, visual=False, overwrite=False):
     else:
         load_weights(clip, tuned, describe(identity))
         sparsity = None
-    model_cfg = copy.deepcopy(TINY_CLIP if identity["model"] == "tiny" else
-                              open_clip.get_model_config(identity["model"]))
+    model_cfg = copy.deepcopy(identity.get("model_config") or (TINY_CLIP if identity["model"] == "tiny" else
+                                                               open_clip.get_model_config(identity["model"])))
     if identity["activation"] == "QuickGELU":  # a tag's network, whatever the name's own config says
         model_cfg["quick_gelu"] = True
     preprocess = {k: identity["preprocess"][k] for k in ("mean", "std", "interpolation", "resize_mode")}
@@ -2713,13 +2716,13 @@ def parse_analyze_args(argv):
 # Settings that only change the evaluation, how the run is saved, or where its inputs are found: a checkpoint is
 # resumed, and a trained file reused, with other values of these. What they name is compared instead: the model by
 # its identity (SAME_MODEL: the weights' fingerprint, not the path or name), the training data by its split record
-# (a CoOp file's sha256, not the folder). Device and precision are training settings: bf16 and fp32 training end in
+# (a CoOp file's sha256, not the folder), a --masks or --weights file by its sha256 (tuned_file_sha256). Device and precision are training settings: bf16 and fp32 training end in
 # different masks, and devices draw other random starts.
 EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "test_batch", "eval_precision",
              "baseline",
              "baseline_identity", "workers", "eval_datasets", "eval_presets", "eval_limit", "checkpoint_every",
              "out_dir", "overwrite", "data_root", "no_download", "split_dir", "split_json", "model", "pretrained",
-             "model_identity"}
+             "model_identity", "masks", "weights"}
 
 
 def _check_out_dir(out_dir, checkpoint, settings, overwrite):
@@ -2856,6 +2859,8 @@ def run(args, device):
         check_fp16(clip, source)
     size = clip.visual.image_size[0]
     settings = {**vars(args), "device": str(device), "model_identity": identity}
+    if args.masks or args.weights:  # the file evaluated, by its content: a path can name another file later
+        settings["tuned_file_sha256"] = hashlib.sha256(Path(args.masks or args.weights).read_bytes()).hexdigest()
     splits = {}  # dataset -> which split it used: default, CoOp's file (with its sha256), TGA-ZSR's or synthetic
     resizing = {}  # dataset -> how its images were resized and cropped (tga_zsr_preprocess or the model's)
 

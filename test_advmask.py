@@ -3296,6 +3296,43 @@ def test_a_truncated_json_file_is_one_line_naming_it(tmp_path, monkeypatch, caps
     assert "reusing" in capsys.readouterr().out and json.loads((run / "results.json").read_text())["complete"]
 
 
+def test_a_masks_file_is_known_by_its_content_and_a_config_file_model_by_its_config(tiny_files, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """A --masks run's folder is bound to the file's content: the same file by another path reuses its cells, another
+    mask written to the same path is refused in one line naming tuned_file_sha256. A model given as a config JSON is
+    recorded by that config and its sha256, and export writes that config, not open_clip's config of the stem's
+    name: a tiny.json of other sizes exports a folder open_clip loads."""
+    monkeypatch.chdir(tmp_path)
+    am.main([*tiny_cli_args(tiny_files), "--shots", "2", "--epochs", "1", "--out-dir", "trained"])
+    shutil.copy(tmp_path / "trained" / "masks.bin", tmp_path / "cons.bin")
+    evaluate = [*tiny_cli_args(tiny_files), "--protocol", "transfer", "--eval-datasets", "dtd", "--out-dir", "e"]
+    am.main([*evaluate, "--masks", "cons.bin"])
+    for path in ("./cons.bin", str(tmp_path / "cons.bin")):
+        capsys.readouterr()
+        am.main([*evaluate, "--masks", path])
+        assert "reusing 1 finished cell" in capsys.readouterr().out
+    header = am.read_mask_file(tmp_path / "cons.bin")[0]
+    other = am.load_masks(tiny_clip(7), tmp_path / "cons.bin")
+    randomize_scores(other, 3)
+    am.save_masks(other, tmp_path / "cons.bin", header["base_weights"]["source"], header["provenance"])
+    with pytest.raises(SystemExit) as exit_:
+        am.main([*evaluate, "--masks", "cons.bin"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "other training settings (tuned_file_sha256)" in err, err
+    config = {**am.TINY_CLIP, "embed_dim": 24,
+              "vision_cfg": {"image_size": SIZE, "layers": 3, "width": 48, "patch_size": 8, "head_width": 24}}
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    torch.save(open_clip.CLIP(**config).state_dict(), tmp_path / "tiny.pt")
+    own = ["--model", str(tmp_path / "tiny.json"), "--pretrained", str(tmp_path / "tiny.pt")]
+    am.main([*tiny_cli_args(tiny_files), *own, "--shots", "2", "--epochs", "1", "--out-dir", "own"])
+    identity = json.loads((tmp_path / "own" / "config.json").read_text())["model_identity"]
+    assert identity["model_config"] == config
+    assert identity["config_sha256"] == hashlib.sha256((tmp_path / "tiny.json").read_bytes()).hexdigest()
+    am.main(["export", "own", "exported"])
+    exported = open_clip.create_model(f"local-dir:{tmp_path / 'exported'}")
+    assert exported.visual.transformer.width == 48 and len(exported.visual.transformer.resblocks) == 3
+
+
 def test_an_interrupted_overwrite_trains_again_and_never_passes_off_the_old_mask(tmp_path, monkeypatch, capsys):
     """--overwrite with other settings removes the old mask, results and checkpoint before it writes anything, so a
     rerun after Ctrl-C during its training trains the new settings (its mask differs, its log runs to the end)
