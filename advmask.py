@@ -26,6 +26,7 @@ the command line. Each uses only the libraries it names and the sections above i
 import argparse
 import contextlib
 import copy
+import csv
 import dataclasses
 import hashlib
 import importlib.util
@@ -2133,41 +2134,41 @@ def analyze(paths, out_dir, consensus=None, save=None):
 
 def plot_few_shot(out_dir):
     """summary.png from the summary.csv in out_dir: accuracy against shots per dataset and for the Average, clean
-    solid and robust dashed, a colour per model, under the paper's attack (PGD at the smallest ε) and on one basis
-    (the paper's setting where there is one) where it was run. Base-to-new and transfer keep their tables alone: one
-    shot count gives one point per line, which a table shows better."""
-    rows = [line.split(",") for line in (Path(out_dir) / "summary.csv").read_text().splitlines()[1:]]
-    rows = [r for r in rows if r[0] == "few_shot" and r[6] == r[4]]  # protocol, model, attack, eps, dataset, ..
+    solid and robust dashed, a colour per method as the tables name it (a model at its learning rate), under the
+    paper's attack (PGD at the smallest ε) and on one basis (the paper's setting where there is one) where it was run.
+    Base-to-new and transfer keep their tables alone: one shot count gives one point per line, which a table shows
+    better."""
+    with open(Path(out_dir) / "summary.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["protocol"] == "few_shot" and r["eval"] == r["dataset"]]
     if not rows:
         return None
-    attack, eps, basis = min({(r[2], float(r[3]), r[12]) for r in rows},
+    attack, eps, basis = min({(r["attack"], float(r["eps"]), r["basis"]) for r in rows},
                              key=lambda a: (a[0] != "pgd", a[1], a[2] != "", a[2], a[0]))
-    acc = {(r[1], r[4], int(r[5]), r[7]): float(r[8]) for r in rows if (r[2], float(r[3]), r[12]) == (attack, eps,
-                                                                                                    basis)}
+    acc = {(r["method"], r["dataset"], int(r["shots"]), r["metric"]): float(r["mean"]) for r in rows
+           if (r["attack"], float(r["eps"]), r["basis"]) == (attack, eps, basis)}
     datasets = list(dict.fromkeys(d for _, d, _, _ in acc))
-    shots = sorted({k for _, _, k, _ in acc})
-    for model, metric, k in itertools.product({m for m, *_ in acc}, ("clean", "adv"), shots):  # Average of complete
-        values = [acc.get((model, d, k, metric)) for d in datasets]
+    shots, methods = sorted({k for _, _, k, _ in acc}), sorted({m for m, *_ in acc}, key=lambda m: (m != "CLIP", m))
+    for method, metric, k in itertools.product(methods, ("clean", "adv"), shots):  # the Average of complete columns
+        values = [acc.get((method, d, k, metric)) for d in datasets]
         if None not in values:
-            acc[model, "Average", k, metric] = sum(values) / len(values)
+            acc[method, "Average", k, metric] = sum(values) / len(values)
     plt = _pyplot()
     panels = datasets + ["Average"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels) + 2, 3), squeeze=False, layout="constrained")
     for ax, dataset in zip(axes[0], panels):
-        for model, colour in (("advmask", "tab:red"), ("adv_ft", "tab:green"), ("clip", "tab:blue")):
+        for colour, method in enumerate(methods):
             for metric, style in (("clean", "-"), ("adv", "--")):
-                points = [(k, 100 * acc[key]) for k in shots if (key := (model, dataset, k, metric)) in acc]
+                points = [(k, 100 * acc[key]) for k in shots if (key := (method, dataset, k, metric)) in acc]
                 if points:
-                    ax.plot(*zip(*points), style, color=colour, marker="o",
-                            label=f"{MODEL_NAMES[model]} {metric}")
+                    ax.plot(*zip(*points), style, color=f"C{colour}", marker="o", label=f"{method} {metric}")
         ax.set(title=dataset, xscale="log", xlabel="shots per class", ylabel=f"accuracy (%), {attack.upper()} "
                                                                                   f"ε = {eps:g}/255")
+        ax.set_xticks(shots, shots)  # 1 2 4 8 16 on every panel, not the log axis's powers of ten
+        ax.minorticks_off()
     if basis:
         fig.suptitle(basis)
-        ax.set_xticks(shots, shots)
-        ax.minorticks_off()
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)  # beside the panels, over no curve
     path = Path(out_dir) / "summary.png"
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import matplotlib.axes
+import matplotlib.figure
 import numpy as np
 import open_clip
 import pytest
@@ -1197,8 +1198,8 @@ def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_
     monkeypatch.setattr(matplotlib.axes.Axes, "plot",
                         lambda ax, *args, **kwargs: labels.append(kwargs.get("label")) or plot(ax, *args, **kwargs))
     am.plot_few_shot(tmp_path)  # summary.png: both methods' curves
-    assert {"AdvMask clean", "AdvMask adv", "adversarial fine-tuning clean", "adversarial fine-tuning adv"} <= set(
-        labels)
+    assert {"AdvMask (lr 0.0001) clean", "AdvMask (lr 0.0001) adv", "adversarial fine-tuning (lr 1e-05) clean",
+            "adversarial fine-tuning (lr 1e-05) adv"} <= set(labels)
 
 
 def test_summarize_gives_each_evaluation_basis_a_table_of_its_own_named_in_its_heading(tmp_path):
@@ -2427,6 +2428,27 @@ def test_summary_png_plots_the_few_shot_table(tmp_path):
     out = tmp_path.parent / f"{tmp_path.name}-summary"
     assert sorted(p.name for p in out.iterdir()) == ["summary.csv", "summary.md", "summary.png"]
     assert not list(tmp_path.glob("summary.*"))
+
+
+def test_summary_png_draws_a_line_per_learning_rate_with_shot_ticks_on_every_panel(tmp_path, monkeypatch):
+    """AdvMask at two learning rates gives two lines (as the table gives two rows), each panel's x axis reads
+    1 2 4 8 16, and the legend stands beside the panels, on none of them."""
+    for seed, lr in ((1, 1e-4), (2, 1e-3)):
+        for shots in (1, 2, 4, 8, 16):
+            for dataset in ("dtd", "eurosat"):
+                write_results(tmp_path, "few_shot", dataset, shots, seed, [(dataset, 0.3 + shots / 100, 0.1)])
+                path = tmp_path / "few_shot" / dataset / f"{shots}shot" / f"seed{seed}" / "results.json"
+                path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {"lr": lr}}))
+    saved, savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig) or savefig(fig, *a,
+                                                                                                              **k))
+    am.main(["summarize", str(tmp_path)])
+    [fig] = saved
+    assert len(fig.axes) == 3 and not any(ax.get_legend() for ax in fig.axes) and len(fig.legends) == 1
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8", "16"]
+        assert {line.get_label() for line in ax.get_lines()} == {
+            f"AdvMask (lr {lr}) {metric}" for lr in ("0.0001", "0.001") for metric in ("clean", "adv")}
 
 
 def test_analyze_tells_apart_two_roots_and_leaves_no_old_figure(tmp_path):
