@@ -2717,8 +2717,9 @@ def parse_analyze_args(argv):
 # Settings that only change the evaluation, how the run is saved, or where its inputs are found: a checkpoint is
 # resumed, and a trained file reused, with other values of these. What they name is compared instead: the model by
 # its identity (SAME_MODEL: the weights' fingerprint, not the path or name), the training data by its split record
-# (a CoOp file's sha256, not the folder), a --masks or --weights file by its sha256 (tuned_file_sha256). Device and precision are training settings: bf16 and fp32 training end in
-# different masks, and devices draw other random starts.
+# (a CoOp file's sha256, not the folder), a --masks or --weights file by its sha256 (tuned_file_sha256). Device and
+# precision are training settings: bf16 and fp32 training end in different masks, and devices draw other random
+# starts.
 EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "test_batch", "eval_precision",
              "baseline",
              "baseline_identity", "workers", "eval_datasets", "eval_presets", "eval_limit", "checkpoint_every",
@@ -2833,16 +2834,45 @@ def _out_of_memory(flag, value):
 PROVENANCE = ("dataset", "shots", "seed", "lr", "loss", "lam")
 
 
+@contextlib.contextmanager
+def _folder_lock(out_dir):
+    """One process per run folder: out_dir/.lock holds the pid of the process using it, from before it reads or writes
+    anything there; another is refused in one line naming it, and the lock of a process that is gone is taken over
+    with one line. A folder made for the lock alone goes with it."""
+    out_dir = Path(out_dir)
+    lock, made = out_dir / ".lock", [f for f in (out_dir, *out_dir.parents) if not f.exists()]  # deepest first
+    out_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            with open(lock, "x") as f:
+                f.write(str(os.getpid()))
+            break
+        except FileExistsError:
+            pid = lock.read_text()  # empty while the other process is still writing it
+            try:
+                if pid.isdigit():
+                    os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+            except ProcessLookupError:
+                print(f"{lock}: process {pid}, which held it, is gone; taking the folder over")
+                lock.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                pass  # it exists, another user's
+            raise ValueError(f"{out_dir} is in use by process {pid or '(starting)'} ({lock}); wait until it ends, or "
+                             f"pass another --out-dir") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        for folder in made:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+
 def run(args, device):
-    """One run of a protocol: load CLIP and data, tune (or load) the mask, save it, evaluate clean and under attack."""
-    start = tic = time.perf_counter()
-    phases = {}  # seconds per phase, printed and stored in results.json
-
-    def lap(phase):
-        nonlocal tic
-        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - tic
-        tic = time.perf_counter()
-
+    """One run of a protocol in its folder, which it holds alone (_folder_lock): load CLIP and data, tune (or load)
+    the mask, save it, evaluate clean and under attack."""
     if args.masks or args.weights:  # labelled, and its folder named, by what trained the file, where it records it
         path = args.masks or args.weights
         header = read_tuned_file(path, "mask" if args.masks else "weights")[0]
@@ -2854,6 +2884,20 @@ def run(args, device):
     root = "runs_dry" if args.dry_run else "runs_synthetic" if args.synthetic else "runs"
     out_dir = Path(args.out_dir or f"{root}/{args.protocol}/{args.dataset}/{args.shots}shot/seed{args.seed}")
     _require_writable(out_dir)
+    with _folder_lock(out_dir):
+        return _run_in(out_dir, args, device)
+
+
+def _run_in(out_dir, args, device):
+    """run's steps, in out_dir."""
+    start = tic = time.perf_counter()
+    phases = {}  # seconds per phase, printed and stored in results.json
+
+    def lap(phase):
+        nonlocal tic
+        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - tic
+        tic = time.perf_counter()
+
     clip, tokenizer, identity = load_clip(args.model or "ViT-B-32", args.pretrained)
     clip, source = clip.to(device), describe(identity)
     if args.eval_precision == "fp16":

@@ -3266,8 +3266,8 @@ def test_a_rerun_on_another_test_set_evaluates_anew_and_keeps_every_other_cells_
                                                                                          monkeypatch):
     """A cell is keyed by its test set (split record, the sha256 of the indices, its class set): rerun with
     --split-dir and another attack, a transfer run evaluates PGD again on CoOp's EuroSAT images and builds the worst
-    case from cells of those images alone; a rerun on one dataset keeps the records (class sets, splits, index hashes) of the
-    others; a rerun at another --eval-limit keeps the index hash of each earlier cell."""
+    case from cells of those images alone; a rerun on one dataset keeps the records (class sets, splits, index
+    hashes) of the others; a rerun at another --eval-limit keeps the index hash of each earlier cell."""
     monkeypatch.chdir(tmp_path)
     args = [*tiny_cli_args(tiny_files), "--protocol", "transfer", "--eval-datasets", "dtd,eurosat", "--shots", "2",
             "--epochs", "1", "--out-dir", "t"]
@@ -3353,6 +3353,26 @@ def test_a_masks_file_is_known_by_its_content_and_a_config_file_model_by_its_con
     am.main(["export", "own", "exported"])
     exported = open_clip.create_model(f"local-dir:{tmp_path / 'exported'}")
     assert exported.visual.transformer.width == 48 and len(exported.visual.transformer.resblocks) == 3
+
+
+def test_one_process_at_a_time_writes_a_run_folder(tmp_path):
+    """Two real processes on one run folder: the second is refused in one line naming the first's pid and writes
+    nothing, the first ends with every cell; a lock whose process is gone is taken over with one line."""
+    args = ["--dry-run", "--epochs", "150", "--out-dir", "busy"]
+    first = subprocess.Popen([sys.executable, str(HERE / "advmask.py"), *args], cwd=tmp_path, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert first.stdout.readline().startswith("few_shot on oxford_pets")  # training: the folder is held
+    second = run_cli(*args, cwd=tmp_path)
+    out = first.communicate(timeout=240)[0]
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"busy is in use by process {first.pid}" in second.stderr and "done |" in out and first.returncode == 0
+    results = json.loads((tmp_path / "busy" / "results.json").read_text())
+    assert results["complete"] and len(results["results"]) == 1 and not (tmp_path / "busy" / ".lock").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "busy" / ".lock").write_text(gone.stdout.strip())
+    again = run_cli(*args, "--attack", "pgd,cw", cwd=tmp_path)
+    assert again.returncode == 0 and f"process {gone.stdout.strip()}, which held it, is gone" in again.stdout
+    assert len(json.loads((tmp_path / "busy" / "results.json").read_text())["results"]) == 3  # pgd, cw, worst
 
 
 def test_an_interrupted_overwrite_trains_again_and_never_passes_off_the_old_mask(tmp_path, monkeypatch, capsys):
