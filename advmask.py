@@ -1014,7 +1014,10 @@ def read_tuned_file(path, kind):
         data = path.read_bytes()
         old = next((what for magic, what in OLD_MAGIC.items() if data.startswith(magic)), None)
         if old:  # the format number sits in the old container's zlib-compressed JSON header
-            n = json.loads(zlib.decompress(data[12:12 + int.from_bytes(data[8:12], "little")])).get("format")
+            try:
+                n = json.loads(zlib.decompress(data[12:12 + int.from_bytes(data[8:12], "little")])).get("format")
+            except (zlib.error, ValueError):  # a cut or altered old file: its format is unreadable too
+                n = "1-3"
             raise ValueError(f"{path} is a {old} file of format {n}, advmask's own container before format "
                              f"{FILE_FORMAT} (safetensors), which this version does not read; train it again "
                              f"(--overwrite), or use the advmask commit that wrote it") from None

@@ -1517,6 +1517,9 @@ def test_a_mask_file_reads_with_safetensors_alone_and_an_earlier_format_is_refus
         with pytest.raises(ValueError, match=rf"old.bin is a {kind} file of format 3, advmask's own container before "
                                              rf"format 4 \(safetensors\), which this version does not read"):
             load(tiny_clip(7), tmp_path / "old.bin")
+        (tmp_path / "old.bin").write_bytes(magic + (40).to_bytes(4, "little") + b"not zlib")  # a cut old file
+        with pytest.raises(ValueError, match=rf"old.bin is a {kind} file of format 1-3, advmask's own container"):
+            load(tiny_clip(7), tmp_path / "old.bin")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
