@@ -28,8 +28,10 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import errno
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import logging
@@ -959,6 +961,8 @@ def describe(identity):
 # container (magic, zlib JSON header, payload), refused with a line naming them.
 FILE_FORMAT = 4
 OLD_MAGIC = {b"ADVMASK\n": "mask", b"ADVTUNE\n": "weights"}
+# How a mask or weights file was trained, as its header records it: what labels the runs that evaluate the file.
+PROVENANCE = ("dataset", "shots", "seed", "lr", "loss", "lam")
 
 
 def _arch(model):
@@ -971,14 +975,17 @@ def _arch(model):
     return f"{kind}(layers={len(blocks)}, width={width}, patch={tuple(patch)}, image={tuple(visual.image_size)})"
 
 
-def _atomic_write(path, write):
-    """Call write(tmp) on a temporary file beside path, then rename it onto path: no reader sees half a file."""
+def _atomic_write(path, data):
+    """Write data (bytes or text) to a temporary file beside path, then rename it onto path: no reader sees half a
+    file, and a write that fails (a full disk) leaves the earlier file, or none, and no temporary one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(tmp)
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
+    except OSError as e:  # named by the file it was for, not the temporary one (a failed write names none)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -997,7 +1004,7 @@ def write_tuned_file(path, kind, header, tensors):
     metadata "advmask", the JSON of the kind, the format, the tensors' sha256 and the header's fields."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     meta = {"kind": kind, "format": FILE_FORMAT, "sha256": _tensors_sha256(tensors), **header}
-    _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, {"advmask": json.dumps(meta)}))
+    _atomic_write(path, safetensors.torch.save(tensors, {"advmask": json.dumps(meta)}))
 
 
 def read_tuned_file(path, kind):
@@ -1134,7 +1141,9 @@ def _save_training_state(path, epoch, params, optimizer, scheduler, generators, 
     state = {"epoch": epoch, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "generators": [g.get_state() for g in generators],
              "history": history, "sums": {k: v.cpu() for k, v in sums.items()}}
-    _atomic_write(path, partial(torch.save, state))
+    buffer = io.BytesIO()  # whole in memory first: a full disk is then an OSError, not torch's zip writer's error
+    torch.save(state, buffer)
+    _atomic_write(path, buffer.getvalue())
 
 
 def _load_training_state(path, params, optimizer, scheduler, generators, sums):
@@ -1744,7 +1753,7 @@ TUNED_NAMES = ("advmask", "adv_ft")  # the trained ones, whose learning rate the
 
 def write_json(path, obj):
     """Write obj as indented JSON, atomically."""
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    _atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path):
@@ -1778,9 +1787,8 @@ def _cell(values, n_seeds):
 
 def write_report(out_dir, name, text, rows):
     """Write out_dir/<name>.md and out_dir/<name>.csv (rows: lists of values) atomically, and print the markdown."""
-    _atomic_write(Path(out_dir) / f"{name}.md", lambda tmp: Path(tmp).write_text(text))
-    _atomic_write(Path(out_dir) / f"{name}.csv", lambda tmp: Path(tmp).write_text(
-        "\n".join(",".join(str(v) for v in row) for row in rows) + "\n"))
+    _atomic_write(Path(out_dir) / f"{name}.md", text)
+    _atomic_write(Path(out_dir) / f"{name}.csv", "\n".join(",".join(str(v) for v in row) for row in rows) + "\n")
     print(text)
 
 
@@ -1868,9 +1876,11 @@ def summarize(runs_dir, out_dir=None):
     acc, seen = {}, {}  # seen: protocol -> (datasets, shots, seeds) that have a run folder, finished or not
     bases = {}  # (protocol, model, dataset, eval, attack) -> {basis: a run folder that has it}
     for cell in sorted(runs_dir.glob("*/*/*shot/seed*")):
-        if not (cell.is_dir() and re.fullmatch(r"\d+shot/seed\d+", f"{cell.parent.name}/{cell.name}")):
+        # seed<S>, and seed<S>-weights for the --tune weights arm: its rows sit beside the mask's
+        match = re.fullmatch(r"(\d+)shot/seed(\d+)(-weights)?", f"{cell.parent.name}/{cell.name}")
+        if not (cell.is_dir() and match):
             continue
-        protocol, dataset, shots, seed = cell.parts[-4], cell.parts[-3], int(cell.parts[-2][:-4]), int(cell.name[4:])
+        protocol, dataset, shots, seed = cell.parts[-4], cell.parts[-3], int(match[1]), int(match[2])
         for group, value in zip(seen.setdefault(protocol, (set(), set(), set())), (dataset, shots, seed)):
             group.add(value)
         if (cell / "results.json").is_file():
@@ -1970,6 +1980,14 @@ def _pyplot():
     return plt
 
 
+def _save_png(fig, path, **savefig_args):
+    """Write a figure to path as a PNG, atomically (_atomic_write), and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, **savefig_args)
+    _pyplot().close(fig)
+    _atomic_write(path, buffer.getvalue())
+
+
 ATTENTION_PARTS = ("q", "k", "v", "out")
 # The attention weights of every family (FAMILIES) by their name in a block: rows q, k and v in thirds (open_clip's
 # in_proj, timm's qkv), one of them (EVA02's), or the output projection, whose columns are the heads' outputs. Any
@@ -2033,25 +2051,27 @@ def _label(path):
     return f"{c['dataset']}/{c['protocol']}/{c['shots']}shot/seed{c['seed']}"
 
 
-def _heatmap(path, panels, xticks, yticks, vmax, xlabel="", ylabel="", suptitle=None):
-    """One PNG with a heatmap per (title, matrix) panel, colour = value from 0 to vmax (None: the largest value)."""
+def _heatmap(path, panels, xticks, yticks, xlabel="", ylabel="", suptitle=None):
+    """One PNG with a heatmap per (title, matrix) panel, one colour scale from the smallest value of all panels to the
+    largest (NaN blank), so that the spread shows: a mask's share off per head spans a few points, which a scale from
+    0 would paint one colour."""
     plt = _pyplot()
-    vmax = vmax or max(max(max(row) for row in matrix) for _, matrix in panels) or 1
+    values = [v for _, matrix in panels for row in matrix for v in row if math.isfinite(v)]
+    vmin, vmax = min(values, default=0), max(values, default=1)
     longest_x, longest_y = (max(len(str(t)) for t in ticks) for ticks in (xticks, yticks))
     width = max(3.0, 1.5 + 0.35 * len(xticks) + 0.1 * longest_y)  # room for the labels, the colourbar and the title
     height = 2 + 0.35 * len(yticks) + 0.07 * longest_x
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) + 1, height), squeeze=False,
                              layout="constrained")
     for ax, (title, matrix) in zip(axes[0], panels):
-        image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=vmax)
+        image = ax.imshow(matrix, cmap="viridis", vmin=vmin, vmax=vmax)
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         ax.set_xticks(range(len(xticks)), xticks, rotation=90 if longest_x > 3 else 0)
         ax.set_yticks(range(len(yticks)), yticks)
     fig.colorbar(image, ax=axes[0].tolist(), location="right", shrink=0.8)
     if suptitle:
         fig.suptitle(suptitle)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    plt.close(fig)
+    _save_png(fig, path, bbox_inches="tight")
 
 
 def analyze(paths, out_dir, consensus=None, save=None):
@@ -2105,29 +2125,37 @@ def analyze(paths, out_dir, consensus=None, save=None):
             f"block {b} head {h} {100 * per_head[b, h]:.1f} %" for b, h in top), ""]
         png = out_dir / f"heads_{i}.png"
         panels = [(f"{p}: % off", [[100 * fraction[b, p, h] for h in heads] for b in blocks]) for p in ATTENTION_PARTS]
-        _heatmap(png, panels, list(heads), blocks, None, "head", "block", suptitle=label)
+        _heatmap(png, panels, list(heads), blocks, "head", "block", suptitle=label)
         md += [f"![per-head % off of {label}]({png.name})", ""]
     if len(masks) > 1:
         md += ["## Overlap of the off-sets", "", "| mask A | mask B | Jaccard | chance | Jaccard ÷ chance |",
                "|---|---|---|---|---|"]
-        grid = [[1.0 if i == j else float("nan") for j in range(len(masks))] for i in range(len(masks))]
+        grid = [[float("nan")] * len(masks) for _ in masks]  # Jaccard ÷ chance; blank: no chance level, or itself
         for (i, (a, ha, bits_a)), (j, (b, hb, bits_b)) in itertools.combinations(enumerate(masks), 2):
             if ha["names"] != hb["names"] or ha["shapes"] != hb["shapes"]:
                 continue  # other weights: no overlap to speak of (a blank cell in the figure)
             value, chance = jaccard(~bits_a, ~bits_b)
-            grid[i][j] = grid[j][i] = value
             ratio = value / chance if chance else None  # no chance level when a mask has nothing off
+            grid[i][j] = grid[j][i] = float("nan") if ratio is None else ratio
             md.append(f"| {a} | {b} | {value:.4f} | {chance:.4f} | {'—' if ratio is None else f'{ratio:.2f}'} |")
             csv += [[view, f"{a} | {b}", "", "", "", "" if v is None else v]
                     for view, v in (("jaccard", value), ("chance", chance), ("ratio", ratio))]
         labels = [label for label, *_ in masks]
-        _heatmap(out_dir / "overlap.png", [("Jaccard index of the off-sets", grid)], labels, labels, 1)
-        md += ["", "![Jaccard index between masks](overlap.png)", ""]
+        _heatmap(out_dir / "overlap.png", [("Jaccard ÷ chance of the off-sets (1: as independent masks)", grid)],
+                 labels, labels)
+        md += ["", "![Jaccard index ÷ its chance level between masks](overlap.png)", ""]
     if consensus is not None:
         bits = consensus_bits([b for *_, b in masks], consensus)
-        header = {k: v for k, v in masks[0][1].items()  # a consensus was not trained: no provenance
-                  if k not in ("n_weights", "provenance")}
-        write_mask_file(save, header, bits)
+        # a consensus was not trained: its provenance is its inputs (each file's sha256 and provenance), and what
+        # they all share of PROVENANCE, which labels its runs; masks of several datasets are labelled "dtd+eurosat"
+        inputs = [{"file": label, "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), **h.get("provenance", {})}
+                  for (label, h, _), f in zip(masks, files)]
+        shared = {k: inputs[0][k] for k in PROVENANCE if all(k in i and i[k] == inputs[0][k] for i in inputs)}
+        if all("dataset" in i for i in inputs):
+            shared["dataset"] = "+".join(dict.fromkeys(i["dataset"] for i in inputs))
+        header = {k: v for k, v in masks[0][1].items() if k not in ("n_weights", "provenance")}
+        write_mask_file(save, {**header, "provenance": {**shared, "consensus": {"k": consensus, "masks": inputs}}},
+                        bits)
         md += [f"Consensus of {len(masks)} masks (off in ≥ {consensus}): {100 * (1 - bits.float().mean()):.2f} % off, "
                f"saved to {save}; evaluate it with --protocol transfer --masks {save}.", ""]
     text = "\n".join(md)
@@ -2173,8 +2201,7 @@ def plot_few_shot(out_dir):
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize=7)  # beside the panels, over no curve
     path = Path(out_dir) / "summary.png"
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    _save_png(fig, path)
     return path
 
 
@@ -2365,6 +2392,9 @@ def export(run_dir, out_dir, visual=False, overwrite=False):
         raise ValueError(f"{out_dir} exists and is not an empty folder; pass another one, or --overwrite to replace it")
     finished = read_json(run_dir / "results.json")
     settings = finished["settings"]
+    if not finished.get("complete"):
+        raise ValueError(f"{run_dir} is not finished (its results.json says complete: false); rerun its command, "
+                         f"which evaluates the cells it lacks, then export it")
     if "model_identity" not in settings:
         raise ValueError(f"{run_dir} was made before runs recorded their model; evaluate its file again with this "
                          f"version (--protocol transfer --{tuned.stem} {tuned}) and export that run")
@@ -2385,15 +2415,17 @@ def export(run_dir, out_dir, visual=False, overwrite=False):
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     try:
         tmp.mkdir(parents=True)
-        (tmp / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess},
-                                                              indent=2) + "\n")
-        state = {k: v.detach().cpu().contiguous() for k, v in clip.state_dict().items()}
-        safetensors.torch.save_file(state, tmp / "open_clip_model.safetensors")
+        # every file written alike, so all have one mode (safetensors' save_file would make its files 0600)
+        files = {"open_clip_config.json": json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess},
+                                                     indent=2) + "\n",
+                 "open_clip_model.safetensors": safetensors.torch.save(
+                     {k: v.detach().cpu().contiguous() for k, v in clip.state_dict().items()}),
+                 tuned.name: tuned.read_bytes(), "README.md": card}
         if visual:
-            safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in clip.visual.state_dict().items()},
-                                        tmp / "visual.safetensors")
-        shutil.copyfile(tuned, tmp / tuned.name)
-        (tmp / "README.md").write_text(card)
+            files["visual.safetensors"] = safetensors.torch.save(
+                {k: v.detach().cpu().contiguous() for k, v in clip.visual.state_dict().items()})
+        for name, data in files.items():
+            (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         os.replace(tmp, out_dir)
@@ -2407,11 +2439,18 @@ def model_card(run_dir, finished, identity, sparsity, file_name):
     evaluation cell of the run, and how to load, apply and upload it."""
     s = finished["settings"]
     method = "AdvMask (a binary mask over the weights)" if file_name == "masks.bin" else "adversarial fine-tuning"
-    base = identity["pretrained"] if identity["pretrained"] is not None else "its folder's"
+    base = {None: "its folder's", "none": "random"}.get(identity["pretrained"], identity["pretrained"])
     pre = identity["preprocess"]
+    # a run on random images, or of random weights, says so where its numbers are
+    fake = [what for what, flag in (("random images stood in for the data (--dry-run)", s["dry_run"]),
+                                    ("random images of the data's size stood in for it (--synthetic)", s["synthetic"]),
+                                    ("its base weights are random (--pretrained none)", base == "random")) if flag]
+    warning = [f"**Not a usable model: {'; '.join(fake)}. Its numbers below measure the pipeline, not "
+               f"robustness.**", ""] if fake else []
     rows = [("tuning", method), ("weights tuned or masked", s["mask_target"]),
             ("weights off", "—" if sparsity is None else f"{100 * sparsity:.2f} %"),
-            ("trained on", f"{s['dataset']}, {s['shots']} shots per class, seed {s['seed']} ({s['protocol']})"),
+            ("trained on", f"{s['dataset']}" + (" (random images)" if s["dry_run"] or s["synthetic"] else "") +
+             f", {s['shots']} shot{'s' * (s['shots'] != 1)} per class, seed {s['seed']} ({s['protocol']})"),
             ("loss", f"{s['loss']}, λ = {s['lam']:g}"),
             ("training attack", f"l∞ PGD, ε = {s['train_eps']:g}/255, α = {s['train_alpha']:g}/255, "
                                 f"{s['train_steps']} steps"),
@@ -2419,8 +2458,9 @@ def model_card(run_dir, finished, identity, sparsity, file_name):
                        f"{s['batch_size']}, Adam at lr {s['lr']:g} with a cosine schedule"),
             ("training precision", s["precision"])]
     cells = ["| model | evaluated on | attack | ε | steps | test images | clean % | robust % |", "|---" * 8 + "|"]
-    cells += [f"| {e['model']} | {e['eval']} | {e['attack']} | {e['eps']:g}/255 | {s['test_steps']} | {e['n']} | "
-              f"{100 * e['clean_acc']:.2f} | {100 * e['adv_acc']:.2f} |" for e in finished["results"]]
+    cells += [f"| {e['model']} | {e['eval']} | {e['attack']} | {e['eps']:g}/255 | "  # each cell's own attack steps
+              f"{e.get('test_steps', s['test_steps'])} | {e['n']} | {100 * e['clean_acc']:.2f} | "
+              f"{100 * e['adv_acc']:.2f} |" for e in finished["results"]]
     return "\n".join([
         "---", "tags:", "- clip", "- adversarial-robustness", "- advmask", "library_name: open_clip",
         "pipeline_tag: zero-shot-image-classification",
@@ -2428,7 +2468,7 @@ def model_card(run_dir, finished, identity, sparsity, file_name):
         f"# {describe(identity)}, made robust by {method.split(' (')[0]}", "",
         f"CLIP {identity['model']} with {base} weights, tuned against l∞ adversarial images by {method}, as in "
         f"\"Identifying Robust Neural Pathways: Few-Shot Adversarial Mask Tuning for Vision-Language Models\" "
-        f"(ICLR 2026), with advmask.py from the run `{run_dir}`.", "",
+        f"(ICLR 2026), with advmask.py from the run `{run_dir}`.", "", *warning,
         "## Base model", "",
         f"- model: `{identity['model']}`; weights: `{identity['pretrained']}`"
         + (f" (sha256 {identity['file_sha256']})" if "file_sha256" in identity else ""),
@@ -2575,10 +2615,12 @@ def parse_args(argv):
                    help="save the training state at the first epoch end after this many steps (1: every epoch)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--out-dir", default=None,
-                   help="default: runs/<protocol>/<dataset>/<shots>shot/seed<seed> (runs_dry/... for --dry-run, "
-                        "runs_synthetic/... for --synthetic)")
+                   help="default: runs/<protocol>/<dataset>/<shots>shot/seed<seed> (seed<seed>-weights for --tune "
+                        "weights; runs/transfer/consensus/<k>of<n>-<sha256> for a consensus mask; runs_dry/... for "
+                        "--dry-run, runs_synthetic/... for --synthetic)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a finished run in --out-dir that was trained with other settings")
+                   help="start the run in --out-dir over: its mask or weights, checkpoint and results are removed "
+                        "first (to change its training settings, or to retrain a corrupt file)")
     p.add_argument("--dry-run", action="store_true",
                    help=f"the tiny random CLIP on synthetic images, {DRY_RUN['epochs']} epochs at lr "
                         f"{DRY_RUN['lr']:g}, PGD-{DRY_RUN['test_steps']} evaluation: the whole pipeline in seconds")
@@ -2732,9 +2774,10 @@ EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size"
 
 def _check_out_dir(out_dir, checkpoint, settings, overwrite):
     """True when out_dir holds a run of the same training settings, whose checkpoint is resumed, trained file reused
-    and finished cells kept; False when it holds none, or (with overwrite) one of other settings, which run then
-    removes before it writes anything. Other settings without overwrite are refused."""
-    if not (out_dir / "config.json").is_file():
+    and finished cells kept; False when it holds none, or with overwrite (whatever its settings: a corrupt mask file
+    is retrained so), which run then removes before it writes anything. Other settings without overwrite are
+    refused."""
+    if overwrite or not (out_dir / "config.json").is_file():
         return False
     saved = read_json(out_dir / "config.json")
     differ = sorted(k for k, v in settings.items() if k not in EVAL_ONLY and saved.get(k) != v)
@@ -2742,8 +2785,6 @@ def _check_out_dir(out_dir, checkpoint, settings, overwrite):
                if saved.get("model_identity", {}).get(k) != settings["model_identity"].get(k)]
     if not differ:
         return True
-    if overwrite:
-        return False
     if checkpoint.is_file():
         raise ValueError(f"{out_dir} holds a checkpoint of a run with other training settings ({', '.join(differ)}), "
                          f"which would give another mask; rerun with the settings in {out_dir / 'config.json'} to "
@@ -2833,10 +2874,6 @@ def _out_of_memory(flag, value):
                          f"rerun the same command: what is finished is kept") from None
 
 
-# How a mask or weights file was trained, as its header records it: what labels the runs that evaluate the file.
-PROVENANCE = ("dataset", "shots", "seed", "lr", "loss", "lam")
-
-
 @contextlib.contextmanager
 def _folder_lock(out_dir):
     """One process per run folder: out_dir/.lock holds the pid of the process using it, from before it reads or writes
@@ -2863,6 +2900,9 @@ def _folder_lock(out_dir):
                 pass  # it exists, another user's
             raise ValueError(f"{out_dir} is in use by process {pid or '(starting)'} ({lock}); wait until it ends, or "
                              f"pass another --out-dir") from None
+        except OSError:  # the pid not written (a full disk): no empty lock may stay to refuse the next run
+            lock.unlink(missing_ok=True)
+            raise
     try:
         yield
     finally:
@@ -2876,16 +2916,27 @@ def _folder_lock(out_dir):
 def run(args, device):
     """One run of a protocol in its folder, which it holds alone (_folder_lock): load CLIP and data, tune (or load)
     the mask, save it, evaluate clean and under attack."""
+    provenance = {}
     if args.masks or args.weights:  # labelled, and its folder named, by what trained the file, where it records it
         path = args.masks or args.weights
-        header = read_tuned_file(path, "mask" if args.masks else "weights")[0]
-        if "provenance" in header:
-            vars(args).update(header["provenance"])
-            print(f"{path} was trained on {args.dataset}, {args.shots} shot{'s' * (args.shots != 1)}, seed "
-                  f"{args.seed}, lr {args.lr:g}, loss {args.loss} (λ {args.lam:g}); the results are labelled so")
+        provenance = read_tuned_file(path, "mask" if args.masks else "weights")[0].get("provenance", {})
+        vars(args).update({k: v for k, v in provenance.items() if k in PROVENANCE})
+        # the file evaluated, by its content: a path can name another file later
+        args.tuned_file_sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     # dry and synthetic runs default to folders of their own, so that no real cell is ever taken for done
     root = "runs_dry" if args.dry_run else "runs_synthetic" if args.synthetic else "runs"
-    out_dir = Path(args.out_dir or f"{root}/{args.protocol}/{args.dataset}/{args.shots}shot/seed{args.seed}")
+    if "consensus" in provenance:  # filed by what it is: k of n masks, and its content
+        k, n = provenance["consensus"]["k"], len(provenance["consensus"]["masks"])
+        folder = f"{root}/transfer/consensus/{k}of{n}-{args.tuned_file_sha256[:12]}"
+        print(f"{path} is the consensus of {n} masks (weights off in at least {k} of them); filed under {folder}")
+    else:
+        # the --tune weights arm has a folder of its own beside the mask's, so both arms share a runs root
+        folder = (f"{root}/{args.protocol}/{args.dataset}/{args.shots}shot/seed{args.seed}" +
+                  ("-weights" if args.tune == "weights" else ""))
+        if provenance:
+            print(f"{path} was trained on {args.dataset}, {args.shots} shot{'s' * (args.shots != 1)}, seed "
+                  f"{args.seed}, lr {args.lr:g}, loss {args.loss} (λ {args.lam:g}); the results are labelled so")
+    out_dir = Path(args.out_dir or folder)
     _require_writable(out_dir)
     with _folder_lock(out_dir):
         return _run_in(out_dir, args, device)
@@ -2907,8 +2958,6 @@ def _run_in(out_dir, args, device):
         check_fp16(clip, source)
     size = clip.visual.image_size[0]
     settings = {**vars(args), "device": str(device), "model_identity": identity}
-    if args.masks or args.weights:  # the file evaluated, by its content: a path can name another file later
-        settings["tuned_file_sha256"] = hashlib.sha256(Path(args.masks or args.weights).read_bytes()).hexdigest()
     splits = {}  # dataset -> which split it used: default, CoOp's file (with its sha256), TGA-ZSR's or synthetic
     resizing = {}  # dataset -> how its images were resized and cropped (tga_zsr_preprocess or the model's)
 
@@ -2940,7 +2989,7 @@ def _run_in(out_dir, args, device):
     # what is trained on, and the class sets evaluated: name -> (test split, class names, prompt templates)
     train_on = None if args.masks or args.weights else data(args.dataset)
     settings["train_split"] = splits.get(args.dataset)  # the training data as it decides the mask, not its folder
-    template = [_template(args.dataset, args.conventions)]
+    template = train_on and [_template(args.dataset, args.conventions)]  # a consensus's "dtd+eurosat" has none
     if args.protocol == "base2new":
         base_train, _, n_base = base_new_split(train_on["train"], len(train_on["classes"]))
         base_test, new_test, _ = base_new_split(train_on["test"], len(train_on["classes"]))
@@ -2977,7 +3026,9 @@ def _run_in(out_dir, args, device):
     checkpoint, results_path = out_dir / "checkpoint.pt", out_dir / "results.json"
     trained = out_dir / ("masks.bin" if args.tune == "mask" else "weights.bin")
     same_run = _check_out_dir(out_dir, checkpoint, settings, args.overwrite)
-    previous = read_json(results_path) if same_run and results_path.is_file() else {}
+    train_now = not (args.masks or args.weights or same_run and trained.is_file())
+    # finished cells stay only beside the file they measured: a mask trained now (its file gone) starts them over
+    previous = read_json(results_path) if same_run and not train_now and results_path.is_file() else {}
     history = previous.get("train_log", [])
     if args.masks or args.weights:  # a file that does not fit is refused here, before anything is written
         target = (next(_masks(load_masks(clip, args.masks, source)))[3].target if args.masks else
@@ -2988,7 +3039,6 @@ def _run_in(out_dir, args, device):
     elif same_run and trained.is_file():  # trained before, with these settings: never trained again
         (load_masks if args.tune == "mask" else load_weights)(clip, trained, source)
         print(f"reusing {trained}, trained by an earlier run with the same settings")
-    train_now = not (args.masks or args.weights or same_run and trained.is_file())
     if train_now and args.conventions == "fap":  # Dassl's draw over every class; base2new keeps the base ones after
         train_set = train_on["train"]
         indices = [i for i in dassl_k_shot(train_set.targets, args.shots, args.seed)
@@ -3004,9 +3054,10 @@ def _run_in(out_dir, args, device):
         epochs = args.epochs or default_epochs(len(labels), args.batch_size)
         print(f"{args.protocol} on {args.dataset}: {len(labels)} training images ({args.shots} per class, "
               f"{len(train_names)} classes), {epochs} epoch{'s' * (epochs != 1)} on {device} ({args.precision})")
-    if args.overwrite and not same_run:  # before anything new: an interrupted overwrite leaves no old result behind
-        for old in (checkpoint, results_path, out_dir / "masks.bin", out_dir / "weights.bin"):
-            old.unlink(missing_ok=True)
+    # before anything new: an interrupted overwrite, or retraining, leaves no old result behind
+    for old in (checkpoint, results_path, out_dir / "masks.bin", out_dir / "weights.bin") if args.overwrite else (
+            [results_path] if train_now else []):
+        old.unlink(missing_ok=True)
     write_json(out_dir / "config.json", settings)
     if train_now:
         with _out_of_memory("--batch-size", args.batch_size):  # the checkpoint stays for the rerun
@@ -3113,7 +3164,8 @@ def main(argv=None):
             return
         if argv[:1] == ["analyze"]:
             args = parse_analyze_args(argv[1:])
-            _require_writable(args.out)
+            for folder in [args.out] + ([Path(args.save).parent] if args.save else []):  # before any figure
+                _require_writable(folder)
             analyze(args.paths, args.out, args.consensus, args.save)
             return
         args = parse_args(argv)
@@ -3150,6 +3202,12 @@ def main(argv=None):
     except BrokenPipeError:  # e.g. `summarize RUNS | head`: the reader left; no traceback, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except OSError as e:  # a full disk, a file over a size limit, a read-only place: one line, what is written stays
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        print(f"advmask: error: could not write {e.filename or 'the output'} ({e.strerror}); free space there, or "
+              f"pass a folder you can write to, and rerun: files already finished are kept", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt as e:  # Ctrl-C: the shell's status for SIGINT, and one line
         print(f"advmask: {str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(130)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The AdvMask experiment sweep: PROTOCOL × DATASETS × SHOTS × SEEDS, one advmask.py run per cell, then the
-# aggregated tables. Cells whose results.json is complete are skipped, so a stopped sweep continues where it stopped.
+# aggregated tables. Every cell's run is called: a run folder keeps its mask and finished cells and evaluates only
+# the cells its results.json lacks, so a stopped sweep continues where it stopped and new flags add their cells.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -9,9 +10,11 @@ usage() {
 usage: run_all.sh [--datasets "a b"] [--shots "1 2"] [--seeds "1 2 3"] [--protocol "P Q"] [--gpus "0 1"]
                   [--runs DIR] [--python PATH] [--dry-run] [-- ARGS FOR advmask.py]
 
-Runs advmask.py once per (dataset, shots, seed) into RUNS/PROTOCOL/DATASET/<K>shot/seed<S>/ (its log beside the
-results there, in log.txt), skipping cells whose results.json is complete, then writes RUNS/summary.md and
-RUNS/summary.csv (mean ± std over seeds; missing cells shown as missing).
+Runs advmask.py once per (dataset, shots, seed) into RUNS/PROTOCOL/DATASET/<K>shot/seed<S>/ (seed<S>-weights/ for
+-- --tune weights, so both arms share a root; its log appended to log.txt there). A run that is done reuses its mask
+and evaluates only what the flags ask for and its results.json lacks (a stopped sweep continues, -- --attack pgd,cw
+adds the CW cells). Then writes RUNS/summary.md and RUNS/summary.csv (mean ± std over seeds; missing cells shown as
+missing).
 
 Every option can also be set by the environment variable of the same name (flags win):
   DATASETS  default: the 11 datasets of the paper
@@ -68,15 +71,22 @@ for protocol in $PROTOCOL; do for dataset in $DATASETS; do for shots in $SHOTS; 
   cells+=("$protocol $dataset $shots $seed")
 done; done; done; done
 
+# the --tune weights arm trains into a folder of its own beside the mask's, as advmask.py's default folder does
+ARM=""
+for i in "${!EXTRA[@]}"; do
+  next=${EXTRA[$((i + 1))]:-}
+  if [ "${EXTRA[$i]}" = --tune=weights ] || { [ "${EXTRA[$i]}" = --tune ] && [ "$next" = weights ]; }; then
+    ARM=-weights
+  fi
+done
+
 run_cell() {  # protocol dataset shots seed [gpu]
-  local out="$RUNS/$1/$2/${3}shot/seed$4"
-  # a cell is done when its results.json says complete; a partial one is run again, which evaluates only what it lacks
-  if grep -qs '"complete": true' "$out/results.json"; then echo "skip $out (done)"; return 0; fi
+  local out="$RUNS/$1/$2/${3}shot/seed$4$ARM"
   mkdir -p "$out"
   echo "run  $out"
-  # TQDM_DISABLE: no carriage-return progress bars in log.txt
+  # TQDM_DISABLE: no carriage-return progress bars in log.txt, which each rerun of the cell appends to
   if TQDM_DISABLE=1 CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" advmask.py --protocol "$1" \
-      --dataset "$2" --shots "$3" --seed "$4" --out-dir "$out" "${EXTRA[@]}" > "$out/log.txt" 2>&1; then
+      --dataset "$2" --shots "$3" --seed "$4" --out-dir "$out" "${EXTRA[@]}" >> "$out/log.txt" 2>&1; then
     tail -n 1 "$out/log.txt"
   else
     echo "FAILED $out (see $out/log.txt)"

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -2454,6 +2455,28 @@ def test_summary_png_draws_a_line_per_learning_rate_with_shot_ticks_on_every_pan
             f"AdvMask (lr {lr}) {metric}" for lr in ("0.0001", "0.001") for metric in ("clean", "adv")}
 
 
+def test_heatmaps_span_their_values_and_the_overlap_shows_jaccard_over_its_chance_level(tmp_path, monkeypatch):
+    """A mask's per-head heatmaps share one colour scale from their smallest value to their largest (not from 0, which
+    would paint a few points' spread one colour), and overlap.png shows each pair's Jaccard index ÷ its chance."""
+    files = []
+    for seed in (1, 2):
+        model = masked_tiny_clip()
+        randomize_scores(model, seed)  # about half the weights off, each head a little differently
+        files.append(tmp_path / f"m{seed}.bin")
+        am.save_masks(model, files[-1])
+    shown, imshow = [], matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda ax, m, **k: shown.append((np.asarray(m, dtype=float), k)) or imshow(ax, m, **k))
+    am.analyze(files, tmp_path / "out")
+    heads = shown[:4]  # the first mask's q, k, v, out panels
+    values = np.concatenate([m.ravel() for m, _ in heads])
+    assert values.min() > 0 and all(k["vmin"] == values.min() and k["vmax"] == values.max() for _, k in heads)
+    (overlap, k), bits = shown[-1], [~am.read_mask_file(f)[1] for f in files]
+    value, chance = am.jaccard(*bits)
+    assert overlap[0, 1] == overlap[1, 0] == pytest.approx(value / chance) and np.isnan(overlap[0, 0])
+    assert k["vmin"] == k["vmax"] == pytest.approx(value / chance)
+
+
 def test_analyze_tells_apart_two_roots_and_leaves_no_old_figure(tmp_path):
     """Masks of the same cell under two runs roots get labels of their own; a figure of an earlier analysis that
     this one does not make is gone."""
@@ -2477,6 +2500,7 @@ def analyze_bad_inputs(root):
     am.save_masks(masked_tiny_clip(), root / "a" / "masks.bin")
     am.save_masks(masked_tiny_clip(target="mlp"), root / "mlp" / "masks.bin")
     (root / "empty").mkdir()
+    (root / "blocker").write_text("a file where --save wants a folder")
     a, save = str(root / "a" / "masks.bin"), ["--save", "c.bin"]
     return [
         ([str(root / "empty")], "holds no masks.bin; pass a mask file, a run folder or a runs root"),
@@ -2485,13 +2509,14 @@ def analyze_bad_inputs(root):
         ([a, "--consensus", "0", *save], "--consensus 0 must lie between 1 and the number of masks, 1"),
         ([a, a, "--consensus", "3", *save], "--consensus 3 must lie between 1 and the number of masks, 2"),
         ([a, *save], "--consensus K and --save PATH go together"),
+        ([a, "--consensus", "1", "--save", str(root / "blocker" / "c.bin")], "blocker (Not a directory); pass a folder"),
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_every_bad_analyze_input_ends_in_one_line_exit_2_and_no_files(case, tmp_path_factory, monkeypatch, capsys):
-    """A path without masks, a consensus over misfit masks, K outside 1..n, --save without --consensus: one line,
-    exit status 2, nothing written."""
+    """A path without masks, a consensus over misfit masks, K outside 1..n, --save without --consensus, a --save path
+    that cannot be written (before any figure): one line, exit status 2, nothing written."""
     args, message = analyze_bad_inputs(tmp_path_factory.mktemp("masks"))[case]
     cwd = tmp_path_factory.mktemp("cwd")
     monkeypatch.chdir(cwd)
@@ -2594,7 +2619,9 @@ def test_an_exported_run_loads_in_open_clip_alone_with_the_masked_models_logits(
     tower = safetensors.torch.load_file(tmp_path / "exported" / "visual.safetensors")
     assert tower.keys() == clip.visual.state_dict().keys()
     assert all(torch.equal(tower[k], v) for k, v in clip.visual.state_dict().items())
+    assert len({p.stat().st_mode for p in (tmp_path / "exported").iterdir()}) == 1  # safetensors' 0600 too
     card = (tmp_path / "exported" / "README.md").read_text()
+    assert "Not a usable model" not in card and "2 shots per class" in card
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert "library_name: open_clip" in card and "pipeline_tag: zero-shot-image-classification" in card
     assert "license: unknown" in card and f"`{identity['model']}`" in card and identity["weights_sha256"] in card
@@ -2605,18 +2632,37 @@ def test_an_exported_run_loads_in_open_clip_alone_with_the_masked_models_logits(
                f"{100 * e['clean_acc']:.2f} | {100 * e['adv_acc']:.2f} |" in card
 
 
-@pytest.mark.parametrize("case", ["unfinished", "no file", "not empty"])
+def test_the_card_of_a_synthetic_run_says_its_data_and_weights_are_random_and_each_cells_attack_steps(tmp_path,
+                                                                                                     monkeypatch):
+    """A --synthetic run's model card says, above its numbers, that its images and base weights were random, words
+    one shot as "1 shot", and gives each evaluation cell its own attack steps (a rerun at --test-steps 3 adds cells)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", "tiny", "--synthetic", "--dataset", "dtd", "--epochs", "1", "--shots", "1", "--eval-limit", "8",
+            "--device", "cpu", "--workers", "0", "--out-dir", "run"]
+    am.main([*args, "--test-steps", "2"])
+    am.main([*args, "--test-steps", "3"])
+    am.main(["export", "run", "exported"])
+    card = (tmp_path / "exported" / "README.md").read_text()
+    warning = card.index("**Not a usable model: random images of the data's size stood in for it (--synthetic); its "
+                         "base weights are random (--pretrained none).")
+    assert warning < card.index("## Evaluation") and "1 shot per class" in card and "none weights" not in card
+    steps = [line.split(" | ")[4] for line in card.splitlines() if line.startswith("| advmask |")]
+    assert sorted(steps) == ["2", "3"]
+
+
+@pytest.mark.parametrize("case", ["unfinished", "incomplete", "no file", "not empty"])
 def test_every_bad_export_ends_in_one_line_exit_2_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
-    """An unfinished run, a run without its mask or weights file, and an OUT_DIR that is not empty (without
-    --overwrite) are one line and exit 2, and nothing is written."""
+    """An unfinished run (no results yet, or cells still missing), a run without its mask or weights file, and an
+    OUT_DIR that is not empty (without --overwrite) are one line and exit 2, and nothing is written."""
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
     if case != "unfinished":
-        (run / "results.json").write_text(json.dumps({"results": [], "settings": {}}))
-    if case == "not empty":
+        (run / "results.json").write_text(json.dumps({"results": [], "settings": {}, "complete": False}))
+    if case in ("not empty", "incomplete"):
         am.save_masks(masked_tiny_clip(), run / "masks.bin")
+    if case == "not empty":
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "other.txt").write_text("keep me")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
@@ -2624,6 +2670,7 @@ def test_every_bad_export_ends_in_one_line_exit_2_and_writes_nothing(case, tmp_p
         am.main(["export", "run", "out"])
     err = capsys.readouterr().err
     message = {"unfinished": "holds no finished run (no results.json); finish it",
+               "incomplete": "is not finished (its results.json says complete: false); rerun its command",
                "no file": "holds neither masks.bin nor weights.bin",
                "not empty": "out exists and is not an empty folder; pass another one, or --overwrite"}
     assert exit_.value.code == 2 and err.count("\n") == 1 and message[case] in err, err
@@ -3017,7 +3064,9 @@ def test_synthetic_runs_at_the_real_size_of_the_dataset(tiny_files, tmp_path):
 def test_run_all_dry_sweep_summarises_and_resumes(tmp_path):
     """run_all.sh --dry-run on one dataset, one shot count and 2 seeds runs with the interpreter PYTHON names (the
     `python` on PATH is a decoy that fails), passes the arguments after -- (here --split-dir) to every cell and writes
-    the summary; run again after one cell is lost, it redoes that cell only; a failing cell makes it exit 1, listed."""
+    the summary; run again after one cell is lost, it retrains that cell only and keeps the other's mask and cells; a
+    failing cell makes it exit 1, listed; new flags add their cells (--attack pgd,cw), and the --tune weights arm has
+    folders of its own in the same root, its rows beside the mask's."""
     decoy = tmp_path / "bin" / "python"
     decoy.parent.mkdir()
     decoy.write_text("#!/bin/sh\necho 'the python on PATH ran instead of $PYTHON' >&2\nexit 3\n")
@@ -3026,9 +3075,9 @@ def test_run_all_dry_sweep_summarises_and_resumes(tmp_path):
            "PATH": f"{decoy.parent}{os.pathsep}{os.environ['PATH']}"}
     (tmp_path / "coop").mkdir()
 
-    def sweep(datasets="dtd"):  # --datasets and --shots before --dry-run: they still apply
+    def sweep(datasets="dtd", *extra):  # --datasets and --shots before --dry-run: they still apply
         return subprocess.run(["bash", str(HERE / "run_all.sh"), "--datasets", datasets, "--shots", "1", "--dry-run",
-                               "--", "--split-dir", str(tmp_path / "coop"), "--epochs", "2"],
+                               "--", "--split-dir", str(tmp_path / "coop"), "--epochs", "2", *extra],
                               env=env, capture_output=True, text=True, timeout=600)
 
     proc = sweep()
@@ -3042,8 +3091,10 @@ def test_run_all_dry_sweep_summarises_and_resumes(tmp_path):
     assert set(rows) == {"dtd", "**Average**"} and all("—" not in c for c in rows["dtd"])
     assert (runs / "summary.png").is_file()
     lost = runs / "few_shot" / "dtd" / "1shot" / "seed1" / "results.json"
+    (lost.parent / "masks.bin").unlink()  # this cell is lost; the other keeps its mask and its cells
     lost.unlink()
-    before = {p: p.stat().st_mtime_ns for p in done if p != lost}
+    kept_mask = runs / "few_shot" / "dtd" / "1shot" / "seed2" / "masks.bin"
+    before = (kept_mask.stat().st_mtime_ns, json.loads((kept_mask.parent / "results.json").read_text())["results"])
     failing = tmp_path / "bin" / "failing-python"  # fails the cells of "broken" at once, runs the others
     failing.write_text(f'#!/bin/sh\ncase "$*" in *"--dataset broken"*) exit 2;; esac\nexec {sys.executable} "$@"\n')
     failing.chmod(0o755)
@@ -3051,8 +3102,21 @@ def test_run_all_dry_sweep_summarises_and_resumes(tmp_path):
     proc = sweep("broken dtd")  # a failing cell does not stop the sweep, which then exits 1 naming it
     assert proc.returncode == 1 and proc.stdout.count("FAILED ") == 2, proc.stdout + proc.stderr
     assert "2 cell(s) failed:" in proc.stderr and str(runs / "few_shot" / "broken" / "1shot" / "seed2") in proc.stderr
-    assert proc.stdout.count("skip ") == 1 and f"run  {lost.parent}" in proc.stdout and lost.is_file()
-    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert f"run  {lost.parent}" in proc.stdout and lost.is_file() and (lost.parent / "masks.bin").is_file()
+    assert (kept_mask.stat().st_mtime_ns, json.loads((kept_mask.parent / "results.json").read_text())["results"]) \
+        == before and "reusing" in (kept_mask.parent / "log.txt").read_text()
+    env["PYTHON"] = sys.executable
+    assert sweep("dtd", "--attack", "pgd,cw").returncode == 0  # done cells get the cells the new flags ask for
+    attacks = [{r["attack"] for r in json.loads(p.read_text())["results"]} for p in done]
+    assert attacks == [{"pgd", "cw", "worst"}] * 2 and kept_mask.stat().st_mtime_ns == before[0]
+    proc = sweep("dtd", "--tune", "weights")  # the other arm, in folders of its own: both arms share the root
+    assert proc.returncode == 0 and [p.relative_to(runs / "few_shot/dtd/1shot").as_posix() for p in sorted(
+        runs.glob("few_shot/dtd/1shot/*/*.bin"))] == ["seed1/masks.bin", "seed1-weights/weights.bin",
+                                                      "seed2/masks.bin", "seed2-weights/weights.bin"]
+    summary = (runs / "summary.md").read_text()
+    for method in ("AdvMask", "adversarial fine-tuning"):  # one table, a row per arm, over both seeds
+        dtd = next(r for r in table(summary, "few_shot | PGD", method) if r[0] == "dtd")
+        assert "—" not in dtd and not any("(" in c for c in dtd)  # no "(1/2)": both seeds
     odd = runs / "few_shot" / "dtd" / "1shot" / "seed3" / "results.json"  # a seed run with other settings
     odd.parent.mkdir()
     kept = json.loads(lost.read_text())
@@ -3400,6 +3464,76 @@ def test_an_interrupted_overwrite_trains_again_and_never_passes_off_the_old_mask
     assert "reusing" not in capsys.readouterr().out and (tmp_path / "r" / "masks.bin").read_bytes() != old
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["complete"] and results["train_log"][-1]["step"] == 12 and results["settings"]["epochs"] == 6
+
+
+def test_a_corrupt_or_lost_mask_is_retrained_and_its_cells_go_with_it(tmp_path, monkeypatch, capsys):
+    """A corrupt masks.bin under the same settings is one line naming it and --overwrite, which then trains again and
+    keeps none of the old mask's cells; a masks.bin deleted by hand is trained again the same way, its old cells
+    gone with it."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--dry-run", "--epochs", "1", "--out-dir", "r"]
+    am.main([*base, "--attack", "pgd,cw"])
+    mask = tmp_path / "r" / "masks.bin"
+    mask.write_bytes(mask.read_bytes()[:-20])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        am.main([*base, "--attack", "pgd,cw"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "r/masks.bin" in err and "--overwrite" in err, err
+    am.main([*base, "--attack", "pgd", "--overwrite"])
+    assert "few_shot on oxford_pets" in capsys.readouterr().out  # trained, not reused
+    attacks = [r["attack"] for r in json.loads((tmp_path / "r" / "results.json").read_text())["results"]]
+    assert attacks == ["pgd"] and am.read_mask_file(mask)  # the mask is whole again
+    mask.unlink()
+    am.main([*base, "--attack", "cw"])
+    assert "few_shot on oxford_pets" in capsys.readouterr().out and mask.is_file()
+    assert [r["attack"] for r in json.loads((tmp_path / "r" / "results.json").read_text())["results"]] == ["cw"]
+
+
+def limited_cli(limit, *args, cwd):
+    """The CLI in a process that cannot write a file past `limit` bytes (RLIMIT_FSIZE: writes fail with EFBIG, as on
+    a full disk they fail with ENOSPC)."""
+    return subprocess.run([sys.executable, str(HERE / "advmask.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+
+
+def test_a_write_that_fails_is_one_line_and_leaves_finished_files_whole(tmp_path):
+    """A file that cannot be written (as on a full disk) ends a fresh run, a rerun and analyze in one line naming it,
+    exit status 2, with the files written before intact, no temporary file and no lock left behind."""
+    run = ["--dry-run", "--workers", "0", "--device", "cpu", "--out-dir"]
+    fresh = limited_cli(64_000, *run, "fresh", cwd=tmp_path)  # the training checkpoint is the first big file
+    assert fresh.returncode == 2 and fresh.stderr.count("\n") == 1, fresh.stderr
+    assert "could not write fresh/checkpoint.pt (File too large)" in fresh.stderr
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["config.json"]
+    assert run_cli(*run, "done", cwd=tmp_path).returncode == 0
+    results = (tmp_path / "done" / "results.json").read_bytes()
+    more = limited_cli(len(results) + 100, *run, "done", "--attack", "pgd,cw", cwd=tmp_path)  # results.json grows
+    assert more.returncode == 2 and "could not write done/results.json" in more.stderr, more.stderr
+    assert json.loads((tmp_path / "done" / "results.json").read_text())["results"] == json.loads(results)["results"]
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["config.json", "masks.bin", "results.json"]
+    analysis = limited_cli(8_000, "analyze", "done", "--out", "an", cwd=tmp_path)  # a heatmap is over 8 kB
+    assert analysis.returncode == 2 and "could not write an/heads_0.png" in analysis.stderr, analysis.stderr
+    assert list((tmp_path / "an").iterdir()) == []
+
+
+def test_a_consensus_mask_records_its_inputs_and_its_runs_are_filed_by_them(tmp_path, monkeypatch, capsys):
+    """A consensus mask's provenance is its inputs (each file's sha256 and provenance) and what they share (their
+    datasets joined); a transfer run of it is labelled so and filed under transfer/consensus/<k>of<n>-<its sha256>."""
+    monkeypatch.chdir(tmp_path)
+    for i, (dataset, epochs) in enumerate((("dtd", 1), ("eurosat", 2))):  # one seed: the same random base weights
+        am.main(["--dry-run", "--epochs", str(epochs), "--dataset", dataset, "--out-dir", f"s{i}"])
+    am.main(["analyze", "s0", "s1", "--out", "an", "--consensus", "2", "--save", "cons.bin"])
+    provenance = am.read_mask_file("cons.bin")[0]["provenance"]
+    inputs = provenance["consensus"]["masks"]
+    assert provenance["consensus"]["k"] == 2 and [i["dataset"] for i in inputs] == ["dtd", "eurosat"]
+    assert [i["sha256"] for i in inputs] == [hashlib.sha256((tmp_path / f"s{i}" / "masks.bin").read_bytes())
+                                             .hexdigest() for i in (0, 1)]
+    assert provenance["dataset"] == "dtd+eurosat" and provenance["seed"] == 1 and provenance["shots"] == 16
+    am.main(["--dry-run", "--protocol", "transfer", "--masks", "cons.bin", "--eval-datasets", "eurosat"])
+    sha = hashlib.sha256((tmp_path / "cons.bin").read_bytes()).hexdigest()
+    results = json.loads((tmp_path / "runs_dry" / "transfer" / "consensus" / f"2of2-{sha[:12]}" / "results.json")
+                         .read_text())
+    assert results["dataset"] == "dtd+eurosat" and results["settings"]["tuned_file_sha256"] == sha
 
 
 def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_path, monkeypatch, capsys):
