@@ -25,6 +25,7 @@ the command line. Each uses only the libraries it names and the sections above i
 
 import argparse
 import contextlib
+import collections
 import copy
 import csv
 import dataclasses
@@ -159,12 +160,14 @@ class _BinarizeSTE(torch.autograd.Function):
 
 
 class ScoreMask(nn.Module):
-    """Parametrization θ -> θ ⊙ 1[M > threshold] with learnable real-valued scores M, one per weight."""
+    """Parametrization θ -> θ ⊙ 1[M > threshold] with learnable real-valued scores M, one per weight. It keeps for the
+    tooling the target it belongs to (MASK_TARGETS, for the mask file) and param_order, the names of its module's
+    parameters in their order before masking (register_parametrization moves the weight; bake_masks restores it)."""
 
-    def __init__(self, weight, init, threshold):
+    def __init__(self, weight, init, threshold, target, param_order):
         super().__init__()
         self.scores = nn.Parameter(torch.full(weight.shape, float(init), device=weight.device))
-        self.threshold = threshold
+        self.threshold, self.target, self.param_order = threshold, target, tuple(param_order)
 
     def forward(self, theta):
         # θ' = θ ⊙ M_bin; on weights stay θ bit for bit, off weights are 0; ∂L/∂M = (∂L/∂θ') ⊙ θ
@@ -176,12 +179,16 @@ def visual_tower(model):
     return model.clip.visual if hasattr(model, "clip") else model.visual
 
 
+# A masked weight: its name relative to the visual tower, its module, the parameter's name there, its ScoreMask
+Masked = collections.namedtuple("Masked", "name module param mask")
+
+
 def _masks(model):
-    """(name relative to the visual tower, module, parameter name, ScoreMask) for every masked weight, in order."""
+    """A Masked record for every masked weight of the image tower, in order."""
     for module_name, module in visual_tower(model).named_modules():
         if parametrize.is_parametrized(module):
-            for param_name, chain in module.parametrizations.items():
-                yield f"{module_name}.{param_name}", module, param_name, chain[0]
+            for param, chain in module.parametrizations.items():
+                yield Masked(f"{module_name}.{param}", module, param, chain[0])
 
 
 def tower_family(model, target="mhsa"):
@@ -231,9 +238,7 @@ def apply_masks(model, target="mhsa", init=MASK_INIT, threshold=MASK_THRESHOLD):
     for name, weight in weights:
         module_name, _, param_name = name.rpartition(".")
         module = visual_tower(model).get_submodule(module_name)
-        mask = ScoreMask(weight, init, threshold)
-        mask.param_order = tuple(module._parameters)  # register_parametrization moves the weight; bake restores
-        mask.target = target  # for the mask file
+        mask = ScoreMask(weight, init, threshold, target, param_order=module._parameters)
         parametrize.register_parametrization(module, param_name, mask)
         scores.append(mask.scores)
     return scores
@@ -244,14 +249,14 @@ def fixed_masks(model):
     """Inside this block each masked weight θ ⊙ M_bin is formed once, with no gradient path to the scores."""
     with parametrize.cached():
         with torch.no_grad():
-            for _, module, param_name, _ in _masks(model):
-                getattr(module, param_name)  # fills the cache outside autograd
+            for m in _masks(model):
+                getattr(m.module, m.param)  # fills the cache outside autograd
         yield
 
 
 def mask_sparsity(model):
     """Fraction of masked weights that are off."""
-    bits = [mask.scores > mask.threshold for *_, mask in _masks(model)]
+    bits = [m.mask.scores > m.mask.threshold for m in _masks(model)]
     if not bits:
         raise ValueError("this model has no masks; call apply_masks first")
     return 1.0 - sum(b.sum().item() for b in bits) / sum(b.numel() for b in bits)
@@ -260,7 +265,7 @@ def mask_sparsity(model):
 def bake_masks(model):
     """Replace every masked weight by θ ⊙ M_bin in place and remove the masks: a plain open_clip model remains, with
     its parameters in their original order."""
-    for module in {id(m): m for _, m, _, _ in _masks(model)}.values():
+    for module in {id(m.module): m.module for m in _masks(model)}.values():
         with torch.no_grad():
             baked = {name: getattr(module, name) for name in module.parametrizations}
         order = next(iter(module.parametrizations.values()))[0].param_order  # the first mask saw every parameter
@@ -469,11 +474,12 @@ def train_step(model, optimizer, x, y, lam=LAM, eps=TRAIN_EPS, alpha=TRAIN_ALPHA
     # shared with the clean pass, which needs no gradient either)
     with fixed_masks(model):
         # not in the paper: PGD starts from a uniform point in the ε-ball, as FAP's and torchattacks' PGD do
-        x_adv = pgd_attack(model, x, y, eps, alpha, steps, random_start=True, generator=generator)
+        x_adv = pgd_attack(model, x, y, eps=eps, alpha=alpha, steps=steps, random_start=True, generator=generator)
         with torch.no_grad():
             clean_logits, clean_feats = model(x, return_features=True)
     adv_logits, adv_feats = model(x_adv, return_features=True)
-    ce, reg = mask_loss(loss, clean_feats, adv_feats, clean_logits, adv_logits, y)
+    ce, reg = mask_loss(loss, clean_feats=clean_feats, adv_feats=adv_feats, clean_logits=clean_logits,
+                        adv_logits=adv_logits, labels=y)
     # L_mask = L_CE(x_adv, y) + λ · L_LAFA(x, x_adv, y)
     objective = ce + lam * reg
     optimizer.zero_grad(set_to_none=True)
@@ -493,8 +499,7 @@ def _log_row(model, step, total_steps, sums, seconds, loss):
     off = f" | off {100 * row['off']:.2f}%" if masked else ""
     memory = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if sums["seen"].is_cuda else ""
     print(f"step {step}/{total_steps} | ce {row['ce']:.3f} | {loss.partition('+')[2] or 'reg'} {row['reg']:.4f} | "
-          f"adv-acc {row['adv_acc']:.2f}"
-          f"{off} | {row['img_per_s']:.0f} img/s{memory}", flush=True)
+          f"adv-acc {row['adv_acc']:.2f}{off} | {row['img_per_s']:.0f} img/s{memory}", flush=True)
     for value in sums.values():
         value.zero_()
     return row
@@ -520,9 +525,11 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
         precision: "fp32" or "bf16" (autocast), one autocast block per step (so that autocast's cache of the bf16
             casts of trainable weights, as tune_weights makes them, never outlives a step).
         log_every: print a line every this many steps.
-        checkpoint: None, or a file for the training state, resumed from if it exists and written at the first epoch
-            end after checkpoint_every steps and at the end: a run killed and started again ends with the same mask,
-            bit for bit, and the same log. Its helpers sit with the tooling; a copier passing None needs none of it.
+        checkpoint: None, or (load, save), e.g. the tooling's training_checkpoint(path): load(state) restores the
+            state last saved into state's objects (params, optimizer, scheduler, generators, sums) and returns
+            (epochs done, log so far), or None when there is none; save(state, epochs done, log) keeps it, at the first
+            epoch end after checkpoint_every steps and at the end. A run killed and started again then ends with the
+            same mask, bit for bit, and the same log.
     Returns:
         List of the logged rows (dicts), the last one at the final step.
     Raises:
@@ -543,11 +550,12 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
     # that only a log line waits for the GPU
     sums = {k: torch.zeros((), device=device) for k in ("ce", "reg", "correct", "seen")}
     finite = torch.ones((), dtype=torch.bool, device=device)
-    first_epoch, history = 0, []
-    if checkpoint is not None and Path(checkpoint).is_file():
-        first_epoch, history = _load_training_state(checkpoint, params, optimizer, scheduler, (batch_rng, pgd_rng),
-                                                    sums)
-        print(f"resuming from {checkpoint} after epoch {first_epoch}/{epochs}", flush=True)
+    state = {"params": params, "optimizer": optimizer, "scheduler": scheduler, "generators": (batch_rng, pgd_rng),
+             "sums": sums}  # everything a resumed run needs to continue exactly, besides the epoch and the log
+    load, save = checkpoint or (None, None)
+    first_epoch, history = load and load(state) or (0, [])
+    if first_epoch:
+        print(f"resuming from the checkpoint after epoch {first_epoch}/{epochs}", flush=True)
     step = saved_at = first_epoch * per_epoch
     tic = time.perf_counter()
     model.eval()  # frozen: LAFA compares two passes of one network, not two draws of its dropout
@@ -562,7 +570,8 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
                 x, y = to_unit(images[batch]), labels[batch]
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                 with autocast(device, precision):
-                    ce, reg, adv_logits = train_step(model, optimizer, x, y, lam, eps, alpha, steps, loss, pgd_rng)
+                    ce, reg, adv_logits = train_step(model, optimizer, x, y, lam=lam, eps=eps, alpha=alpha,
+                                                     steps=steps, loss=loss, generator=pgd_rng)
                 scheduler.step()
                 finite &= torch.isfinite(ce + lam * reg)
                 sums["ce"] += ce * len(y)
@@ -572,20 +581,20 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
                 if step % log_every == 0 or step == total_steps:
                     if not finite:
                         break
-                    history.append(_log_row(model, step, total_steps, sums, time.perf_counter() - tic, loss))
+                    history.append(_log_row(model, step=step, total_steps=total_steps, sums=sums,
+                                            seconds=time.perf_counter() - tic, loss=loss))
                     tic = time.perf_counter()
             if not finite:
                 raise FloatingPointError(
-                    f"the training loss became NaN or infinite in epoch {epoch + 1}; training stops, keeping the "
-                    f"checkpoint of step {saved_at}" + (f" in {checkpoint}" if checkpoint else "") +
+                    f"the training loss became NaN or infinite in epoch {epoch + 1}; training stops" +
+                    (f", keeping the checkpoint of step {saved_at}" if save and saved_at else "") +
                     "; lower the learning rate or λ, or check the data, and start again from scratch")
-            if checkpoint is not None and (step - saved_at >= checkpoint_every or epoch + 1 == epochs):
-                _save_training_state(checkpoint, epoch + 1, params, optimizer, scheduler, (batch_rng, pgd_rng), history,
-                                     sums)
+            if save and (step - saved_at >= checkpoint_every or epoch + 1 == epochs):
+                save(state, epoch + 1, history)
                 saved_at = step
-                print(f"checkpoint | epoch {epoch + 1}/{epochs} | step {step}/{total_steps} | {checkpoint}", flush=True)
+                print(f"checkpoint | epoch {epoch + 1}/{epochs} | step {step}/{total_steps}", flush=True)
     except KeyboardInterrupt:  # one line for the user, not a traceback from inside a training step
-        kept = checkpoint is not None and Path(checkpoint).is_file()
+        kept = save and saved_at  # a checkpoint was saved, or resumed from
         raise KeyboardInterrupt(f"interrupted at step {step}/{total_steps}" + (
             f"; rerun the same command to resume from the checkpoint of step {saved_at}" if kept else "")) from None
     return history
@@ -690,7 +699,7 @@ def adversarial_mask_tuning(clip, images, labels, class_names, templates=("a pho
     params = (apply_masks if tune == "mask" else tune_weights)(classifier, target)
     epochs = epochs or default_epochs(len(labels), train_args.get("batch_size", BATCH_SIZE))
     train_args.setdefault("lr", LR if tune == "mask" else WEIGHTS_LR)
-    return classifier, train(classifier, params, images, labels, epochs, **train_args)
+    return classifier, train(classifier, params, images, labels, epochs=epochs, **train_args)
 
 
 # ======================================================================================================================
@@ -815,7 +824,7 @@ def weights_fingerprint(model, exclude=()):
     of both towers as fp32 bytes (of a masked weight, its pre-trained value, not its scores), the activation and the
     normalisation; `exclude` leaves out weights (names relative to the image tower) that a weights file replaces."""
     clip = model.clip if hasattr(model, "clip") else model
-    scores = {id(mask.scores) for *_, mask in _masks(clip)}
+    scores = {id(m.mask.scores) for m in _masks(clip)}
     cfg = preprocess_cfg(clip)
     digest = hashlib.sha256(json.dumps([activation(clip), cfg["mean"], cfg["std"]]).encode())
     # a masked weight sits at ...parametrizations.<name>.original; sorted names make the order the unmasked one's
@@ -961,8 +970,6 @@ def describe(identity):
 # container (magic, zlib JSON header, payload), refused with a line naming them.
 FILE_FORMAT = 4
 OLD_MAGIC = {b"ADVMASK\n": "mask", b"ADVTUNE\n": "weights"}
-# How a mask or weights file was trained, as its header records it: what labels the runs that evaluate the file.
-PROVENANCE = ("dataset", "shots", "seed", "lr", "loss", "lam")
 
 
 def _arch(model):
@@ -1074,19 +1081,19 @@ def save_masks(model, path, source=None, provenance=None):
     load_masks needs to refuse a model it does not fit (the fingerprint of the pre-trained weights under the mask, and
     source, their name, e.g. describe(identity)), what the per-head analysis needs (attention heads per block), and
     provenance, a dict of how it was trained (the CLI's dataset, shots, seed, lr, loss, lam), if given."""
-    entries = list(_masks(model))
-    if not entries:
+    masks = [m.mask for m in _masks(model)]
+    if not masks:
         raise ValueError("this model has no masks; call apply_masks and train before saving")
     write_mask_file(path, {
         "arch": _arch(model),
-        "target": entries[0][3].target,
-        "threshold": entries[0][3].threshold,
-        "names": [name for name, *_ in entries],
-        "shapes": [list(mask.scores.shape) for *_, mask in entries],
+        "target": masks[0].target,
+        "threshold": masks[0].threshold,
+        "names": [m.name for m in _masks(model)],
+        "shapes": [list(mask.scores.shape) for mask in masks],
         "heads": tower_family(model)[2][0].attn.num_heads,
         "base_weights": {"fingerprint": weights_fingerprint(model), "source": source or "source unrecorded"},
         **({"provenance": provenance} if provenance else {}),
-    }, torch.cat([(mask.scores > mask.threshold).flatten().cpu() for *_, mask in entries]))
+    }, torch.cat([(mask.scores > mask.threshold).flatten().cpu() for mask in masks]))
 
 
 def load_masks(model, path, source=None):
@@ -1097,9 +1104,10 @@ def load_masks(model, path, source=None):
     if next(_masks(model), None) is None and header["arch"] == _arch(model):  # a misfit model is refused unmasked
         apply_masks(model, header["target"], threshold=header["threshold"])
     entries = list(_masks(model))
-    _check_fit(path, header, model, [(name, list(mask.scores.shape)) for name, *_, mask in entries], source)
+    _check_fit(path, header, model, [(m.name, list(m.mask.scores.shape)) for m in entries], source)
+    masks = [m.mask for m in entries]
     with torch.no_grad():
-        for chunk, (*_, mask) in zip(bits.split([m.scores.numel() for *_, m in entries]), entries):
+        for chunk, mask in zip(bits.split([mask.scores.numel() for mask in masks]), masks):
             on = chunk.view(mask.scores.shape).to(mask.scores.device)
             mask.threshold = header["threshold"]
             mask.scores.copy_(torch.where(on, mask.threshold + 1.0, mask.threshold - 1.0))
@@ -1133,38 +1141,47 @@ def load_weights(model, path, source=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Training checkpoints: what train() saves and resumes from (checkpoint=None never touches them)
+# Training checkpoints: a file for train's checkpoint hooks (checkpoint=None never touches them)
 
-def _save_training_state(path, epoch, params, optimizer, scheduler, generators, history, sums):
-    """Everything a resumed run needs to continue exactly: the trained tensors (mask scores or weights), Adam, the
-    schedule, the training generators, the log so far and the running sums of the log row in progress."""
-    state = {"epoch": epoch, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "generators": [g.get_state() for g in generators],
-             "history": history, "sums": {k: v.cpu() for k, v in sums.items()}}
+def training_checkpoint(path):
+    """train's checkpoint argument for a file: (load, save) of the training state in path, written atomically."""
+    return partial(_load_training_state, Path(path)), partial(_save_training_state, Path(path))
+
+
+def _save_training_state(path, state, epoch, history):
+    """Save train's state (the trained tensors, Adam, the schedule, the generators, the running sums of the log row in
+    progress), the epochs done and the log so far."""
+    saved = {"epoch": epoch, "params": [p.detach().cpu() for p in state["params"]],
+             "optimizer": state["optimizer"].state_dict(), "scheduler": state["scheduler"].state_dict(),
+             "generators": [g.get_state() for g in state["generators"]], "history": history,
+             "sums": {k: v.cpu() for k, v in state["sums"].items()}}
     buffer = io.BytesIO()  # whole in memory first: a full disk is then an OSError, not torch's zip writer's error
-    torch.save(state, buffer)
+    torch.save(saved, buffer)
     _atomic_write(path, buffer.getvalue())
 
 
-def _load_training_state(path, params, optimizer, scheduler, generators, sums):
-    """Restore what _save_training_state wrote; returns (epochs done, log so far)."""
+def _load_training_state(path, state):
+    """Restore into train's state what _save_training_state wrote; returns (epochs done, log so far), or None without
+    a checkpoint."""
+    if not path.is_file():
+        return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever the parser trips on, the file is not an intact checkpoint
         raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start the run "
                          f"over") from None
-    if [p.shape for p in state["params"]] != [p.shape for p in params]:
+    if [p.shape for p in saved["params"]] != [p.shape for p in state["params"]]:
         raise ValueError(f"checkpoint {path} holds tensors of other shapes; delete it or train into another folder")
     with torch.no_grad():
-        for p, saved in zip(params, state["params"]):
-            p.copy_(saved)
-        for k, v in sums.items():
-            v.copy_(state["sums"][k])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    for generator, saved in zip(generators, state["generators"]):
-        generator.set_state(saved)
-    return state["epoch"], state["history"]
+        for p, value in zip(state["params"], saved["params"]):
+            p.copy_(value)
+        for k, v in state["sums"].items():
+            v.copy_(saved["sums"][k])
+    state["optimizer"].load_state_dict(saved["optimizer"])
+    state["scheduler"].load_state_dict(saved["scheduler"])
+    for generator, value in zip(state["generators"], saved["generators"]):
+        generator.set_state(value)
+    return saved["epoch"], saved["history"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1511,20 +1528,20 @@ def _tga_zsr_imagenet_names(root, wnids):
                          f"github.com/zhyblue424/TGA-ZSR there") from None
 
 
-def _tinyimagenet(root, transform, train=True):
+def _tinyimagenet(root, transform, with_train=True):
     """TinyImageNet as its zip unpacks: train = train/<wnid>/images/ (500 a class), test = val/images/ (50 a class,
     labelled by val/val_annotations.txt); classes in the sorted order of wnids.txt, each named by the first synonym of
     its line in words.txt ("n01443537\tgoldfish, Carassius auratus" -> "goldfish"), as TGA-ZSR's class-name file.
-    train=False reads the test images alone ("train" None)."""
+    with_train=False reads the test images alone ("train" None)."""
     base = Path(root) / "tiny-imagenet-200"
     wnids = sorted((base / "wnids.txt").read_text().split())
     synonyms = dict(line.split("\t", 1) for line in (base / "words.txt").read_text().splitlines() if "\t" in line)
-    missing = [w for w in wnids if w not in synonyms or train and not (base / "train" / w / "images").is_dir()]
+    missing = [w for w in wnids if w not in synonyms or with_train and not (base / "train" / w / "images").is_dir()]
     if missing:
         raise ValueError(f"{base}/wnids.txt lists {missing[0]}, which has no line in words.txt or no folder "
                          f"train/{missing[0]}/images/: unpack tiny-imagenet-200.zip there again")
     label = {w: i for i, w in enumerate(wnids)}
-    train_files = [(path, label[w]) for w in wnids * train
+    train_files = [(path, label[w]) for w in wnids * with_train
                    for path in sorted((base / "train" / w / "images").iterdir())
                    if torchvision.datasets.folder.is_image_file(path.name)]
     test_files = []
@@ -1535,7 +1552,7 @@ def _tinyimagenet(root, transform, train=True):
                              f"wnids.txt: unpack tiny-imagenet-200.zip there again")
         test_files.append((base / "val" / "images" / file, label[wnid]))
     classes = [synonyms[w].split(",")[0].strip().replace("_", " ") for w in wnids]
-    return {"train": ImageFiles(train_files, transform) if train else None,
+    return {"train": ImageFiles(train_files, transform) if with_train else None,
             "test": ImageFiles(test_files, transform)}, classes
 
 
@@ -1619,12 +1636,12 @@ def _fixed_split(name, whole, every_image=False):
     return [i for i in order if part(i) == "train"], [i for i in order if part(i) == "test"], labels, classes
 
 
-def load_dataset(name, root, preprocess, download=True, split_json=None, train=True, conventions="coop"):
+def load_dataset(name, root, preprocess, download=True, split_json=None, with_train=True, conventions="coop"):
     """A dataset's splits and class names, {"train": Split, "test": Split, "classes": [str], "split"}; "train" is None
     for the evaluation-only sets (ImageNet-V2, -Sketch, -A, -R). Images come as preprocess (a preprocess_cfg, or
     tga_zsr_preprocess) says (image_transform), as uint8 (3, H, W) tensors. With split_json (CoOp's
     split_zhou_<Name>.json) its "train" and "test" lists and class names are used exactly, and "split" records the
-    file and its sha256; otherwise "split" is {"source": "default"} (see README). train=False (a dataset only
+    file and its sha256; otherwise "split" is {"source": "default"} (see README). with_train=False (a dataset only
     evaluated) reads the test split alone, so only it need be on disk (ImageNet: val/ and torchvision's meta.bin), and
     "train" is None. conventions="tga-zsr": TGA-ZSR's class sets, test sets and names (split "tga-zsr"); the
     datasets it tests on every image have no training split."""
@@ -1647,20 +1664,20 @@ def load_dataset(name, root, preprocess, download=True, split_json=None, train=T
             raise ValueError(f"{split_json} is not a readable CoOp split JSON ({type(e).__name__}: {e}); pass a "
                              f"split_zhou_<Name>.json") from None
         folder = Path(root) / image_dir
-        entries = parts["train"] * train + parts["test"]
+        entries = parts["train"] * with_train + parts["test"]
         missing = next((p for p, _, _ in entries if not (folder / p).is_file()), None)
         if missing is not None:
             raise ValueError(f"{split_json} lists {missing}, which is not under {folder}; put {name}'s images there")
         names = dict(sorted({(label, cname.replace("_", " ")) for _, label, cname in entries}))
         split = {"source": "coop", "file": Path(split_json).name, "sha256": hashlib.sha256(raw).hexdigest()}
         return {part: ImageFiles([(folder / p, label) for p, label, _ in items], transform)
-                if train or part == "test" else None
+                if with_train or part == "test" else None
                 for part, items in parts.items()} | {"classes": [names[c] for c in range(len(names))], "split": split}
     created = [f for f in (Path(root), Path(root) / image_dir.split("/")[0]) if not f.exists()]  # by a download
     try:
         ds = None  # the torchvision dataset whose class list is the dataset's
         if name == "tinyimagenet":
-            parts, classes = _tinyimagenet(root, transform, train)
+            parts, classes = _tinyimagenet(root, transform, with_train)
         elif train_splits == ():  # an evaluation-only test set
             test, classes = _imagenet_variant(name, root, transform)
             parts = {"train": None, "test": test}
@@ -1672,11 +1689,11 @@ def load_dataset(name, root, preprocess, download=True, split_json=None, train=T
                      "test": Split(whole, test_idx, [labels[i] for i in test_idx])}
         else:
             test = ds = _torchvision_dataset(name, root, test_split, transform, download)
-            train_parts = [_torchvision_dataset(name, root, s, transform, download) for s in train_splits * train]
-            joined = torch.utils.data.ConcatDataset(train_parts) if train else None
+            train_parts = [_torchvision_dataset(name, root, s, transform, download) for s in train_splits * with_train]
+            joined = torch.utils.data.ConcatDataset(train_parts) if with_train else None
             classes = _class_names(name, test)  # a split's class list is the dataset's
             parts = {"train": Split(joined, range(len(joined)), sum((_labels(d) for d in train_parts), []))
-                     if train else None, "test": Split(test, range(len(test)), _labels(test))}
+                     if with_train else None, "test": Split(test, range(len(test)), _labels(test))}
     except (RuntimeError, OSError) as e:  # how torchvision, and file reads, report a missing or odd tree
         for made in created:  # a failed download, or torchvision's own mkdir, leaves empty or partial folders
             shutil.rmtree(made, ignore_errors=True)
@@ -1785,10 +1802,15 @@ def _cell(values, n_seeds):
     return text + (f" ({len(values)}/{n_seeds})" if len(values) < n_seeds else "")
 
 
-def write_report(out_dir, name, text, rows):
-    """Write out_dir/<name>.md and out_dir/<name>.csv (rows: lists of values) atomically, and print the markdown."""
+def write_report(out_dir, name, text, records):
+    """Write out_dir/<name>.md and out_dir/<name>.csv (records: dicts with the same keys, the columns) atomically, and
+    print the markdown."""
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
     _atomic_write(Path(out_dir) / f"{name}.md", text)
-    _atomic_write(Path(out_dir) / f"{name}.csv", "\n".join(",".join(str(v) for v in row) for row in rows) + "\n")
+    _atomic_write(Path(out_dir) / f"{name}.csv", table.getvalue())
     print(text)
 
 
@@ -1801,44 +1823,54 @@ def _split_source(splits, *datasets):
                      for d, s in named)
 
 
-# What makes a results cell besides the model, the class set, the attack and ε, recorded in each entry: a rerun into
-# the same folder evaluates only the cells its results.json lacks and keeps every other.
-CELL_SETTINGS = ("test_steps", "test_alpha", "eval_precision", "eval_limit", "test_batch")
-# What a results entry's numbers rest on besides its seed: runs that differ in any of these are not averaged together.
-# The model and its weights, the data (synthetic or dry run), the prompts, the training and the evaluation settings.
-SAME_BASIS = ("model", "pretrained", "synthetic", "dry_run", "conventions", "mask_target", "loss", "lam", "lr",
-              "epochs", "batch_size", "train_eps", "train_alpha", "train_steps", "precision", "test_alpha",
-              "test_steps", "eval_precision", "eval_limit")
+# What each setting of a run decides: every flag of parse_args and what run adds to its settings, in one table (a test
+# checks that none is missing). Roles:
+#   train  decides the trained file: a checkpoint is resumed, and a mask or weights file reused, only when all agree;
+#          the others only change the evaluation, where inputs are found or how the run is saved (what those name is
+#          compared instead: the model by its identity, SAME_MODEL; the data by its split record; a --masks file by
+#          its sha256). Device and precision train: bf16 and fp32 end in other masks, devices draw other starts.
+#   cell   part of an evaluation cell's key, beside the model, class set, test set, attack and ε: a rerun with another
+#          value evaluates new cells and keeps the old ones
+#   basis  seeds of a summary cell must agree on it to be averaged
+#   source recorded in a trained file's header (provenance): it labels, and files, the runs that evaluate the file
+# and, where a summary tables cells apart by it, the words its heading adds when it differs from the parser's default.
+SETTINGS = {
+    "dry_run": ("train basis", "dry run: random model and images"), "synthetic": ("train basis", "synthetic images"),
+    "dataset": ("train source", None), "protocol": ("train", None), "shots": ("train source", None),
+    "seed": ("train source", None), "train_split": ("train", None), "data_root": ("", None),
+    "no_download": ("", None), "split_json": ("", None), "split_dir": ("", None), "workers": ("", None),
+    "model": ("basis", "model {}"), "pretrained": ("basis", "weights {}"), "model_identity": ("", None),
+    "tune": ("train", None), "mask_target": ("train basis", None), "loss": ("train basis source", None),
+    "lam": ("train basis source", None), "lr": ("train basis source", None), "epochs": ("train basis", None),
+    "batch_size": ("train basis", None), "train_eps": ("train basis", None), "train_alpha": ("train basis", None),
+    "train_steps": ("train basis", None), "precision": ("train basis", None), "device": ("train", None),
+    "deterministic": ("train", None), "checkpoint_every": ("", None), "benchmark": ("train", None),
+    "masks": ("", None), "weights": ("", None), "tuned_file_sha256": ("train", None),
+    "eval_datasets": ("", None), "eval_presets": ("", None), "attack": ("", None), "test_eps": ("", None),
+    "test_steps": ("cell basis", "{} attack steps"), "test_alpha": ("cell basis", "α = {:g}/255"),
+    "eval_limit": ("cell basis", "at most {} test images per dataset"),
+    "eval_precision": ("cell basis", "{} evaluation"), "test_batch": ("cell", "test batch {}"),
+    "eval_batch_size": ("", None), "conventions": ("train basis", "{} conventions"), "baseline": ("", None),
+    "baseline_identity": ("", None), "out_dir": ("", None), "overwrite": ("", None),
+}
+CELL_SETTINGS = tuple(k for k, (roles, _) in SETTINGS.items() if "cell" in roles.split())
+SAME_BASIS = tuple(k for k, (roles, _) in SETTINGS.items() if "basis" in roles.split())
+PROVENANCE = tuple(k for k, (roles, _) in SETTINGS.items() if "source" in roles.split())
+EVAL_ONLY = {k for k, (roles, _) in SETTINGS.items() if "train" not in roles.split()}
 # What identifies the model evaluated besides its name and tag or file (load_clip's identity): the network and the
 # weights themselves. open_clip's version is recorded beside them, not compared.
 SAME_MODEL = ("file_sha256", "config_sha256", "activation", "preprocess", "weights_sha256")
 
 
-def _heading(finished, entry):
-    """What a results entry's numbers rest on beyond the defaults of this file, in the words a table's heading adds
-    ("" for the paper's setting): the data, the model, the evaluation settings and the prompts."""
+def _heading(finished, entry, defaults):
+    """The words a table's heading adds for what a results entry rests on beyond the defaults ("" for the paper's
+    setting): each SETTINGS heading whose value (the cell's own, else its run's) is not the parser's default, those of
+    --dry-run for a dry run. defaults(dry_run) gives the parser's defaults."""
     s = finished.get("settings", {})
-
-    def get(k):  # a cell's own evaluation settings, else its run's
-        return entry.get(k, s.get(k))
-
-    words = ["dry run: random model and images" if s.get("dry_run") else "synthetic images" if s.get("synthetic")
-             else None]
-    if not s.get("dry_run") and (s.get("model") or "ViT-B-32", s.get("pretrained") or "openai") != ("ViT-B-32",
-                                                                                                    "openai"):
-        words.append(f"model {s.get('model') or 'ViT-B-32'} {s.get('pretrained') or ''}".strip())
-    if get("test_steps") not in (None, TEST_STEPS):
-        words.append(f"{get('test_steps')} attack steps")
-    if get("test_alpha") not in (None, TEST_ALPHA * 255):
-        words.append(f"α = {get('test_alpha'):g}/255")
-    if get("eval_limit"):
-        words.append(f"at most {get('eval_limit')} test images per dataset")
-    if get("eval_precision") not in (None, "fp32"):  # EVAL_PRECISION, the default
-        words.append(f"{get('eval_precision')} evaluation" + (f" in test batches of {get('test_batch')}"
-                                                               if get("test_batch") else ""))
-    if s.get("conventions") not in (None, "coop"):
-        words.append(f"{s['conventions']} conventions")
-    return "; ".join(w for w in words if w)
+    default = {**defaults(True), "dry_run": False} if s.get("dry_run") else defaults(False)
+    values = {k: entry.get(k, s.get(k)) if k in CELL_SETTINGS else s.get(k)  # a cell's own, else its run's
+              for k, (_, heading) in SETTINGS.items() if heading}
+    return "; ".join(SETTINGS[k][1].format(v) for k, v in values.items() if v not in (None, False, default[k]))
 
 
 def _basis(finished, dataset, entry):
@@ -1863,18 +1895,23 @@ def _basis(finished, dataset, entry):
             ("attacks", ",".join(entry["attacks"]) if "attacks" in entry else None))
 
 
-def summarize(runs_dir, out_dir=None):
+# A cell of a summary: its table (protocol, attack, ε, basis: _heading's words), its row (method, dataset), its
+# column (shots, the class set evaluated)
+SummaryCell = collections.namedtuple("SummaryCell", "protocol attack eps basis method dataset shots eval")
+
+
+def summarize(runs_dir, defaults, out_dir=None):
     """Tables over seeds of runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json, in out_dir (default:
-    runs_dir) as summary.md (returned) and summary.csv: a table per protocol, attack, ε and basis (_heading), a row
-    per method and dataset, mean ± std in %, an "Average" row over datasets per method, and for base2new the paper's
-    five columns with H, the harmonic mean of the four averaged accuracies. A cell with no finished seed is "—", never
-    0, and so is an average over a column with such a cell. Seeds of a cell that differ in anything else their
-    numbers rest on (_basis: split source, prompts and resizing, model, data, training and evaluation settings) are
-    refused."""
+    runs_dir) as summary.md (returned) and summary.csv: a table per protocol, attack, ε and basis (_heading, from
+    defaults(dry_run), the parser's defaults), a row per method and dataset, mean ± std in %, an "Average" row over
+    datasets per method, and for base2new the paper's five columns with H, the harmonic mean of the four averaged
+    accuracies. A cell with no finished seed is "—", never 0, and so is an average over a column with such a cell.
+    Seeds of a cell that differ in anything else their numbers rest on (_basis: split source, prompts and resizing,
+    model, data, training and evaluation settings) are refused."""
     runs_dir = Path(runs_dir)
-    # (protocol, attack, eps, basis, method, dataset, shots, eval) -> {seed: (clean, adv)}
-    acc, seen = {}, {}  # seen: protocol -> (datasets, shots, seeds) that have a run folder, finished or not
-    bases = {}  # (protocol, model, dataset, eval, attack) -> {basis: a run folder that has it}
+    acc = {}  # SummaryCell -> {seed: (clean, adv, model)}
+    seen = {}  # protocol -> (datasets, shots, seeds) that have a run folder, finished or not
+    bases = {}  # a SummaryCell less its shots -> {basis: a run folder that has it}
     for cell in sorted(runs_dir.glob("*/*/*shot/seed*")):
         # seed<S>, and seed<S>-weights for the --tune weights arm: its rows sit beside the mask's
         match = re.fullmatch(r"(\d+)shot/seed(\d+)(-weights)?", f"{cell.parent.name}/{cell.name}")
@@ -1889,17 +1926,18 @@ def summarize(runs_dir, out_dir=None):
             for e in finished["results"]:
                 method = MODEL_NAMES.get(e["model"], e["model"]) + (
                     f" (lr {lr:g})" if lr is not None and e["model"] in TUNED_NAMES else "")
-                key = (protocol, e["attack"], e["eps"], _heading(finished, e), method, dataset, shots, e["eval"])
+                key = SummaryCell(protocol, e["attack"], e["eps"], _heading(finished, e, defaults), method, dataset,
+                                  shots, e["eval"])
                 acc.setdefault(key, {})[seed] = (e["clean_acc"], e["adv_acc"], e["model"])
                 # seeds of one table cell must agree; a run's cells of other evaluation settings have tables apart
-                bases.setdefault(key[:6] + key[7:], {}).setdefault(_basis(finished, dataset, e), cell)
-    for (protocol, *_, dataset, eval_name), used in bases.items():
+                bases.setdefault(key._replace(shots=None), {}).setdefault(_basis(finished, dataset, e), cell)
+    for key, used in bases.items():
         if len(used) > 1:
             (a, cell_a), (b, cell_b) = list(used.items())[:2]
             what, value_a, value_b = next((k, va, vb) for (k, va), (_, vb) in zip(a, b) if va != vb)
-            raise ValueError(f"{protocol}/{dataset} (evaluated on {eval_name}) mixes {what}, {value_a} in {cell_a} "
-                             f"and {value_b} in {cell_b}, which cannot be averaged; summarize runs of one kind at a "
-                             f"time (one runs folder each)")
+            raise ValueError(f"{key.protocol}/{key.dataset} (evaluated on {key.eval}) mixes {what}, {value_a} in "
+                             f"{cell_a} and {value_b} in {cell_b}, which cannot be averaged; summarize runs of one "
+                             f"kind at a time (one runs folder each)")
     if not acc:
         raise ValueError(f"no results.json under {runs_dir}/<protocol>/<dataset>/<K>shot/seed<s>/; run some first")
     order = {name: i for i, name in enumerate(DATASETS)}
@@ -1907,25 +1945,27 @@ def summarize(runs_dir, out_dir=None):
     def in_paper_order(names):  # the paper's order of datasets, then the rest
         return sorted(names, key=lambda name: (order.get(name, len(order)), name))
 
-    md, csv_rows = [f"# AdvMask results ({runs_dir})", ""], [["protocol", "model", "attack", "eps", "dataset",
-                                                               "shots", "eval", "metric", "mean", "std", "seeds",
-                                                               "method", "basis"]]
+    records = []  # summary.csv: a row per cell and metric
+    for k, runs in acc.items():
+        for i, metric in enumerate(("clean", "adv")):
+            values = [triple[i] for triple in runs.values()]
+            records.append({"protocol": k.protocol, "model": next(iter(runs.values()))[2], "attack": k.attack,
+                            "eps": k.eps, "dataset": k.dataset, "shots": k.shots, "eval": k.eval, "metric": metric,
+                            "mean": _mean(values), "std": statistics.stdev(values) if len(values) > 1 else "",
+                            "seeds": len(values), "method": k.method, "basis": k.basis})
+    md = [f"# AdvMask results ({runs_dir})", ""]
     # a table per protocol, attack, ε and basis (what its cells rest on beyond the defaults), a row per method there
     for protocol, attack, eps, basis in sorted({k[:4] for k in acc}):
+        here = [k for k in acc if k[:4] == (protocol, attack, eps, basis)]
         datasets, all_shots, seeds = seen[protocol]
         # the datasets with cells on this basis, and those with none finished on any (their rows say "—")
-        datasets = {k[5] for k in acc if k[:4] == (protocol, attack, eps, basis)} | (datasets - {k[5] for k in acc})
-        datasets, all_shots, seeds = in_paper_order(datasets), sorted(all_shots), sorted(seeds)
-        methods = sorted({k[4] for k in acc if k[:4] == (protocol, attack, eps, basis)}, key=lambda m: m != "CLIP")
+        datasets = in_paper_order({k.dataset for k in here} | (datasets - {k.dataset for k in acc}))
+        all_shots, seeds = sorted(all_shots), sorted(seeds)
+        methods = sorted({k.method for k in here}, key=lambda m: m != "CLIP")
 
         def stat(method, dataset, shots, eval_name, metric):  # per-seed values of one metric of one cell
-            runs = acc.get((protocol, attack, eps, basis, method, dataset, shots, eval_name), {})
-            values = [triple[metric] for triple in runs.values()]
-            if values:
-                csv_rows.append([protocol, next(iter(runs.values()))[2], attack, eps, dataset, shots, eval_name,
-                                 ("clean", "adv")[metric], _mean(values),
-                                 statistics.stdev(values) if len(values) > 1 else "", len(values), method, basis])
-            return values
+            runs = acc.get(SummaryCell(protocol, attack, eps, basis, method, dataset, shots, eval_name), {})
+            return [triple[metric] for triple in runs.values()]
 
         attack_name = "worst case per image over the run's attacks" if attack == "worst" else attack.upper()
         title = (f"## {protocol} | {attack_name} ε = {eps:g}/255" + (f" | {basis}" if basis else "") +
@@ -1943,8 +1983,7 @@ def summarize(runs_dir, out_dir=None):
         else:  # transfer: one table per source dataset and shot count, a row per evaluated dataset
             tables = []
             for d, k in itertools.product(datasets, all_shots):
-                targets = in_paper_order({key[7] for key in acc if key[:4] == (protocol, attack, eps, basis)
-                                          and key[5:7] == (d, k)})
+                targets = in_paper_order({key.eval for key in here if (key.dataset, key.shots) == (d, k)})
                 if targets:
                     tables.append((f"{title}, trained on {d}, {k} shot{'s' * (k != 1)}", "evaluated on",
                                    ["clean", "adv"], {method: {t: [stat(method, d, k, t, m) for m in (0, 1)]
@@ -1965,7 +2004,7 @@ def summarize(runs_dir, out_dir=None):
                     md.append("| " + " | ".join([method, f"**{name}**" if cells is None else name] + texts) + " |")
             md.append("")
     text = "\n".join(md)
-    write_report(out_dir or runs_dir, "summary", text, csv_rows)
+    write_report(out_dir or runs_dir, "summary", text, records)
     return text
 
 
@@ -2099,27 +2138,33 @@ def analyze(paths, out_dir, consensus=None, save=None):
     out_dir = Path(out_dir)
     for old in [*out_dir.glob("heads_*.png"), out_dir / "overlap.png"]:  # an earlier analysis's figures
         old.unlink(missing_ok=True)
-    md, csv = ["# Mask analysis", ""], [["view", "mask", "block", "part", "head", "value"]]
+    md, records = ["# Mask analysis", ""], []  # analysis.csv: view, mask, block, part, head, value
+
+    def record(view, mask, block="", part="", head="", value=""):
+        records.append({"view": view, "mask": mask, "block": block, "part": part, "head": head, "value": value})
+
     for i, (label, header, bits) in enumerate(masks):
         cells = mask_breakdown(header, bits)
         fraction = {cell: off / n for cell, (off, n) in cells.items()}  # (block, part, head) -> share off
         off = 1 - bits.float().mean().item()
         md += [f"## {label}", "", f"{100 * off:.2f} % of {len(bits):,} {header['target']} weights off.", ""]
-        csv.append(["overall", label, "", "", "", off])
+        record("overall", label, value=off)
         parts = list(dict.fromkeys(part for _, part, head in cells if head is None))
         blocks = sorted({block for block, _, _ in cells})
         md += ["| block | " + " | ".join(parts) + " |", "|---" * (len(parts) + 1) + "|"]
         for b in blocks:
             fractions = [fraction[b, p, None] for p in parts]
             md.append(f"| {b} | " + " | ".join(f"{100 * f:.1f}" for f in fractions) + " |")
-            csv += [["part", label, b, p, "", f] for p, f in zip(parts, fractions)]
+            for p, f in zip(parts, fractions):
+                record("part", label, b, p, value=f)
         md.append("")
         if not any(part in ATTENTION_PARTS for part in parts):
             continue  # an MLP mask: no attention heads to show
         heads = range(header["heads"])
         head_cells = {(b, h): [cells[b, p, h] for p in ATTENTION_PARTS] for b in blocks for h in heads}
         per_head = {bh: sum(off for off, _ in c) / sum(n for _, n in c) for bh, c in head_cells.items()}
-        csv += [["head", label, b, p, h, fraction[b, p, h]] for b in blocks for p in ATTENTION_PARTS for h in heads]
+        for b, p, h in itertools.product(blocks, ATTENTION_PARTS, heads):
+            record("head", label, b, p, h, fraction[b, p, h])
         top = sorted(per_head, key=per_head.get, reverse=True)[:5]
         md += ["Heads with the most weights off (q, k, v rows and out columns): " + ", ".join(
             f"block {b} head {h} {100 * per_head[b, h]:.1f} %" for b, h in top), ""]
@@ -2138,8 +2183,8 @@ def analyze(paths, out_dir, consensus=None, save=None):
             ratio = value / chance if chance else None  # no chance level when a mask has nothing off
             grid[i][j] = grid[j][i] = float("nan") if ratio is None else ratio
             md.append(f"| {a} | {b} | {value:.4f} | {chance:.4f} | {'—' if ratio is None else f'{ratio:.2f}'} |")
-            csv += [[view, f"{a} | {b}", "", "", "", "" if v is None else v]
-                    for view, v in (("jaccard", value), ("chance", chance), ("ratio", ratio))]
+            for view, v in (("jaccard", value), ("chance", chance), ("ratio", ratio)):
+                record(view, f"{a} | {b}", value="" if v is None else v)
         labels = [label for label, *_ in masks]
         _heatmap(out_dir / "overlap.png", [("Jaccard ÷ chance of the off-sets (1: as independent masks)", grid)],
                  labels, labels)
@@ -2159,7 +2204,7 @@ def analyze(paths, out_dir, consensus=None, save=None):
         md += [f"Consensus of {len(masks)} masks (off in ≥ {consensus}): {100 * (1 - bits.float().mean()):.2f} % off, "
                f"saved to {save}; evaluate it with --protocol transfer --masks {save}.", ""]
     text = "\n".join(md)
-    write_report(out_dir, "analysis", text, csv)
+    write_report(out_dir, "analysis", text, records)
     return text
 
 
@@ -2500,13 +2545,41 @@ def _list(kind):
     return lambda text: [kind(item.strip()) for item in text.split(",") if item.strip()]
 
 
-def _per255(text):
-    """argparse type of a budget in /255 units: "4" or "4/255" is 4 (that is, 4/255 in pixels)."""
+def _number(kind, low, strict=False):
+    """argparse type of an int or float of at least low (above it, if strict): the sizes, counts, steps and rates."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < low or strict and value == low:
+            kind_words = "a positive integer" if kind is int and low == 1 else "positive" if strict else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"must be {kind_words}, not {text}")
+        return value
+    return parse
+
+
+def _per255(text, eps=False):
+    """argparse type of a budget in /255 units in [0, 255]: "4" or "4/255" is 4 (that is, 4/255 in pixels). An ε
+    (eps) below 0.1 is refused as pixel units given by mistake: 0.0157 would be ε = 0.0157/255."""
     number = text[:-len("/255")] if text.endswith("/255") else text
     try:
-        return float(number)
+        value = float(number)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number in /255 units, e.g. 4 or 4/255") from None
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"{text} is in /255 units and must lie in [0, 255]")
+    if eps and 0 < value < 0.1:
+        raise argparse.ArgumentTypeError(f"ε {value:g} is in /255 units, i.e. {value:g}/255 in pixels; for ε = 4/255 "
+                                         f"pass 4 (or 4/255)")
+    return value
+
+
+def _parser(prog, description, formatter_class=argparse.HelpFormatter):
+    """An ArgumentParser whose every usage error ends in one line and exit status 2, without the usage block."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=formatter_class)
+    p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
+    return p
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -2523,13 +2596,10 @@ DRY_RUN = {"model": "tiny", "pretrained": "none", "test_steps": 3, "epochs": 20,
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="AdvMask: few-shot adversarial mask tuning of CLIP. Four commands: "
-                                            "'advmask.py [flags]' runs one protocol; 'advmask.py summarize RUNS_DIR' "
-                                            "tables finished runs; 'advmask.py analyze PATH...' shows where masks "
-                                            "cut; 'advmask.py export RUN_DIR OUT_DIR' writes a run as an open_clip "
-                                            "model folder (each has --help).", formatter_class=_HelpFormatter)
-    # every usage error ends in one line and exit status 2, without argparse's usage block
-    p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
+    p = _parser(None, "AdvMask: few-shot adversarial mask tuning of CLIP. Four commands: 'advmask.py [flags]' runs one "
+                      "protocol; 'advmask.py summarize RUNS_DIR' tables finished runs; 'advmask.py analyze PATH...' "
+                      "shows where masks cut; 'advmask.py export RUN_DIR OUT_DIR' writes a run as an open_clip model "
+                      "folder (each has --help).", _HelpFormatter)
     p.add_argument("--dataset", default="oxford_pets", choices=[d for d in DATASETS if DATASETS[d][1] != ()],
                    help="training (source) dataset")
     p.add_argument("--data-root", default="data", help="where the datasets live (or get downloaded)")
@@ -2547,7 +2617,7 @@ def parse_args(argv):
     p.add_argument("--eval-datasets", type=_list(str), default=None,
                    help="transfer: comma-separated datasets or presets evaluated zero-shot; presets: " + "; ".join(
                        f"{k} = {' '.join(v)}" for k, v in EVAL_PRESETS.items()) + " (default: coop)")
-    p.add_argument("--eval-limit", type=int, default=None,
+    p.add_argument("--eval-limit", type=_number(int, 1), default=None,
                    help="evaluate a fixed, class-balanced subset of at most this many test images per evaluated "
                         "dataset, the same for every run (default: the whole test split)")
     p.add_argument("--conventions", default="coop", choices=["coop", "fap", "tga-zsr"],
@@ -2567,7 +2637,7 @@ def parse_args(argv):
                    help="also evaluate, under the same attacks and on the same images, unmasked CLIP (no value) or "
                         "an open_clip model folder: hf-hub:ORG/NAME or local-dir:PATH (e.g. FARE's "
                         "hf-hub:chs20/fare2-clip)")
-    p.add_argument("--shots", type=int, default=16, help="training images per class (K)")
+    p.add_argument("--shots", type=_number(int, 1), default=16, help="training images per class (K)")
     p.add_argument("--seed", type=int, default=1, help="fixes the K-shot sample, batch order, flips and attack starts")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--deterministic", action="store_true",
@@ -2587,33 +2657,33 @@ def parse_args(argv):
     p.add_argument("--mask-target", default="mhsa", choices=list(MASK_TARGETS),
                    help="the weights masked (or tuned): attention (the paper's), MLP, or both")
     p.add_argument("--loss", default="ce+lafa", choices=LOSSES, help="ce+lafa is AdvMask; the rest are its ablation")
-    p.add_argument("--lam", type=float, default=LAM, help="λ, weight of the regulariser (LAFA)")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--lam", type=_number(float, 0), default=LAM, help="λ, weight of the regulariser (LAFA)")
+    p.add_argument("--epochs", type=_number(int, 1), default=None,
                    help=f"default: enough for about {TRAIN_BUDGET_STEPS} optimisation steps, at least 1")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training images per optimisation step")
-    p.add_argument("--eval-batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=_number(int, 1), default=BATCH_SIZE, help="training images per optimisation step")
+    p.add_argument("--eval-batch-size", type=_number(int, 1), default=None,
                    help="test images per attacked batch (default: 256; FAP's 200 under --conventions fap)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=_number(float, 0, strict=True), default=None,
                    help=f"Adam's learning rate (default: {LR:g} for mask scores, {WEIGHTS_LR:g} for weights)")
-    p.add_argument("--train-eps", type=_per255, default=TRAIN_EPS * 255, help="training PGD's ε, in /255 units")
+    p.add_argument("--train-eps", type=partial(_per255, eps=True), default=TRAIN_EPS * 255, help="training PGD's ε, in /255 units")
     p.add_argument("--train-alpha", type=_per255, default=TRAIN_ALPHA * 255, help="its step, in /255 units")
-    p.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="training PGD's steps")
+    p.add_argument("--train-steps", type=_number(int, 0), default=TRAIN_STEPS, help="training PGD's steps")
     p.add_argument("--attack", type=_list(str), default="pgd",
                    help="comma-separated: pgd (CE loss), cw (CW margin), apgd-ce, apgd-dlr, apgd-t, aa (AutoAttack "
                         "as RobustVLM/FARE run it: APGD-CE then APGD-T), aa-tga-zsr (as TGA-ZSR runs it: APGD-CE then "
                         "APGD-DLR, APGD-CE alone on 2 classes); with several, results also get the per-image worst "
                         "case")
-    p.add_argument("--test-eps", type=_list(_per255), default=f"{TEST_EPS * 255:g}",
+    p.add_argument("--test-eps", type=_list(partial(_per255, eps=True)), default=f"{TEST_EPS * 255:g}",
                    help="comma-separated, in /255 units: 1,4 or 1/255,4/255")
     p.add_argument("--test-alpha", type=_per255, default=TEST_ALPHA * 255, help="the attacks' step, in /255 units")
-    p.add_argument("--test-steps", type=int, default=TEST_STEPS, help="iterations of every test attack")
+    p.add_argument("--test-steps", type=_number(int, 0), default=TEST_STEPS, help="iterations of every test attack")
     p.add_argument("--eval-precision", default=None, choices=["bf16", "fp16", "fp32"],
                    help=f"precision of clean and attacked evaluation: fp32, bf16 autocast, or fp16 as FAP's code "
                         f"converts OpenAI's network (default: {EVAL_PRECISION}; fp16 under --conventions fap; see "
                         f"README)")
-    p.add_argument("--checkpoint-every", type=int, default=50,
+    p.add_argument("--checkpoint-every", type=_number(int, 1), default=50,
                    help="save the training state at the first epoch end after this many steps (1: every epoch)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
+    p.add_argument("--workers", type=_number(int, 0), default=min(8, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--out-dir", default=None,
                    help="default: runs/<protocol>/<dataset>/<shots>shot/seed<seed> (seed<seed>-weights for --tune "
                         "weights; runs/transfer/consensus/<k>of<n>-<sha256> for a consensus mask; runs_dry/... for "
@@ -2637,25 +2707,15 @@ def parse_args(argv):
                   f"{', '.join(overridden)}", file=sys.stderr)
         args.model, args.pretrained, args.test_steps = DRY_RUN["model"], DRY_RUN["pretrained"], DRY_RUN["test_steps"]
         args.epochs, args.lr = args.epochs or DRY_RUN["epochs"], args.lr or DRY_RUN["lr"]
+    if args.model is None and not args.benchmark:  # --benchmark's default is a config of its own
+        args.model = "ViT-B-32"
     if args.pretrained is None and not (args.model or "").startswith(SCHEMAS):
         args.pretrained = "none" if args.model == "tiny" else "openai"
     if args.baseline not in (None, "clip") and not args.baseline.startswith(SCHEMAS):
         p.error(f"--baseline {args.baseline}: give no value (unmasked CLIP) or an open_clip model folder, "
                 f"hf-hub:ORG/NAME or local-dir:PATH")
-    small = [f"{v:g}" for v in args.test_eps + [args.train_eps] if 0 < v < 0.1]
-    if small:  # pixel units given by mistake: 0.0157 would be ε = 0.0157/255
-        p.error(f"ε {small[0]} is in /255 units, i.e. {small[0]}/255 in pixels; for ε = 4/255 pass 4 (or 4/255)")
-    for flag in ("shots", "batch_size", "eval_batch_size", "epochs", "checkpoint_every", "eval_limit"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            p.error(f"--{flag.replace('_', '-')} must be a positive integer")
-    for flag in ("train_eps", "train_alpha", "test_alpha"):
-        if not 0 <= getattr(args, flag) <= 255:
-            p.error(f"--{flag.replace('_', '-')} is in /255 units and must lie in [0, 255]")
-    if not args.test_eps or not all(0 <= eps <= 255 for eps in args.test_eps):
+    if not args.test_eps:
         p.error("--test-eps takes values in /255 units in [0, 255], e.g. 1 or 1,2,4")
-    for flag in ("train_steps", "test_steps", "workers", "lam"):
-        if getattr(args, flag) < 0:
-            p.error(f"--{flag.replace('_', '-')} must be 0 or more")
     if args.weights and (args.masks or args.tune == "mask"):
         p.error("--weights evaluates a --tune weights run; pass it without --masks and --tune mask")
     args.tune = args.tune or ("weights" if args.weights else "mask")
@@ -2663,8 +2723,6 @@ def parse_args(argv):
         p.error("--masks evaluates a mask; with --tune weights, pass the weights file with --weights")
     if args.lr is None:
         args.lr = LR if args.tune == "mask" else WEIGHTS_LR
-    if args.lr <= 0:
-        p.error("--lr must be positive")
     if not args.attack or not set(args.attack) <= set(ATTACKS):
         p.error(f"--attack takes a comma-separated list of {', '.join(ATTACKS)}")
     unused_eval_datasets = args.eval_datasets is not None and args.protocol != "transfer"
@@ -2674,7 +2732,7 @@ def parse_args(argv):
     # FAP's code tests in fp16 (its configs' PREC) on batches of 200; the batch decides what underflows in fp16, so an
     # fp16 cell records it (test_batch), where in fp32 and bf16 it changes no number
     args.eval_precision = args.eval_precision or ("fp16" if fap else EVAL_PRECISION)
-    args.eval_batch_size = args.eval_batch_size or (200 if fap else 256)  # 0 was refused above
+    args.eval_batch_size = args.eval_batch_size or (200 if fap else 256)
     args.test_batch = args.eval_batch_size if args.eval_precision == "fp16" else None
     unknown = [name for name in args.eval_datasets if name not in DATASETS and name not in EVAL_PRESETS]
     if unknown or not args.eval_datasets:
@@ -2719,10 +2777,14 @@ def parse_args(argv):
     return args
 
 
+def parser_defaults(dry_run):
+    """The settings of a run given no flag (with dry_run, --dry-run alone), which summarize's headings leave unsaid."""
+    return vars(parse_args(["--dry-run"] if dry_run else []))
+
+
 def parse_summarize_args(argv):
-    p = argparse.ArgumentParser(prog="advmask.py summarize", description="Tables over seeds (summary.md, summary.csv) "
-                                "and the few-shot figure (summary.png) of the finished runs under RUNS_DIR.")
-    p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
+    p = _parser("advmask.py summarize", "Tables over seeds (summary.md, summary.csv) and the few-shot figure "
+                                        "(summary.png) of the finished runs under RUNS_DIR.")
     p.add_argument("runs_dir", metavar="RUNS_DIR", help="a runs root: RUNS_DIR/<protocol>/<dataset>/<K>shot/seed<S>/")
     p.add_argument("--out", default=None, help="folder for the summary files, e.g. for a read-only RUNS_DIR "
                                                "(default: RUNS_DIR)")
@@ -2730,10 +2792,9 @@ def parse_summarize_args(argv):
 
 
 def parse_export_args(argv):
-    p = argparse.ArgumentParser(prog="advmask.py export", description="A finished run as an open_clip model folder "
-                                "(open_clip_config.json, open_clip_model.safetensors, the mask or weights file and a "
-                                "model card), loadable with open_clip alone as local-dir:OUT_DIR.")
-    p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
+    p = _parser("advmask.py export", "A finished run as an open_clip model folder (open_clip_config.json, "
+                                     "open_clip_model.safetensors, the mask or weights file and a model card), "
+                                     "loadable with open_clip alone as local-dir:OUT_DIR.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (results.json beside masks.bin or "
                                                       "weights.bin)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the model folder to write (absent or empty)")
@@ -2745,9 +2806,8 @@ def parse_export_args(argv):
 
 
 def parse_analyze_args(argv):
-    p = argparse.ArgumentParser(prog="advmask.py analyze", description="Where masks cut (per block, q/k/v/out and "
-                                "head), how far they overlap beyond chance, and a consensus mask.")
-    p.error = lambda message: p.exit(2, f"advmask: error: {message}\n")
+    p = _parser("advmask.py analyze", "Where masks cut (per block, q/k/v/out and head), how far they overlap beyond "
+                                      "chance, and a consensus mask.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="a masks.bin, a run folder or a runs root")
     p.add_argument("--out", default="analysis", help="folder for analysis.md, analysis.csv and the figures")
     p.add_argument("--consensus", type=int, default=None, metavar="K",
@@ -2757,19 +2817,6 @@ def parse_analyze_args(argv):
     if (args.consensus is None) != (args.save is None):
         p.error("--consensus K and --save PATH go together: the consensus mask needs a file, and a file a consensus")
     return args
-
-
-# Settings that only change the evaluation, how the run is saved, or where its inputs are found: a checkpoint is
-# resumed, and a trained file reused, with other values of these. What they name is compared instead: the model by
-# its identity (SAME_MODEL: the weights' fingerprint, not the path or name), the training data by its split record
-# (a CoOp file's sha256, not the folder), a --masks or --weights file by its sha256 (tuned_file_sha256). Device and
-# precision are training settings: bf16 and fp32 training end in different masks, and devices draw other random
-# starts.
-EVAL_ONLY = {"attack", "test_eps", "test_alpha", "test_steps", "eval_batch_size", "test_batch", "eval_precision",
-             "baseline",
-             "baseline_identity", "workers", "eval_datasets", "eval_presets", "eval_limit", "checkpoint_every",
-             "out_dir", "overwrite", "data_root", "no_download", "split_dir", "split_json", "model", "pretrained",
-             "model_identity", "masks", "weights"}
 
 
 def _check_out_dir(out_dir, checkpoint, settings, overwrite):
@@ -2952,7 +2999,7 @@ def _run_in(out_dir, args, device):
         phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - tic
         tic = time.perf_counter()
 
-    clip, tokenizer, identity = load_clip(args.model or "ViT-B-32", args.pretrained)
+    clip, tokenizer, identity = load_clip(args.model, args.pretrained)
     clip, source = clip.to(device), describe(identity)
     if args.eval_precision == "fp16":
         check_fp16(clip, source)
@@ -2961,7 +3008,7 @@ def _run_in(out_dir, args, device):
     splits = {}  # dataset -> which split it used: default, CoOp's file (with its sha256), TGA-ZSR's or synthetic
     resizing = {}  # dataset -> how its images were resized and cropped (tga_zsr_preprocess or the model's)
 
-    def data(name, train=True):  # train=False: a dataset only evaluated, read from its test split alone
+    def data(name, with_train=True):  # with_train=False: a dataset only evaluated, read from its test split alone
         if args.synthetic or args.dry_run:  # every dataset name gets synthetic data of its own
             n_classes, n_test = DATASET_SIZES[name] if args.synthetic else (4, 4 * max(args.shots, 4))
             d = synthetic_dataset(n_classes, args.shots if args.synthetic else max(args.shots, 4), n_test, size,
@@ -2981,7 +3028,7 @@ def _run_in(out_dir, args, device):
                     split_json = None
                 elif name != args.dataset:  # an evaluated target: its test set changes with the file, so say so
                     print(f"{name}: tested on the test list of CoOp's {split_json.name}, not on its default test split")
-            d = load_dataset(name, args.data_root, resizing[name], not args.no_download, split_json, train,
+            d = load_dataset(name, args.data_root, resizing[name], not args.no_download, split_json, with_train,
                              args.conventions)
         splits[name] = d["split"]
         return d
@@ -2998,7 +3045,7 @@ def _run_in(out_dir, args, device):
     elif args.protocol == "transfer":
         train_set, train_names = (None, None) if train_on is None else (train_on["train"], train_on["classes"])
         sets = {name: (d["test"], d["classes"], [_template(name, args.conventions)]) for name in args.eval_datasets
-                for d in [data(name, train=False)]}
+                for d in [data(name, with_train=False)]}
     else:
         train_set, train_names = train_on["train"], train_on["classes"]
         sets = {args.dataset: (train_on["test"], train_names, template)}
@@ -3031,7 +3078,7 @@ def _run_in(out_dir, args, device):
     previous = read_json(results_path) if same_run and not train_now and results_path.is_file() else {}
     history = previous.get("train_log", [])
     if args.masks or args.weights:  # a file that does not fit is refused here, before anything is written
-        target = (next(_masks(load_masks(clip, args.masks, source)))[3].target if args.masks else
+        target = (next(_masks(load_masks(clip, args.masks, source))).mask.target if args.masks else
                   load_weights(clip, args.weights, source)["target"])
         if target != args.mask_target:
             raise ValueError(f"{args.masks or args.weights} covers the {target} weights; pass --mask-target {target} "
@@ -3062,10 +3109,11 @@ def _run_in(out_dir, args, device):
     if train_now:
         with _out_of_memory("--batch-size", args.batch_size):  # the checkpoint stays for the rerun
             _, history = adversarial_mask_tuning(
-                clip, images, labels, train_names, template, args.mask_target, args.tune, epochs, tokenizer,
-                batch_size=args.batch_size, lr=args.lr, lam=args.lam, eps=args.train_eps / 255,
+                clip, images, labels, train_names, templates=template, target=args.mask_target, tune=args.tune,
+                epochs=epochs, tokenizer=tokenizer, batch_size=args.batch_size, lr=args.lr, lam=args.lam, eps=args.train_eps / 255,
                 alpha=args.train_alpha / 255, steps=args.train_steps, loss=args.loss, seed=args.seed,
-                precision=args.precision, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
+                precision=args.precision, checkpoint=training_checkpoint(checkpoint),
+                checkpoint_every=args.checkpoint_every)
         provenance = {k: getattr(args, k) for k in PROVENANCE}
         if args.tune == "mask":
             save_masks(clip, trained, source, provenance)
@@ -3152,7 +3200,7 @@ def main(argv=None):
             args = parse_summarize_args(argv[1:])
             out = args.out or args.runs_dir
             _require_writable(out)
-            summarize(args.runs_dir, out)
+            summarize(args.runs_dir, parser_defaults, out)
             plot_few_shot(out)
             return
         if argv[:1] == ["export"]:

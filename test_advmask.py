@@ -5,6 +5,7 @@ Everything runs on CPU with tiny open_clip models built from a config (random we
 import collections
 import contextlib
 import copy
+import csv
 import functools
 import hashlib
 import itertools
@@ -672,7 +673,7 @@ def record_training(monkeypatch, n_classes, shots, epochs, batch_size, lr=1e-3):
     per step, the uint8 training images)."""
     seen, rates = [], []
 
-    def recorder(model, optimizer, x, y, *args):
+    def recorder(model, optimizer, x, y, *args, **kwargs):
         seen.append(x.clone())
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()  # nothing to step (no gradients), but the schedule expects a step before it
@@ -733,7 +734,8 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     model.register_forward_hook(poison)
     x, y = synthetic_training_set(4, 2)
     with pytest.raises(FloatingPointError, match="NaN or infinite in epoch 3.*checkpoint of step 2"):
-        am.train(model, scores, x, y, epochs=5, batch_size=8, checkpoint=tmp_path / "ckpt.pt", checkpoint_every=1)
+        am.train(model, scores, x, y, epochs=5, batch_size=8, checkpoint=am.training_checkpoint(tmp_path / "ckpt.pt"),
+                 checkpoint_every=1)
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["epoch"] == 2 and all(torch.isfinite(s).all() for s in state["params"])
 
@@ -746,11 +748,11 @@ def test_training_runs_the_frozen_network_in_eval_mode(tmp_path, monkeypatch):
     x_u8, y = synthetic_training_set(2, 4)
     real_step, lafa = am.train_step, []
 
-    def step(model, optimizer, x, y, *args):
+    def step(model, optimizer, x, y, *args, **kwargs):
         with torch.no_grad():
             (logits, clean), (_, again) = (model(x, return_features=True) for _ in range(2))
         lafa.append(am.lafa_loss(clean, again, logits, y).item())
-        return real_step(model, optimizer, x, y, *args)
+        return real_step(model, optimizer, x, y, *args, **kwargs)
 
     monkeypatch.setattr(am, "train_step", step)
     am.train(classifier, am.apply_masks(classifier), x_u8, y, epochs=2, batch_size=4, log_every=10**6)
@@ -768,7 +770,7 @@ def test_bf16_training_sees_fp32_text_features_and_each_steps_own_weights(tmp_pa
     monkeypatch.chdir(tmp_path)
     real_step, checks = am.train_step, []
 
-    def step(model, optimizer, x, y, *args):
+    def step(model, optimizer, x, y, *args, **kwargs):
         with torch.no_grad():
             with torch.autocast("cpu", enabled=False):
                 reference = am.ClipClassifier(model.clip, [f"class {c}" for c in range(4)],
@@ -776,7 +778,7 @@ def test_bf16_training_sees_fp32_text_features_and_each_steps_own_weights(tmp_pa
             fresh = copy.deepcopy(model)  # new leaf tensors, cast afresh
             checks.append((torch.equal(model.text_features, reference.text_features),
                            torch.equal(model(x), fresh(x))))
-        return real_step(model, optimizer, x, y, *args)
+        return real_step(model, optimizer, x, y, *args, **kwargs)
 
     monkeypatch.setattr(am, "train_step", step)
     am.main(["--dry-run", "--tune", "weights", "--precision", "bf16", "--epochs", "2", "--out-dir", "bf16"])
@@ -923,7 +925,8 @@ def test_adversarial_mask_tuning_refuses_an_unknown_tune_and_gives_weights_their
 
 
 # The imports the method's sections use, as a copier of the method writes them: nothing from the tooling.
-METHOD_IMPORTS = """import contextlib
+METHOD_IMPORTS = """import collections
+import contextlib
 import math
 import sys
 import time
@@ -1191,7 +1194,7 @@ def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_
         finished = json.loads(path.read_text())
         finished["results"][0]["model"] = model
         path.write_text(json.dumps({**finished, "settings": {"lr": lr}}))
-    md = am.summarize(tmp_path)
+    md = am.summarize(tmp_path, am.parser_defaults)
     assert md.count("## few_shot | PGD ε = 1/255") == 1  # one table, a row per method at its learning rate
     assert "| AdvMask (lr 0.0001) | dtd | 50.0 ± 0.0 (2/4) |" in md
     assert "| adversarial fine-tuning (lr 1e-05) | dtd | 50.0 ± 0.0 (2/4) |" in md
@@ -1212,7 +1215,7 @@ def test_summarize_gives_each_evaluation_basis_a_table_of_its_own_named_in_its_h
         path = tmp_path / "few_shot" / dataset / "16shot" / "seed1" / "results.json"
         finished = json.loads(path.read_text())
         path.write_text(json.dumps({**finished, "settings": {"test_steps": steps, "eval_limit": limit}}))
-    md = am.summarize(tmp_path)
+    md = am.summarize(tmp_path, am.parser_defaults)
     headings = [line for line in md.splitlines() if line.startswith("## ")]
     assert headings == ["## few_shot | PGD ε = 1/255 | mean ± std over seeds 1 (%)",
                         "## few_shot | PGD ε = 1/255 | 10 attack steps | mean ± std over seeds 1 (%)",
@@ -1243,7 +1246,7 @@ def test_results_record_each_class_sets_prompts_and_summarize_refuses_seeds_whos
             path = runs / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
             path.write_text(json.dumps({**json.loads(path.read_text()), "class_sets": {"dtd": class_set}}))
         with pytest.raises(ValueError, match=r"mixes prompts and resizing, \w{12} in .*seed1 and \w{12} in .*seed2"):
-            am.summarize(runs)
+            am.summarize(runs, am.parser_defaults)
 
 
 def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
@@ -1256,10 +1259,10 @@ def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
         settings = {"pretrained": "openai", "model_identity": {**identity, "activation": activation}}
         path.write_text(json.dumps({**json.loads(path.read_text()), "settings": settings}))
     with pytest.raises(ValueError, match=r'mixes model activation, "GELU" in .*seed1 and "QuickGELU" in .*seed2'):
-        am.summarize(tmp_path)
+        am.summarize(tmp_path, am.parser_defaults)
     settings["model_identity"]["activation"] = "GELU"
     path.write_text(json.dumps({**json.loads(path.read_text()), "settings": settings}))
-    assert table(am.summarize(tmp_path), "few_shot")[0] == ["dtd", "50.0 ± 0.0", "20.0 ± 0.0"]
+    assert table(am.summarize(tmp_path, am.parser_defaults), "few_shot")[0] == ["dtd", "50.0 ± 0.0", "20.0 ± 0.0"]
 
 
 # The families of image tower AdvMask masks, each as a named open_clip config shrunk to a tiny random model (timm
@@ -1693,7 +1696,7 @@ def test_a_failed_download_leaves_nothing_and_says_what_fits(tmp_path, monkeypat
 
 def test_a_dataset_only_evaluated_needs_only_its_test_split(tmp_path):
     """ImageNet from val/ and torchvision's meta.bin alone (no 140 GB training archive), and TinyImageNet without its
-    train/ folder, load for evaluation (train=False, as a transfer run loads its targets); training still needs
+    train/ folder, load for evaluation (with_train=False, as a transfer run loads its targets); training still needs
     them."""
     wnids = ["n01440764", "n01443537"]
     base = tmp_path / "imagenet"
@@ -1703,14 +1706,14 @@ def test_a_dataset_only_evaluated_needs_only_its_test_split(tmp_path):
     torch.save(({w: (w,) for w in wnids}, [w for w in wnids for _ in range(2)]), base / "meta.bin")
     with pytest.raises(ValueError, match="imagenet could not be loaded"):
         am.load_dataset("imagenet", tmp_path, PRE, download=False)
-    data = am.load_dataset("imagenet", tmp_path, PRE, download=False, train=False)
+    data = am.load_dataset("imagenet", tmp_path, PRE, download=False, with_train=False)
     assert data["train"] is None and data["test"].targets == [0, 0, 1, 1]
     assert data["classes"][:2] == ["tench", "goldfish"]
     fabricate_tinyimagenet(tmp_path)
     shutil.rmtree(tmp_path / "tiny-imagenet-200" / "train")
     with pytest.raises(ValueError, match="no folder train/"):
         am.load_dataset("tinyimagenet", tmp_path, PRE, download=False)
-    tiny = am.load_dataset("tinyimagenet", tmp_path, PRE, download=False, train=False)
+    tiny = am.load_dataset("tinyimagenet", tmp_path, PRE, download=False, with_train=False)
     assert tiny["train"] is None and len(tiny["test"]) > 0
 
 
@@ -2050,7 +2053,7 @@ def test_tga_zsr_conventions_give_tga_zszs_prompts_class_sets_and_test_sets(tmp_
             classes = am._tga_zsr_classes("pcam", None, tmp_path, None)
         else:
             data = am.load_dataset(name, tmp_path, am.tga_zsr_preprocess(name, SIZE), download=False,
-                                   train=name == "tinyimagenet", conventions="tga-zsr")
+                                   with_train=name == "tinyimagenet", conventions="tga-zsr")
             classes = data["classes"]
             assert data["split"] == {"source": "tga-zsr"}
             if name in every_image:
@@ -2064,7 +2067,7 @@ def test_tga_zsr_conventions_give_tga_zszs_prompts_class_sets_and_test_sets(tmp_
     (tmp_path / "imagenet" / "imagenet_classes_names.txt").write_text("n01440764 1 tench\n")
     with pytest.raises(ValueError, match=r"^ImageNet under --conventions tga-zsr is named by TGA-ZSR's "
                                          r"imagenet_classes_names.txt, which .* is not \(KeyError: 'n01443537'\); copy"):
-        am.load_dataset("imagenet", tmp_path, PRE, download=False, train=False, conventions="tga-zsr")
+        am.load_dataset("imagenet", tmp_path, PRE, download=False, with_train=False, conventions="tga-zsr")
 
 
 def test_tga_zsr_keeps_all_101_and_257_caltech_classes(tmp_path):
@@ -2077,7 +2080,7 @@ def test_tga_zsr_keeps_all_101_and_257_caltech_classes(tmp_path):
         folder.mkdir(parents=True)
         Image.new("RGB", (4, 4)).save(folder / f"{i:03d}_0001.jpg")
     for name, n_classes in (("caltech101", 101), ("caltech256", 257)):
-        data = am.load_dataset(name, tmp_path, PRE, download=False, train=False, conventions="tga-zsr")
+        data = am.load_dataset(name, tmp_path, PRE, download=False, with_train=False, conventions="tga-zsr")
         assert len(data["classes"]) == n_classes and sorted(data["test"].targets) == list(range(n_classes))
 
 
@@ -2200,23 +2203,23 @@ def test_summary_means_stds_averages_and_missing_cells(tmp_path):
     (tmp_path / "few_shot" / "dtd" / "16shot" / "seed2").mkdir()  # a failed run: folder, no results.json
     (tmp_path / "few_shot" / "dtd" / "16shot" / "seed7.log").write_text("not a run folder")
     write_results(tmp_path, "few_shot", "dtd", 1, 1, [("dtd", 0.20, 0.05)])  # oxford_pets 1-shot: never run
-    md = am.summarize(tmp_path)
+    md = am.summarize(tmp_path, am.parser_defaults)
     rows = {r[0]: r[1:] for r in table(md, "few_shot")}
     assert rows["oxford_pets"] == ["—", "—", "65.0 ± 7.1", "45.0 ± 7.1"]
     assert rows["dtd"] == ["20.0 (1/2)", "5.0 (1/2)", "30.0 (1/2)", "10.0 (1/2)"]
     assert rows["**Average**"] == ["—", "—", "47.5", "27.5"]
-    lines = (tmp_path / "summary.csv").read_text().splitlines()
-    csv = {tuple(r[:8]): r[8:] for r in (line.split(",") for line in lines)}
-    mean, std, seeds, method, basis = csv[("few_shot", "advmask", "pgd", "1.0", "oxford_pets", "16", "oxford_pets",
-                                           "clean")]
-    assert float(mean) == pytest.approx(0.65) and float(std) == pytest.approx(statistics.stdev([0.6, 0.7]))
-    assert (method, basis) == ("AdvMask", "")
-    assert seeds == "2" and ("few_shot", "advmask", "pgd", "1.0", "oxford_pets", "1", "oxford_pets", "clean") not in csv
+    with open(tmp_path / "summary.csv", newline="") as f:
+        key = ("protocol", "model", "attack", "eps", "dataset", "shots", "eval", "metric")
+        cells = {tuple(r[k] for k in key): r for r in csv.DictReader(f)}
+    row = cells[("few_shot", "advmask", "pgd", "1.0", "oxford_pets", "16", "oxford_pets", "clean")]
+    assert float(row["mean"]) == pytest.approx(0.65) and float(row["std"]) == pytest.approx(statistics.stdev([0.6, 0.7]))
+    assert (row["method"], row["basis"], row["seeds"]) == ("AdvMask", "", "2")
+    assert ("few_shot", "advmask", "pgd", "1.0", "oxford_pets", "1", "oxford_pets", "clean") not in cells
     write_results(tmp_path, "base2new", "eurosat", 16, 1, [("base", 0.695, 0.436), ("new", 0.502, 0.261)])
-    rows = {r[0]: r[1:] for r in table(am.summarize(tmp_path), "base2new")}
+    rows = {r[0]: r[1:] for r in table(am.summarize(tmp_path, am.parser_defaults), "base2new")}
     assert rows["eurosat"] == ["69.5", "43.6", "50.2", "26.1", "41.9"]
     with pytest.raises(ValueError, match="no results.json"):
-        am.summarize(tmp_path / "empty")
+        am.summarize(tmp_path / "empty", am.parser_defaults)
 
 
 def test_summarize_refuses_to_average_runs_of_different_splits(tmp_path):
@@ -2230,7 +2233,7 @@ def test_summarize_refuses_to_average_runs_of_different_splits(tmp_path):
     with pytest.raises(ValueError, match=r"^few_shot/dtd \(evaluated on dtd\) mixes splits, dtd: default in .*seed1 "
                                          r"and dtd: split_zhou_DescribableTextures.json sha256 abababababab "
                                          r"in .*seed2"):
-        am.summarize(tmp_path)
+        am.summarize(tmp_path, am.parser_defaults)
     assert not (tmp_path / "summary.md").exists()
 
 
@@ -2246,13 +2249,13 @@ def test_summarize_tables_seeds_of_other_settings_apart_and_refuses_what_no_head
         write_results(tmp_path, "few_shot", "dtd", 16, seed, [("dtd", 0.5 + seed / 10, 0.2)])
         path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {what: value}}))
-    summary = am.summarize(tmp_path)
+    summary = am.summarize(tmp_path, am.parser_defaults)
     assert table(summary, words)[0] == ["dtd", "60.0 (1/2)", "20.0 (1/2)"]
     assert len([line for line in summary.splitlines() if line.startswith("## few_shot")]) == 2
     path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {what: first, "lam": 10}}))
     with pytest.raises(ValueError, match=r"^few_shot/dtd \(evaluated on dtd\) mixes lam, unrecorded in .*seed1 and "
                                          r"10 in .*seed2"):
-        am.summarize(tmp_path)
+        am.summarize(tmp_path, am.parser_defaults)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2406,8 +2409,8 @@ def test_analyze_reports_overlaps_and_saves_a_consensus_that_transfer_evaluates(
     bits = [am.read_mask_file(f)[1] for f in sorted(runs.rglob("masks.bin"))]
     header, cons = am.read_mask_file(tmp_path / "cons.bin")
     assert torch.equal(cons, am.consensus_bits(bits, 2)) and header["heads"] == 2
-    rows = [r.split(",") for r in (out / "analysis.csv").read_text().splitlines()]
-    jaccards = [float(r[5]) for r in rows if r[0] == "jaccard"]
+    with open(out / "analysis.csv", newline="") as f:
+        jaccards = [float(r["value"]) for r in csv.DictReader(f) if r["view"] == "jaccard"]
     assert jaccards == pytest.approx([am.jaccard(~a, ~b)[0] for a, b in itertools.combinations(bits, 2)])
     proc = run_cli("--protocol", "transfer", "--masks", str(tmp_path / "cons.bin"), "--eval-datasets", "dtd",
                    "--data-root", str(tiny_files / "data"), "--no-download", "--model",
@@ -2739,7 +2742,7 @@ def test_cli_trains_and_evaluates_on_a_fabricated_oxford_pets_tree(tiny_files, t
     assert 0 <= results["sparsity"] < 1 and results["settings"]["shots"] == 2 and len(results["train_log"]) == 1
     assert set(results["phases"]) == {"load", "cache", "train", "decode oxford_pets", "eval advmask oxford_pets"}
     assert results["splits"] == {"oxford_pets": {"source": "default"}}
-    worst = table(am.summarize(tmp_path / "runs"), "worst case per image")
+    worst = table(am.summarize(tmp_path / "runs", am.parser_defaults), "worst case per image")
     assert worst[0] == ["oxford_pets", f"{100 * entry['clean_acc']:.1f}", f"{100 * entries['worst']['adv_acc']:.1f}"]
     model = tiny_clip(7)
     am.load_masks(model, out / "masks.bin")
@@ -2879,8 +2882,8 @@ def test_fap_conventions_train_on_dassls_draw_and_evaluate_fp16_in_batches_of_20
     am.main([*args, "--eval-batch-size", "2"])
     results = json.loads((tmp_path / "runs/base2new/oxford_pets/2shot/seed3/results.json").read_text())
     assert sorted(e["test_batch"] for e in results["results"]) == [2, 2, 200, 200]
-    summary = am.summarize(tmp_path / "runs")
-    assert "fp16 evaluation in test batches of 200" in summary and "fp16 evaluation in test batches of 2;" in summary
+    summary = am.summarize(tmp_path / "runs", am.parser_defaults)
+    assert "fp16 evaluation; test batch 200;" in summary and "fp16 evaluation; test batch 2;" in summary
 
 
 def test_tune_weights_runs_saves_its_weights_and_transfer_evaluates_them(tiny_files, tmp_path, monkeypatch):
@@ -2900,7 +2903,7 @@ def test_tune_weights_runs_saves_its_weights_and_transfer_evaluates_them(tiny_fi
              "--eval-datasets", "dtd", "--out-dir", "t"])
     transfer = json.loads((tmp_path / "t" / "results.json").read_text())
     assert [(e["model"], e["eval"]) for e in transfer["results"]] == [("adv_ft", "dtd")]
-    assert "| adversarial fine-tuning (lr 1e-05) | oxford_pets |" in am.summarize(tmp_path / "runs")
+    assert "| adversarial fine-tuning (lr 1e-05) | oxford_pets |" in am.summarize(tmp_path / "runs", am.parser_defaults)
 
 
 def test_a_corrupt_image_ends_in_one_line_and_the_rerun_evaluates_without_training(tiny_files, tmp_path, monkeypatch,
@@ -3001,7 +3004,7 @@ def test_a_mask_file_run_is_labelled_by_the_file_and_obeys_the_finished_run_guar
     assert "trained/masks.bin was trained on oxford_pets, 2 shots, seed 4, lr 0.003" in capsys.readouterr().out
     results = json.loads((tmp_path / "runs/transfer/oxford_pets/2shot/seed4/results.json").read_text())
     assert (results["shots"], results["seed"], results["settings"]["lr"]) == (2, 4, 3e-3)
-    assert "trained on oxford_pets, 2 shots" in am.summarize(tmp_path / "runs")
+    assert "trained on oxford_pets, 2 shots" in am.summarize(tmp_path / "runs", am.parser_defaults)
 
 
 def test_a_fixed_seed_cpu_run_is_deterministic_and_trains_as_it_always_has(tmp_path, monkeypatch):
@@ -3025,6 +3028,26 @@ def test_a_fixed_seed_cpu_run_is_deterministic_and_trains_as_it_always_has(tmp_p
         assert abs(row["adv_acc"] - want["adv_acc"]) < 0.02 and abs(row["off"] - want["off"]) < 0.002
     [entry] = results["results"]  # 64 test images: one image is 1/64
     assert abs(entry["clean_acc"] - 0.265625) < 1.5 / 64 and abs(entry["adv_acc"] - 0.0625) < 1.5 / 64
+
+
+def test_every_setting_a_run_records_has_a_role_in_the_settings_table(tiny_files, tmp_path, monkeypatch):
+    """Every setting of a run's config.json (each parser flag, whatever run adds) is in SETTINGS, so a new flag cannot
+    silently stay out of the training check, a cell's key or a summary's basis; and the lists the code compares are
+    the table's roles."""
+    monkeypatch.chdir(tmp_path)
+    am.main(["--dry-run", "--epochs", "1", "--baseline", "--out-dir", "a"])
+    am.main(["--dry-run", "--protocol", "transfer", "--masks", "a/masks.bin", "--eval-datasets", "dtd",
+             "--out-dir", "b"])
+    recorded = set(json.loads((tmp_path / "a" / "config.json").read_text()))
+    recorded |= set(json.loads((tmp_path / "b" / "config.json").read_text()))
+    parsed = set(vars(am.parse_args(["--baseline", "local-dir:x"]))) | set(vars(am.parse_args(["--dry-run"])))
+    assert parsed <= recorded and recorded - {"baseline_identity"} <= set(am.SETTINGS)
+    assert "baseline_identity" in am.SETTINGS  # recorded by a --baseline model folder's run
+    roles = {k: roles.split() for k, (roles, _) in am.SETTINGS.items()}
+    assert all(set(r) <= {"train", "cell", "basis", "source"} for r in roles.values())
+    assert set(am.CELL_SETTINGS) == {k for k, r in roles.items() if "cell" in r} <= am.EVAL_ONLY
+    assert am.EVAL_ONLY == {k for k, r in roles.items() if "train" not in r} and set(am.PROVENANCE) <= set(roles)
+    assert all(k in roles and "train" not in roles[k] for k in ("attack", "test_eps", "model", "masks", "out_dir"))
 
 
 def test_eval_dataset_presets_expand_through_the_parser():
@@ -3132,15 +3155,16 @@ def bad_input_cases(files):
     transfer = [*tiny, "--protocol", "transfer", "--eval-datasets", "dtd"]
     return [
         (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
-        (["--shots", "0"], "--shots must be a positive integer"),
+        (["--shots", "0"], "--shots: must be a positive integer"),
         ([*tiny, "--shots", "5"],
          "class 'abyssinian' has 3 training images, fewer than the 5 shots asked for; ask for at most 3 with --shots"),
-        (["--train-eps", "-1"], "--train-eps is in /255 units and must lie in"),
-        (["--test-alpha", "256"], "--test-alpha is in /255 units and must lie in"),
-        (["--test-eps", "1,300"], "--test-eps takes values in /255 units"),
-        (["--test-steps", "-1"], "--test-steps must be 0 or more"),
-        (["--batch-size", "0"], "--batch-size must be a positive integer"),
-        (["--lam", "-1"], "--lam must be 0 or more"),
+        (["--train-eps", "-1"], "--train-eps: -1 is in /255 units and must lie in"),
+        (["--test-alpha", "256"], "--test-alpha: 256 is in /255 units and must lie in"),
+        (["--test-eps", "1,300"], "--test-eps: 300 is in /255 units and must lie in"),
+        (["--test-steps", "-1"], "--test-steps: must be 0 or more"),
+        (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+        (["--lam", "-1"], "--lam: must be 0 or more"),
+        (["--lr", "0"], "--lr: must be positive, not 0"),
         (["--mask-target", "heads"], "argument --mask-target: invalid choice: 'heads'"),
         (["--loss", "ce+trades"], "argument --loss: invalid choice: 'ce+trades'"),
         (["--attack", "fgsm"], "--attack takes a comma-separated list of pgd, cw, apgd-ce, apgd-dlr, apgd-t, aa"),
@@ -3162,7 +3186,7 @@ def bad_input_cases(files):
         ([*tiny, "--dataset", "tinyimagenet", "--data-root", str(files / "tiny-broken")],
          "val_annotations.txt names val_0.JPEG of n02124075, which is not in val/images/"),
         (["--eval-datasets", "dtd,tga_zsr"], "--eval-datasets: tga_zsr is neither a dataset nor a preset"),
-        (["--eval-limit", "0"], "--eval-limit must be a positive integer"),
+        (["--eval-limit", "0"], "--eval-limit: must be a positive integer"),
         (["--conventions", "clip"], "argument --conventions: invalid choice: 'clip'"),
         (["--conventions", "tga-zsr"], "--conventions tga-zsr trains where TGA-ZSR's code can (tinyimagenet, "),
         (["--conventions", "tga-zsr", "--protocol", "transfer", "--dataset", "cifar10", "--eval-datasets", "ucf101"],
