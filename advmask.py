@@ -12,53 +12,24 @@ ICLR 2026, https://openreview.net/forum?id=kzGkXpW4FT
     python advmask.py --dataset oxford_pets --shots 16 --device cuda
 
 The method comes first and whole, in the paper's order: constants, CLIP as a classifier, binary masks with a
-straight-through estimator, PGD, the losses (CE + LAFA), the K-shot sampler, training, evaluation, and
-`adversarial_mask_tuning`, which runs it all on images in memory. A reader who stops there has all of AdvMask: the
-method needs torch, open_clip, tqdm and the standard library's contextlib, math, sys, time and functools.partial, and
-nothing below it (train reaches the checkpoint helpers of the tooling only when given a checkpoint file). The
-README's method table lists, for each function, the helpers and imports that come with it.
-Tooling follows, a section each: attack adapters (APGD, AutoAttack), models (tags, files, model folders), mask and
-weight files, training checkpoints, datasets and splits, results and summaries, analysis and figures, the benchmark,
-the command line. Each uses only the libraries it names and the sections above it.
+straight-through estimator, PGD, the losses, the K-shot sampler, training, evaluation, and adversarial_mask_tuning,
+which runs it all on images in memory. A reader who stops at the tooling marker has all of AdvMask, with its imports
+(the README's method table lists what each function needs). Tooling follows, a section each: attack adapters, models,
+mask and weight files, checkpoints, datasets and splits, results, analysis and figures, the benchmark, the CLI.
 """
 
 
-import argparse
-import contextlib
 import collections
-import copy
-import csv
-import dataclasses
-import errno
-import hashlib
-import importlib.util
-import io
-import itertools
-import json
-import logging
+import contextlib
 import math
-import os
-import pickle
-import random
-import re
-import shutil
-import statistics
 import sys
-import tempfile
 import time
-import zlib
 from functools import partial
-from pathlib import Path
 
-import numpy as np
 import open_clip
-import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-import torchvision.transforms as T
-import torchattacks
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
@@ -220,15 +191,13 @@ def apply_masks(model, target="mhsa", init=MASK_INIT, threshold=MASK_THRESHOLD):
 
     Args:
         model: a ClipClassifier or a bare open_clip CLIP model.
-        target: "mhsa" (every block's attention weights, the paper's choice), "mlp" or "all", as FAMILIES names them.
-            Biases, norms, embeddings, pooling heads, projections and the text tower are never masked.
-        init: initial score of every weight (not in the paper; R-AMT's 1e-2).
-        threshold: a weight is on while its score is above this (not in the paper; R-AMT's 5e-3).
+        target: "mhsa" (every block's attention weights, the paper's choice), "mlp" or "all", as FAMILIES names them;
+            biases, norms, embeddings, pooling heads, projections and the text tower are never masked.
+        init, threshold: every score starts at init; a weight is on while its score is above threshold.
     Returns:
         The list of score tensors, the only parameters left with requires_grad=True.
     Example:
-        >>> scores = apply_masks(classifier, "mhsa")
-        >>> optimizer = torch.optim.Adam(scores, lr=1e-4)
+        >>> optimizer = torch.optim.Adam(apply_masks(classifier, "mhsa"), lr=1e-4)
     """
     if next(_masks(model), None):
         raise ValueError("this model already has masks; bake_masks it or start from a fresh model")
@@ -301,11 +270,11 @@ def pgd_attack(model, images, labels, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST
     Args:
         model: maps images in [0, 1] to logits; put in eval mode for the attack and restored after.
         images, labels: (B, 3, H, W) float in [0, 1], and their (B,) true classes.
-        eps, alpha, steps: the l∞ radius and the step size, in pixel units, and the number of steps. The defaults are
-            the paper's test attack, PGD-100 at ε = α = 1/255; training passes TRAIN_EPS, TRAIN_ALPHA, TRAIN_STEPS (2).
-        random_start: start from a uniform point in the ε-ball (FAP and torchattacks do).
+        eps, alpha, steps: l∞ radius and step size in pixel units, and the number of steps (defaults: the paper's
+            test attack, PGD-100 at ε = α = 1/255; training passes TRAIN_EPS, TRAIN_ALPHA, TRAIN_STEPS).
+        random_start: start from a uniform point in the ε-ball (FAP and torchattacks do), drawn from generator (a
+            torch.Generator on the images' device; default torch's global one).
         loss_fn: the loss to maximise, (logits, labels) -> scalar, e.g. the CW margin (cw_loss, an attack adapter).
-        generator: a torch.Generator on the images' device for the random start (default: torch's global one).
     Returns:
         Adversarial images, detached, with ‖x_adv − x‖∞ ≤ eps and values in [0, 1].
     Example:
@@ -339,13 +308,11 @@ def lafa_loss(clean_feats, adv_feats, clean_logits, labels, adaptive=True, stabi
     """Layer-wise adaptive feature alignment: pull each block's adversarial features onto the clean ones.
 
     Args:
-        clean_feats: L × (B, T, D) block outputs on the clean images; targets, no gradient flows into them.
-        adv_feats: L × (B, T, D) block outputs on the adversarial images.
-        clean_logits: (B, C) logits on the clean images, for the confidence weights.
-        labels: (B,) true classes.
+        clean_feats, adv_feats: L × (B, T, D) block outputs on the clean images (targets: no gradient flows into
+            them) and on the adversarial ones.
+        clean_logits, labels: (B, C) logits on the clean images, for the confidence weights, and (B,) true classes.
         adaptive: weight each sample by its clean confidence (the paper's LAFA) or uniformly ("LAFA w/o adaptive").
-        stabiliser: the paper's ε in the weights' denominator (its value is not in the paper); it keeps them
-            finite when every clean confidence is ~0. Not PGD's ε.
+        stabiliser: the paper's ε in the weights' denominator (value not in the paper), not PGD's ε.
     Returns:
         Scalar loss, ≥ 0, and 0 when the features match.
     Example:
@@ -405,17 +372,9 @@ def mask_loss(kind, clean_feats, adv_feats, clean_logits, adv_logits, labels):
 # The K-shot sampler, and the uint8 images training and evaluation take
 
 def sample_k_shot(labels, shots, seed, class_names=None):
-    """Indices of exactly `shots` images of every class, without repeats, the same for the same arguments.
-
-    Without class_names the classes are the label values present, whatever they are (e.g. {0, 2, 5, 9}); with
-    class_names they are 0 .. len(class_names) − 1, and each must have `shots` images.
-    Args:
-        labels: sequence of int class labels, one per image of the training split.
-        shots: images per class (K).
-        seed: the sample depends on nothing else.
-        class_names: optional, to require every named class and to name a short one in the error.
-    Returns:
-        A sorted list of indices into labels, len = shots × number of classes.
+    """Sorted indices of exactly `shots` (K) images of every class, without repeats, depending on labels, shots and
+    seed alone. The classes are the label values present (e.g. {0, 2, 5, 9}), or with class_names 0 ..
+    len(class_names) − 1, each of which must have K images (a short one is named in the error).
     Example:
         >>> idx = sample_k_shot(dataset_labels, shots=16, seed=1)
     """
@@ -449,8 +408,7 @@ def _require_uint8(images, who):
 # Training: min over the mask of E[L_CE(x_adv) + λ · L_LAFA], with x_adv from PGD
 
 def steps_per_epoch(n_images, batch_size):
-    """Full batches per epoch: the incomplete last one is dropped, as Dassl's loader (CoOp, FAP) drops it, unless the
-    set is smaller than one batch, which is then one batch. Adam would weight a batch of 5 like one of 32."""
+    """Full batches per epoch (Adam would weight a batch of 5 like one of 32), at least one."""
     # not in the paper: Dassl's drop_last, which CoOp and FAP train with
     return max(1, n_images // batch_size)
 
@@ -467,9 +425,8 @@ def autocast(device, precision):
 
 def train_step(model, optimizer, x, y, lam=LAM, eps=TRAIN_EPS, alpha=TRAIN_ALPHA, steps=TRAIN_STEPS, loss="ce+lafa",
                generator=None):
-    """One min-max step on images x in [0, 1]; returns (L_CE, regulariser, adversarial logits), detached.
-
-    generator draws PGD's random start (a torch.Generator on x's device; default: torch's global one)."""
+    """One min-max step on images x in [0, 1], PGD's start drawn from generator; returns (L_CE, regulariser,
+    adversarial logits), detached."""
     # inner max: x_adv = argmax_{‖x_adv − x‖∞ ≤ ε} L_CE(f(x_adv), y), with the mask held fixed (formed once, and
     # shared with the clean pass, which needs no gradient either)
     with fixed_masks(model):
@@ -490,16 +447,16 @@ def train_step(model, optimizer, x, y, lam=LAM, eps=TRAIN_EPS, alpha=TRAIN_ALPHA
 
 
 def _log_row(model, step, total_steps, sums, seconds, loss):
-    """The log row of the steps since the last one, printed as one greppable line that names the regulariser of
-    `loss` ("lafa" for AdvMask's); zeroes the running sums."""
+    """The log row of the steps since the last one, printed as one greppable line naming the regulariser of `loss`
+    ("lafa" for AdvMask's); zeroes the running sums."""
     ce, reg, correct, seen = (sums[k].item() for k in ("ce", "reg", "correct", "seen"))
-    masked = next(_masks(model), None) is not None
-    row = {"step": step, "ce": ce / seen, "reg": reg / seen, "adv_acc": correct / seen,
-           "off": mask_sparsity(model) if masked else None, "img_per_s": seen / seconds}
-    off = f" | off {100 * row['off']:.2f}%" if masked else ""
+    off = mask_sparsity(model) if next(_masks(model), None) else None
+    row = {"step": step, "ce": ce / seen, "reg": reg / seen, "adv_acc": correct / seen, "off": off,
+           "img_per_s": seen / seconds}
     memory = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if sums["seen"].is_cuda else ""
     print(f"step {step}/{total_steps} | ce {row['ce']:.3f} | {loss.partition('+')[2] or 'reg'} {row['reg']:.4f} | "
-          f"adv-acc {row['adv_acc']:.2f}{off} | {row['img_per_s']:.0f} img/s{memory}", flush=True)
+          f"adv-acc {row['adv_acc']:.2f}{'' if off is None else f' | off {100 * off:.2f}%'} | "
+          f"{row['img_per_s']:.0f} img/s{memory}", flush=True)
     for value in sums.values():
         value.zero_()
     return row
@@ -508,32 +465,28 @@ def _log_row(model, step, total_steps, sums, seconds, loss):
 def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, lam=LAM, eps=TRAIN_EPS,
           alpha=TRAIN_ALPHA, steps=TRAIN_STEPS, loss="ce+lafa", seed=0, precision=TRAIN_PRECISION, log_every=20,
           checkpoint=None, checkpoint_every=50):
-    """Adversarial mask tuning: only the scores change; every pre-trained weight stays bit for bit as it was. (Given
-    the weights tune_weights returned instead, the same loop is adversarial fine-tuning of those weights.) The frozen
-    network runs in eval mode throughout (no dropout, drop-path or patch dropout), and no step waits for the GPU.
+    """Adversarial mask tuning: only the scores change; every pre-trained weight stays bit for bit as it was (given
+    the weights tune_weights returned instead, the same loop fine-tunes them). The frozen network runs in eval mode
+    (no dropout, drop-path or patch dropout), and no step waits for the GPU.
 
     Args:
         model, params: a ClipClassifier and the scores apply_masks put on it (or the weights tune_weights returned).
-        images, labels: (N, 3, H, W) uint8 training images, already on the model's device, and their (N,) classes.
-        epochs: passes over the images; default_epochs gives the budget we use.
-        batch_size, lr: Adam on params with a cosine schedule to 0; an epoch is steps_per_epoch full batches.
-        lam: λ, the weight of LAFA (50 in the paper; 0 gives CE-only adversarial mask tuning).
+        images, labels: (N, 3, H, W) uint8 training images on the model's device, and their (N,) classes.
+        epochs, batch_size, lr: Adam on params, a cosine schedule to 0 over epochs of steps_per_epoch full batches.
+        lam, loss: λ, and one of LOSSES ("ce+lafa" is the paper's method, the others its ablation rows).
         eps, alpha, steps: the training PGD, in pixel units.
-        loss: one of LOSSES; "ce+lafa" is the paper's method, the others its ablation rows.
-        seed: seeds the only two generators training draws from, both on the device, one for batch order and flips
-            and one for PGD's random starts: the mask does not depend on torch's global generator.
-        precision: "fp32" or "bf16" (autocast), one autocast block per step (so that autocast's cache of the bf16
-            casts of trainable weights, as tune_weights makes them, never outlives a step).
-        log_every: print a line every this many steps.
-        checkpoint: None, or (load, save), e.g. the tooling's training_checkpoint(path): load(state) restores the
-            state last saved into state's objects (params, optimizer, scheduler, generators, sums) and returns
-            (epochs done, log so far), or None when there is none; save(state, epochs done, log) keeps it, at the first
-            epoch end after checkpoint_every steps and at the end. A run killed and started again then ends with the
-            same mask, bit for bit, and the same log.
+        seed: seeds the only two generators training draws from, on the device: batch order and flips, and PGD's
+            random starts (the mask does not depend on torch's global generator).
+        precision: "fp32" or "bf16" (autocast), one autocast block per step, so that its cache of the bf16 casts of
+            trainable weights never outlives a step.
+        checkpoint: None, or (load, save) (the tooling's training_checkpoint(path)): load(state) restores the last
+            state saved into state's objects and returns (epochs done, log), or None; save(state, epochs done, log),
+            at the first epoch end after checkpoint_every steps and at the end. A killed run started again then ends
+            with the same mask, bit for bit, and the same log.
     Returns:
-        List of the logged rows (dicts), the last one at the final step.
+        The logged rows (dicts), one every log_every steps and the last at the final step.
     Raises:
-        FloatingPointError: the loss became NaN or infinite; the last checkpoint, written before it, is kept.
+        FloatingPointError: the loss became NaN or infinite; the last checkpoint, saved before it, is kept.
     Example:
         >>> scores = apply_masks(classifier)
         >>> train(classifier, scores, x_u8, y, epochs=default_epochs(len(y), 32))
@@ -604,21 +557,18 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
 # Evaluation: clean accuracy, and accuracy under attack, with the sanity checks of the field
 
 def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
-    """Clean accuracy once, and accuracy under every attack, over one pass through a test set; with sanity checks.
+    """Clean accuracy once, and accuracy under every attack, over one pass through a test set. Like RobustBench, it
+    warns when an attack's accuracy exceeds clean accuracy, or when over 5 % of the images have an exactly zero input
+    gradient: symptoms of a broken attack or of gradient masking, under which a robust number means little.
 
-    Like RobustBench-style evaluations, it warns when an attack's accuracy exceeds clean accuracy, or when the loss
-    has an exactly zero input gradient for over 5 % of the images: both are symptoms of a broken attack or of
-    gradient masking, under which a robust number means little.
     Args:
-        model: maps images in [0, 1] to logits; left in eval mode (bake the masks first: it is then exactly as fast
-            as plain CLIP).
-        images: (N, 3, H, W) uint8 test images, decoded once (e.g. by cache_images); labels: (N,). Batches move to the
-            model's device.
+        model: maps images in [0, 1] to logits, left in eval mode (bake the masks first: as fast as plain CLIP).
+        images, labels: (N, 3, H, W) uint8 test images (e.g. from cache_images) and (N,) labels; batches of
+            batch_size move to the model's device.
         attacks: {name: attack(model, x, y, generator=g) -> x_adv}: pgd_attack itself (the paper's PGD-100), or
             any attack make_attack builds (PGD on CE or the CW margin, APGD-CE, APGD-T, AutoAttack).
-        batch_size: images per batch.
-        seed: every attack gets a generator of its own, on the model's device, seeded with this: an attack's number
-            depends on the seed and its own settings, not on which other attacks run, in what order, or before.
+        seed: every attack gets a generator of its own on the model's device, seeded with this, so that its number
+            does not depend on which other attacks run, in what order, or before.
     Returns:
         {"n", "clean_acc", "zero_grad_share" (images whose loss has an all-zero input gradient), "seconds",
         "correct": (N,) bool, "attacks": {name: {"adv_acc", "seconds", "correct": (N,) bool}}}, on the CPU.
@@ -681,12 +631,11 @@ def adversarial_mask_tuning(clip, images, labels, class_names, templates=("a pho
 
     Args:
         clip: a pre-trained open_clip CLIP, changed in place (weights frozen, masks put on its image tower).
-        images, labels: (N, 3, H, W) uint8 training images at the model's input size, e.g. K per class
-            (sample_k_shot), and their (N,) classes, indices into class_names.
-        class_names, templates: prompts template.format(name), averaged over the templates of each class.
-        target: the weights the mask covers (MASK_TARGETS; "mhsa" is the paper's).
-        tune: "mask" (AdvMask) or "weights" (adversarial fine-tuning of the same weights, the comparator, at
-            WEIGHTS_LR unless train_args give lr).
+        images, labels: (N, 3, H, W) uint8 training images at the model's input size (e.g. K per class from
+            sample_k_shot), and their (N,) classes, indices into class_names; prompts are template.format(name),
+            averaged over templates.
+        target, tune: the weights covered (MASK_TARGETS); "mask" (AdvMask), or "weights" (the comparator: adversarial
+            fine-tuning of the same weights, at WEIGHTS_LR unless train_args give lr).
         epochs: default_epochs(N, batch size) unless given; train_args: the rest of train's arguments.
     Example:
         >>> clip = open_clip.create_model("ViT-B-32-quickgelu", pretrained="openai")  # OpenAI's network: QuickGELU
@@ -704,6 +653,34 @@ def adversarial_mask_tuning(clip, images, labels, class_names, templates=("a pho
 
 # ======================================================================================================================
 # Tooling: everything below serves the method above (attacks by name, files, data, results, figures, CLI)
+# Its imports stand here rather than at the top, so that the text above this marker, imports included, is the method
+# alone, and runs as it is (a test execs it): what a copier of the method takes.
+import argparse
+import copy
+import csv
+import dataclasses
+import errno
+import hashlib
+import importlib.util
+import io
+import itertools
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import statistics
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torchattacks
+import torchvision
+import torchvision.transforms as T
 
 
 # ----------------------------------------------------------------------------------------------------------------------

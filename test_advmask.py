@@ -2,6 +2,7 @@
 
 Everything runs on CPU with tiny open_clip models built from a config (random weights, no downloads).
 """
+import ast
 import collections
 import contextlib
 import copy
@@ -924,33 +925,17 @@ def test_adversarial_mask_tuning_refuses_an_unknown_tune_and_gives_weights_their
     assert am.adversarial_mask_tuning(tiny_clip(), x, y, ["cat", "dog"], tune="weights", lr=3e-3)[1] == 3e-3
 
 
-# The imports the method's sections use, as a copier of the method writes them: nothing from the tooling.
-METHOD_IMPORTS = """import collections
-import contextlib
-import math
-import sys
-import time
-from functools import partial
-
-import open_clip
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.utils import parametrize
-from tqdm import tqdm
-"""
-
-
 def test_the_methods_lines_alone_run_the_readme_example(capsys):
-    """advmask.py's text above the tooling marker, its import block replaced by METHOD_IMPORTS, runs in a fresh
-    namespace: mask tuning (and weights tuning), baking and the README's evaluate with PGD-100, with both sanity
-    warnings forced; its mask equals the module's."""
+    """advmask.py's text above the tooling marker, which imports only the standard library, torch, open_clip and
+    tqdm, runs as it is in a fresh namespace: mask tuning (and weights tuning), baking and the README's evaluate with
+    PGD-100, with both sanity warnings forced; its mask equals the module's."""
     text = (HERE / "advmask.py").read_text()
     method = text[:text.index("\n# =====")]
-    last_import = "from tqdm import tqdm\n"
-    start, end = method.index("\nimport argparse\n"), method.index(last_import) + len(last_import)
+    imported = {(a.name if isinstance(node, ast.Import) else node.module).split(".")[0]
+                for node in ast.parse(method).body if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+    assert imported == {"collections", "contextlib", "math", "sys", "time", "functools", "open_clip", "torch", "tqdm"}
     alone = {"__name__": "advmask_method"}
-    exec(compile(method[:start + 1] + METHOD_IMPORTS + method[end:], "advmask_method", "exec"), alone)
+    exec(compile(method, "advmask_method", "exec"), alone)
     x, y = synthetic_training_set(3, 4)
     names, train_args = ["cat", "dog", "fox"], {"epochs": 3, "batch_size": 4, "lr": 1e-2}
     classifier, log = alone["adversarial_mask_tuning"](tiny_clip(), x, y, names, **train_args)
