@@ -2530,8 +2530,8 @@ def _number(kind, low, strict=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if value < low or strict and value == low:
-            kind_words = "a positive integer" if kind is int and low == 1 else "positive" if strict else f"{low} or more"
-            raise argparse.ArgumentTypeError(f"must be {kind_words}, not {text}")
+            words = "a positive integer" if kind is int and low == 1 else "positive" if strict else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"must be {words}, not {text}")
         return value
     return parse
 
@@ -2637,12 +2637,14 @@ def parse_args(argv):
     p.add_argument("--lam", type=_number(float, 0), default=LAM, help="λ, weight of the regulariser (LAFA)")
     p.add_argument("--epochs", type=_number(int, 1), default=None,
                    help=f"default: enough for about {TRAIN_BUDGET_STEPS} optimisation steps, at least 1")
-    p.add_argument("--batch-size", type=_number(int, 1), default=BATCH_SIZE, help="training images per optimisation step")
+    p.add_argument("--batch-size", type=_number(int, 1), default=BATCH_SIZE,
+                   help="training images per optimisation step")
     p.add_argument("--eval-batch-size", type=_number(int, 1), default=None,
                    help="test images per attacked batch (default: 256; FAP's 200 under --conventions fap)")
     p.add_argument("--lr", type=_number(float, 0, strict=True), default=None,
                    help=f"Adam's learning rate (default: {LR:g} for mask scores, {WEIGHTS_LR:g} for weights)")
-    p.add_argument("--train-eps", type=partial(_per255, eps=True), default=TRAIN_EPS * 255, help="training PGD's ε, in /255 units")
+    p.add_argument("--train-eps", type=partial(_per255, eps=True), default=TRAIN_EPS * 255,
+                   help="training PGD's ε, in /255 units")
     p.add_argument("--train-alpha", type=_per255, default=TRAIN_ALPHA * 255, help="its step, in /255 units")
     p.add_argument("--train-steps", type=_number(int, 0), default=TRAIN_STEPS, help="training PGD's steps")
     p.add_argument("--attack", type=_list(str), default="pgd",
@@ -2660,7 +2662,8 @@ def parse_args(argv):
                         f"README)")
     p.add_argument("--checkpoint-every", type=_number(int, 1), default=50,
                    help="save the training state at the first epoch end after this many steps (1: every epoch)")
-    p.add_argument("--workers", type=_number(int, 0), default=min(8, os.cpu_count() or 1), help="data-loading processes")
+    p.add_argument("--workers", type=_number(int, 0), default=min(8, os.cpu_count() or 1),
+                   help="data-loading processes")
     p.add_argument("--out-dir", default=None,
                    help="default: runs/<protocol>/<dataset>/<shots>shot/seed<seed> (seed<seed>-weights for --tune "
                         "weights; runs/transfer/consensus/<k>of<n>-<sha256> for a consensus mask; runs_dry/... for "
@@ -2937,6 +2940,89 @@ def _folder_lock(out_dir):
             folder.rmdir()
 
 
+def _load_data(name, args, identity, size, with_train=True):
+    """(dataset, its resizing) as the run's flags say: load_dataset with the split file --split-json or --split-dir
+    gives it, or random images for --synthetic and --dry-run (resizing "synthetic"); with_train=False reads the test
+    split alone (a dataset only evaluated)."""
+    if args.synthetic or args.dry_run:  # every dataset name gets synthetic data of its own
+        n_classes, n_test = DATASET_SIZES[name] if args.synthetic else (4, 4 * max(args.shots, 4))
+        return synthetic_dataset(n_classes, args.shots if args.synthetic else max(args.shots, 4), n_test, size,
+                                 seed=list(DATASETS).index(name)), "synthetic"
+    resizing = tga_zsr_preprocess(name, size) if args.conventions == "tga-zsr" else identity["preprocess"]
+    split_json = args.split_json if name == args.dataset else None
+    if args.split_dir:
+        coop = COOP_SPLIT_FILES.get(name)
+        split_json = Path(args.split_dir) / f"split_zhou_{coop}.json" if coop else None
+        if split_json is None or not split_json.is_file():
+            missing = f"no CoOp split file {split_json.name} in {args.split_dir}" if coop else "CoOp has none"
+            if coop and args.conventions == "fap":
+                raise ValueError(f"{name}: {missing}, from which --conventions fap draws; put it there")
+            print(f"{name}: {missing}; using its default split (README, 'Datasets and splits')")
+            split_json = None
+        elif name != args.dataset:  # an evaluated target: its test set changes with the file, so say so
+            print(f"{name}: tested on the test list of CoOp's {split_json.name}, not on its default test split")
+    return load_dataset(name, args.data_root, resizing, download=not args.no_download, split_json=split_json,
+                        with_train=with_train, conventions=args.conventions), resizing
+
+
+def _class_sets(args, train_on, data):
+    """(training split, its class names, its templates, the class sets evaluated: name -> (test split, class names,
+    templates)) of the protocol; data(name, with_train) loads a dataset. An attack a class set is too small for is
+    refused here, before anything is written."""
+    template = train_on and [_template(args.dataset, args.conventions)]  # a consensus's "dtd+eurosat" has none
+    if args.protocol == "base2new":
+        base_train, _, n_base = base_new_split(train_on["train"], len(train_on["classes"]))
+        base_test, new_test, _ = base_new_split(train_on["test"], len(train_on["classes"]))
+        train_set, train_names = base_train, train_on["classes"][:n_base]
+        sets = {"base": (base_test, train_names, template), "new": (new_test, train_on["classes"][n_base:], template)}
+    elif args.protocol == "transfer":
+        train_set, train_names = (None, None) if train_on is None else (train_on["train"], train_on["classes"])
+        sets = {name: (d["test"], d["classes"], [_template(name, args.conventions)]) for name in args.eval_datasets
+                for d in [data(name, with_train=False)]}
+    else:
+        train_set, train_names = train_on["train"], train_on["classes"]
+        sets = {args.dataset: (train_on["test"], train_names, template)}
+    for name, (_, names, _) in sets.items():
+        for attack in args.attack:
+            if len(names) < MIN_CLASSES.get(attack, 0):
+                raise ValueError(f"class set {name!r} has {len(names)} classes, fewer than the {MIN_CLASSES[attack]} "
+                                 f"that {attack}'s DLR loss needs; use apgd-ce, pgd, cw or aa-tga-zsr for it instead")
+    return train_set, train_names, template, sets
+
+
+def _load_baseline(args, clip, tokenizer, identity, device):
+    """(model, tokenizer, identity) of --baseline, evaluated beside the tuned model on the same decoded images: a
+    frozen copy of unmasked CLIP (identity None: the run's), or a model folder with its own tokenizer, refused when
+    it takes other images; (None, None, None) without --baseline."""
+    if args.baseline == "clip":  # frozen: attacks keep no activations for parameter gradients
+        return copy.deepcopy(clip).requires_grad_(False), tokenizer, None
+    if not args.baseline:
+        return None, None, None
+    baseline, baseline_tokenizer, theirs = load_clip(args.baseline, None)
+    baseline = baseline.to(device).requires_grad_(False)
+    if args.eval_precision == "fp16":
+        check_fp16(baseline, args.baseline)
+    differ = [f"{k} {theirs['preprocess'][k]}" for k in ("size", "resize_mode", "interpolation")
+              if theirs["preprocess"][k] != identity["preprocess"][k]]
+    if differ:  # the test images are decoded once, for the tuned model
+        raise ValueError(f"--baseline {args.baseline} takes other images than the masked model "
+                         f"({', '.join(differ)}); pass a baseline of the same input size and resizing")
+    return baseline, baseline_tokenizer, theirs
+
+
+def _k_shot(args, train_on, train_set, train_names):
+    """(split, indices) of the K-shot training images: Dassl's draw over every class under --conventions fap (base2new
+    keeps the base classes after it, as CoOp's subsample_classes does), else sample_k_shot."""
+    if args.conventions == "fap":
+        split = train_on["train"]
+        return split, [i for i in dassl_k_shot(split.targets, args.shots, args.seed)
+                       if split.targets[i] < len(train_names)]
+    try:
+        return train_set, sample_k_shot(train_set.targets, args.shots, args.seed, train_names)
+    except ValueError as e:
+        raise ValueError(f"{e} with --shots") from None
+
+
 def run(args, device):
     """One run of a protocol in its folder, which it holds alone (_folder_lock): load CLIP and data, tune (or load)
     the mask, save it, evaluate clean and under attack."""
@@ -2982,70 +3068,20 @@ def _run_in(out_dir, args, device):
         check_fp16(clip, source)
     size = clip.visual.image_size[0]
     settings = {**vars(args), "device": str(device), "model_identity": identity}
-    splits = {}  # dataset -> which split it used: default, CoOp's file (with its sha256), TGA-ZSR's or synthetic
-    resizing = {}  # dataset -> how its images were resized and cropped (tga_zsr_preprocess or the model's)
+    splits, resizing = {}, {}  # dataset -> its split record; -> how its images were resized ("synthetic": random)
 
-    def data(name, with_train=True):  # with_train=False: a dataset only evaluated, read from its test split alone
-        if args.synthetic or args.dry_run:  # every dataset name gets synthetic data of its own
-            n_classes, n_test = DATASET_SIZES[name] if args.synthetic else (4, 4 * max(args.shots, 4))
-            d = synthetic_dataset(n_classes, args.shots if args.synthetic else max(args.shots, 4), n_test, size,
-                                  seed=list(DATASETS).index(name))
-        else:
-            resizing[name] = (tga_zsr_preprocess(name, size) if args.conventions == "tga-zsr" else
-                              identity["preprocess"])
-            split_json = args.split_json if name == args.dataset else None
-            if args.split_dir:
-                coop = COOP_SPLIT_FILES.get(name)
-                split_json = Path(args.split_dir) / f"split_zhou_{coop}.json" if coop else None
-                if split_json is None or not split_json.is_file():
-                    missing = f"no CoOp split file {split_json.name} in {args.split_dir}" if coop else "CoOp has none"
-                    if coop and args.conventions == "fap":
-                        raise ValueError(f"{name}: {missing}, from which --conventions fap draws; put it there")
-                    print(f"{name}: {missing}; using its default split (README, 'Datasets and splits')")
-                    split_json = None
-                elif name != args.dataset:  # an evaluated target: its test set changes with the file, so say so
-                    print(f"{name}: tested on the test list of CoOp's {split_json.name}, not on its default test split")
-            d = load_dataset(name, args.data_root, resizing[name], not args.no_download, split_json, with_train,
-                             args.conventions)
+    def data(name, with_train=True):  # one of the run's datasets, its split and resizing recorded
+        d, resizing[name] = _load_data(name, args, identity, size, with_train)
         splits[name] = d["split"]
         return d
 
-    # what is trained on, and the class sets evaluated: name -> (test split, class names, prompt templates)
+    # what is trained on (None for a --masks or --weights file), and the class sets evaluated
     train_on = None if args.masks or args.weights else data(args.dataset)
     settings["train_split"] = splits.get(args.dataset)  # the training data as it decides the mask, not its folder
-    template = train_on and [_template(args.dataset, args.conventions)]  # a consensus's "dtd+eurosat" has none
-    if args.protocol == "base2new":
-        base_train, _, n_base = base_new_split(train_on["train"], len(train_on["classes"]))
-        base_test, new_test, _ = base_new_split(train_on["test"], len(train_on["classes"]))
-        train_set, train_names = base_train, train_on["classes"][:n_base]
-        sets = {"base": (base_test, train_names, template), "new": (new_test, train_on["classes"][n_base:], template)}
-    elif args.protocol == "transfer":
-        train_set, train_names = (None, None) if train_on is None else (train_on["train"], train_on["classes"])
-        sets = {name: (d["test"], d["classes"], [_template(name, args.conventions)]) for name in args.eval_datasets
-                for d in [data(name, with_train=False)]}
-    else:
-        train_set, train_names = train_on["train"], train_on["classes"]
-        sets = {args.dataset: (train_on["test"], train_names, template)}
-    for name, (_, names, _) in sets.items():  # refuse an attack a class set is too small for, before any writing
-        for attack in args.attack:
-            if len(names) < MIN_CLASSES.get(attack, 0):
-                raise ValueError(f"class set {name!r} has {len(names)} classes, fewer than the {MIN_CLASSES[attack]} "
-                                 f"that {attack}'s DLR loss needs; use apgd-ce, pgd, cw or aa-tga-zsr for it instead")
-    # the baseline, evaluated beside the mask on the same decoded images: a copy of unmasked CLIP, or a model folder
-    # with its own tokenizer (frozen: attacks keep no activations for parameter gradients)
-    if args.baseline == "clip":
-        baseline, baseline_tokenizer = copy.deepcopy(clip).requires_grad_(False), tokenizer
-    elif args.baseline:
-        baseline, baseline_tokenizer, settings["baseline_identity"] = load_clip(args.baseline, None)
-        baseline = baseline.to(device).requires_grad_(False)
-        if args.eval_precision == "fp16":
-            check_fp16(baseline, args.baseline)
-        theirs = settings["baseline_identity"]["preprocess"]
-        differ = [f"{k} {theirs[k]}" for k in ("size", "resize_mode", "interpolation")
-                  if theirs[k] != identity["preprocess"][k]]
-        if differ:  # the test images are decoded once, for the masked model
-            raise ValueError(f"--baseline {args.baseline} takes other images than the masked model "
-                             f"({', '.join(differ)}); pass a baseline of the same input size and resizing")
+    train_set, train_names, template, sets = _class_sets(args, train_on, data)
+    baseline, baseline_tokenizer, baseline_identity = _load_baseline(args, clip, tokenizer, identity, device)
+    if baseline_identity:
+        settings["baseline_identity"] = baseline_identity
     lap("load")
     checkpoint, results_path = out_dir / "checkpoint.pt", out_dir / "results.json"
     trained = out_dir / ("masks.bin" if args.tune == "mask" else "weights.bin")
@@ -3063,16 +3099,8 @@ def _run_in(out_dir, args, device):
     elif same_run and trained.is_file():  # trained before, with these settings: never trained again
         (load_masks if args.tune == "mask" else load_weights)(clip, trained, source)
         print(f"reusing {trained}, trained by an earlier run with the same settings")
-    if train_now and args.conventions == "fap":  # Dassl's draw over every class; base2new keeps the base ones after
-        train_set = train_on["train"]
-        indices = [i for i in dassl_k_shot(train_set.targets, args.shots, args.seed)
-                   if train_set.targets[i] < len(train_names)]
-    elif train_now:
-        try:
-            indices = sample_k_shot(train_set.targets, args.shots, args.seed, train_names)
-        except ValueError as e:
-            raise ValueError(f"{e} with --shots") from None
     if train_now:
+        train_set, indices = _k_shot(args, train_on, train_set, train_names)
         images, labels = cache_images(train_set, indices, device, args.workers)
         lap("cache")
         epochs = args.epochs or default_epochs(len(labels), args.batch_size)
@@ -3087,8 +3115,8 @@ def _run_in(out_dir, args, device):
         with _out_of_memory("--batch-size", args.batch_size):  # the checkpoint stays for the rerun
             _, history = adversarial_mask_tuning(
                 clip, images, labels, train_names, templates=template, target=args.mask_target, tune=args.tune,
-                epochs=epochs, tokenizer=tokenizer, batch_size=args.batch_size, lr=args.lr, lam=args.lam, eps=args.train_eps / 255,
-                alpha=args.train_alpha / 255, steps=args.train_steps, loss=args.loss, seed=args.seed,
+                epochs=epochs, tokenizer=tokenizer, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
+                eps=args.train_eps / 255, alpha=args.train_alpha / 255, steps=args.train_steps, loss=args.loss, seed=args.seed,
                 precision=args.precision, checkpoint=training_checkpoint(checkpoint),
                 checkpoint_every=args.checkpoint_every)
         provenance = {k: getattr(args, k) for k in PROVENANCE}
@@ -3115,7 +3143,7 @@ def _run_in(out_dir, args, device):
     old_splits, subsets = previous.get("splits", {}), previous.get("test_indices_sha256", {})
     class_sets = previous.get("class_sets", {}) | {  # a rerun only adds
         name: {"templates": templates, "classes": names, "n_test": len(test_set),
-               "preprocess": resizing.get(test_split[name], "synthetic")}
+               "preprocess": resizing[test_split[name]]}
         for name, (test_set, names, templates) in sets.items()}
     results = [{k: previous["settings"].get(k) for k in CELL_SETTINGS} | {"test_set": _test_set(
         old_splits.get(test_split.get(row["eval"], row["eval"])), subsets.get(row["eval"]),
