@@ -3432,23 +3432,27 @@ def test_a_masks_file_is_known_by_its_content_and_a_config_file_model_by_its_con
     assert exported.visual.transformer.width == 48 and len(exported.visual.transformer.resblocks) == 3
 
 
-def test_one_process_at_a_time_writes_a_run_folder(tmp_path):
-    """Two real processes on one run folder: the second is refused in one line naming the first's pid and writes
-    nothing, the first ends with every cell; a lock whose process is gone is taken over with one line."""
-    args = ["--dry-run", "--epochs", "150", "--out-dir", "busy"]
+def test_one_process_at_a_time_writes_a_run_folder(tmp_path, monkeypatch, capsys):
+    """Two real processes on one run folder (a CLI process training, and this one): the second is refused in one
+    line naming the first's pid and writes nothing, the first ends with every cell; a lock whose process is gone is
+    taken over with one line."""
+    args = ["--dry-run", "--epochs", "60", "--out-dir", "busy"]
     first = subprocess.Popen([sys.executable, str(HERE / "advmask.py"), *args], cwd=tmp_path, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert first.stdout.readline().startswith("few_shot on oxford_pets")  # training: the folder is held
-    second = run_cli(*args, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as second:
+        am.main(args)
+    err = capsys.readouterr().err
     out = first.communicate(timeout=240)[0]
-    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
-    assert f"busy is in use by process {first.pid}" in second.stderr and "done |" in out and first.returncode == 0
+    assert second.value.code == 2 and err.count("\n") == 1 and f"busy is in use by process {first.pid}" in err, err
+    assert "done |" in out and first.returncode == 0
     results = json.loads((tmp_path / "busy" / "results.json").read_text())
     assert results["complete"] and len(results["results"]) == 1 and not (tmp_path / "busy" / ".lock").exists()
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "busy" / ".lock").write_text(gone.stdout.strip())
-    again = run_cli(*args, "--attack", "pgd,cw", cwd=tmp_path)
-    assert again.returncode == 0 and f"process {gone.stdout.strip()}, which held it, is gone" in again.stdout
+    am.main([*args, "--attack", "pgd,cw"])
+    assert f"process {gone.stdout.strip()}, which held it, is gone" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "busy" / "results.json").read_text())["results"]) == 3  # pgd, cw, worst
 
 
@@ -3648,8 +3652,6 @@ def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1
         assert f"holds a checkpoint of a run with other training settings ({flag[2:]})" in err
-    interrupted = subprocess.Popen([sys.executable, str(HERE / "advmask.py"), *dry_run_args("int", 40)], cwd=tmp_path,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in interrupted.stdout:
         if line.startswith("checkpoint | epoch 25/40"):
             interrupted.send_signal(signal.SIGINT)  # Ctrl-C, somewhere in epoch 26
