@@ -372,9 +372,13 @@ def mask_loss(kind, clean_feats, adv_feats, clean_logits, adv_logits, labels):
 # The K-shot sampler, and the uint8 images training and evaluation take
 
 def sample_k_shot(labels, shots, seed, class_names=None):
-    """Sorted indices of exactly `shots` (K) images of every class, without repeats, depending on labels, shots and
-    seed alone. The classes are the label values present (e.g. {0, 2, 5, 9}), or with class_names 0 ..
-    len(class_names) − 1, each of which must have K images (a short one is named in the error).
+    """Exactly `shots` (K) images of every class, without repeats, depending on labels, shots and seed alone.
+
+    Args:
+        labels: int class labels, one per image of the training split; the classes are the values present (e.g.
+            {0, 2, 5, 9}), or with class_names 0 .. len(class_names) − 1, each needing K images (a short one named).
+    Returns:
+        A sorted list of indices into labels, len = K × number of classes.
     Example:
         >>> idx = sample_k_shot(dataset_labels, shots=16, seed=1)
     """
@@ -2517,9 +2521,20 @@ def model_card(run_dir, finished, identity, sparsity, file_name):
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
-def _list(kind):
-    """argparse type for a comma-separated list, e.g. --test-eps 1,2,4."""
-    return lambda text: [kind(item.strip()) for item in text.split(",") if item.strip()]
+def _list(kind, choices=None, distinct=True):
+    """argparse type of a comma-separated list of values of kind, at least one, each of choices if given, and with
+    distinct, none twice: --test-eps 1,2,4, --attack pgd,aa."""
+    def parse(text):
+        values = [kind(item.strip()) for item in text.split(",") if item.strip()]
+        unknown = [v for v in values if choices is not None and v not in choices]
+        repeated = [f"{v:g}" if isinstance(v, float) else v for v in values if values.count(v) > 1]
+        if not values or unknown:
+            raise argparse.ArgumentTypeError(f"{unknown[0] if unknown else 'nothing'} is not one of "
+                                             f"{', '.join(choices)}" if choices else "give at least one value")
+        if repeated and distinct:
+            raise argparse.ArgumentTypeError(f"lists {repeated[0]} twice; give each value once")
+        return values
+    return parse
 
 
 def _number(kind, low, strict=False):
@@ -2591,7 +2606,8 @@ def parse_args(argv):
     p.add_argument("--protocol", default="few_shot", choices=["few_shot", "base2new", "transfer"],
                    help="few_shot: K shots of every class; base2new: train on the first half of the classes, test on "
                         "both halves; transfer: test zero-shot on --eval-datasets")
-    p.add_argument("--eval-datasets", type=_list(str), default=None,
+    p.add_argument("--eval-datasets", type=_list(str, [*EVAL_PRESETS, *DATASETS], distinct=False),
+                   default=None,
                    help="transfer: comma-separated datasets or presets evaluated zero-shot; presets: " + "; ".join(
                        f"{k} = {' '.join(v)}" for k, v in EVAL_PRESETS.items()) + " (default: coop)")
     p.add_argument("--eval-limit", type=_number(int, 1), default=None,
@@ -2647,7 +2663,7 @@ def parse_args(argv):
                    help="training PGD's ε, in /255 units")
     p.add_argument("--train-alpha", type=_per255, default=TRAIN_ALPHA * 255, help="its step, in /255 units")
     p.add_argument("--train-steps", type=_number(int, 0), default=TRAIN_STEPS, help="training PGD's steps")
-    p.add_argument("--attack", type=_list(str), default="pgd",
+    p.add_argument("--attack", type=_list(str, ATTACKS), default="pgd",
                    help="comma-separated: pgd (CE loss), cw (CW margin), apgd-ce, apgd-dlr, apgd-t, aa (AutoAttack "
                         "as RobustVLM/FARE run it: APGD-CE then APGD-T), aa-tga-zsr (as TGA-ZSR runs it: APGD-CE then "
                         "APGD-DLR, APGD-CE alone on 2 classes); with several, results also get the per-image worst "
@@ -2694,8 +2710,6 @@ def parse_args(argv):
     if args.baseline not in (None, "clip") and not args.baseline.startswith(SCHEMAS):
         p.error(f"--baseline {args.baseline}: give no value (unmasked CLIP) or an open_clip model folder, "
                 f"hf-hub:ORG/NAME or local-dir:PATH")
-    if not args.test_eps:
-        p.error("--test-eps takes values in /255 units in [0, 255], e.g. 1 or 1,2,4")
     if args.weights and (args.masks or args.tune == "mask"):
         p.error("--weights evaluates a --tune weights run; pass it without --masks and --tune mask")
     args.tune = args.tune or ("weights" if args.weights else "mask")
@@ -2703,8 +2717,6 @@ def parse_args(argv):
         p.error("--masks evaluates a mask; with --tune weights, pass the weights file with --weights")
     if args.lr is None:
         args.lr = LR if args.tune == "mask" else WEIGHTS_LR
-    if not args.attack or not set(args.attack) <= set(ATTACKS):
-        p.error(f"--attack takes a comma-separated list of {', '.join(ATTACKS)}")
     unused_eval_datasets = args.eval_datasets is not None and args.protocol != "transfer"
     tga_zsr, fap = args.conventions == "tga-zsr", args.conventions == "fap"
     # by default the preset named as the conventions: CoOp's suite, or TGA-ZSR's 16
@@ -2714,11 +2726,6 @@ def parse_args(argv):
     args.eval_precision = args.eval_precision or ("fp16" if fap else EVAL_PRECISION)
     args.eval_batch_size = args.eval_batch_size or (200 if fap else 256)
     args.test_batch = args.eval_batch_size if args.eval_precision == "fp16" else None
-    unknown = [name for name in args.eval_datasets if name not in DATASETS and name not in EVAL_PRESETS]
-    if unknown or not args.eval_datasets:
-        p.error(f"--eval-datasets: {unknown[0] if unknown else 'nothing'} is neither a dataset nor a preset; "
-                f"give a comma-separated list of presets ({', '.join(EVAL_PRESETS)}) or datasets "
-                f"({', '.join(DATASETS)})")
     args.eval_presets = {name: EVAL_PRESETS[name] for name in args.eval_datasets if name in EVAL_PRESETS}
     args.eval_datasets = list(dict.fromkeys(d for name in args.eval_datasets for d in EVAL_PRESETS.get(name, [name])))
     if args.split_json and args.split_dir:
@@ -2744,10 +2751,6 @@ def parse_args(argv):
             print("--split-dir: --conventions tga-zsr uses TGA-ZSR's test sets, not CoOp's splits; it is ignored",
                   file=sys.stderr)
             args.split_dir = None
-    for flag, values in (("attack", args.attack), ("test-eps", [f"{eps:g}" for eps in args.test_eps])):
-        repeated = next((v for v in values if values.count(v) > 1), None)
-        if repeated is not None:
-            p.error(f"--{flag} lists {repeated} twice; give each value once")
     if (args.masks or args.weights) and args.protocol != "transfer":
         p.error(f"--{'masks' if args.masks else 'weights'} goes with --protocol transfer; the other protocols train "
                 f"their {args.tune}")

@@ -3153,7 +3153,7 @@ def bad_input_cases(files):
         (["--lr", "0"], "--lr: must be positive, not 0"),
         (["--mask-target", "heads"], "argument --mask-target: invalid choice: 'heads'"),
         (["--loss", "ce+trades"], "argument --loss: invalid choice: 'ce+trades'"),
-        (["--attack", "fgsm"], "--attack takes a comma-separated list of pgd, cw, apgd-ce, apgd-dlr, apgd-t, aa"),
+        (["--attack", "fgsm"], "--attack: fgsm is not one of pgd, cw, apgd-ce, apgd-dlr, apgd-t, aa"),
         ([*tiny, "--protocol", "base2new", "--attack", "pgd,aa"],
          "class set 'base' has 2 classes, fewer than the 4 that aa's DLR loss needs; use apgd-ce, pgd, cw or aa-tga-zsr"),
         (["--split-dir", str(files / "nowhere")], "--split-dir " + str(files / "nowhere") + " is not a folder"),
@@ -3171,7 +3171,7 @@ def bad_input_cases(files):
          "tinyimagenet could not be loaded from"),
         ([*tiny, "--dataset", "tinyimagenet", "--data-root", str(files / "tiny-broken")],
          "val_annotations.txt names val_0.JPEG of n02124075, which is not in val/images/"),
-        (["--eval-datasets", "dtd,tga_zsr"], "--eval-datasets: tga_zsr is neither a dataset nor a preset"),
+        (["--eval-datasets", "dtd,tga_zsr"], "--eval-datasets: tga_zsr is not one of coop, tga-zsr, imagenet-shifts, imagenet"),
         (["--eval-limit", "0"], "--eval-limit: must be a positive integer"),
         (["--conventions", "clip"], "argument --conventions: invalid choice: 'clip'"),
         (["--conventions", "tga-zsr"], "--conventions tga-zsr trains where TGA-ZSR's code can (tinyimagenet, "),
@@ -3203,10 +3203,10 @@ def bad_input_cases(files):
         ([*transfer, "--weights", str(files / "masks.bin")], "is not an advmask weights file"),
         ([*transfer, "--weights", str(files / "weights.bin"), "--tune", "mask"], "--weights evaluates a --tune"),
         ([*transfer, "--masks", str(files / "masks.bin"), "--tune", "weights"], "with --tune weights, pass the"),
-        (["--attack", "pgd,cw,pgd"], "--attack lists pgd twice; give each value once"),
+        (["--attack", "pgd,cw,pgd"], "--attack: lists pgd twice; give each value once"),
         (["--test-eps", "4/256"], "argument --test-eps: '4/256' is not a number in /255 units, e.g. 4 or 4/255"),
         (["--model", "tiny", "--pretrained", "openai"], "--model tiny is a random model of this file's own"),
-        (["--test-eps", "1,2,1"], "--test-eps lists 1 twice; give each value once"),
+        (["--test-eps", "1,2,1"], "--test-eps: lists 1 twice; give each value once"),
         (["--test-eps", "0.0157"], "ε 0.0157 is in /255 units, i.e. 0.0157/255 in pixels; for ε = 4/255 pass 4"),
         (["--model", f"local-dir:{files / 'nowhere'}"], f"{files / 'nowhere'} is not an open_clip model folder"),
         (["--model", f"local-dir:{files / 'squash'}", "--pretrained", "openai"],
@@ -3652,6 +3652,8 @@ def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1
         assert f"holds a checkpoint of a run with other training settings ({flag[2:]})" in err
+    interrupted = subprocess.Popen([sys.executable, str(HERE / "advmask.py"), *dry_run_args("int", 40)], cwd=tmp_path,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in interrupted.stdout:
         if line.startswith("checkpoint | epoch 25/40"):
             interrupted.send_signal(signal.SIGINT)  # Ctrl-C, somewhere in epoch 26
