@@ -1170,89 +1170,6 @@ def test_an_input_gradient_too_small_for_fp16_gives_sign_zero_there_and_not_in_f
     assert moved["fp32"][x < 254 / 255].all() and not moved["fp16"].any()
 
 
-def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_learning_rate(tmp_path, monkeypatch):
-    """AdvMask runs at lr 1e-4 and adversarial fine-tuning runs at 1e-5 under one root are two methods side by side
-    in one table, each at its learning rate, not a cell that mixes learning rates; summary.png draws both."""
-    for seed, (model, lr) in enumerate([("advmask", 1e-4), ("advmask", 1e-4), ("adv_ft", 1e-5), ("adv_ft", 1e-5)]):
-        write_results(tmp_path, "few_shot", "dtd", 16, seed + 1, [("dtd", 0.5, 0.2)])
-        path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed + 1}" / "results.json"
-        finished = json.loads(path.read_text())
-        finished["results"][0]["model"] = model
-        path.write_text(json.dumps({**finished, "settings": {"lr": lr}}))
-    md = am.summarize(tmp_path, am.parser_defaults)
-    assert md.count("## few_shot | PGD ε = 1/255") == 1  # one table, a row per method at its learning rate
-    assert "| AdvMask (lr 0.0001) | dtd | 50.0 ± 0.0 (2/4) |" in md
-    assert "| adversarial fine-tuning (lr 1e-05) | dtd | 50.0 ± 0.0 (2/4) |" in md
-    labels, plot = [], matplotlib.axes.Axes.plot
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
-                        lambda ax, *args, **kwargs: labels.append(kwargs.get("label")) or plot(ax, *args, **kwargs))
-    am.plot_few_shot(tmp_path)  # summary.png: both methods' curves
-    assert {"AdvMask (lr 0.0001) clean", "AdvMask (lr 0.0001) adv", "adversarial fine-tuning (lr 1e-05) clean",
-            "adversarial fine-tuning (lr 1e-05) adv"} <= set(labels)
-
-
-def test_summarize_gives_each_evaluation_basis_a_table_of_its_own_named_in_its_heading(tmp_path):
-    """Two datasets evaluated with different attack steps (and one at an eval limit) make tables of their own, each
-    heading naming what differs from the defaults, and no Average mixes them."""
-    for dataset, steps, limit, acc in (("dtd", 100, None, (0.6, 0.3)), ("eurosat", 10, None, (0.4, 0.1)),
-                                       ("oxford_pets", 10, 1000, (0.2, 0.05))):
-        write_results(tmp_path, "few_shot", dataset, 16, 1, [(dataset, *acc)])
-        path = tmp_path / "few_shot" / dataset / "16shot" / "seed1" / "results.json"
-        finished = json.loads(path.read_text())
-        path.write_text(json.dumps({**finished, "settings": {"test_steps": steps, "eval_limit": limit}}))
-    md = am.summarize(tmp_path, am.parser_defaults)
-    headings = [line for line in md.splitlines() if line.startswith("## ")]
-    assert headings == ["## few_shot | PGD ε = 1/255 | mean ± std over seeds 1 (%)",
-                        "## few_shot | PGD ε = 1/255 | 10 attack steps | mean ± std over seeds 1 (%)",
-                        "## few_shot | PGD ε = 1/255 | 10 attack steps; at most 1000 test images per dataset | mean ± "
-                        "std over seeds 1 (%)"]
-    tables = [{r[0]: r[1:] for r in table(md, heading[3:])} for heading in headings]
-    assert [set(t) for t in tables] == [{"dtd", "**Average**"}, {"eurosat", "**Average**"},
-                                        {"oxford_pets", "**Average**"}]
-    assert [t["**Average**"] for t in tables] == [["60.0", "30.0"], ["40.0", "10.0"], ["20.0", "5.0"]]
-
-
-def test_results_record_each_class_sets_prompts_and_summarize_refuses_seeds_whose_prompts_differ(tmp_path,
-                                                                                               monkeypatch):
-    """results.json records, per evaluated class set, its templates and class names in label order (the prompts are
-    template.format(name)), its test-set size and its resizing; two seeds of a cell whose prompts, or only their
-    resizing, differ are refused, naming them."""
-    monkeypatch.chdir(tmp_path)
-    am.main(dry_run_args("out", 1))
-    recorded = json.loads((tmp_path / "out" / "results.json").read_text())["class_sets"]
-    assert recorded == {"oxford_pets": {"templates": [am.DATASETS["oxford_pets"][0]],
-                                        "classes": [f"class {c}" for c in range(4)], "n_test": 64,
-                                        "preprocess": "synthetic"}}
-    dtd = {"templates": ["a photo of a {}."], "classes": ["banded", "zigzagged"], "n_test": 2, "preprocess": PRE}
-    for runs, differ in ((tmp_path / "a", {"preprocess": am.tga_zsr_preprocess("dtd", SIZE)}),
-                         (tmp_path / "b", {"templates": ["This is a photo of a {}"]})):
-        for seed, class_set in ((1, dtd), (2, {**dtd, **differ})):
-            write_results(runs, "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)])
-            path = runs / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
-            path.write_text(json.dumps({**json.loads(path.read_text()), "class_sets": {"dtd": class_set}}))
-        with pytest.raises(ValueError, match=r"mixes prompts and resizing, \w{12} in .*seed1 and \w{12} in .*seed2"):
-            am.summarize(runs, am.parser_defaults)
-
-
-def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
-    """Two seeds whose recorded model identities differ in the activation are refused, naming it; the same identity
-    averages as usual."""
-    identity = am.load_clip("tiny", "none")[2] | {"weights_sha256": "ab" * 32}
-    for seed, activation in ((1, "GELU"), (2, "QuickGELU")):
-        write_results(tmp_path, "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)])
-        path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
-        settings = {"pretrained": "openai", "model_identity": {**identity, "activation": activation}}
-        path.write_text(json.dumps({**json.loads(path.read_text()), "settings": settings}))
-    with pytest.raises(ValueError, match=r'mixes model activation, "GELU" in .*seed1 and "QuickGELU" in .*seed2'):
-        am.summarize(tmp_path, am.parser_defaults)
-    settings["model_identity"]["activation"] = "GELU"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "settings": settings}))
-    assert table(am.summarize(tmp_path, am.parser_defaults), "few_shot")[0] == ["dtd", "50.0 ± 0.0", "20.0 ± 0.0"]
-
-
-# The families of image tower AdvMask masks, each as a named open_clip config shrunk to a tiny random model (timm
-# towers through timm.create_model's own size arguments): the blocks' path, the attention and MLP weights of a block
-# and the prefix tokens per block, written out from each tower's source.
 FAMILY_MODELS = {
     "ViT-B-16": ("transformer.resblocks", ["attn.in_proj_weight", "attn.out_proj.weight"],
                  ["mlp.c_fc.weight", "mlp.c_proj.weight"], 1),
@@ -2243,6 +2160,89 @@ def test_summarize_tables_seeds_of_other_settings_apart_and_refuses_what_no_head
         am.summarize(tmp_path, am.parser_defaults)
 
 
+def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_learning_rate(tmp_path, monkeypatch):
+    """AdvMask runs at lr 1e-4 and adversarial fine-tuning runs at 1e-5 under one root are two methods side by side
+    in one table, each at its learning rate, not a cell that mixes learning rates; summary.png draws both."""
+    for seed, (model, lr) in enumerate([("advmask", 1e-4), ("advmask", 1e-4), ("adv_ft", 1e-5), ("adv_ft", 1e-5)]):
+        write_results(tmp_path, "few_shot", "dtd", 16, seed + 1, [("dtd", 0.5, 0.2)])
+        path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed + 1}" / "results.json"
+        finished = json.loads(path.read_text())
+        finished["results"][0]["model"] = model
+        path.write_text(json.dumps({**finished, "settings": {"lr": lr}}))
+    md = am.summarize(tmp_path, am.parser_defaults)
+    assert md.count("## few_shot | PGD ε = 1/255") == 1  # one table, a row per method at its learning rate
+    assert "| AdvMask (lr 0.0001) | dtd | 50.0 ± 0.0 (2/4) |" in md
+    assert "| adversarial fine-tuning (lr 1e-05) | dtd | 50.0 ± 0.0 (2/4) |" in md
+    labels, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda ax, *args, **kwargs: labels.append(kwargs.get("label")) or plot(ax, *args, **kwargs))
+    am.plot_few_shot(tmp_path)  # summary.png: both methods' curves
+    assert {"AdvMask (lr 0.0001) clean", "AdvMask (lr 0.0001) adv", "adversarial fine-tuning (lr 1e-05) clean",
+            "adversarial fine-tuning (lr 1e-05) adv"} <= set(labels)
+
+
+def test_summarize_gives_each_evaluation_basis_a_table_of_its_own_named_in_its_heading(tmp_path):
+    """Two datasets evaluated with different attack steps (and one at an eval limit) make tables of their own, each
+    heading naming what differs from the defaults, and no Average mixes them."""
+    for dataset, steps, limit, acc in (("dtd", 100, None, (0.6, 0.3)), ("eurosat", 10, None, (0.4, 0.1)),
+                                       ("oxford_pets", 10, 1000, (0.2, 0.05))):
+        write_results(tmp_path, "few_shot", dataset, 16, 1, [(dataset, *acc)])
+        path = tmp_path / "few_shot" / dataset / "16shot" / "seed1" / "results.json"
+        finished = json.loads(path.read_text())
+        path.write_text(json.dumps({**finished, "settings": {"test_steps": steps, "eval_limit": limit}}))
+    md = am.summarize(tmp_path, am.parser_defaults)
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert headings == ["## few_shot | PGD ε = 1/255 | mean ± std over seeds 1 (%)",
+                        "## few_shot | PGD ε = 1/255 | 10 attack steps | mean ± std over seeds 1 (%)",
+                        "## few_shot | PGD ε = 1/255 | 10 attack steps; at most 1000 test images per dataset | mean ± "
+                        "std over seeds 1 (%)"]
+    tables = [{r[0]: r[1:] for r in table(md, heading[3:])} for heading in headings]
+    assert [set(t) for t in tables] == [{"dtd", "**Average**"}, {"eurosat", "**Average**"},
+                                        {"oxford_pets", "**Average**"}]
+    assert [t["**Average**"] for t in tables] == [["60.0", "30.0"], ["40.0", "10.0"], ["20.0", "5.0"]]
+
+
+def test_results_record_each_class_sets_prompts_and_summarize_refuses_seeds_whose_prompts_differ(tmp_path,
+                                                                                               monkeypatch):
+    """results.json records, per evaluated class set, its templates and class names in label order (the prompts are
+    template.format(name)), its test-set size and its resizing; two seeds of a cell whose prompts, or only their
+    resizing, differ are refused, naming them."""
+    monkeypatch.chdir(tmp_path)
+    am.main(dry_run_args("out", 1))
+    recorded = json.loads((tmp_path / "out" / "results.json").read_text())["class_sets"]
+    assert recorded == {"oxford_pets": {"templates": [am.DATASETS["oxford_pets"][0]],
+                                        "classes": [f"class {c}" for c in range(4)], "n_test": 64,
+                                        "preprocess": "synthetic"}}
+    dtd = {"templates": ["a photo of a {}."], "classes": ["banded", "zigzagged"], "n_test": 2, "preprocess": PRE}
+    for runs, differ in ((tmp_path / "a", {"preprocess": am.tga_zsr_preprocess("dtd", SIZE)}),
+                         (tmp_path / "b", {"templates": ["This is a photo of a {}"]})):
+        for seed, class_set in ((1, dtd), (2, {**dtd, **differ})):
+            write_results(runs, "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)])
+            path = runs / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "class_sets": {"dtd": class_set}}))
+        with pytest.raises(ValueError, match=r"mixes prompts and resizing, \w{12} in .*seed1 and \w{12} in .*seed2"):
+            am.summarize(runs, am.parser_defaults)
+
+
+def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
+    """Two seeds whose recorded model identities differ in the activation are refused, naming it; the same identity
+    averages as usual."""
+    identity = am.load_clip("tiny", "none")[2] | {"weights_sha256": "ab" * 32}
+    for seed, activation in ((1, "GELU"), (2, "QuickGELU")):
+        write_results(tmp_path, "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)])
+        path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
+        settings = {"pretrained": "openai", "model_identity": {**identity, "activation": activation}}
+        path.write_text(json.dumps({**json.loads(path.read_text()), "settings": settings}))
+    with pytest.raises(ValueError, match=r'mixes model activation, "GELU" in .*seed1 and "QuickGELU" in .*seed2'):
+        am.summarize(tmp_path, am.parser_defaults)
+    settings["model_identity"]["activation"] = "GELU"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "settings": settings}))
+    assert table(am.summarize(tmp_path, am.parser_defaults), "few_shot")[0] == ["dtd", "50.0 ± 0.0", "20.0 ± 0.0"]
+
+
+# The families of image tower AdvMask masks, each as a named open_clip config shrunk to a tiny random model (timm
+# towers through timm.create_model's own size arguments): the blocks' path, the attention and MLP weights of a block
+# and the prefix tokens per block, written out from each tower's source.
 # ---------------------------------------------------------------------------------------------------------------------
 # Analysis and figures
 
