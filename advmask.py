@@ -1062,14 +1062,15 @@ def save_masks(model, path, source=None, provenance=None):
     load_masks needs to refuse a model it does not fit (the fingerprint of the pre-trained weights under the mask, and
     source, their name, e.g. describe(identity)), what the per-head analysis needs (attention heads per block), and
     provenance, a dict of how it was trained (the CLI's dataset, shots, seed, lr, loss, lam), if given."""
-    masks = [m.mask for m in _masks(model)]
+    entries = list(_masks(model))
+    masks = [m.mask for m in entries]
     if not masks:
         raise ValueError("this model has no masks; call apply_masks and train before saving")
     write_mask_file(path, {
         "arch": _arch(model),
         "target": masks[0].target,
         "threshold": masks[0].threshold,
-        "names": [m.name for m in _masks(model)],
+        "names": [m.name for m in entries],
         "shapes": [list(mask.scores.shape) for mask in masks],
         "heads": tower_family(model)[2][0].attn.num_heads,
         "base_weights": {"fingerprint": weights_fingerprint(model), "source": source or "source unrecorded"},
@@ -2451,7 +2452,7 @@ def export(run_dir, out_dir, visual=False, overwrite=False):
             files["visual.safetensors"] = safetensors.torch.save(
                 {k: v.detach().cpu().contiguous() for k, v in clip.visual.state_dict().items()})
         for name, data in files.items():
-            (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
+            _atomic_write(tmp / name, data)
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         os.replace(tmp, out_dir)
