@@ -11,11 +11,9 @@ ICLR 2026, https://openreview.net/forum?id=kzGkXpW4FT
 
     python advmask.py --dataset oxford_pets --shots 16 --device cuda
 
-The method comes first and whole, in the paper's order: constants, CLIP as a classifier, binary masks with a
-straight-through estimator, PGD, the losses, the K-shot sampler, training, evaluation, and adversarial_mask_tuning,
-which runs it all on images in memory. A reader who stops at the tooling marker has all of AdvMask, with its imports
-(the README's method table lists what each function needs). Tooling follows, a section each: attack adapters, models,
-mask and weight files, checkpoints, datasets and splits, results, analysis and figures, the benchmark, the CLI.
+The method comes first and whole, in the paper's order, with its imports: constants, CLIP as a classifier, masks
+with a straight-through estimator, PGD, the losses, the K-shot sampler, training, evaluation, and
+adversarial_mask_tuning, which runs it all on images in memory. The tooling follows the marker, a section each.
 """
 
 
@@ -131,9 +129,8 @@ class _BinarizeSTE(torch.autograd.Function):
 
 
 class ScoreMask(nn.Module):
-    """Parametrization θ -> θ ⊙ 1[M > threshold] with learnable real-valued scores M, one per weight. It keeps for the
-    tooling the target it belongs to (MASK_TARGETS, for the mask file) and param_order, the names of its module's
-    parameters in their order before masking (register_parametrization moves the weight; bake_masks restores it)."""
+    """Parametrization θ -> θ ⊙ 1[M > threshold] with learnable real-valued scores M, one per weight; it keeps its
+    target (MASK_TARGETS) and param_order, its module's parameter names before masking, which bake_masks restores."""
 
     def __init__(self, weight, init, threshold, target, param_order):
         super().__init__()
@@ -168,11 +165,10 @@ def tower_family(model, target="mhsa"):
     visual = visual_tower(model)
     for family, (path, attention, mlp) in FAMILIES.items():
         names = {"mhsa": attention, "mlp": mlp, "all": attention + mlp}[target]
-        with contextlib.suppress(AttributeError):  # no such path in this tower
-            blocks = visual.get_submodule(path)
-            if len(blocks) and all(set(names) <= {n.replace("parametrizations.", "").removesuffix(".original")
-                                                  for n, _ in block.named_parameters()} for block in blocks):
-                return family, path, blocks, names
+        blocks = dict(visual.named_modules()).get(path)  # None where the tower has no such path
+        if blocks and all(set(names) <= {n.replace("parametrizations.", "").removesuffix(".original")
+                                         for n, _ in block.named_parameters()} for block in blocks):
+            return family, path, blocks, names
     raise ValueError(f"the {type(getattr(visual, 'trunk', visual)).__name__} image tower has no transformer blocks "
                      f"with the {target} weights of a family AdvMask knows ({', '.join(FAMILIES)}); use a model of "
                      f"one of them" + (", or --mask-target mhsa" if target != "mhsa" else ""))
@@ -264,17 +260,17 @@ def tune_weights(model, target="mhsa"):
 
 def pgd_attack(model, images, labels, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST_STEPS, random_start=True,
                loss_fn=F.cross_entropy, generator=None):
-    """l∞ projected gradient ascent on a loss (cross-entropy by default), in [0, 1] pixel space (Madry et al., 2018).
+    """l∞ projected gradient ascent on a loss (cross-entropy by default), in [0, 1] pixel space (Madry et al., 2018);
+    torchattacks' PGD is the same algorithm: with random_start=False the two give identical images.
 
-    Same algorithm as torchattacks' PGD: with random_start=False the two give identical images.
     Args:
         model: maps images in [0, 1] to logits; put in eval mode for the attack and restored after.
         images, labels: (B, 3, H, W) float in [0, 1], and their (B,) true classes.
         eps, alpha, steps: l∞ radius and step size in pixel units, and the number of steps (defaults: the paper's
             test attack, PGD-100 at ε = α = 1/255; training passes TRAIN_EPS, TRAIN_ALPHA, TRAIN_STEPS).
-        random_start: start from a uniform point in the ε-ball (FAP and torchattacks do), drawn from generator (a
+        random_start: start from a uniform point in the ε-ball (as FAP and torchattacks do), drawn from generator (a
             torch.Generator on the images' device; default torch's global one).
-        loss_fn: the loss to maximise, (logits, labels) -> scalar, e.g. the CW margin (cw_loss, an attack adapter).
+        loss_fn: the loss to maximise, (logits, labels) -> scalar, e.g. cw_loss (the CW margin).
     Returns:
         Adversarial images, detached, with ‖x_adv − x‖∞ ≤ eps and values in [0, 1].
     Example:
@@ -451,16 +447,15 @@ def train_step(model, optimizer, x, y, lam=LAM, eps=TRAIN_EPS, alpha=TRAIN_ALPHA
 
 
 def _log_row(model, step, total_steps, sums, seconds, loss):
-    """The log row of the steps since the last one, printed as one greppable line naming the regulariser of `loss`
-    ("lafa" for AdvMask's); zeroes the running sums."""
-    ce, reg, correct, seen = (sums[k].item() for k in ("ce", "reg", "correct", "seen"))
-    off = mask_sparsity(model) if next(_masks(model), None) else None
-    row = {"step": step, "ce": ce / seen, "reg": reg / seen, "adv_acc": correct / seen, "off": off,
-           "img_per_s": seen / seconds}
+    """The log row of the steps since the last one, printed as one line naming the regulariser of `loss` ("lafa" for
+    AdvMask's); zeroes the running sums."""
+    seen = sums["seen"].item()
+    row = {"step": step, **{k: sums[k].item() / seen for k in ("ce", "reg")}, "adv_acc": sums["correct"].item() / seen,
+           "off": mask_sparsity(model) if next(_masks(model), None) else None, "img_per_s": seen / seconds}
     memory = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if sums["seen"].is_cuda else ""
+    off = "" if row["off"] is None else f" | off {100 * row['off']:.2f}%"
     print(f"step {step}/{total_steps} | ce {row['ce']:.3f} | {loss.partition('+')[2] or 'reg'} {row['reg']:.4f} | "
-          f"adv-acc {row['adv_acc']:.2f}{'' if off is None else f' | off {100 * off:.2f}%'} | "
-          f"{row['img_per_s']:.0f} img/s{memory}", flush=True)
+          f"adv-acc {row['adv_acc']:.2f}{off} | {row['img_per_s']:.0f} img/s{memory}", flush=True)
     for value in sums.values():
         value.zero_()
     return row
@@ -469,24 +464,20 @@ def _log_row(model, step, total_steps, sums, seconds, loss):
 def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, lam=LAM, eps=TRAIN_EPS,
           alpha=TRAIN_ALPHA, steps=TRAIN_STEPS, loss="ce+lafa", seed=0, precision=TRAIN_PRECISION, log_every=20,
           checkpoint=None, checkpoint_every=50):
-    """Adversarial mask tuning: only the scores change; every pre-trained weight stays bit for bit as it was (given
-    the weights tune_weights returned instead, the same loop fine-tunes them). The frozen network runs in eval mode
-    (no dropout, drop-path or patch dropout), and no step waits for the GPU.
+    """Adversarial mask tuning: only the scores change, every pre-trained weight stays bit for bit (given the weights
+    tune_weights returned instead, the same loop fine-tunes them). The frozen network runs in eval mode (no dropout
+    or drop-path), and no step waits for the GPU.
 
     Args:
         model, params: a ClipClassifier and the scores apply_masks put on it (or the weights tune_weights returned).
         images, labels: (N, 3, H, W) uint8 training images on the model's device, and their (N,) classes.
         epochs, batch_size, lr: Adam on params, a cosine schedule to 0 over epochs of steps_per_epoch full batches.
-        lam, loss: λ, and one of LOSSES ("ce+lafa" is the paper's method, the others its ablation rows).
-        eps, alpha, steps: the training PGD, in pixel units.
-        seed: seeds the only two generators training draws from, on the device: batch order and flips, and PGD's
-            random starts (the mask does not depend on torch's global generator).
-        precision: "fp32" or "bf16" (autocast), one autocast block per step, so that its cache of the bf16 casts of
-            trainable weights never outlives a step.
-        checkpoint: None, or (load, save) (the tooling's training_checkpoint(path)): load(state) restores the last
-            state saved into state's objects and returns (epochs done, log), or None; save(state, epochs done, log),
-            at the first epoch end after checkpoint_every steps and at the end. A killed run started again then ends
-            with the same mask, bit for bit, and the same log.
+        lam, loss, eps, alpha, steps: λ, one of LOSSES ("ce+lafa" is the paper's), and the training PGD (pixel units).
+        seed: seeds the only two generators training draws from, on the device: batch order and flips, PGD's starts.
+        precision: "fp32" or "bf16" (autocast), one autocast block per step, whose cache of bf16 weights dies with it.
+        checkpoint: None, or (load, save), e.g. training_checkpoint(path): load(state) restores the saved state into
+            state's objects and returns (epochs done, log), or None; save(state, epochs done, log) runs at the first
+            epoch end after checkpoint_every steps and at the end. A killed run started again ends bit for bit alike.
     Returns:
         The logged rows (dicts), one every log_every steps and the last at the final step.
     Raises:
@@ -551,9 +542,8 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
                 saved_at = step
                 print(f"checkpoint | epoch {epoch + 1}/{epochs} | step {step}/{total_steps}", flush=True)
     except KeyboardInterrupt:  # one line for the user, not a traceback from inside a training step
-        kept = save and saved_at  # a checkpoint was saved, or resumed from
-        raise KeyboardInterrupt(f"interrupted at step {step}/{total_steps}" + (
-            f"; rerun the same command to resume from the checkpoint of step {saved_at}" if kept else "")) from None
+        kept = f"; rerun the same command to resume from the checkpoint of step {saved_at}" if save and saved_at else ""
+        raise KeyboardInterrupt(f"interrupted at step {step}/{total_steps}{kept}") from None
     return history
 
 
@@ -562,17 +552,16 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
 
 def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
     """Clean accuracy once, and accuracy under every attack, over one pass through a test set. Like RobustBench, it
-    warns when an attack's accuracy exceeds clean accuracy, or when over 5 % of the images have an exactly zero input
-    gradient: symptoms of a broken attack or of gradient masking, under which a robust number means little.
+    warns when an attack beats clean accuracy or over 5 % of the images have an exactly zero input gradient: signs
+    of a broken attack or of gradient masking.
 
     Args:
         model: maps images in [0, 1] to logits, left in eval mode (bake the masks first: as fast as plain CLIP).
-        images, labels: (N, 3, H, W) uint8 test images (e.g. from cache_images) and (N,) labels; batches of
-            batch_size move to the model's device.
+        images, labels: (N, 3, H, W) uint8 test images and (N,) labels, moved to the model's device batch by batch.
         attacks: {name: attack(model, x, y, generator=g) -> x_adv}: pgd_attack itself (the paper's PGD-100), or
             any attack make_attack builds (PGD on CE or the CW margin, APGD-CE, APGD-T, AutoAttack).
-        seed: every attack gets a generator of its own on the model's device, seeded with this, so that its number
-            does not depend on which other attacks run, in what order, or before.
+        seed: every attack gets a generator of its own on the model's device seeded with it, so that its number does
+            not depend on which other attacks run, or in what order.
     Returns:
         {"n", "clean_acc", "zero_grad_share" (images whose loss has an all-zero input gradient), "seconds",
         "correct": (N,) bool, "attacks": {name: {"adv_acc", "seconds", "correct": (N,) bool}}}, on the CPU.
@@ -619,9 +608,8 @@ def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
                   f"{100 * accuracy['clean']:.2f}% on the same images: the attack is not working (broken attack or "
                   f"gradient masking)", file=sys.stderr)
     return {"n": n, "clean_acc": accuracy["clean"], "zero_grad_share": zero_grad / n, "seconds": seconds["clean"],
-            "correct": correct["clean"],
-            "attacks": {name: {"adv_acc": accuracy[name], "seconds": seconds[name],
-                               "correct": correct[name]} for name in attacks}}
+            "correct": correct["clean"], "attacks": {name: {"adv_acc": accuracy[name], "seconds": seconds[name],
+                                                            "correct": correct[name]} for name in attacks}}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -630,16 +618,15 @@ def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
 def adversarial_mask_tuning(clip, images, labels, class_names, templates=("a photo of a {}.",), target="mhsa",
                             tune="mask", epochs=None, tokenizer=None, **train_args):
     """AdvMask end to end, with no files, CLI or protocol: CLIP as a classifier of class_names, masks on the chosen
-    weights of its image tower, and min-max training. Returns the classifier, its masks on (save_masks it; bake_masks
-    it to evaluate at plain CLIP's cost), and the log train returned.
+    weights of its image tower, and min-max training. Returns the classifier with its masks on (save_masks it;
+    bake_masks it to evaluate at plain CLIP's cost), and train's log.
 
     Args:
         clip: a pre-trained open_clip CLIP, changed in place (weights frozen, masks put on its image tower).
         images, labels: (N, 3, H, W) uint8 training images at the model's input size (e.g. K per class from
-            sample_k_shot), and their (N,) classes, indices into class_names; prompts are template.format(name),
-            averaged over templates.
-        target, tune: the weights covered (MASK_TARGETS); "mask" (AdvMask), or "weights" (the comparator: adversarial
-            fine-tuning of the same weights, at WEIGHTS_LR unless train_args give lr).
+            sample_k_shot), and their (N,) indices into class_names; prompts are template.format(name), averaged.
+        target, tune: the weights covered (MASK_TARGETS); "mask" (AdvMask), or "weights" (adversarial fine-tuning of
+            the same weights, at WEIGHTS_LR unless train_args give lr).
         epochs: default_epochs(N, batch size) unless given; train_args: the rest of train's arguments.
     Example:
         >>> clip = open_clip.create_model("ViT-B-32-quickgelu", pretrained="openai")  # OpenAI's network: QuickGELU
@@ -741,9 +728,15 @@ def cw_loss(logits, labels):
     return (z_other - z_y).mean()
 
 
-ATTACKS = ("pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "aa", "aa-tga-zsr")
-MIN_CLASSES = {"apgd-dlr": DLR_MIN_CLASSES["dlr"], "apgd-t": DLR_MIN_CLASSES["dlr-targeted"],
-               "aa": DLR_MIN_CLASSES["dlr-targeted"]}
+# Every attack by name: its function, the arguments that make it this attack, and the classes a class set needs for
+# it (APGD's DLR losses; TGA-ZSR's AutoAttack falls back to APGD-CE alone instead)
+ATTACKS = {
+    "pgd": (pgd_attack, {"loss_fn": F.cross_entropy}, 0), "cw": (pgd_attack, {"loss_fn": cw_loss}, 0),
+    "apgd-ce": (apgd_attack, {"loss": "ce"}, 0), "apgd-dlr": (apgd_attack, {"loss": "dlr"}, DLR_MIN_CLASSES["dlr"]),
+    "apgd-t": (apgd_attack, {"loss": "dlr-targeted"}, DLR_MIN_CLASSES["dlr-targeted"]),
+    "aa": (autoattack, {"second": "dlr-targeted"}, DLR_MIN_CLASSES["dlr-targeted"]),
+    "aa-tga-zsr": (autoattack, {"second": "dlr"}, 0),
+}
 
 
 def make_attack(name, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST_STEPS):
@@ -753,15 +746,11 @@ def make_attack(name, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST_STEPS):
     Example:
         >>> evaluate(model, x_u8, y, {name: make_attack(name, eps=4/255) for name in ("pgd", "aa")})
     """
-    if name in ("pgd", "cw"):
-        return partial(pgd_attack, eps=eps, alpha=alpha, steps=steps, random_start=True,
-                       loss_fn=F.cross_entropy if name == "pgd" else cw_loss)
-    if name in ("aa", "aa-tga-zsr"):
-        return partial(autoattack, eps=eps, steps=steps, second="dlr-targeted" if name == "aa" else "dlr")
-    if name in ("apgd-ce", "apgd-dlr", "apgd-t"):
-        return partial(apgd_attack, eps=eps, steps=steps,
-                       loss={"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-targeted"}[name])
-    raise ValueError(f"unknown attack {name!r}; use one of {', '.join(ATTACKS)}")
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; use one of {', '.join(ATTACKS)}")
+    attack, kwargs, _ = ATTACKS[name]
+    step = {"alpha": alpha, "random_start": True} if attack is pgd_attack else {}  # APGD adapts its own step
+    return partial(attack, eps=eps, steps=steps, **step, **kwargs)
 
 
 def worst_case_accuracy(correct):
@@ -1253,13 +1242,12 @@ TGA_ZSR = {
 }
 TGA_ZSR_TRAIN = ("tinyimagenet", "cifar10", "cifar100", "imagenet")  # what its load_train_dataset can train on
 TGA_ZSR_SQUASHED = ("cifar10", "cifar100", "stl10")  # Resize((224, 224)); the others Resize(256) + CenterCrop(224)
-# Its names where they are not torchvision's: EuroSAT's and PCAM's by label, Flowers102's spellings of four (sic)
+# Its names where they are not torchvision's: EuroSAT's and PCAM's by label, Flowers102's spellings of three (sic)
 TGA_ZSR_EUROSAT = ["annual crop land", "a forest", "brushland or shrubland", "a highway or a road",
                    "industrial buildings", "pasture land", "permanent crop land", "residential buildings", "a river",
                    "a sea or a lake"]
 TGA_ZSR_PCAM = ["Tthis is a photo of healthy lymph node tissue.", "This is a photo of lymph node tumor tissue."]
-TGA_ZSR_FLOWERS = {"colt's foot": "colts foot", "pink-yellow dahlia": "pink-yellow dahlia?", "cyclamen": "cyclamen ",
-                   "hippeastrum": "hippeastrum "}
+TGA_ZSR_FLOWERS = {"colt's foot": "colts foot", "cyclamen": "cyclamen ", "hippeastrum": "hippeastrum "}
 # --eval-datasets presets. coop: CoOp's suite less ImageNet (the transfer default); tga-zsr: TGA-ZSR's 16, in its
 # order (the default under --conventions tga-zsr); imagenet-shifts: the domain-generalisation test sets.
 EVAL_PRESETS = {
@@ -1296,24 +1284,8 @@ CLASS_RENAMES = {
 }
 # PCAM's labels 0/1 as CLIP's prompt list names them (torchvision's PCAM has no class names).
 PCAM_CLASSES = ["lymph node", "lymph node containing metastatic tumor tissue"]
-# torchvision's Flowers102 has no class names; these are CoOp's (from github.com/jimgoo/caffe-oxford102), by label.
-FLOWERS102_CLASSES = [
-    "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold", "tiger lily",
-    "moon orchid", "bird of paradise", "monkshood", "globe thistle", "snapdragon", "colt's foot", "king protea",
-    "spear thistle", "yellow iris", "globe-flower", "purple coneflower", "peruvian lily", "balloon flower",
-    "giant white arum lily", "fire lily", "pincushion flower", "fritillary", "red ginger", "grape hyacinth",
-    "corn poppy", "prince of wales feathers", "stemless gentian", "artichoke", "sweet william", "carnation",
-    "garden phlox", "love in the mist", "mexican aster", "alpine sea holly", "ruby-lipped cattleya", "cape flower",
-    "great masterwort", "siam tulip", "lenten rose", "barbeton daisy", "daffodil", "sword lily", "poinsettia",
-    "bolero deep blue", "wallflower", "marigold", "buttercup", "oxeye daisy", "common dandelion", "petunia",
-    "wild pansy", "primula", "sunflower", "pelargonium", "bishop of llandaff", "gaura", "geranium", "orange dahlia",
-    "pink-yellow dahlia", "cautleya spicata", "japanese anemone", "black-eyed susan", "silverbush", "californian poppy",
-    "osteospermum", "spring crocus", "bearded iris", "windflower", "tree poppy", "gazania", "azalea", "water lily",
-    "rose", "thorn apple", "morning glory", "passion flower", "lotus", "toad lily", "anthurium", "frangipani",
-    "clematis", "hibiscus", "columbine", "desert-rose", "tree mallow", "magnolia", "cyclamen", "watercress",
-    "canna lily", "hippeastrum", "bee balm", "ball moss", "foxglove", "bougainvillea", "camellia", "mallow",
-    "mexican petunia", "bromelia", "blanket flower", "trumpet creeper", "blackberry lily",
-]
+# Flowers102's names, CoOp's (from github.com/jimgoo/caffe-oxford102) by label: torchvision's (0.22 on) but for one.
+FLOWERS102_CLASSES = [c.removesuffix("?") for c in torchvision.datasets.Flowers102.classes]  # "pink-yellow dahlia?"
 
 
 # Two small Dataset classes, the only classes here that are not nn.Modules: torch's Subset cannot relabel (base/new
@@ -1485,7 +1457,7 @@ def _tga_zsr_classes(name, ds, root, ours):
     if name == "pcam":  # whole sentences: its PCAM class's clip_prompts
         return list(TGA_ZSR_PCAM)
     raw = (ours if name == "tinyimagenet" else TGA_ZSR_EUROSAT if name == "eurosat" else
-           [TGA_ZSR_FLOWERS.get(c, c) for c in FLOWERS102_CLASSES] if name == "flowers102" else
+           [TGA_ZSR_FLOWERS.get(c, c) for c in ds.classes] if name == "flowers102" else
            _tga_zsr_imagenet_names(root, ds.wnids) if name == "imagenet" else
            ds.categories if name == "caltech101" else  # all 101: Faces and Faces_easy both (a mistake we follow)
            [c[4:].replace("-101", "") for c in ds.categories] if name == "caltech256" else  # "257.clutter" kept
@@ -2422,11 +2394,8 @@ def export(run_dir, out_dir, visual=False, overwrite=False):
     if not finished.get("complete"):
         raise ValueError(f"{run_dir} is not finished (its results.json says complete: false); rerun its command, "
                          f"which evaluates the cells it lacks, then export it")
-    if "model_identity" not in settings:
-        raise ValueError(f"{run_dir} was made before runs recorded their model; evaluate its file again with this "
-                         f"version (--protocol transfer --{tuned.stem} {tuned}) and export that run")
     torch.manual_seed(settings["seed"])  # random base weights (--pretrained none) are drawn as main drew them
-    clip, _, identity = load_clip(settings["model"] or "ViT-B-32", settings["pretrained"])
+    clip, _, identity = load_clip(settings["model"], settings["pretrained"])
     if tuned.name == "masks.bin":  # either load refuses other base weights than the run's
         sparsity = mask_sparsity(load_masks(clip, tuned, describe(identity)))
         bake_masks(clip)
@@ -2486,7 +2455,7 @@ def model_card(run_dir, finished, identity, sparsity, file_name):
             ("training precision", s["precision"])]
     cells = ["| model | evaluated on | attack | ε | steps | test images | clean % | robust % |", "|---" * 8 + "|"]
     cells += [f"| {e['model']} | {e['eval']} | {e['attack']} | {e['eps']:g}/255 | "  # each cell's own attack steps
-              f"{e.get('test_steps', s['test_steps'])} | {e['n']} | {100 * e['clean_acc']:.2f} | "
+              f"{e['test_steps']} | {e['n']} | {100 * e['clean_acc']:.2f} | "
               f"{100 * e['adv_acc']:.2f} |" for e in finished["results"]]
     return "\n".join([
         "---", "tags:", "- clip", "- adversarial-robustness", "- advmask", "library_name: open_clip",
@@ -2988,8 +2957,8 @@ def _class_sets(args, train_on, data):
         sets = {args.dataset: (train_on["test"], train_names, template)}
     for name, (_, names, _) in sets.items():
         for attack in args.attack:
-            if len(names) < MIN_CLASSES.get(attack, 0):
-                raise ValueError(f"class set {name!r} has {len(names)} classes, fewer than the {MIN_CLASSES[attack]} "
+            if len(names) < ATTACKS[attack][2]:
+                raise ValueError(f"class set {name!r} has {len(names)} classes, fewer than the {ATTACKS[attack][2]} "
                                  f"that {attack}'s DLR loss needs; use apgd-ce, pgd, cw or aa-tga-zsr for it instead")
     return train_set, train_names, template, sets
 
@@ -3142,16 +3111,13 @@ def _run_in(out_dir, args, device):
             fp16_network(model)
     lap("train")
 
-    # cells of earlier runs into this folder (older files record their evaluation settings and test images once)
+    # the cells of earlier runs into this folder, each with its own evaluation settings and test set
     test_split = {name: args.dataset if name in ("base", "new") else name for name in sets}  # a class set's dataset
-    old_splits, subsets = previous.get("splits", {}), previous.get("test_indices_sha256", {})
     class_sets = previous.get("class_sets", {}) | {  # a rerun only adds
         name: {"templates": templates, "classes": names, "n_test": len(test_set),
                "preprocess": resizing[test_split[name]]}
         for name, (test_set, names, templates) in sets.items()}
-    results = [{k: previous["settings"].get(k) for k in CELL_SETTINGS} | {"test_set": _test_set(
-        old_splits.get(test_split.get(row["eval"], row["eval"])), subsets.get(row["eval"]),
-        previous.get("class_sets", {}).get(row["eval"]))} | row for row in previous.get("results", [])]
+    results, splits = previous.get("results", []), previous.get("splits", {}) | splits
     done = {_cell_key(row) for row in results}
     if results:
         print(f"reusing {len(results)} finished cell{'s' * (len(results) != 1)} of {results_path}")
@@ -3159,9 +3125,9 @@ def _run_in(out_dir, args, device):
     def save(complete):  # at once, atomically, after every evaluation: a failure keeps every finished cell
         write_json(results_path, {
             "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
-            "sparsity": sparsity, "splits": old_splits | splits, "seconds": time.perf_counter() - start,
-            "phases": phases, "complete": complete, "results": results, "train_log": history, "settings": settings,
-            "test_indices_sha256": subsets, "class_sets": class_sets})
+            "sparsity": sparsity, "splits": splits, "seconds": time.perf_counter() - start, "phases": phases,
+            "complete": complete, "results": results, "train_log": history, "settings": settings,
+            "class_sets": class_sets})
 
     save(complete=False)
     for name, (test_set, names, templates) in sets.items():
@@ -3176,7 +3142,6 @@ def _run_in(out_dir, args, device):
         todo = {m: [(a, eps) for a, eps in itertools.product(args.attack, args.test_eps)
                     if _cell_key({**cells[m], "attack": a, "eps": eps}) not in done] for m in models}
         if any(todo.values()):
-            subsets[name] = indices_sha256
             test_images, test_labels = cache_images(test_set, chosen, "cpu", args.workers)  # decoded once
             lap(f"decode {name}")
         for tuned_name, model in models.items():
