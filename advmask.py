@@ -2558,112 +2558,103 @@ DRY_RUN = {"model": "tiny", "pretrained": "none", "test_steps": 3, "epochs": 20,
 
 
 def parse_args(argv):
-    p = _parser(None, "AdvMask: few-shot adversarial mask tuning of CLIP. Four commands: 'advmask.py [flags]' runs one "
-                      "protocol; 'advmask.py summarize RUNS_DIR' tables finished runs; 'advmask.py analyze PATH...' "
-                      "shows where masks cut; 'advmask.py export RUN_DIR OUT_DIR' writes a run as an open_clip model "
-                      "folder (each has --help).", _HelpFormatter)
-    p.add_argument("--dataset", default="oxford_pets", choices=[d for d in DATASETS if DATASETS[d][1] != ()],
-                   help="training (source) dataset")
-    p.add_argument("--data-root", default="data", help="where the datasets live (or get downloaded)")
-    p.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
-    p.add_argument("--split-json", default=None, help="CoOp split_zhou_<Name>.json: use exactly its train/test split")
-    p.add_argument("--split-dir", default=None,
-                   help="folder of CoOp's split_zhou_<Name>.json files: every dataset with a file there uses it "
-                        "(one flag for a whole sweep); the others keep their default split")
-    p.add_argument("--synthetic", action="store_true",
-                   help="random images at the real size of each dataset (classes, K-shot set, whole test split): "
-                        "times the real job without the data")
-    p.add_argument("--protocol", default="few_shot", choices=["few_shot", "base2new", "transfer"],
-                   help="few_shot: K shots of every class; base2new: train on the first half of the classes, test on "
-                        "both halves; transfer: test zero-shot on --eval-datasets")
-    p.add_argument("--eval-datasets", type=_list(str, [*EVAL_PRESETS, *DATASETS], distinct=False),
-                   default=None,
-                   help="transfer: comma-separated datasets or presets evaluated zero-shot; presets: " + "; ".join(
-                       f"{k} = {' '.join(v)}" for k, v in EVAL_PRESETS.items()) + " (default: coop)")
-    p.add_argument("--eval-limit", type=_number(int, 1), default=None,
-                   help="evaluate a fixed, class-balanced subset of at most this many test images per evaluated "
-                        "dataset, the same for every run (default: the whole test split)")
-    p.add_argument("--conventions", default="coop", choices=["coop", "fap", "tga-zsr"],
-                   help="the data's conventions, in training and evaluation: coop (CoOp's templates, names, class "
-                        "sets and splits; the model's resizing), fap (FAP's code exactly, for few_shot and base2new: "
-                        "CoOp's split files with Dassl's K-shot draw, fp16 evaluation in test batches of 200) or "
-                        "tga-zsr (TGA-ZSR's code exactly: its prompts, names, class sets, test sets and resizing, its "
-                        "16 test sets by default); see README")
-    p.add_argument("--masks", default=None, help="transfer: evaluate this mask file instead of training one")
-    p.add_argument("--tune", default=None, choices=list(TUNED_MODEL),
-                   help="mask: AdvMask; weights: adversarial fine-tuning of the same weights (--mask-target) with "
-                        "the same data, loss, budget and schedule, the comparison the paper's reviewers asked for "
-                        "(default: mask; weights with --weights)")
-    p.add_argument("--weights", default=None,
-                   help="transfer: evaluate this weights file (of a --tune weights run) instead of training")
-    p.add_argument("--baseline", nargs="?", const="clip", default=None, metavar="MODEL",
-                   help="also evaluate, under the same attacks and on the same images, unmasked CLIP (no value) or "
-                        "an open_clip model folder: hf-hub:ORG/NAME or local-dir:PATH (e.g. FARE's "
-                        "hf-hub:chs20/fare2-clip)")
-    p.add_argument("--shots", type=_number(int, 1), default=16, help="training images per class (K)")
-    p.add_argument("--seed", type=int, default=1, help="fixes the K-shot sample, batch order, flips and attack starts")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="CUDA: reproducible kernels only (cuDNN/cuBLAS), bit-identical reruns at some speed cost; "
-                        "CPU runs are reproducible without it")
-    p.add_argument("--precision", default=TRAIN_PRECISION, choices=["bf16", "fp32"],
-                   help="training precision: fp32 (on CUDA with TF32 matmuls) or bf16 autocast; scores, optimiser "
-                        "and accuracies stay fp32 either way; see README for why bf16 is not the default")
-    p.add_argument("--model", default=None,
-                   help="open_clip model name (ViT-B-32-quickgelu for OpenAI's weights as a file), an open_clip "
-                        "model folder (hf-hub:ORG/NAME, local-dir:PATH), path to an open_clip config JSON, or tiny "
-                        "(the small random CLIP of the tests, for trying things on a CPU) (default: ViT-B-32; with "
-                        "--benchmark, a small built-in config)")
-    p.add_argument("--pretrained", default=None,
-                   help="open_clip tag, local checkpoint path, or none (random) (default: openai; none for tiny; a "
-                        "model folder's own weights)")
-    p.add_argument("--mask-target", default="mhsa", choices=list(MASK_TARGETS),
-                   help="the weights masked (or tuned): attention (the paper's), MLP, or both")
-    p.add_argument("--loss", default="ce+lafa", choices=LOSSES, help="ce+lafa is AdvMask; the rest are its ablation")
-    p.add_argument("--lam", type=_number(float, 0), default=LAM, help="λ, weight of the regulariser (LAFA)")
-    p.add_argument("--epochs", type=_number(int, 1), default=None,
-                   help=f"default: enough for about {TRAIN_BUDGET_STEPS} optimisation steps, at least 1")
-    p.add_argument("--batch-size", type=_number(int, 1), default=BATCH_SIZE,
-                   help="training images per optimisation step")
-    p.add_argument("--eval-batch-size", type=_number(int, 1), default=None,
-                   help="test images per attacked batch (default: 256; FAP's 200 under --conventions fap)")
-    p.add_argument("--lr", type=_number(float, 0, strict=True), default=None,
-                   help=f"Adam's learning rate (default: {LR:g} for mask scores, {WEIGHTS_LR:g} for weights)")
-    p.add_argument("--train-eps", type=partial(_per255, eps=True), default=TRAIN_EPS * 255,
-                   help="training PGD's ε, in /255 units")
-    p.add_argument("--train-alpha", type=_per255, default=TRAIN_ALPHA * 255, help="its step, in /255 units")
-    p.add_argument("--train-steps", type=_number(int, 0), default=TRAIN_STEPS, help="training PGD's steps")
-    p.add_argument("--attack", type=_list(str, ATTACKS), default="pgd",
-                   help="comma-separated: pgd (CE loss), cw (CW margin), apgd-ce, apgd-dlr, apgd-t, aa (AutoAttack "
-                        "as RobustVLM/FARE run it: APGD-CE then APGD-T), aa-tga-zsr (as TGA-ZSR runs it: APGD-CE then "
-                        "APGD-DLR, APGD-CE alone on 2 classes); with several, results also get the per-image worst "
-                        "case")
-    p.add_argument("--test-eps", type=_list(partial(_per255, eps=True)), default=f"{TEST_EPS * 255:g}",
-                   help="comma-separated, in /255 units: 1,4 or 1/255,4/255")
-    p.add_argument("--test-alpha", type=_per255, default=TEST_ALPHA * 255, help="the attacks' step, in /255 units")
-    p.add_argument("--test-steps", type=_number(int, 0), default=TEST_STEPS, help="iterations of every test attack")
-    p.add_argument("--eval-precision", default=None, choices=["bf16", "fp16", "fp32"],
-                   help=f"precision of clean and attacked evaluation: fp32, bf16 autocast, or fp16 as FAP's code "
-                        f"converts OpenAI's network (default: {EVAL_PRECISION}; fp16 under --conventions fap; see "
-                        f"README)")
-    p.add_argument("--checkpoint-every", type=_number(int, 1), default=50,
-                   help="save the training state at the first epoch end after this many steps (1: every epoch)")
-    p.add_argument("--workers", type=_number(int, 0), default=min(8, os.cpu_count() or 1),
-                   help="data-loading processes")
-    p.add_argument("--out-dir", default=None,
-                   help="default: runs/<protocol>/<dataset>/<shots>shot/seed<seed> (seed<seed>-weights for --tune "
-                        "weights; runs/transfer/consensus/<k>of<n>-<sha256> for a consensus mask; runs_dry/... for "
-                        "--dry-run, runs_synthetic/... for --synthetic)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start the run in --out-dir over: its mask or weights, checkpoint and results are removed "
-                        "first (to change its training settings, or to retrain a corrupt file)")
-    p.add_argument("--dry-run", action="store_true",
-                   help=f"the tiny random CLIP on synthetic images, {DRY_RUN['epochs']} epochs at lr "
-                        f"{DRY_RUN['lr']:g}, PGD-{DRY_RUN['test_steps']} evaluation: the whole pipeline in seconds")
-    p.add_argument("--benchmark", nargs="?", const="speed", choices=["speed", "precision"],
-                   help="speed: one JSON line of masked vs unmasked training speed and memory, baked vs plain PGD "
-                        "speed, mask-file bits per weight; precision: one JSON line per training precision of LAFA's "
-                        "error against fp32, block by block (4 images; default model ViT-B-32); random weights")
+    p = _parser(None, "AdvMask: few-shot adversarial mask tuning of CLIP. 'advmask.py [flags]' runs one protocol; "
+                      "'advmask.py summarize RUNS_DIR' tables finished runs; 'advmask.py analyze PATH...' shows where "
+                      "masks cut; 'advmask.py export RUN_DIR OUT_DIR' writes a run as an open_clip model folder (each "
+                      "has --help).", _HelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="oxford_pets", choices=[d for d in DATASETS if DATASETS[d][1] != ()],
+                      help="training (source) dataset")
+    data.add_argument("--data-root", default="data", help="where the datasets live (or get downloaded)")
+    data.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
+    data.add_argument("--split-json", help="CoOp split_zhou_<Name>.json: use exactly its train/test split")
+    data.add_argument("--split-dir", help="folder of CoOp's split_zhou_<Name>.json files, for every dataset with "
+                                          "one there (the others keep their default split)")
+    data.add_argument("--synthetic", action="store_true",
+                      help="random images at each dataset's real size (classes, K-shot set, test split): times the "
+                           "real job without the data")
+    data.add_argument("--conventions", default="coop", choices=["coop", "fap", "tga-zsr"],
+                      help="coop: CoOp's templates, names, class sets and splits, the model's resizing; fap: FAP's "
+                           "code (CoOp's split files, Dassl's K-shot draw, fp16 evaluation in test batches of 200); "
+                           "tga-zsr: TGA-ZSR's code (prompts, names, class sets, test sets, resizing); see README")
+    data.add_argument("--shots", type=_number(int, 1), default=16, help="training images per class (K)")
+    data.add_argument("--seed", type=int, default=1, help="fixes the K-shot sample, batch order, flips and attacks")
+    data.add_argument("--workers", type=_number(int, 0), default=min(8, os.cpu_count() or 1),
+                      help="data-loading processes")
+    protocol = p.add_argument_group("protocol")
+    protocol.add_argument("--protocol", default="few_shot", choices=["few_shot", "base2new", "transfer"],
+                          help="few_shot: K shots of every class; base2new: train on the first half of the classes, "
+                               "test on both halves; transfer: test zero-shot on --eval-datasets")
+    protocol.add_argument("--eval-datasets", type=_list(str, [*EVAL_PRESETS, *DATASETS], distinct=False),
+                          help="transfer: comma-separated datasets or presets (" + "; ".join(
+                              f"{k} = {' '.join(v)}" for k, v in EVAL_PRESETS.items()) + ") (default: coop)")
+    protocol.add_argument("--masks", help="transfer: evaluate this mask file instead of training one")
+    protocol.add_argument("--weights", help="transfer: evaluate this weights file (of a --tune weights run)")
+    protocol.add_argument("--baseline", nargs="?", const="clip", metavar="MODEL",
+                          help="also evaluate, on the same images and attacks, unmasked CLIP (no value) or a model "
+                               "folder, hf-hub:ORG/NAME or local-dir:PATH (e.g. FARE's hf-hub:chs20/fare2-clip)")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", help="open_clip model name, model folder (hf-hub:ORG/NAME, local-dir:PATH) or config "
+                                       "JSON, or tiny (the tests' small random CLIP) (default: ViT-B-32, or "
+                                       "ViT-B-32-quickgelu for OpenAI's weights as a file; --benchmark: its own)")
+    model.add_argument("--pretrained", help="open_clip tag, checkpoint path, or none (random) (default: openai; none "
+                                            "for tiny; a model folder's own)")
+    model.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    model.add_argument("--deterministic", action="store_true",
+                       help="CUDA: deterministic kernels, bit-identical reruns at some speed cost (CPU runs are so "
+                            "without it)")
+    train = p.add_argument_group("training")
+    train.add_argument("--tune", choices=list(TUNED_MODEL),
+                       help="mask: AdvMask; weights: adversarial fine-tuning of the same weights with the same data, "
+                            "loss and budget, the reviewers' comparison (default: mask; weights with --weights)")
+    train.add_argument("--mask-target", default="mhsa", choices=list(MASK_TARGETS),
+                       help="the weights masked (or tuned): attention (the paper's), MLP, or both")
+    train.add_argument("--loss", default="ce+lafa", choices=LOSSES, help="ce+lafa is AdvMask; the rest its ablation")
+    train.add_argument("--lam", type=_number(float, 0), default=LAM, help="λ, weight of the regulariser (LAFA)")
+    train.add_argument("--epochs", type=_number(int, 1),
+                       help=f"default: enough for about {TRAIN_BUDGET_STEPS} optimisation steps, at least 1")
+    train.add_argument("--batch-size", type=_number(int, 1), default=BATCH_SIZE, help="images per optimisation step")
+    train.add_argument("--lr", type=_number(float, 0, strict=True),
+                       help=f"Adam's learning rate (default: {LR:g} for mask scores, {WEIGHTS_LR:g} for weights)")
+    train.add_argument("--train-eps", type=partial(_per255, eps=True), default=TRAIN_EPS * 255,
+                       help="training PGD's ε, in /255 units")
+    train.add_argument("--train-alpha", type=_per255, default=TRAIN_ALPHA * 255, help="its step, in /255 units")
+    train.add_argument("--train-steps", type=_number(int, 0), default=TRAIN_STEPS, help="training PGD's steps")
+    train.add_argument("--precision", default=TRAIN_PRECISION, choices=["bf16", "fp32"],
+                       help="fp32 (TF32 matmuls on CUDA) or bf16 autocast; scores, optimiser and accuracies stay fp32; "
+                            "README says why bf16 is not the default")
+    train.add_argument("--checkpoint-every", type=_number(int, 1), default=50,
+                       help="save the training state at the first epoch end after this many steps")
+    test = p.add_argument_group("evaluation")
+    test.add_argument("--attack", type=_list(str, ATTACKS), default="pgd",
+                      help="comma-separated: pgd (CE loss), cw (CW margin), apgd-ce, apgd-dlr, apgd-t, aa (APGD-CE, "
+                           "then APGD-T, as RobustVLM/FARE), aa-tga-zsr (APGD-CE, then APGD-DLR, as TGA-ZSR); with "
+                           "several, also the per-image worst case")
+    test.add_argument("--test-eps", type=_list(partial(_per255, eps=True)), default=f"{TEST_EPS * 255:g}",
+                      help="comma-separated, in /255 units: 1,4 or 1/255,4/255")
+    test.add_argument("--test-alpha", type=_per255, default=TEST_ALPHA * 255, help="the attacks' step, in /255 units")
+    test.add_argument("--test-steps", type=_number(int, 0), default=TEST_STEPS, help="iterations of every test attack")
+    test.add_argument("--eval-limit", type=_number(int, 1),
+                      help="evaluate a fixed class-balanced subset of at most this many test images per dataset "
+                           "(default: the whole test split)")
+    test.add_argument("--eval-batch-size", type=_number(int, 1),
+                      help="test images per attacked batch (default: 256; FAP's 200 under --conventions fap)")
+    test.add_argument("--eval-precision", choices=["bf16", "fp16", "fp32"],
+                      help=f"fp32, bf16 autocast, or fp16 as FAP's code converts OpenAI's network (default: "
+                           f"{EVAL_PRECISION}; fp16 under --conventions fap)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out-dir", help="default: runs/<protocol>/<dataset>/<shots>shot/seed<seed>[-weights], "
+                                       "runs/transfer/consensus/<k>of<n>-<sha256> for a consensus mask; runs_dry/... "
+                                       "and runs_synthetic/... for --dry-run and --synthetic")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start the run in --out-dir over (its trained file, checkpoint and results go first)")
+    out.add_argument("--dry-run", action="store_true",
+                     help=f"the tiny random CLIP on synthetic images, {DRY_RUN['epochs']} epochs at lr "
+                          f"{DRY_RUN['lr']:g}, PGD-{DRY_RUN['test_steps']}: the whole pipeline in seconds")
+    out.add_argument("--benchmark", nargs="?", const="speed", choices=["speed", "precision"],
+                     help="speed: a JSON line of masked vs unmasked training speed and memory, baked vs plain PGD "
+                          "speed, mask bits per weight; precision: a JSON line per training precision of LAFA's "
+                          "error against fp32 (4 images; default model ViT-B-32); random weights")
     args = p.parse_args(argv)
     if args.dry_run:  # the tiny model and settings under which its mask turns weights off in seconds
         overridden = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "pretrained", "test_steps")
@@ -2818,6 +2809,11 @@ TUNED_MODEL = {"mask": "advmask", "weights": "adv_ft"}
 def _template(dataset, conventions):
     """The prompt template of a dataset under --conventions: CoOp's (or CLIP's) or TGA-ZSR's."""
     return TGA_ZSR[dataset][0] if conventions == "tga-zsr" else DATASETS[dataset][0]
+
+
+def _test_split(args, name):
+    """The dataset whose split a class set's test images come from: the training dataset's for base and new."""
+    return args.dataset if name in ("base", "new") else name
 
 
 def _cell_key(row):
@@ -3025,44 +3021,48 @@ def run(args, device):
         return _run_in(out_dir, args, device)
 
 
-def _run_in(out_dir, args, device):
-    """run's steps, in out_dir."""
-    start = tic = time.perf_counter()
-    phases = {}  # seconds per phase, printed and stored in results.json
+# What a run loads before it trains or evaluates (_load_run)
+Loaded = collections.namedtuple("Loaded", "clip tokenizer identity settings splits resizing train_on train_set "
+                                          "train_names template sets baseline baseline_tokenizer")
 
-    def lap(phase):
-        nonlocal tic
-        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - tic
-        tic = time.perf_counter()
 
+def _load_run(args, device):
+    """A Loaded record: CLIP and its identity, the datasets (each one's split and resizing recorded), the class sets
+    of the protocol, the --baseline model, and the settings that config.json records."""
     clip, tokenizer, identity = load_clip(args.model, args.pretrained)
-    clip, source = clip.to(device), describe(identity)
+    clip = clip.to(device)
     if args.eval_precision == "fp16":
-        check_fp16(clip, source)
-    size = clip.visual.image_size[0]
-    settings = {**vars(args), "device": str(device), "model_identity": identity}
+        check_fp16(clip, describe(identity))
     splits, resizing = {}, {}  # dataset -> its split record; -> how its images were resized ("synthetic": random)
 
     def data(name, with_train=True):  # one of the run's datasets, its split and resizing recorded
-        d, resizing[name] = _load_data(name, args, identity, size, with_train)
+        d, resizing[name] = _load_data(name, args, identity, clip.visual.image_size[0], with_train)
         splits[name] = d["split"]
         return d
 
     # what is trained on (None for a --masks or --weights file), and the class sets evaluated
     train_on = None if args.masks or args.weights else data(args.dataset)
-    settings["train_split"] = splits.get(args.dataset)  # the training data as it decides the mask, not its folder
     train_set, train_names, template, sets = _class_sets(args, train_on, data)
     baseline, baseline_tokenizer, baseline_identity = _load_baseline(args, clip, tokenizer, identity, device)
-    if baseline_identity:
-        settings["baseline_identity"] = baseline_identity
-    lap("load")
+    settings = {**vars(args), "device": str(device), "model_identity": identity,
+                "train_split": splits.get(args.dataset),  # the training data as it decides the mask, not its folder
+                **({"baseline_identity": baseline_identity} if baseline_identity else {})}
+    return Loaded(clip, tokenizer, identity, settings, splits, resizing, train_on, train_set, train_names, template,
+                  sets, baseline, baseline_tokenizer)
+
+
+def _train_or_reuse(out_dir, args, device, loaded, lap):
+    """Put the tuned file on loaded.clip: the --masks or --weights file, the one a run of the same training settings
+    saved in out_dir, or one trained now (from its checkpoint, if any) and saved there; then bake the mask (or freeze
+    the weights) for evaluation. Returns (the results.json beside that file, or {}; the training log; the share of
+    weights off, or None; the outcome in words)."""
+    clip, source = loaded.clip, describe(loaded.identity)
     checkpoint, results_path = out_dir / "checkpoint.pt", out_dir / "results.json"
     trained = out_dir / ("masks.bin" if args.tune == "mask" else "weights.bin")
-    same_run = _check_out_dir(out_dir, checkpoint, settings, args.overwrite)
+    same_run = _check_out_dir(out_dir, checkpoint, loaded.settings, args.overwrite)
     train_now = not (args.masks or args.weights or same_run and trained.is_file())
     # finished cells stay only beside the file they measured: a mask trained now (its file gone) starts them over
     previous = read_json(results_path) if same_run and not train_now and results_path.is_file() else {}
-    history = previous.get("train_log", [])
     if args.masks or args.weights:  # a file that does not fit is refused here, before anything is written
         target = (next(_masks(load_masks(clip, args.masks, source))).mask.target if args.masks else
                   load_weights(clip, args.weights, source)["target"])
@@ -3073,24 +3073,25 @@ def _run_in(out_dir, args, device):
         (load_masks if args.tune == "mask" else load_weights)(clip, trained, source)
         print(f"reusing {trained}, trained by an earlier run with the same settings")
     if train_now:
-        train_set, indices = _k_shot(args, train_on, train_set, train_names)
+        train_set, indices = _k_shot(args, loaded.train_on, loaded.train_set, loaded.train_names)
         images, labels = cache_images(train_set, indices, device, args.workers)
         lap("cache")
         epochs = args.epochs or default_epochs(len(labels), args.batch_size)
         print(f"{args.protocol} on {args.dataset}: {len(labels)} training images ({args.shots} per class, "
-              f"{len(train_names)} classes), {epochs} epoch{'s' * (epochs != 1)} on {device} ({args.precision})")
+              f"{len(loaded.train_names)} classes), {epochs} epoch{'s' * (epochs != 1)} on {device} ({args.precision})")
     # before anything new: an interrupted overwrite, or retraining, leaves no old result behind
     for old in (checkpoint, results_path, out_dir / "masks.bin", out_dir / "weights.bin") if args.overwrite else (
             [results_path] if train_now else []):
         old.unlink(missing_ok=True)
-    write_json(out_dir / "config.json", settings)
+    write_json(out_dir / "config.json", loaded.settings)
+    history = previous.get("train_log", [])
     if train_now:
         with _out_of_memory("--batch-size", args.batch_size):  # the checkpoint stays for the rerun
             _, history = adversarial_mask_tuning(
-                clip, images, labels, train_names, templates=template, target=args.mask_target, tune=args.tune,
-                epochs=epochs, tokenizer=tokenizer, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
-                eps=args.train_eps / 255, alpha=args.train_alpha / 255, steps=args.train_steps, loss=args.loss, seed=args.seed,
-                precision=args.precision, checkpoint=training_checkpoint(checkpoint),
+                clip, images, labels, loaded.train_names, templates=loaded.template, target=args.mask_target,
+                tune=args.tune, epochs=epochs, tokenizer=loaded.tokenizer, batch_size=args.batch_size, lr=args.lr,
+                lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255, steps=args.train_steps,
+                loss=args.loss, seed=args.seed, precision=args.precision, checkpoint=training_checkpoint(checkpoint),
                 checkpoint_every=args.checkpoint_every)
         provenance = {k: getattr(args, k) for k in PROVENANCE}
         if args.tune == "mask":
@@ -3107,36 +3108,23 @@ def _run_in(out_dir, args, device):
         sparsity, outcome = None, f"tuned {n_tuned:,} weights"
         clip.requires_grad_(False)  # attacks need the input's gradient only
     if args.eval_precision == "fp16":  # trained in the training precision: baked, then converted
-        for model in (clip, baseline) if args.baseline else (clip,):
+        for model in (clip, loaded.baseline) if args.baseline else (clip,):
             fp16_network(model)
     lap("train")
+    return previous, history, sparsity, outcome
 
-    # the cells of earlier runs into this folder, each with its own evaluation settings and test set
-    test_split = {name: args.dataset if name in ("base", "new") else name for name in sets}  # a class set's dataset
-    class_sets = previous.get("class_sets", {}) | {  # a rerun only adds
-        name: {"templates": templates, "classes": names, "n_test": len(test_set),
-               "preprocess": resizing[test_split[name]]}
-        for name, (test_set, names, templates) in sets.items()}
-    results, splits = previous.get("results", []), previous.get("splits", {}) | splits
+
+def _evaluate_missing(args, device, loaded, splits, class_sets, results, save, lap):
+    """Evaluate, class set by class set, the tuned model (and the baseline) in every cell of the flags that results
+    lacks, appending its entries (and the per-image worst case over several attacks) and saving after each model."""
     done = {_cell_key(row) for row in results}
-    if results:
-        print(f"reusing {len(results)} finished cell{'s' * (len(results) != 1)} of {results_path}")
-
-    def save(complete):  # at once, atomically, after every evaluation: a failure keeps every finished cell
-        write_json(results_path, {
-            "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
-            "sparsity": sparsity, "splits": splits, "seconds": time.perf_counter() - start, "phases": phases,
-            "complete": complete, "results": results, "train_log": history, "settings": settings,
-            "class_sets": class_sets})
-
-    save(complete=False)
-    for name, (test_set, names, templates) in sets.items():
-        models = ({args.baseline: ClipClassifier(baseline, names, templates, baseline_tokenizer)} if args.baseline
-                  else {})
-        models[TUNED_MODEL[args.tune]] = ClipClassifier(clip, names, templates, tokenizer)  # after fp16_network
+    for name, (test_set, names, templates) in loaded.sets.items():
+        models = ({args.baseline: ClipClassifier(loaded.baseline, names, templates, loaded.baseline_tokenizer)}
+                  if args.baseline else {})
+        models[TUNED_MODEL[args.tune]] = ClipClassifier(loaded.clip, names, templates, loaded.tokenizer)
         chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
         indices_sha256 = hashlib.sha256(json.dumps(list(chosen)).encode()).hexdigest()  # of the images evaluated
-        test_set_id = _test_set(splits[test_split[name]], indices_sha256, class_sets[name])
+        test_set_id = _test_set(splits[_test_split(args, name)], indices_sha256, class_sets[name])
         cells = {m: {"model": m, "eval": name, "test_set": test_set_id, **{k: getattr(args, k) for k in CELL_SETTINGS}}
                  for m in models}
         todo = {m: [(a, eps) for a, eps in itertools.product(args.attack, args.test_eps)
@@ -3144,22 +3132,55 @@ def _run_in(out_dir, args, device):
         if any(todo.values()):
             test_images, test_labels = cache_images(test_set, chosen, "cpu", args.workers)  # decoded once
             lap(f"decode {name}")
-        for tuned_name, model in models.items():
-            if todo[tuned_name]:
+        for model_name, model in models.items():
+            if todo[model_name]:
                 attacks = {_cell_label(a, eps): make_attack(a, eps / 255, args.test_alpha / 255, args.test_steps)
-                           for a, eps in todo[tuned_name]}
+                           for a, eps in todo[model_name]}
                 with autocast(device, args.eval_precision), _out_of_memory("--eval-batch-size", args.eval_batch_size):
                     result = evaluate(model, test_images, test_labels, attacks, args.eval_batch_size, args.seed)
-                results += _result_rows(cells[tuned_name], result, todo[tuned_name])
+                results += _result_rows(cells[model_name], result, todo[model_name])
             for eps in args.test_eps if len(args.attack) > 1 else []:
-                worst = {**cells[tuned_name], "attack": "worst", "attacks": args.attack, "eps": eps}
+                worst = {**cells[model_name], "attack": "worst", "attacks": args.attack, "eps": eps}
                 if _cell_key(worst) not in done:
                     rows = {_cell_key(r): r for r in results}
-                    results.append(_worst_row([rows[_cell_key({**cells[tuned_name], "attack": a, "eps": eps})]
+                    results.append(_worst_row([rows[_cell_key({**cells[model_name], "attack": a, "eps": eps})]
                                                for a in args.attack], args.attack))
             done.update(_cell_key(r) for r in results)
             save(complete=False)
-            lap(f"eval {tuned_name} {name}")
+            lap(f"eval {model_name} {name}")
+
+
+def _run_in(out_dir, args, device):
+    """run's steps, in out_dir: load, train the tuned file or reuse it, evaluate the cells results.json lacks."""
+    start = tic = time.perf_counter()
+    phases = {}  # seconds per phase, printed and stored in results.json
+
+    def lap(phase):
+        nonlocal tic
+        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - tic
+        tic = time.perf_counter()
+
+    loaded = _load_run(args, device)
+    lap("load")
+    previous, history, sparsity, outcome = _train_or_reuse(out_dir, args, device, loaded, lap)
+    # the cells of earlier runs into this folder, each with its own evaluation settings and test set
+    results, splits = previous.get("results", []), previous.get("splits", {}) | loaded.splits
+    class_sets = previous.get("class_sets", {}) | {  # a rerun only adds
+        name: {"templates": templates, "classes": names, "n_test": len(test_set),
+               "preprocess": loaded.resizing[_test_split(args, name)]}
+        for name, (test_set, names, templates) in loaded.sets.items()}
+    if results:
+        print(f"reusing {len(results)} finished cell{'s' * (len(results) != 1)} of {out_dir / 'results.json'}")
+
+    def save(complete):  # at once, atomically, after every evaluation: a failure keeps every finished cell
+        write_json(out_dir / "results.json", {
+            "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
+            "sparsity": sparsity, "splits": splits, "seconds": time.perf_counter() - start, "phases": phases,
+            "complete": complete, "results": results, "train_log": history, "settings": loaded.settings,
+            "class_sets": class_sets})
+
+    save(complete=False)
+    _evaluate_missing(args, device, loaded, splits, class_sets, results, save, lap)
     seconds = time.perf_counter() - start
     print("time | " + " | ".join(f"{phase} {s:.1f} s" for phase, s in phases.items()) + f" | total {seconds:.1f} s")
     print(f"done | {outcome} | {seconds:.0f} s | {out_dir}")
