@@ -241,9 +241,7 @@ def bake_masks(model):
         for name, weight in baked.items():
             module.register_parameter(name, nn.Parameter(weight, requires_grad=False))
         # named_parameters() in a fresh model's order, so that code zipping two models' parameters pairs them right
-        params = dict(module._parameters)
-        module._parameters.clear()
-        module._parameters.update((name, params[name]) for name in order)
+        module._parameters.update({name: module._parameters.pop(name) for name in order})  # popped, then in order
     return model
 
 
@@ -393,15 +391,13 @@ def sample_k_shot(labels, shots, seed, class_names=None):
 
 
 def to_unit(images):
-    """uint8 images in 0..255 -> float in [0, 1], the model's input space."""
-    return images.float() / 255
-
-
-def _require_uint8(images, who):
-    """train and evaluate take the uint8 tensor cache_images makes; float images would pass silently, 255× too dark."""
+    """uint8 images in 0..255 (what train and evaluate take, as cache_images makes them) -> float in [0, 1], the
+    model's input space; float images, which would pass silently 255× too dark, are refused."""
     if images.dtype != torch.uint8:
-        raise ValueError(f"{who} takes uint8 images in 0..255 (it scales them to [0, 1] itself), not {images.dtype}; "
-                         f"pass (images * 255).round().to(torch.uint8), or call pgd_attack / the model on floats")
+        raise ValueError(f"train and evaluate take uint8 images in 0..255 (they scale them to [0, 1]), not "
+                         f"{images.dtype}; pass (images * 255).round().to(torch.uint8), or call pgd_attack or the model "
+                         f"on floats")
+    return images.float() / 255
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -486,7 +482,6 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
         >>> scores = apply_masks(classifier)
         >>> train(classifier, scores, x_u8, y, epochs=default_epochs(len(y), 32))
     """
-    _require_uint8(images, "train")
     optimizer = torch.optim.Adam(params, lr=lr)
     per_epoch = steps_per_epoch(len(labels), batch_size)
     total_steps = epochs * per_epoch
@@ -568,7 +563,6 @@ def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
     Example:
         >>> evaluate(bake_masks(classifier), x_u8, y, {"pgd": pgd_attack, "aa": make_attack("aa")})
     """
-    _require_uint8(images, "evaluate")
     device = next(model.parameters()).device
     model.eval()
     # not in the paper: a generator per attack, all seeded alike, so no number depends on which other cells ran
