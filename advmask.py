@@ -395,8 +395,8 @@ def to_unit(images):
     model's input space; float images, which would pass silently 255× too dark, are refused."""
     if images.dtype != torch.uint8:
         raise ValueError(f"train and evaluate take uint8 images in 0..255 (they scale them to [0, 1]), not "
-                         f"{images.dtype}; pass (images * 255).round().to(torch.uint8), or call pgd_attack or the model "
-                         f"on floats")
+                         f"{images.dtype}; pass (images * 255).round().to(torch.uint8), or call pgd_attack or the "
+                         f"model on floats")
     return images.float() / 255
 
 
@@ -1856,8 +1856,8 @@ def summarize(runs_dir, defaults, out_dir=None):
     accuracies. A cell with no finished seed is "—", never 0, and so is an average over a column with such a cell.
     Seeds of a cell that differ in anything else their numbers rest on (_basis: split source, prompts and resizing,
     model, data, training and evaluation settings) are refused."""
-    runs_dir = Path(runs_dir)
-    acc = {}  # SummaryCell -> {seed: (clean, adv, model)}
+    runs_dir, metrics = Path(runs_dir), ("clean", "adv")  # each cell's two numbers: clean_acc and adv_acc
+    acc = {}  # SummaryCell -> {seed: its results entry}
     seen = {}  # protocol -> (datasets, shots, seeds) that have a run folder, finished or not
     bases = {}  # a SummaryCell less its shots -> {basis: a run folder that has it}
     for cell in sorted(runs_dir.glob("*/*/*shot/seed*")):
@@ -1876,7 +1876,7 @@ def summarize(runs_dir, defaults, out_dir=None):
                     f" (lr {lr:g})" if lr is not None and e["model"] in TUNED_NAMES else "")
                 key = SummaryCell(protocol, e["attack"], e["eps"], _heading(finished, e, defaults), method, dataset,
                                   shots, e["eval"])
-                acc.setdefault(key, {})[seed] = (e["clean_acc"], e["adv_acc"], e["model"])
+                acc.setdefault(key, {})[seed] = e
                 # seeds of one table cell must agree; a run's cells of other evaluation settings have tables apart
                 bases.setdefault(key._replace(shots=None), {}).setdefault(_basis(finished, dataset, e), cell)
     for key, used in bases.items():
@@ -1895,16 +1895,18 @@ def summarize(runs_dir, defaults, out_dir=None):
 
     records = []  # summary.csv: a row per cell and metric
     for k, runs in acc.items():
-        for i, metric in enumerate(("clean", "adv")):
-            values = [triple[i] for triple in runs.values()]
-            records.append({"protocol": k.protocol, "model": next(iter(runs.values()))[2], "attack": k.attack,
+        for metric in metrics:
+            values = [e[f"{metric}_acc"] for e in runs.values()]
+            records.append({"protocol": k.protocol, "model": next(iter(runs.values()))["model"], "attack": k.attack,
                             "eps": k.eps, "dataset": k.dataset, "shots": k.shots, "eval": k.eval, "metric": metric,
                             "mean": _mean(values), "std": statistics.stdev(values) if len(values) > 1 else "",
                             "seeds": len(values), "method": k.method, "basis": k.basis})
     md = [f"# AdvMask results ({runs_dir})", ""]
     # a table per protocol, attack, ε and basis (what its cells rest on beyond the defaults), a row per method there
-    for protocol, attack, eps, basis in sorted({k[:4] for k in acc}):
-        here = [k for k in acc if k[:4] == (protocol, attack, eps, basis)]
+    by_table = {}  # (protocol, attack, ε, basis) -> its cells
+    for k in acc:
+        by_table.setdefault((k.protocol, k.attack, k.eps, k.basis), []).append(k)
+    for (protocol, attack, eps, basis), here in sorted(by_table.items()):
         datasets, all_shots, seeds = seen[protocol]
         # the datasets with cells on this basis, and those with none finished on any (their rows say "—")
         datasets = in_paper_order({k.dataset for k in here} | (datasets - {k.dataset for k in acc}))
@@ -1913,20 +1915,20 @@ def summarize(runs_dir, defaults, out_dir=None):
 
         def stat(method, dataset, shots, eval_name, metric):  # per-seed values of one metric of one cell
             runs = acc.get(SummaryCell(protocol, attack, eps, basis, method, dataset, shots, eval_name), {})
-            return [triple[metric] for triple in runs.values()]
+            return [e[f"{metric}_acc"] for e in runs.values()]
 
         attack_name = "worst case per image over the run's attacks" if attack == "worst" else attack.upper()
         title = (f"## {protocol} | {attack_name} ε = {eps:g}/255" + (f" | {basis}" if basis else "") +
                  f" | mean ± std over seeds {', '.join(map(str, seeds))} (%)")
         if protocol == "few_shot":
-            columns = [f"{k}-shot {m}" for k in all_shots for m in ("clean", "adv")]
+            columns = [f"{k}-shot {m}" for k in all_shots for m in metrics]
             tables = [(title, "dataset", columns, {method: {d: [stat(method, d, k, d, m) for k in all_shots
-                                                                 for m in (0, 1)] for d in datasets}
+                                                                 for m in metrics] for d in datasets}
                                                    for method in methods})]
         elif protocol == "base2new":  # one table per shot count
             tables = [(f"{title}, {k} shot{'s' * (k != 1)}", "dataset", ["base clean", "base adv", "new clean",
                                                                          "new adv"],
-                       {method: {d: [stat(method, d, k, part, m) for part in ("base", "new") for m in (0, 1)]
+                       {method: {d: [stat(method, d, k, part, m) for part in ("base", "new") for m in metrics]
                                  for d in datasets} for method in methods}) for k in all_shots]
         else:  # transfer: one table per source dataset and shot count, a row per evaluated dataset
             tables = []
@@ -1934,7 +1936,7 @@ def summarize(runs_dir, defaults, out_dir=None):
                 targets = in_paper_order({key.eval for key in here if (key.dataset, key.shots) == (d, k)})
                 if targets:
                     tables.append((f"{title}, trained on {d}, {k} shot{'s' * (k != 1)}", "evaluated on",
-                                   ["clean", "adv"], {method: {t: [stat(method, d, k, t, m) for m in (0, 1)]
+                                   ["clean", "adv"], {method: {t: [stat(method, d, k, t, m) for m in metrics]
                                                                for t in targets} for method in methods}))
         for heading, first, columns, by_method in tables:
             with_h = protocol == "base2new"
@@ -2597,28 +2599,29 @@ def parse_args(argv):
     model.add_argument("--deterministic", action="store_true",
                        help="CUDA: deterministic kernels, bit-identical reruns at some speed cost (CPU runs are so "
                             "without it)")
-    train = p.add_argument_group("training")
-    train.add_argument("--tune", choices=list(TUNED_MODEL),
-                       help="mask: AdvMask; weights: adversarial fine-tuning of the same weights with the same data, "
-                            "loss and budget, the reviewers' comparison (default: mask; weights with --weights)")
-    train.add_argument("--mask-target", default="mhsa", choices=list(MASK_TARGETS),
-                       help="the weights masked (or tuned): attention (the paper's), MLP, or both")
-    train.add_argument("--loss", default="ce+lafa", choices=LOSSES, help="ce+lafa is AdvMask; the rest its ablation")
-    train.add_argument("--lam", type=_number(float, 0), default=LAM, help="λ, weight of the regulariser (LAFA)")
-    train.add_argument("--epochs", type=_number(int, 1),
-                       help=f"default: enough for about {TRAIN_BUDGET_STEPS} optimisation steps, at least 1")
-    train.add_argument("--batch-size", type=_number(int, 1), default=BATCH_SIZE, help="images per optimisation step")
-    train.add_argument("--lr", type=_number(float, 0, strict=True),
-                       help=f"Adam's learning rate (default: {LR:g} for mask scores, {WEIGHTS_LR:g} for weights)")
-    train.add_argument("--train-eps", type=partial(_per255, eps=True), default=TRAIN_EPS * 255,
-                       help="training PGD's ε, in /255 units")
-    train.add_argument("--train-alpha", type=_per255, default=TRAIN_ALPHA * 255, help="its step, in /255 units")
-    train.add_argument("--train-steps", type=_number(int, 0), default=TRAIN_STEPS, help="training PGD's steps")
-    train.add_argument("--precision", default=TRAIN_PRECISION, choices=["bf16", "fp32"],
-                       help="fp32 (TF32 matmuls on CUDA) or bf16 autocast; scores, optimiser and accuracies stay fp32; "
-                            "README says why bf16 is not the default")
-    train.add_argument("--checkpoint-every", type=_number(int, 1), default=50,
-                       help="save the training state at the first epoch end after this many steps")
+    training = p.add_argument_group("training")
+    training.add_argument("--tune", choices=list(TUNED_MODEL),
+                          help="mask: AdvMask; weights: adversarial fine-tuning of the same weights with the same "
+                               "data, loss and budget, the reviewers' comparison (default: mask; weights with "
+                               "--weights)")
+    training.add_argument("--mask-target", default="mhsa", choices=list(MASK_TARGETS),
+                          help="the weights masked (or tuned): attention (the paper's), MLP, or both")
+    training.add_argument("--loss", default="ce+lafa", choices=LOSSES, help="ce+lafa is AdvMask, the rest its ablation")
+    training.add_argument("--lam", type=_number(float, 0), default=LAM, help="λ, weight of the regulariser (LAFA)")
+    training.add_argument("--epochs", type=_number(int, 1),
+                          help=f"default: enough for about {TRAIN_BUDGET_STEPS} optimisation steps, at least 1")
+    training.add_argument("--batch-size", type=_number(int, 1), default=BATCH_SIZE, help="images per Adam step")
+    training.add_argument("--lr", type=_number(float, 0, strict=True),
+                          help=f"Adam's learning rate (default: {LR:g} for mask scores, {WEIGHTS_LR:g} for weights)")
+    training.add_argument("--train-eps", type=partial(_per255, eps=True), default=TRAIN_EPS * 255,
+                          help="training PGD's ε, in /255 units")
+    training.add_argument("--train-alpha", type=_per255, default=TRAIN_ALPHA * 255, help="its step, in /255 units")
+    training.add_argument("--train-steps", type=_number(int, 0), default=TRAIN_STEPS, help="training PGD's steps")
+    training.add_argument("--precision", default=TRAIN_PRECISION, choices=["bf16", "fp32"],
+                          help="fp32 (TF32 matmuls on CUDA) or bf16 autocast; scores, optimiser and accuracies stay "
+                               "fp32; README says why bf16 is not the default")
+    training.add_argument("--checkpoint-every", type=_number(int, 1), default=50,
+                          help="save the training state at the first epoch end after this many steps")
     test = p.add_argument_group("evaluation")
     test.add_argument("--attack", type=_list(str, ATTACKS), default="pgd",
                       help="comma-separated: pgd (CE loss), cw (CW margin), apgd-ce, apgd-dlr, apgd-t, aa (APGD-CE, "
