@@ -2313,6 +2313,21 @@ def _precision(model, device, mode):
             hook.remove()
 
 
+def _lafa_under(model, scores, x, x_adv, y, device, mode):
+    """What precision_check compares under one precision mode: Δz per block, LAFA, its gradient with respect to the
+    scores, and the signs of the input gradient."""
+    with _precision(model, device, mode):
+        with torch.no_grad():
+            clean_logits, clean_feats = model(x, return_features=True)
+        adv_logits, adv_feats = model(x_adv, return_features=True)
+        lafa = lafa_loss(clean_feats, adv_feats, clean_logits, y)
+        grad = torch.cat([g.flatten() for g in torch.autograd.grad(lafa, scores)]).float()
+        x_in = x_adv.clone().requires_grad_(True)
+        (x_grad,) = torch.autograd.grad(F.cross_entropy(model(x_in), y), x_in)
+    dz = [(c.float() - a.float()).detach() for c, a in zip(clean_feats, adv_feats)]  # L × (B, T, D)
+    return dz, lafa.item(), grad, x_grad.sign()
+
+
 def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3, seed=0):
     """How faithful LAFA is under each training precision, against fp32 on the same images and weights. Δz = z_clean −
     z_adv per block, with x_adv = x + uniform noise in the ε-ball (LAFA's signal). Per precision: per block ‖Δz‖²
@@ -2326,19 +2341,7 @@ def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3,
     x, y = _bench_batch(clip_config, batch_size, device)
     noise = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator(device).manual_seed(seed))
     x_adv = (x + noise).clamp(0, 1)
-
-    def measure(mode):
-        with _precision(model, device, mode):
-            with torch.no_grad():
-                clean_logits, clean_feats = model(x, return_features=True)
-            adv_logits, adv_feats = model(x_adv, return_features=True)
-            lafa = lafa_loss(clean_feats, adv_feats, clean_logits, y)
-            grad = torch.cat([g.flatten() for g in torch.autograd.grad(lafa, scores)]).float()
-            x_in = x_adv.clone().requires_grad_(True)
-            (x_grad,) = torch.autograd.grad(F.cross_entropy(model(x_in), y), x_in)
-        dz = [(c.float() - a.float()).detach() for c, a in zip(clean_feats, adv_feats)]
-        return dz, lafa.item(), grad, x_grad.sign()
-
+    measure = partial(_lafa_under, model, scores, x, x_adv, y, device)
     modes = ("bf16", "bf16, fp32 residual stream", "fp32")
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -3177,7 +3180,7 @@ def _run_in(out_dir, args, device):
             "class_sets": class_sets})
 
     save(complete=False)
-    _evaluate_missing(args, device, loaded, splits, class_sets, results, save, lap)
+    _evaluate_missing(args, device, loaded, splits=splits, class_sets=class_sets, results=results, save=save, lap=lap)
     seconds = time.perf_counter() - start
     print("time | " + " | ".join(f"{phase} {s:.1f} s" for phase, s in phases.items()) + f" | total {seconds:.1f} s")
     print(f"done | {outcome} | {seconds:.0f} s | {out_dir}")
