@@ -931,8 +931,9 @@ def test_the_methods_lines_alone_run_the_readme_example(capsys):
     PGD-100, with both sanity warnings forced; its mask equals the module's."""
     text = (HERE / "advmask.py").read_text()
     method = text[:text.index("\n# =====")]
+    imports = [node for node in ast.parse(method).body if isinstance(node, (ast.Import, ast.ImportFrom))]
     imported = {(a.name if isinstance(node, ast.Import) else node.module).split(".")[0]
-                for node in ast.parse(method).body if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+                for node in imports for a in node.names}
     assert imported == {"collections", "contextlib", "math", "sys", "time", "functools", "open_clip", "torch", "tqdm"}
     alone = {"__name__": "advmask_method"}
     exec(compile(method, "advmask_method", "exec"), alone)
@@ -1917,7 +1918,8 @@ TGA_ZSR_PROMPTS = {
     "eurosat": {0: "A centered satellite photo of annual crop land.", 1: "A centered satellite photo of a forest.",
                 9: "A centered satellite photo of a sea or a lake."},
     "fgvc_aircraft": {0: "A photo of a boeing 707-320, a type of aircraft.",
-                      2: "A photo of a f-16a/b, a type of aircraft.", 3: "A photo of a cessna 172, a type of aircraft."},
+                      2: "A photo of a f-16a/b, a type of aircraft.",
+                      3: "A photo of a cessna 172, a type of aircraft."},
     "caltech101": {0: "This is a photo of a faces", 1: "This is a photo of a faces easy",
                    4: "This is a photo of a airplanes"},
     "caltech256": {1: "A photo of a american flag.", 3: "A photo of a car side.", 4: "A photo of a clutter."},
@@ -1971,8 +1973,8 @@ def test_tga_zsr_conventions_give_tga_zszs_prompts_class_sets_and_test_sets(tmp_
     assert am.load_dataset("eurosat", tmp_path, PRE, download=False, conventions="tga-zsr")["test"].targets == [
         c for c in range(10) for _ in range(2)]
     (tmp_path / "imagenet" / "imagenet_classes_names.txt").write_text("n01440764 1 tench\n")
-    with pytest.raises(ValueError, match=r"^ImageNet under --conventions tga-zsr is named by TGA-ZSR's "
-                                         r"imagenet_classes_names.txt, which .* is not \(KeyError: 'n01443537'\); copy"):
+    with pytest.raises(ValueError, match=r"^ImageNet under --conventions tga-zsr is named by TGA-ZSR's imagenet_"
+                                         r"classes_names.txt, which .* is not \(KeyError: 'n01443537'\); copy"):
         am.load_dataset("imagenet", tmp_path, PRE, download=False, with_train=False, conventions="tga-zsr")
 
 
@@ -2118,7 +2120,8 @@ def test_summary_means_stds_averages_and_missing_cells(tmp_path):
         key = ("protocol", "model", "attack", "eps", "dataset", "shots", "eval", "metric")
         cells = {tuple(r[k] for k in key): r for r in csv.DictReader(f)}
     row = cells[("few_shot", "advmask", "pgd", "1.0", "oxford_pets", "16", "oxford_pets", "clean")]
-    assert float(row["mean"]) == pytest.approx(0.65) and float(row["std"]) == pytest.approx(statistics.stdev([0.6, 0.7]))
+    assert float(row["mean"]) == pytest.approx(0.65)
+    assert float(row["std"]) == pytest.approx(statistics.stdev([0.6, 0.7]))
     assert (row["method"], row["basis"], row["seeds"]) == ("AdvMask", "", "2")
     assert ("few_shot", "advmask", "pgd", "1.0", "oxford_pets", "1", "oxford_pets", "clean") not in cells
     write_results(tmp_path, "base2new", "eurosat", 16, 1, [("base", 0.695, 0.436), ("new", 0.502, 0.261)])
@@ -2501,7 +2504,7 @@ def analyze_bad_inputs(root):
         ([a, "--consensus", "0", *save], "--consensus 0 must lie between 1 and the number of masks, 1"),
         ([a, a, "--consensus", "3", *save], "--consensus 3 must lie between 1 and the number of masks, 2"),
         ([a, *save], "--consensus K and --save PATH go together"),
-        ([a, "--consensus", "1", "--save", str(root / "blocker" / "c.bin")], "blocker (Not a directory); pass a folder"),
+        ([a, "--consensus", "1", "--save", str(root / "blocker" / "c.bin")], "blocker (Not a directory); pass a"),
     ]
 
 
@@ -2552,76 +2555,80 @@ def test_benchmark_reports_every_figure_and_one_bit_per_weight():
 # A fresh process that never imports advmask: open_clip alone loads the folder and computes zero-shot logits.
 OPEN_CLIP_ALONE = """
 import sys, torch, open_clip, torch.nn.functional as F
-folder, inputs, out = sys.argv[1:]
-model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-x, prompts = torch.load(inputs)
-mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.visual.image_mean, model.visual.image_std))
-with torch.no_grad():
-    image = F.normalize(model.encode_image((x - mean) / std), dim=-1)
-    text = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
-    torch.save(model.logit_scale.exp() * image @ text.T, out)
+for folder, inputs, out in zip(*[iter(sys.argv[1:])] * 3):  # (folder, inputs, logits) triples
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    x, prompts = torch.load(inputs)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.visual.image_mean, model.visual.image_std))
+    with torch.no_grad():
+        image = F.normalize(model.encode_image((x - mean) / std), dim=-1)
+        text = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
+        torch.save(model.logit_scale.exp() * image @ text.T, out)
 assert "advmask" not in sys.modules
 """
 
 
-@pytest.mark.parametrize("tune", ["mask", "weights"])
-def test_an_exported_run_loads_in_open_clip_alone_with_the_masked_models_logits(tune, tiny_files, tmp_path,
-                                                                               monkeypatch):
-    """export writes an open_clip model folder whose logits, in a fresh process with open_clip alone, equal the
-    run's tuned model's on the run's classes (the mask on a base folder with QuickGELU and its own mean and std, the
-    weights on a config and checkpoint file); the folder is a --model here too, holds the run's file and the image
-    tower alone, and its card names the base model, the sparsity and every evaluation cell."""
-    monkeypatch.chdir(tmp_path)
-    if tune == "mask":
-        base = [model_folder(tmp_path / "base", tiny_clip(7), quick_gelu=True, mean=[0.5, 0.4, 0.3], std=[0.2] * 3),
-                None]
-    else:
-        base = [str(tiny_files / "tiny-test-clip.json"), str(tiny_files / "tiny.pt")]
-    am.main(["--model", base[0], *(["--pretrained", base[1]] if base[1] else []), *tiny_cli_args(tiny_files)[4:],
-             "--tune", tune, "--epochs", "2", "--lr", "0.05", "--shots", "2", "--attack", "pgd,cw", "--out-dir", "run"])
-    am.main(["export", "run", "exported", "--visual"])
-    tuned_file = "masks.bin" if tune == "mask" else "weights.bin"
-    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == sorted(
-        ["README.md", "open_clip_config.json", "open_clip_model.safetensors", "visual.safetensors", tuned_file])
-    clip, tokenizer, identity = am.load_clip(*base)
-    if tune == "mask":
-        am.bake_masks(am.load_masks(clip, tmp_path / "run" / "masks.bin"))
-        assert 0 < am.mask_sparsity(am.load_masks(am.load_clip(*base)[0], tmp_path / "run" / "masks.bin")) < 1
-    else:
-        am.load_weights(clip, tmp_path / "run" / "weights.bin")
-    names = [n.replace("_", " ").lower() for n in PET_CLASSES]
-    prompts = [am.DATASETS["oxford_pets"][0].format(n) for n in names]
-    x = images(3)
-    torch.save((x, prompts), tmp_path / "inputs.pt")
-    proc = subprocess.run([sys.executable, "-c", OPEN_CLIP_ALONE, *(str(tmp_path / f) for f in
-                                                                    ("exported", "inputs.pt", "logits.pt"))],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def test_an_exported_run_loads_in_open_clip_alone_with_the_tuned_models_logits(tiny_files, tmp_path, monkeypatch):
+    """For each arm, export writes an open_clip model folder whose logits, in a fresh process with open_clip alone,
+    equal the run's tuned model's on the run's classes (the mask on a base folder with QuickGELU and its own mean and
+    std, the weights on a config and checkpoint file); the folder is a --model here too, holds the run's file and the
+    image tower alone, and its card names the base model, the sparsity and every evaluation cell."""
+    expected, alone = {}, []  # alone: (folder, inputs, logits) of each arm, for one fresh process
+    for tune in ("mask", "weights"):
+        work = tmp_path / tune
+        work.mkdir()
+        monkeypatch.chdir(work)
+        if tune == "mask":
+            base = [model_folder(work / "base", tiny_clip(7), quick_gelu=True, mean=[0.5, 0.4, 0.3],
+                                 std=[0.2] * 3), None]
+        else:
+            base = [str(tiny_files / "tiny-test-clip.json"), str(tiny_files / "tiny.pt")]
+        am.main(["--model", base[0], *(["--pretrained", base[1]] if base[1] else []), *tiny_cli_args(tiny_files)[4:],
+                 "--tune", tune, "--epochs", "2", "--lr", "0.05", "--shots", "2", "--attack", "pgd,cw", "--out-dir",
+                 "run"])
+        am.main(["export", "run", "exported", "--visual"])
+        tuned_file = "masks.bin" if tune == "mask" else "weights.bin"
+        assert sorted(p.name for p in (work / "exported").iterdir()) == sorted(
+            ["README.md", "open_clip_config.json", "open_clip_model.safetensors", "visual.safetensors", tuned_file])
+        clip, tokenizer, identity = am.load_clip(*base)
+        if tune == "mask":
+            am.bake_masks(am.load_masks(clip, work / "run" / "masks.bin"))
+            assert 0 < am.mask_sparsity(am.load_masks(am.load_clip(*base)[0], work / "run" / "masks.bin")) < 1
+        else:
+            am.load_weights(clip, work / "run" / "weights.bin")
+        names = [n.replace("_", " ").lower() for n in PET_CLASSES]
+        prompts = [am.DATASETS["oxford_pets"][0].format(n) for n in names]
+        x = images(3)
+        torch.save((x, prompts), work / "inputs.pt")
+        with torch.no_grad():  # the logits open_clip alone must give, in one process for both arms (below)
+            expected[tune] = am.ClipClassifier(clip, names, [am.DATASETS["oxford_pets"][0]], tokenizer)(x)
+        alone += [str(work / f) for f in ("exported", "inputs.pt", "logits.pt")]
+        _, _, here_identity = am.load_clip(f"local-dir:{work / 'exported'}", None)
+        assert here_identity["weights_sha256"] == am.weights_fingerprint(clip)
+        folder = f"local-dir:{work / 'exported'}"  # as the model to mask and as the baseline of a transfer run
+        am.main(["--model", folder, *tiny_cli_args(tiny_files)[4:], "--protocol", "transfer", "--eval-datasets",
+                 "dtd", "--baseline", folder, "--epochs", "1", "--shots", "1", "--out-dir", "again"])
+        again = json.loads((work / "again" / "results.json").read_text())
+        assert {(e["model"], e["eval"]) for e in again["results"]} == {("advmask", "dtd"), (folder, "dtd")}
+        tower = safetensors.torch.load_file(work / "exported" / "visual.safetensors")
+        assert tower.keys() == clip.visual.state_dict().keys()
+        assert all(torch.equal(tower[k], v) for k, v in clip.visual.state_dict().items())
+        assert len({p.stat().st_mode for p in (work / "exported").iterdir()}) == 1  # safetensors' 0600 too
+        card = (work / "exported" / "README.md").read_text()
+        assert "Not a usable model" not in card and "2 shots per class" in card
+        results = json.loads((work / "run" / "results.json").read_text())
+        assert "library_name: open_clip" in card and "pipeline_tag: zero-shot-image-classification" in card
+        assert "license: unknown" in card and f"`{identity['model']}`" in card and identity["weights_sha256"] in card
+        off = "—" if tune == "weights" else f"{100 * results['sparsity']:.2f} %"
+        assert f"| weights off | {off} |" in card
+        for e in results["results"]:
+            assert f"| {e['model']} | {e['eval']} | {e['attack']} | {e['eps']:g}/255 | 1 | {e['n']} | " \
+                   f"{100 * e['clean_acc']:.2f} | {100 * e['adv_acc']:.2f} |" in card
+    proc = subprocess.run([sys.executable, "-c", OPEN_CLIP_ALONE, *alone], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
-    with torch.no_grad():
-        expected = am.ClipClassifier(clip, names, [am.DATASETS["oxford_pets"][0]], tokenizer)(x)
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
-    here, _, here_identity = am.load_clip(f"local-dir:{tmp_path / 'exported'}", None)
-    assert here_identity["weights_sha256"] == am.weights_fingerprint(clip)
-    folder = f"local-dir:{tmp_path / 'exported'}"  # as the model to mask and as the baseline of a transfer run
-    am.main(["--model", folder, *tiny_cli_args(tiny_files)[4:], "--protocol", "transfer", "--eval-datasets", "dtd",
-             "--baseline", folder, "--epochs", "1", "--shots", "1", "--out-dir", "again"])
-    again = json.loads((tmp_path / "again" / "results.json").read_text())
-    assert {(e["model"], e["eval"]) for e in again["results"]} == {("advmask", "dtd"), (folder, "dtd")}
-    tower = safetensors.torch.load_file(tmp_path / "exported" / "visual.safetensors")
-    assert tower.keys() == clip.visual.state_dict().keys()
-    assert all(torch.equal(tower[k], v) for k, v in clip.visual.state_dict().items())
-    assert len({p.stat().st_mode for p in (tmp_path / "exported").iterdir()}) == 1  # safetensors' 0600 too
-    card = (tmp_path / "exported" / "README.md").read_text()
-    assert "Not a usable model" not in card and "2 shots per class" in card
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert "library_name: open_clip" in card and "pipeline_tag: zero-shot-image-classification" in card
-    assert "license: unknown" in card and f"`{identity['model']}`" in card and identity["weights_sha256"] in card
-    off = "—" if tune == "weights" else f"{100 * results['sparsity']:.2f} %"
-    assert f"| weights off | {off} |" in card
-    for e in results["results"]:
-        assert f"| {e['model']} | {e['eval']} | {e['attack']} | {e['eps']:g}/255 | 1 | {e['n']} | " \
-               f"{100 * e['clean_acc']:.2f} | {100 * e['adv_acc']:.2f} |" in card
+    for tune in ("mask", "weights"):
+        torch.testing.assert_close(torch.load(tmp_path / tune / "logits.pt"), expected[tune], rtol=1e-5, atol=1e-5)
 
 
 def test_the_card_of_a_synthetic_run_says_its_data_and_weights_are_random_and_each_cells_attack_steps(tmp_path,
@@ -3180,10 +3187,10 @@ def bad_input_cases(files):
          "--split-json gives CoOp's split, which --conventions tga-zsr does not use; drop it"),
         (["--tune", "scores"], "argument --tune: invalid choice: 'scores'"),
         (["--benchmark", "memory"], "argument --benchmark: invalid choice: 'memory'"),
-        (["--benchmark", "--model", "ViT-B-16-SigLIP"], "own CLIP ViT from a config name or JSON, which ViT-B-16-SigLIP"),
+        (["--benchmark", "--model", "ViT-B-16-SigLIP"], "CLIP ViT from a config name or JSON, which ViT-B-16-SigLIP"),
         ([*transfer[:-1], "imagenet_r"], "none of them lists 1000 wnids here"),
         (["--pretrained", str(files / "missing.pt")], "is neither an open_clip tag of ViT-B-32"),
-        ([*tiny, "--pretrained", str(files / "other.pt")], "is not a state dict of tiny-test-clip (Error(s) in loading"),
+        ([*tiny, "--pretrained", str(files / "other.pt")], "is not a state dict of tiny-test-clip (Error(s) in"),
         ([*tiny, "--pretrained", str(files / "garbage.pt")], "is not a state dict of tiny-test-clip (not a torch"),
         ([*tiny, "--split-json", str(files / "garbage.pt")], "is not a readable CoOp split JSON"),
         ([*transfer, "--masks", str(files / "masks-cut.bin")], "truncated"),
