@@ -1711,9 +1711,10 @@ def _image_file(dataset, i):
 # ----------------------------------------------------------------------------------------------------------------------
 # Results: atomic JSON files, the paper's H, and the tables over seeds that summarize writes
 
-# The models a results entry can name: the mask, the weights tuned instead (--tune weights), the unmasked baseline.
-MODEL_NAMES = {"advmask": "AdvMask", "adv_ft": "adversarial fine-tuning", "clip": "CLIP"}
-TUNED_NAMES = ("advmask", "adv_ft")  # the trained ones, whose learning rate the tables show
+# The models a results entry can name (a --baseline folder names itself), as the tables name them, and the --tune
+# that trains them: the mask, the weights tuned instead, the unmasked baseline. TUNED_MODEL: --tune -> its model.
+MODELS = {"advmask": ("AdvMask", "mask"), "adv_ft": ("adversarial fine-tuning", "weights"), "clip": ("CLIP", None)}
+TUNED_MODEL = {tune: model for model, (_, tune) in MODELS.items() if tune}
 
 
 def write_json(path, obj):
@@ -1827,8 +1828,8 @@ def _basis(finished, dataset, entry):
     the settings of SAME_BASIS, the identity of the model evaluated (SAME_MODEL; a --baseline folder's own), and for
     a worst-case entry the attacks it is the worst of."""
     settings = finished.get("settings", {})
-    identity = settings.get("model_identity" if entry["model"] in MODEL_NAMES else "baseline_identity") or {}
-    if settings.get("pretrained") == "none" and entry["model"] in MODEL_NAMES:  # random weights, drawn from the seed
+    identity = settings.get("model_identity" if entry["model"] in MODELS else "baseline_identity") or {}
+    if settings.get("pretrained") == "none" and entry["model"] in MODELS:  # random weights, drawn from the seed
         identity = {**identity, "weights_sha256": "random"}
     class_set = finished.get("class_sets", {}).get(entry["eval"])  # the prompts are template.format(class), in order
     own = entry.get("test_set") or _test_set(None, None, class_set)  # the cell's own, which a rerun may change
@@ -1872,8 +1873,8 @@ def summarize(runs_dir, defaults, out_dir=None):
             finished = read_json(cell / "results.json")
             lr = finished.get("settings", {}).get("lr")
             for e in finished["results"]:
-                method = MODEL_NAMES.get(e["model"], e["model"]) + (
-                    f" (lr {lr:g})" if lr is not None and e["model"] in TUNED_NAMES else "")
+                method = (MODELS[e["model"]][0] if e["model"] in MODELS else e["model"]) + (  # trained: at its lr
+                    f" (lr {lr:g})" if lr is not None and e["model"] in TUNED_MODEL.values() else "")
                 key = SummaryCell(protocol, e["attack"], e["eps"], _heading(finished, e, defaults), method, dataset,
                                   shots, e["eval"])
                 acc.setdefault(key, {})[seed] = e
@@ -2801,9 +2802,6 @@ def _cell_label(attack, eps):
     """An evaluation cell as results and warnings name it: "pgd ε 1/255"."""
     return f"{attack} ε {eps:g}/255"
 
-
-# The model a run's results name: what --tune trained ("clip" is the unmasked baseline).
-TUNED_MODEL = {"mask": "advmask", "weights": "adv_ft"}
 
 
 def _template(dataset, conventions):
