@@ -59,12 +59,10 @@ LR, BATCH_SIZE, TRAIN_BUDGET_STEPS = 1e-4, 32, 500
 # not in the paper: tune_weights (adversarial fine-tuning of the masked weights) takes Adam at 1e-5, the step CLIP
 # fine-tuning uses (FARE, WiSE-FT), for the same budget; a sweep on the tiny CLIP is in the README ("Mask or weights?")
 WEIGHTS_LR = 1e-5
-# not in the paper: training in fp32 on every device (TF32 matmuls on CUDA); under bf16, LAFA's signal at ε = 1/255
-# drowns in rounding, with an error 8-13× the signal per block on ViT-B/32 (--benchmark precision; README, "Precision")
-TRAIN_PRECISION = "fp32"
-# not in the paper: evaluation in fp32 as well, the reference for robust accuracy; bf16 did not weaken PGD or AutoAttack
-# on a small CLIP (README, "Evaluation"), but on ViT-B/32 that is not measured yet
-EVAL_PRECISION = "fp32"
+# not in the paper: training and evaluation in fp32 on every device (TF32 matmuls on CUDA). Under bf16, LAFA's signal
+# at ε = 1/255 drowns in rounding, an error 8-13× the signal per block on ViT-B/32 (--benchmark precision; README,
+# "Precision"); bf16 did not weaken PGD or AutoAttack on a small CLIP (README, "Evaluation"), unmeasured on ViT-B/32
+TRAIN_PRECISION = EVAL_PRECISION = "fp32"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -78,9 +76,8 @@ class ClipClassifier(nn.Module):
     def __init__(self, clip_model, class_names, templates, tokenizer=None):
         super().__init__()
         self.clip = clip_model
-        visual = clip_model.visual
-        mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-        std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+        mean = getattr(clip_model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        std = getattr(clip_model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
         device = next(clip_model.parameters()).device  # every buffer on the CLIP's device; .to() moves them along
         self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1))
@@ -160,8 +157,7 @@ def _masks(model):
 
 
 def tower_family(model, target="mhsa"):
-    """(family, blocks' path, blocks, weight names) of the image tower: the first FAMILIES entry whose every block
-    holds all the weights of target (a masked weight under its own name)."""
+    """(family, blocks' path, blocks, weight names): the first FAMILIES entry whose every block has target's weights."""
     visual = visual_tower(model)
     for family, (path, attention, mlp) in FAMILIES.items():
         names = {"mhsa": attention, "mlp": mlp, "all": attention + mlp}[target]
@@ -231,8 +227,7 @@ def bake_masks(model):
     """Replace every masked weight by θ ⊙ M_bin in place and remove the masks: a plain open_clip model remains, with
     its parameters in their original order."""
     for module in {id(m.module): m.module for m in _masks(model)}.values():
-        with torch.no_grad():
-            baked = {name: getattr(module, name) for name in module.parametrizations}
+        baked = {name: getattr(module, name).detach() for name in module.parametrizations}  # θ ⊙ M_bin
         order = next(iter(module.parametrizations.values()))[0].param_order  # the first mask saw every parameter
         # not torch's remove_parametrizations: it deletes the property from the module's class, a class that
         # copy.deepcopy shares between a model and its copies, so baking a copy would break the original
@@ -278,9 +273,8 @@ def pgd_attack(model, images, labels, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST
     model.eval()
     try:
         x0 = images.detach()
-        x = x0.clone()
-        if random_start:
-            x = (x + torch.empty_like(x).uniform_(-eps, eps, generator=generator)).clamp(0, 1)
+        noise = torch.empty_like(x0).uniform_(-eps, eps, generator=generator) if random_start else 0
+        x = (x0 + noise).clamp(0, 1)  # a new tensor, never x0 itself
         for _ in range(steps):
             x.requires_grad_(True)
             loss = loss_fn(model(x), labels)
@@ -320,8 +314,7 @@ def lafa_loss(clean_feats, adv_feats, clean_logits, labels, adaptive=True, stabi
     with torch.no_grad():
         # p_i = p(y_i | x_i) on the clean input
         p = clean_logits.float().softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)  # (B,)
-        # w_i = p_i / (E_B[p] + ε), ε the stabiliser: confidently classified samples dominate, misclassified
-        # (noisy) ones count less
+        # w_i = p_i / (E_B[p] + ε): confidently classified samples dominate, misclassified (noisy) ones count less
         w = p / (p.mean() + stabiliser) if adaptive else torch.ones_like(p)
     # L_LAFA = 1/(|L||B|) Σ_l Σ_i w_i · d_i^l
     return (d * w).mean()
@@ -338,8 +331,7 @@ def js_loss(clean_logits, adv_logits):
     log_p, log_q = clean_logits.float().log_softmax(-1), adv_logits.float().log_softmax(-1)
     log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2)  # log((p + q) / 2)
     # JS(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)
-    return 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="batchmean")
-                  + F.kl_div(log_m, log_q, log_target=True, reduction="batchmean"))
+    return 0.5 * sum(F.kl_div(log_m, log, log_target=True, reduction="batchmean") for log in (log_p, log_q))
 
 
 # The rows of the paper's loss ablation; each adds λ · (its regulariser) to L_CE(x_adv, y). The paper does not give
@@ -348,8 +340,7 @@ LOSSES = ("ce", "ce+js", "ce+kl", "ce+lafa_plain", "ce+lafa")
 
 
 def mask_loss(kind, clean_feats, adv_feats, clean_logits, adv_logits, labels):
-    """(L_CE(x_adv, y), regulariser) for one of LOSSES; the training loss is L_CE + λ · regulariser. Arguments in
-    lafa_loss's order: features, then logits, clean before adversarial."""
+    """(L_CE(x_adv, y), regulariser) for one of LOSSES; the training loss is L_CE + λ · regulariser."""
     ce = F.cross_entropy(adv_logits, labels)
     if kind == "ce":
         return ce, torch.zeros_like(ce)
@@ -391,12 +382,10 @@ def sample_k_shot(labels, shots, seed, class_names=None):
 
 
 def to_unit(images):
-    """uint8 images in 0..255 (what train and evaluate take, as cache_images makes them) -> float in [0, 1], the
-    model's input space; float images, which would pass silently 255× too dark, are refused."""
+    """uint8 images in 0..255 (cache_images's) -> floats in [0, 1]; floats, silently 255× too dark, are refused."""
     if images.dtype != torch.uint8:
-        raise ValueError(f"train and evaluate take uint8 images in 0..255 (they scale them to [0, 1]), not "
-                         f"{images.dtype}; pass (images * 255).round().to(torch.uint8), or call pgd_attack or the "
-                         f"model on floats")
+        raise ValueError(f"train and evaluate take uint8 images in 0..255, not {images.dtype}; pass "
+                         f"(images * 255).round().to(torch.uint8), or call pgd_attack or the model on floats")
     return images.float() / 255
 
 
@@ -443,8 +432,7 @@ def train_step(model, optimizer, x, y, lam=LAM, eps=TRAIN_EPS, alpha=TRAIN_ALPHA
 
 
 def _log_row(model, step, total_steps, sums, seconds, loss):
-    """The log row of the steps since the last one, printed as one line naming the regulariser of `loss` ("lafa" for
-    AdvMask's); zeroes the running sums."""
+    """The row of the steps since the last one, printed as one line (its regulariser named by loss); zeroes the sums."""
     seen = sums["seen"].item()
     row = {"step": step, **{k: sums[k].item() / seen for k in ("ce", "reg")}, "adv_acc": sums["correct"].item() / seen,
            "off": mask_sparsity(model) if next(_masks(model), None) else None, "img_per_s": seen / seconds}
@@ -489,8 +477,7 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
     device = labels.device
     batch_rng = torch.Generator(device).manual_seed(seed)  # batch order and flips
     pgd_rng = torch.Generator(device).manual_seed(seed)  # PGD's random starts
-    # running sums of the log row in progress, kept on the device like the finiteness flag and every random draw, so
-    # that only a log line waits for the GPU
+    # the log row's running sums, on the device like the finiteness flag and every draw: only a log line waits for GPU
     sums = {k: torch.zeros((), device=device) for k in ("ce", "reg", "correct", "seen")}
     finite = torch.ones((), dtype=torch.bool, device=device)
     state = {"params": params, "optimizer": optimizer, "scheduler": scheduler, "generators": (batch_rng, pgd_rng),
@@ -528,10 +515,9 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
                                             seconds=time.perf_counter() - tic, loss=loss))
                     tic = time.perf_counter()
             if not finite:
-                raise FloatingPointError(
-                    f"the training loss became NaN or infinite in epoch {epoch + 1}; training stops" +
-                    (f", keeping the checkpoint of step {saved_at}" if save and saved_at else "") +
-                    "; lower the learning rate or λ, or check the data, and start again from scratch")
+                kept = f", keeping the checkpoint of step {saved_at}" if save and saved_at else ""
+                raise FloatingPointError(f"the training loss became NaN or infinite in epoch {epoch + 1}; training "
+                                         f"stops{kept}; lower the learning rate or λ, or check the data; start again")
             if save and (step - saved_at >= checkpoint_every or epoch + 1 == epochs):
                 save(state, epoch + 1, history)
                 saved_at = step
@@ -555,8 +541,7 @@ def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
         images, labels: (N, 3, H, W) uint8 test images and (N,) labels, moved to the model's device batch by batch.
         attacks: {name: attack(model, x, y, generator=g) -> x_adv}: pgd_attack itself (the paper's PGD-100), or
             any attack make_attack builds (PGD on CE or the CW margin, APGD-CE, APGD-T, AutoAttack).
-        seed: every attack gets a generator of its own on the model's device seeded with it, so that its number does
-            not depend on which other attacks run, or in what order.
+        seed: every attack's own generator, on the model's device, starts from it: no number depends on the others.
     Returns:
         {"n", "clean_acc", "zero_grad_share" (images whose loss has an all-zero input gradient), "seconds",
         "correct": (N,) bool, "attacks": {name: {"adv_acc", "seconds", "correct": (N,) bool}}}, on the CPU.
@@ -594,13 +579,11 @@ def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
     accuracy = {name: c.sum().item() / n for name, c in correct.items()}
     if zero_grad > 0.05 * n:
         print(f"WARNING: the input gradient is exactly zero for {100 * zero_grad / n:.1f}% of the images: attacks "
-              f"cannot move them, so robust accuracy is overstated (saturated softmax or gradient masking)",
-              file=sys.stderr)
+              f"cannot move them, robust accuracy is overstated (saturated softmax, gradient masking)", file=sys.stderr)
     for name in attacks:
         if accuracy[name] > accuracy["clean"]:
             print(f"WARNING: accuracy under {name} {100 * accuracy[name]:.2f}% exceeds clean accuracy "
-                  f"{100 * accuracy['clean']:.2f}% on the same images: the attack is not working (broken attack or "
-                  f"gradient masking)", file=sys.stderr)
+                  f"{100 * accuracy['clean']:.2f}% on these images: broken attack or gradient masking", file=sys.stderr)
     return {"n": n, "clean_acc": accuracy["clean"], "zero_grad_share": zero_grad / n, "seconds": seconds["clean"],
             "correct": correct["clean"], "attacks": {name: {"adv_acc": accuracy[name], "seconds": seconds[name],
                                                             "correct": correct[name]} for name in attacks}}
@@ -611,9 +594,8 @@ def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
 
 def adversarial_mask_tuning(clip, images, labels, class_names, templates=("a photo of a {}.",), target="mhsa",
                             tune="mask", epochs=None, tokenizer=None, **train_args):
-    """AdvMask end to end, with no files, CLI or protocol: CLIP as a classifier of class_names, masks on the chosen
-    weights of its image tower, and min-max training. Returns the classifier with its masks on (save_masks it;
-    bake_masks it to evaluate at plain CLIP's cost), and train's log.
+    """AdvMask end to end, no files or CLI: CLIP as a classifier of class_names, masks on its image tower, min-max
+    training. Returns the classifier, masks on (save_masks it; bake_masks it to evaluate at CLIP's cost), and the log.
 
     Args:
         clip: a pre-trained open_clip CLIP, changed in place (weights frozen, masks put on its image tower).

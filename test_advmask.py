@@ -968,10 +968,10 @@ def test_evaluate_runs_every_attack_make_attack_builds_and_refuses_float_images(
     result = am.evaluate(model, x, y, attacks, seed=0)
     assert set(result["attacks"]) == set(am.ATTACKS)
     assert all(r["adv_acc"] <= result["clean_acc"] for r in result["attacks"].values())
-    with pytest.raises(ValueError, match="take uint8 images in 0..255 .* not torch.float32"):
+    with pytest.raises(ValueError, match="uint8 images in 0..255.* not torch.float32"):
         am.evaluate(model, am.to_unit(x), y, attacks)
     scores = am.apply_masks(model)
-    with pytest.raises(ValueError, match="take uint8 images in 0..255 .* not torch.float64"):
+    with pytest.raises(ValueError, match="uint8 images in 0..255.* not torch.float64"):
         am.train(model, scores, x.double() / 255, y, epochs=1)
 
 
