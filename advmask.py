@@ -706,13 +706,14 @@ def cw_loss(logits, labels):
 
 # Every attack by name: its function, the arguments that make it this attack, and the classes a class set needs for
 # it (APGD's DLR losses; TGA-ZSR's AutoAttack falls back to APGD-CE alone instead)
-ATTACKS = {
+Attack = collections.namedtuple("Attack", "fn kwargs min_classes")
+ATTACKS = {name: Attack(*row) for name, row in {
     "pgd": (pgd_attack, {"loss_fn": F.cross_entropy}, 0), "cw": (pgd_attack, {"loss_fn": cw_loss}, 0),
     "apgd-ce": (apgd_attack, {"loss": "ce"}, 0), "apgd-dlr": (apgd_attack, {"loss": "dlr"}, DLR_MIN_CLASSES["dlr"]),
     "apgd-t": (apgd_attack, {"loss": "dlr-targeted"}, DLR_MIN_CLASSES["dlr-targeted"]),
     "aa": (autoattack, {"second": "dlr-targeted"}, DLR_MIN_CLASSES["dlr-targeted"]),
     "aa-tga-zsr": (autoattack, {"second": "dlr"}, 0),
-}
+}.items()}
 
 
 def make_attack(name, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST_STEPS):
@@ -724,9 +725,9 @@ def make_attack(name, eps=TEST_EPS, alpha=TEST_ALPHA, steps=TEST_STEPS):
     """
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; use one of {', '.join(ATTACKS)}")
-    attack, kwargs, _ = ATTACKS[name]
-    step = {"alpha": alpha, "random_start": True} if attack is pgd_attack else {}  # APGD adapts its own step
-    return partial(attack, eps=eps, steps=steps, **step, **kwargs)
+    attack = ATTACKS[name]
+    step = {"alpha": alpha, "random_start": True} if attack.fn is pgd_attack else {}  # APGD adapts its own step
+    return partial(attack.fn, eps=eps, steps=steps, **step, **attack.kwargs)
 
 
 def worst_case_accuracy(correct):
@@ -1139,7 +1140,8 @@ def _load_training_state(path, state):
 # its prompt template (CoOp's where CoOp has one; CLIP's prompt list for the others); its training and test splits
 # (None: no official split, so stratified_split makes a fixed one; no training split: evaluation only); the folder
 # under --data-root that holds its images, which CoOp's split_zhou_*.json paths are relative to.
-DATASETS = {
+Dataset = collections.namedtuple("Dataset", "template train test folder")
+DATASETS = {name: Dataset(*row) for name, row in {
     #                   prompt template                          train splits       test    image folder
     "imagenet":        ("a photo of a {}.",                      ("train",),        "val",  "imagenet/train"),
     "caltech101":      ("a photo of a {}.",                      None,              None,   "caltech101/101_ObjectCategories"),
@@ -1163,7 +1165,7 @@ DATASETS = {
     "imagenet_sketch": ("a photo of a {}.",                      (),                "test", "imagenet-sketch/images"),
     "imagenet_a":      ("a photo of a {}.",                      (),                "test", "imagenet-adversarial/imagenet-a"),
     "imagenet_r":      ("a photo of a {}.",                      (),                "test", "imagenet-rendition/imagenet-r"),
-}
+}.items()}
 # What each dataset expects under --data-root, for the error a missing one gets; the ones torchvision can download.
 LAYOUTS = {
     "imagenet": "imagenet/ILSVRC2012_devkit_t12.tar.gz and imagenet/ILSVRC2012_img_{train,val}.tar (never downloaded)",
@@ -1372,7 +1374,7 @@ def _torchvision_dataset(name, root, split, transform, download):
     if name == "imagenet":
         return tv.ImageNet(Path(root) / "imagenet", split=split, transform=transform)  # never downloaded
     if name in ("ucf101", "imagefolder"):  # UCF101 as CoOp reads it: one middle frame per video, a class per folder
-        return tv.ImageFolder(Path(root) / DATASETS[name][3] / (split or ""), transform=transform)
+        return tv.ImageFolder(Path(root) / DATASETS[name].folder / (split or ""), transform=transform)
     if name in ("cifar10", "cifar100"):
         return {"cifar10": tv.CIFAR10, "cifar100": tv.CIFAR100}[name](root, train=split == "train", **kw)
     if name == "pcam" and importlib.util.find_spec("h5py") is None:  # torchvision imports it only for PCAM
@@ -1506,7 +1508,7 @@ def _imagenet_wnids(root):
 def _imagenet_variant(name, root, transform):
     """A shifted ImageNet test set as (Split, class names): CLIP's ImageNet names, labels in ImageNet's order;
     ImageNet-A and -R hold 200 of its classes, renumbered 0..199 in that order."""
-    ds = torchvision.datasets.ImageFolder(Path(root) / DATASETS[name][3], transform=transform)
+    ds = torchvision.datasets.ImageFolder(Path(root) / DATASETS[name].folder, transform=transform)
     if name == "imagenet_v2":  # class folders are ImageNet's label numbers
         index = [int(c) for c in ds.classes]
     else:
@@ -1514,7 +1516,7 @@ def _imagenet_variant(name, root, transform):
         unknown = [c for c in ds.classes if c not in position]
         if unknown:
             raise ValueError(f"{name} has a class folder {unknown[0]} that is not an ImageNet wnid; keep only the "
-                             f"dataset's own folders in {Path(root) / DATASETS[name][3]}")
+                             f"dataset's own folders in {Path(root) / DATASETS[name].folder}")
         index = [position[c] for c in ds.classes]
     kept = sorted(index)
     label = [kept.index(index[y]) for y in range(len(index))]  # ImageFolder's label -> ours
@@ -2545,7 +2547,7 @@ def parse_args(argv):
                       "masks cut; 'advmask.py export RUN_DIR OUT_DIR' writes a run as an open_clip model folder (each "
                       "has --help).", _HelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", default="oxford_pets", choices=[d for d in DATASETS if DATASETS[d][1] != ()],
+    data.add_argument("--dataset", default="oxford_pets", choices=[d for d in DATASETS if DATASETS[d].train != ()],
                       help="training (source) dataset")
     data.add_argument("--data-root", default="data", help="where the datasets live (or get downloaded)")
     data.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
@@ -2785,10 +2787,9 @@ def _cell_label(attack, eps):
     return f"{attack} ε {eps:g}/255"
 
 
-
 def _template(dataset, conventions):
     """The prompt template of a dataset under --conventions: CoOp's (or CLIP's) or TGA-ZSR's."""
-    return TGA_ZSR[dataset][0] if conventions == "tga-zsr" else DATASETS[dataset][0]
+    return TGA_ZSR[dataset][0] if conventions == "tga-zsr" else DATASETS[dataset].template
 
 
 def _test_split(args, name):
@@ -2933,9 +2934,9 @@ def _class_sets(args, train_on, data):
         sets = {args.dataset: (train_on["test"], train_names, template)}
     for name, (_, names, _) in sets.items():
         for attack in args.attack:
-            if len(names) < ATTACKS[attack][2]:
-                raise ValueError(f"class set {name!r} has {len(names)} classes, fewer than the {ATTACKS[attack][2]} "
-                                 f"that {attack}'s DLR loss needs; use apgd-ce, pgd, cw or aa-tga-zsr for it instead")
+            if len(names) < (needs := ATTACKS[attack].min_classes):
+                raise ValueError(f"class set {name!r} has {len(names)} classes, fewer than the {needs} that {attack}'s "
+                                 f"DLR loss needs; use apgd-ce, pgd, cw or aa-tga-zsr for it instead")
     return train_set, train_names, template, sets
 
 

@@ -775,7 +775,7 @@ def test_bf16_training_sees_fp32_text_features_and_each_steps_own_weights(tmp_pa
         with torch.no_grad():
             with torch.autocast("cpu", enabled=False):
                 reference = am.ClipClassifier(model.clip, [f"class {c}" for c in range(4)],
-                                              [am.DATASETS["oxford_pets"][0]])
+                                              [am.DATASETS["oxford_pets"].template])
             fresh = copy.deepcopy(model)  # new leaf tensors, cast afresh
             checks.append((torch.equal(model.text_features, reference.text_features),
                            torch.equal(model(x), fresh(x))))
@@ -1629,7 +1629,7 @@ def test_imagenet_names_are_clips_curated_list_with_no_colliding_prompts():
     tokenising unless that list itself repeats the name (WordNet's first synonyms gave three colliding pairs)."""
     names = am._class_names("imagenet", None)
     assert names == list(open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES) and len(names) == 1000
-    prompts = [tuple(t.tolist()) for t in open_clip.tokenize([am.DATASETS["imagenet"][0].format(n) for n in names])]
+    prompts = [tuple(t.tolist()) for t in open_clip.tokenize([am.DATASETS["imagenet"].template.format(n) for n in names])]
     same_prompt = {p for p in prompts if prompts.count(p) > 1}
     same_name = {prompts[i] for i, n in enumerate(names) if names.count(n) > 1}
     assert same_prompt == same_name and len(same_name) == 2  # CLIP's list repeats "missile" and "sunglasses"
@@ -2217,7 +2217,7 @@ def test_results_record_each_class_sets_prompts_and_summarize_refuses_seeds_whos
     monkeypatch.chdir(tmp_path)
     am.main(dry_run_args("out", 1))
     recorded = json.loads((tmp_path / "out" / "results.json").read_text())["class_sets"]
-    assert recorded == {"oxford_pets": {"templates": [am.DATASETS["oxford_pets"][0]],
+    assert recorded == {"oxford_pets": {"templates": [am.DATASETS["oxford_pets"].template],
                                         "classes": [f"class {c}" for c in range(4)], "n_test": 64,
                                         "preprocess": "synthetic"}}
     dtd = {"templates": ["a photo of a {}."], "classes": ["banded", "zigzagged"], "n_test": 2, "preprocess": PRE}
@@ -2597,11 +2597,11 @@ def test_an_exported_run_loads_in_open_clip_alone_with_the_tuned_models_logits(t
         else:
             am.load_weights(clip, work / "run" / "weights.bin")
         names = [n.replace("_", " ").lower() for n in PET_CLASSES]
-        prompts = [am.DATASETS["oxford_pets"][0].format(n) for n in names]
+        prompts = [am.DATASETS["oxford_pets"].template.format(n) for n in names]
         x = images(3)
         torch.save((x, prompts), work / "inputs.pt")
         with torch.no_grad():  # the logits open_clip alone must give, in one process for both arms (below)
-            expected[tune] = am.ClipClassifier(clip, names, [am.DATASETS["oxford_pets"][0]], tokenizer)(x)
+            expected[tune] = am.ClipClassifier(clip, names, [am.DATASETS["oxford_pets"].template], tokenizer)(x)
         alone += [str(work / f) for f in ("exported", "inputs.pt", "logits.pt")]
         _, _, here_identity = am.load_clip(f"local-dir:{work / 'exported'}", None)
         assert here_identity["weights_sha256"] == am.weights_fingerprint(clip)
