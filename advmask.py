@@ -16,7 +16,6 @@ with a straight-through estimator, PGD, the losses, the K-shot sampler, training
 adversarial_mask_tuning, which runs it all on images in memory. The tooling follows the marker, a section each.
 """
 
-
 import collections
 import contextlib
 import math
@@ -445,6 +444,14 @@ def _log_row(model, step, total_steps, sums, seconds, loss):
     return row
 
 
+def _check_finite(finite, step, saved_at):
+    """Stop training if a loss so far was NaN or infinite; saved_at: the step of the checkpoint kept (0: none)."""
+    if not finite:  # a read of the device's flag waits for the GPU: train reads it at log lines and saves only
+        kept = f", keeping the checkpoint of step {saved_at}" if saved_at else ""
+        raise FloatingPointError(f"the training loss became NaN or infinite by step {step}; training stops{kept}; "
+                                 f"lower the learning rate or λ, or check the data; start again")
+
+
 def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, lam=LAM, eps=TRAIN_EPS,
           alpha=TRAIN_ALPHA, steps=TRAIN_STEPS, loss="ce+lafa", seed=0, precision=TRAIN_PRECISION, log_every=20,
           checkpoint=None, checkpoint_every=50):
@@ -477,15 +484,13 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
     device = labels.device
     batch_rng = torch.Generator(device).manual_seed(seed)  # batch order and flips
     pgd_rng = torch.Generator(device).manual_seed(seed)  # PGD's random starts
-    # the log row's running sums, on the device like the finiteness flag and every draw: only a log line waits for GPU
+    # the log row's running sums, on the device like the finiteness flag and every draw: only log lines and saves wait
     sums = {k: torch.zeros((), device=device) for k in ("ce", "reg", "correct", "seen")}
     finite = torch.ones((), dtype=torch.bool, device=device)
     state = {"params": params, "optimizer": optimizer, "scheduler": scheduler, "generators": (batch_rng, pgd_rng),
              "sums": sums}  # everything a resumed run needs to continue exactly, besides the epoch and the log
     load, save = checkpoint or (None, None)
     first_epoch, history = load and load(state) or (0, [])
-    if first_epoch:
-        print(f"resuming from the checkpoint after epoch {first_epoch}/{epochs}", flush=True)
     step = saved_at = first_epoch * per_epoch
     tic = time.perf_counter()
     model.eval()  # frozen: LAFA compares two passes of one network, not two draws of its dropout
@@ -509,16 +514,12 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
                 sums["correct"] += (adv_logits.argmax(1) == y).sum()
                 sums["seen"] += len(y)
                 if step % log_every == 0 or step == total_steps:
-                    if not finite:
-                        break
+                    _check_finite(finite, step, saved_at)
                     history.append(_log_row(model, step=step, total_steps=total_steps, sums=sums,
                                             seconds=time.perf_counter() - tic, loss=loss))
                     tic = time.perf_counter()
-            if not finite:
-                kept = f", keeping the checkpoint of step {saved_at}" if save and saved_at else ""
-                raise FloatingPointError(f"the training loss became NaN or infinite in epoch {epoch + 1}; training "
-                                         f"stops{kept}; lower the learning rate or λ, or check the data; start again")
             if save and (step - saved_at >= checkpoint_every or epoch + 1 == epochs):
+                _check_finite(finite, step, saved_at)  # a NaN state is never saved
                 save(state, epoch + 1, history)
                 saved_at = step
                 print(f"checkpoint | epoch {epoch + 1}/{epochs} | step {step}/{total_steps}", flush=True)
@@ -1129,6 +1130,7 @@ def _load_training_state(path, state):
     state["scheduler"].load_state_dict(saved["scheduler"])
     for generator, value in zip(state["generators"], saved["generators"]):
         generator.set_state(value)
+    print(f"resuming from {path}, saved after epoch {saved['epoch']}", flush=True)
     return saved["epoch"], saved["history"]
 
 

@@ -734,11 +734,24 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 
     model.register_forward_hook(poison)
     x, y = synthetic_training_set(4, 2)
-    with pytest.raises(FloatingPointError, match="NaN or infinite in epoch 3.*checkpoint of step 2"):
+    with pytest.raises(FloatingPointError, match="NaN or infinite by step 3.*checkpoint of step 2"):
         am.train(model, scores, x, y, epochs=5, batch_size=8, checkpoint=am.training_checkpoint(tmp_path / "ckpt.pt"),
                  checkpoint_every=1)
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["epoch"] == 2 and all(torch.isfinite(s).all() for s in state["params"])
+
+
+def test_training_reads_the_finiteness_flag_only_at_log_lines_and_saves(tmp_path, monkeypatch):
+    """The host reads the device's finiteness flag (a wait for the GPU) at each log line and before each save, never at
+    an epoch end that has neither: 2 steps an epoch, a log line every 3 steps, a checkpoint after 4."""
+    checked = []
+    check = am._check_finite
+    monkeypatch.setattr(am, "_check_finite", lambda finite, step, saved_at: checked.append(step) or check(
+        finite, step, saved_at))
+    model = tiny_classifier(n_classes=4)
+    am.train(model, am.apply_masks(model), *synthetic_training_set(4, 2), epochs=5, batch_size=4, log_every=3,
+             checkpoint=am.training_checkpoint(tmp_path / "ckpt.pt"), checkpoint_every=4)
+    assert checked == [3, 4, 6, 8, 9, 10, 10]  # logs at 3, 6, 9, 10 (the last); saves at the ends of epochs 2, 4, 5
 
 
 def test_training_runs_the_frozen_network_in_eval_mode(tmp_path, monkeypatch):
@@ -3658,7 +3671,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path
     assert (tmp_path / "int" / "masks.bin").read_bytes() == (tmp_path / "whole" / "masks.bin").read_bytes()
     # where the inputs are found does not decide the mask: the same command with another data root resumes
     am.main([*dry_run_args(str(killed), 30), "--data-root", "elsewhere", "--no-download", "--workers", "0"])
-    assert "after epoch 25/30" in capsys.readouterr().out
+    assert f"resuming from {killed / 'checkpoint.pt'}, saved after epoch 25" in capsys.readouterr().out
     assert (killed / "masks.bin").read_bytes() == (tmp_path / "whole" / "masks.bin").read_bytes()
     whole, again = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "killed"))
     assert [e["adv_acc"] for e in whole["results"]] == [e["adv_acc"] for e in again["results"]]
@@ -3753,17 +3766,19 @@ def test_gpu_files_of_a_cuda_run_load_on_either_device_and_export(tmp_path, monk
 @gpu
 def test_gpu_training_never_waits_for_the_gpu_between_log_lines(monkeypatch):
     """The steps between two log lines make no host synchronisation: they run under
-    torch.cuda.set_sync_debug_mode("error"), which raises at any, with only the log rows themselves let through."""
-    log_row = am._log_row
+    torch.cuda.set_sync_debug_mode("error"), which raises at any, with only the log lines (the finiteness check and
+    the row) let through."""
+    def unguarded(fn):
+        def call(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+        return call
 
-    def unguarded(*args, **kwargs):
-        torch.cuda.set_sync_debug_mode(0)
-        try:
-            return log_row(*args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("error")
-
-    monkeypatch.setattr(am, "_log_row", unguarded)
+    for name in ("_check_finite", "_log_row"):
+        monkeypatch.setattr(am, name, unguarded(getattr(am, name)))
     classifier = tiny_classifier().cuda()
     x_u8, y = (t.cuda() for t in synthetic_training_set(3, 8))
     scores = am.apply_masks(classifier)
