@@ -689,12 +689,13 @@ def autoattack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, second="dl
     Example:
         >>> x_adv = autoattack(classifier, x, y, eps=1/255)
     """
-    x_adv = apgd_attack(model, images, labels, eps, steps, "ce", generator)
+    x_adv = apgd_attack(model, images, labels, eps=eps, steps=steps, loss="ce", generator=generator)
     with torch.no_grad():
         logits = model(x_adv)
     robust = logits.argmax(1) == labels  # (B,)
     if robust.any() and not (second == "dlr" and logits.shape[1] < DLR_MIN_CLASSES["dlr"]):
-        x_adv[robust] = apgd_attack(model, images[robust], labels[robust], eps, steps, second, generator)
+        x_adv[robust] = apgd_attack(model, images[robust], labels[robust], eps=eps, steps=steps, loss=second,
+                                    generator=generator)
     return x_adv
 
 
@@ -1082,7 +1083,7 @@ def load_weights(model, path, source=None):
     of its weights included (source names them in the error)."""
     header, tensors = read_tuned_file(path, "weights")
     entries = target_weights(model, header["target"])
-    _check_fit(path, header, model, [(name, list(w.shape)) for name, w in entries], source, header["names"])
+    _check_fit(path, header, model, [(name, list(w.shape)) for name, w in entries], source, exclude=header["names"])
     with torch.no_grad():
         for name, w in entries:
             w.copy_(tensors[name])
@@ -1616,7 +1617,7 @@ def load_dataset(name, root, preprocess, download=True, split_json=None, with_tr
             test, classes = _imagenet_variant(name, root, transform)
             parts = {"train": None, "test": test}
         elif train_splits is None:
-            whole = ds = _torchvision_dataset(name, root, None, transform, download)
+            whole = ds = _torchvision_dataset(name, root, split=None, transform=transform, download=download)
             # TGA-ZSR tests these on every image (of its 16: Caltech101, Caltech-256, EuroSAT, SUN397)
             train_idx, test_idx, labels, classes = _fixed_split(name, whole, every_image=tga_zsr)
             parts = {"train": None if tga_zsr else Split(whole, train_idx, [labels[i] for i in train_idx]),
@@ -2107,7 +2108,7 @@ def analyze(paths, out_dir, consensus=None, save=None):
             f"block {b} head {h} {100 * per_head[b, h]:.1f} %" for b, h in top), ""]
         png = out_dir / f"heads_{i}.png"
         panels = [(f"{p}: % off", [[100 * fraction[b, p, h] for h in heads] for b in blocks]) for p in ATTENTION_PARTS]
-        _heatmap(png, panels, list(heads), blocks, "head", "block", suptitle=label)
+        _heatmap(png, panels, list(heads), blocks, xlabel="head", ylabel="block", suptitle=label)
         md += [f"![per-head % off of {label}]({png.name})", ""]
     if len(masks) > 1:
         md += ["## Overlap of the off-sets", "", "| mask A | mask B | Jaccard | chance | Jaccard ÷ chance |",
@@ -3019,7 +3020,7 @@ def _load_run(args, device):
     splits, resizing = {}, {}  # dataset -> its split record; -> how its images were resized ("synthetic": random)
 
     def data(name, with_train=True):  # one of the run's datasets, its split and resizing recorded
-        d, resizing[name] = _load_data(name, args, identity, clip.visual.image_size[0], with_train)
+        d, resizing[name] = _load_data(name, args, identity, size=clip.visual.image_size[0], with_train=with_train)
         splits[name] = d["split"]
         return d
 
@@ -3080,7 +3081,7 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
         if args.tune == "mask":
             save_masks(clip, trained, source, provenance)
         else:
-            save_weights(clip, trained, args.mask_target, source, provenance)
+            save_weights(clip, trained, target=args.mask_target, source=source, provenance=provenance)
         checkpoint.unlink()  # its result is in the trained file now
     if args.tune == "mask":
         sparsity = mask_sparsity(clip)
@@ -3120,7 +3121,8 @@ def _evaluate_missing(args, device, loaded, splits, class_sets, results, save, l
                 attacks = {_cell_label(a, eps): make_attack(a, eps / 255, args.test_alpha / 255, args.test_steps)
                            for a, eps in todo[model_name]}
                 with autocast(device, args.eval_precision), _out_of_memory("--eval-batch-size", args.eval_batch_size):
-                    result = evaluate(model, test_images, test_labels, attacks, args.eval_batch_size, args.seed)
+                    result = evaluate(model, test_images, test_labels, attacks, batch_size=args.eval_batch_size,
+                                      seed=args.seed)
                 results += _result_rows(cells[model_name], result, todo[model_name])
             for eps in args.test_eps if len(args.attack) > 1 else []:
                 worst = {**cells[model_name], "attack": "worst", "attacks": args.attack, "eps": eps}
@@ -3214,7 +3216,7 @@ def main(argv=None):
                 raise ValueError(f"--benchmark builds open_clip's own CLIP ViT from a config name or JSON, which "
                                  f"{model} is not; benchmark such a model, e.g. ViT-B-16")
             rows = (precision_check(config, device) if args.benchmark == "precision" else
-                    [benchmark(config, args.batch_size, device, args.precision, args.mask_target)])
+                    [benchmark(config, args.batch_size, device, precision=args.precision, target=args.mask_target)])
             for row in rows:
                 print(json.dumps({"model": model, **row}))
         else:
