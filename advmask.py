@@ -1203,7 +1203,8 @@ DOWNLOADABLE = {"caltech101", "oxford_pets", "flowers102", "food101", "fgvc_airc
 # utils.py's "This is a photo of a {}") and the characters its class names turn into spaces once lower-cased (its
 # classes' own "_-", FGVC's "_" alone, refine_classname's "_-/"). PCAM's prompts are two fixed sentences.
 TGA_ZSR_TEMPLATE = "This is a photo of a {}"
-TGA_ZSR = {
+TgaZsr = collections.namedtuple("TgaZsr", "template spaced")
+TGA_ZSR = {name: TgaZsr(*row) for name, row in {
     "tinyimagenet": (TGA_ZSR_TEMPLATE, "_-/"),
     "cifar10": (TGA_ZSR_TEMPLATE, "_-/"),
     "cifar100": (TGA_ZSR_TEMPLATE, "_-/"),
@@ -1220,7 +1221,7 @@ TGA_ZSR = {
     "pcam": ("{}", ""),
     "imagenet": (TGA_ZSR_TEMPLATE, "_-/"),
     "sun397": (TGA_ZSR_TEMPLATE, "_-/"),
-}
+}.items()}
 TGA_ZSR_TRAIN = ("tinyimagenet", "cifar10", "cifar100", "imagenet")  # what its load_train_dataset can train on
 TGA_ZSR_SQUASHED = ("cifar10", "cifar100", "stl10")  # Resize((224, 224)); the others Resize(256) + CenterCrop(224)
 # Its names where they are not torchvision's: EuroSAT's and PCAM's by label, Flowers102's spellings of three (sic)
@@ -1445,7 +1446,7 @@ def _tga_zsr_classes(name, ds, root, ours):
            [f"Boeing {c}" if c[0] == "7" else c for c in ds.classes] if name == "fgvc_aircraft" else
            [c[:-5] for c in ds.classes] if name == "stanford_cars" else  # the year cut off
            ds.classes)
-    spaces = str.maketrans(TGA_ZSR[name][1], " " * len(TGA_ZSR[name][1]))
+    spaces = str.maketrans(TGA_ZSR[name].spaced, " " * len(TGA_ZSR[name].spaced))
     names = [c.lower().translate(spaces) for c in raw]
     return [c.strip() for c in names] if name == "caltech256" else names
 
@@ -2792,7 +2793,7 @@ def _cell_label(attack, eps):
 
 def _template(dataset, conventions):
     """The prompt template of a dataset under --conventions: CoOp's (or CLIP's) or TGA-ZSR's."""
-    return TGA_ZSR[dataset][0] if conventions == "tga-zsr" else DATASETS[dataset].template
+    return TGA_ZSR[dataset].template if conventions == "tga-zsr" else DATASETS[dataset].template
 
 
 def _test_split(args, name):
