@@ -1298,16 +1298,14 @@ def test_a_tower_without_known_blocks_is_refused_and_a_target_a_family_lacks_too
     clip = tiny_family_model("ViT-B-16-SigLIP", tmp_path, monkeypatch, mlp_layer=timm.layers.SwiGLU)[0]
     assert len(am.apply_masks(copy.deepcopy(clip), "mhsa")) == 4  # timm ViT's attention
     assert len(am.apply_masks(copy.deepcopy(clip), "mlp")) == 6  # EVA02's SwiGLU MLP
-    with pytest.raises(ValueError, match=r"^the VisionTransformer image tower has no transformer blocks with the all "
-                                         r"weights of a family AdvMask knows \(open_clip ViT, timm ViT, timm EVA02\); "
-                                         r"use a model of one of them, or --mask-target mhsa$"):
+    with pytest.raises(ValueError, match=r"VisionTransformer .*no transformer blocks with the all weights.*"
+                                         r"open_clip ViT, timm ViT, timm EVA02.*--mask-target mhsa"):
         am.apply_masks(clip, "all")
 
     def hf_tokenizer(name):  # open_clip's HFTokenizer (SigLIP's) where transformers is not installed
         raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
     monkeypatch.setattr(open_clip, "get_tokenizer", hf_tokenizer)
-    with pytest.raises(ValueError, match=r"^the tokenizer of tiny-vit-b-16-sl needs the transformers package, which "
-                                         r"only some model families need: pip install transformers$"):
+    with pytest.raises(ValueError, match=r"tiny-vit-b-16-sl .*transformers package.*pip install transformers"):
         am.load_clip(str(tmp_path / "tiny-vit-b-16-sl.json"), "none")
 
 
@@ -1660,8 +1658,7 @@ def test_a_caltech_tree_without_the_class_it_drops_gets_the_layout_error(tmp_pat
     """A Caltech101 tree without Faces_easy (the class dropped, as CoOp does) is the usual one-line layout error, not
     a bare ValueError of list.index."""
     fabricate_caltech101(tmp_path, classes=("BACKGROUND_Google", "Faces", "Leopards"))
-    with pytest.raises(ValueError, match=r"^caltech101 could not be loaded from .* \(no class folder Faces_easy\); it "
-                                         r"is read from caltech101/101_ObjectCategories"):
+    with pytest.raises(ValueError, match=r"caltech101 .*no class folder Faces_easy.*caltech101/101_ObjectCategories"):
         am.load_dataset("caltech101", tmp_path, PRE, download=False)
 
 
@@ -1870,7 +1867,7 @@ def test_cifar_stl10_caltech256_and_pcam_have_readable_names_and_official_tests(
         assert all(split.dataset.categories[split.dataset.y[i]] == folders[y]
                    for i, y in zip(split.indices, split.targets))
     monkeypatch.setattr(am.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match="^pcam is stored as HDF5 files, which need the h5py package: pip install"):
+    with pytest.raises(ValueError, match="pcam .*h5py.*pip install h5py"):
         am.load_dataset("pcam", tmp_path, PRE, download=False)
     assert am._class_names("pcam", None) == ["lymph node", "lymph node containing metastatic tumor tissue"]
 
@@ -1986,8 +1983,7 @@ def test_tga_zsr_conventions_give_tga_zszs_prompts_class_sets_and_test_sets(tmp_
     assert am.load_dataset("eurosat", tmp_path, PRE, download=False, conventions="tga-zsr")["test"].targets == [
         c for c in range(10) for _ in range(2)]
     (tmp_path / "imagenet" / "imagenet_classes_names.txt").write_text("n01440764 1 tench\n")
-    with pytest.raises(ValueError, match=r"^ImageNet under --conventions tga-zsr is named by TGA-ZSR's imagenet_"
-                                         r"classes_names.txt, which .* is not \(KeyError: 'n01443537'\); copy"):
+    with pytest.raises(ValueError, match=r"imagenet_classes_names\.txt.*KeyError: 'n01443537'.*github.com/zhyblue424/TGA-ZSR"):
         am.load_dataset("imagenet", tmp_path, PRE, download=False, with_train=False, conventions="tga-zsr")
 
 
@@ -2152,9 +2148,8 @@ def test_summarize_refuses_to_average_runs_of_different_splits(tmp_path):
                         (2, {"source": "coop", "file": "split_zhou_DescribableTextures.json", "sha256": "ab" * 32})):
         path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "splits": {"dtd": split}}))
-    with pytest.raises(ValueError, match=r"^few_shot/dtd \(evaluated on dtd\) mixes splits, dtd: default in .*seed1 "
-                                         r"and dtd: split_zhou_DescribableTextures.json sha256 abababababab "
-                                         r"in .*seed2"):
+    with pytest.raises(ValueError, match=r"few_shot/dtd .*mixes splits.*dtd: default in .*seed1.*"
+                                         r"split_zhou_DescribableTextures.json sha256 abababababab in .*seed2"):
         am.summarize(tmp_path, am.parser_defaults)
     assert not (tmp_path / "summary.md").exists()
 
@@ -2175,8 +2170,7 @@ def test_summarize_tables_seeds_of_other_settings_apart_and_refuses_what_no_head
     assert table(summary, words)[0] == ["dtd", "60.0 (1/2)", "20.0 (1/2)"]
     assert len([line for line in summary.splitlines() if line.startswith("## few_shot")]) == 2
     path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {what: first, "lam": 10}}))
-    with pytest.raises(ValueError, match=r"^few_shot/dtd \(evaluated on dtd\) mixes lam, unrecorded in .*seed1 and "
-                                         r"10 in .*seed2"):
+    with pytest.raises(ValueError, match=r"few_shot/dtd .*mixes lam.*unrecorded in .*seed1.* 10 in .*seed2"):
         am.summarize(tmp_path, am.parser_defaults)
 
 
