@@ -1640,7 +1640,8 @@ def test_imagenet_names_are_clips_curated_list_with_no_colliding_prompts():
     tokenising unless that list itself repeats the name (WordNet's first synonyms gave three colliding pairs)."""
     names = am._class_names("imagenet", None)
     assert names == list(open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES) and len(names) == 1000
-    prompts = [tuple(t.tolist()) for t in open_clip.tokenize([am.DATASETS["imagenet"].template.format(n) for n in names])]
+    template = am.DATASETS["imagenet"].template
+    prompts = [tuple(t.tolist()) for t in open_clip.tokenize([template.format(n) for n in names])]
     same_prompt = {p for p in prompts if prompts.count(p) > 1}
     same_name = {prompts[i] for i, n in enumerate(names) if names.count(n) > 1}
     assert same_prompt == same_name and len(same_name) == 2  # CLIP's list repeats "missile" and "sunglasses"
@@ -1983,7 +1984,8 @@ def test_tga_zsr_conventions_give_tga_zszs_prompts_class_sets_and_test_sets(tmp_
     assert am.load_dataset("eurosat", tmp_path, PRE, download=False, conventions="tga-zsr")["test"].targets == [
         c for c in range(10) for _ in range(2)]
     (tmp_path / "imagenet" / "imagenet_classes_names.txt").write_text("n01440764 1 tench\n")
-    with pytest.raises(ValueError, match=r"imagenet_classes_names\.txt.*KeyError: 'n01443537'.*github.com/zhyblue424/TGA-ZSR"):
+    with pytest.raises(ValueError, match=r"imagenet_classes_names\.txt.*KeyError: 'n01443537'.*"
+                                         r"github.com/zhyblue424/TGA-ZSR"):
         am.load_dataset("imagenet", tmp_path, PRE, download=False, with_train=False, conventions="tga-zsr")
 
 
