@@ -11,9 +11,8 @@ ICLR 2026, https://openreview.net/forum?id=kzGkXpW4FT
 
     python advmask.py --dataset oxford_pets --shots 16 --device cuda
 
-The method comes first and whole, in the paper's order, with its imports: constants, CLIP as a classifier, masks
-with a straight-through estimator, PGD, the losses, the K-shot sampler, training, evaluation, and
-adversarial_mask_tuning, which runs it all on images in memory. The tooling follows the marker, a section each.
+The method comes first, whole, in the paper's order (constants, CLIP as a classifier, masks with a straight-through
+estimator, PGD, losses, K-shot sampler, training, evaluation, and all of it in one call); the tooling follows.
 """
 
 import collections

@@ -3695,13 +3695,14 @@ def test_gpu_the_method_tunes_bakes_and_evaluates_on_cuda():
     classifier, log = am.adversarial_mask_tuning(tiny_clip().cuda(), x_u8, y, ["cat", "dog", "axolotl"], epochs=3,
                                                  batch_size=4, lr=1e-2, log_every=1)
     assert placement(classifier) == {"cuda"} and len(log) == 9 and 0 < log[-1]["off"] < 1
-    with torch.no_grad():
-        masked = classifier(am.to_unit(x_u8))
-        torch.testing.assert_close(am.bake_masks(classifier)(am.to_unit(x_u8)), masked)
+    with torch.no_grad():  # in evaluate's batches of 5: another batch size may run other kernels and flip a near tie
+        masked = torch.cat([classifier(am.to_unit(x)) for x in x_u8.split(5)])
+        am.bake_masks(classifier)
+        torch.testing.assert_close(torch.cat([classifier(am.to_unit(x)) for x in x_u8.split(5)]), masked)
     attacks = {"pgd": partial(am.pgd_attack, steps=3)}
     on_gpu, on_cpu = (am.evaluate(classifier, images, labels, attacks, batch_size=5)
                       for images, labels in ((x_u8, y), (x_u8.cpu(), y.cpu())))
-    assert on_gpu["n"] == 12 and on_gpu["clean_acc"] == (masked.argmax(1) == y).sum().item() / 12
+    assert on_gpu["n"] == 12 and torch.equal(on_gpu["correct"], (masked.argmax(1) == y).cpu())
     assert torch.equal(on_gpu["attacks"]["pgd"]["correct"], on_cpu["attacks"]["pgd"]["correct"])
 
 
