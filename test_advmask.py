@@ -3431,30 +3431,6 @@ def test_a_masks_file_is_known_by_its_content_and_a_config_file_model_by_its_con
     assert exported.visual.transformer.width == 48 and len(exported.visual.transformer.resblocks) == 3
 
 
-def test_one_process_at_a_time_writes_a_run_folder(tmp_path, monkeypatch, capsys):
-    """Two real processes on one run folder (a CLI process training, and this one): the second is refused in one
-    line naming the first's pid and writes nothing, the first ends with every cell; a lock whose process is gone is
-    taken over with one line."""
-    args = ["--dry-run", "--epochs", "20", "--out-dir", "busy"]
-    first = subprocess.Popen([sys.executable, str(HERE / "advmask.py"), *args], cwd=tmp_path, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert first.stdout.readline().startswith("few_shot on oxford_pets")  # training: the folder is held
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as second:
-        am.main(args)
-    err = capsys.readouterr().err
-    out = first.communicate(timeout=240)[0]
-    assert second.value.code == 2 and err.count("\n") == 1 and f"busy is in use by process {first.pid}" in err, err
-    assert "done |" in out and first.returncode == 0
-    results = json.loads((tmp_path / "busy" / "results.json").read_text())
-    assert results["complete"] and len(results["results"]) == 1 and not (tmp_path / "busy" / ".lock").exists()
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / "busy" / ".lock").write_text(gone.stdout.strip())
-    am.main([*args, "--attack", "pgd,cw"])
-    assert f"process {gone.stdout.strip()}, which held it, is gone" in capsys.readouterr().out
-    assert len(json.loads((tmp_path / "busy" / "results.json").read_text())["results"]) == 3  # pgd, cw, worst
-
-
 def test_an_interrupted_overwrite_trains_again_and_never_passes_off_the_old_mask(tmp_path, monkeypatch, capsys):
     """--overwrite with other settings removes the old mask, results and checkpoint before it writes anything, so a
     rerun after Ctrl-C during its training trains the new settings (its mask differs, its log runs to the end)
@@ -3634,20 +3610,27 @@ def test_an_interrupt_outside_training_and_a_closed_pipe_end_in_a_line_or_silenc
 
 
 def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path, monkeypatch, capsys):
-    """SIGKILL after the checkpoint of epoch 25 of 30: the checkpoint is refused by runs with other training settings
-    (λ, precision), and the same command again (with another data root) ends with the masks, accuracies and
-    training log of a run never interrupted, the mask having moved, and leaves no checkpoint; so does a run stopped
-    by Ctrl-C (KeyboardInterrupt) after that checkpoint, which says so in one line, exit status 130."""
+    """While a real process trains in a folder, a run on it in this process is refused in one line and writes
+    nothing. SIGKILL after the checkpoint of epoch 25 of 30: the kernel drops the killed run's lock; the checkpoint is
+    refused by runs with other training settings (λ, precision), and the same command again (with another data root)
+    ends with the masks, accuracies and training log of a run never interrupted, the mask having moved, and leaves no
+    checkpoint; so does a run stopped by Ctrl-C (KeyboardInterrupt) after that checkpoint, which says so in one line,
+    exit status 130."""
     am.main(dry_run_args(str(tmp_path / "whole"), 30))  # uninterrupted, in this process
     cmd = [sys.executable, str(HERE / "advmask.py"), *dry_run_args("killed", 30)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    killed, busy_refused = tmp_path / "killed", False
     for line in proc.stdout:
+        if line.startswith("step 20/60"):  # training, the folder held
+            held = sorted(killed.iterdir())
+            err = refused(capsys, dry_run_args(str(killed), 30))
+            assert f"{killed} is in use by another process" in err and sorted(killed.iterdir()) == held
+            busy_refused = True
         if line.startswith("checkpoint | epoch 25/30"):
             proc.kill()  # SIGKILL, somewhere in epoch 26
             break
     proc.wait(timeout=60)
-    assert proc.returncode == -9
-    killed = tmp_path / "killed"
+    assert proc.returncode == -9 and busy_refused
     assert (killed / "checkpoint.pt").is_file() and not (killed / "results.json").exists()
     for flag, value in (("--lam", "10"), ("--precision", "bf16")):  # in this process: the refusal is all there is
         err = refused(capsys, [*dry_run_args(str(killed), 30), flag, value])
