@@ -144,6 +144,7 @@ def visual_tower(model):
 
 # A masked weight: its name relative to the visual tower, its module, the parameter's name there, its ScoreMask
 Masked = collections.namedtuple("Masked", "name module param mask")
+Tower = collections.namedtuple("Tower", "family path blocks names")  # an image tower as tower_family finds it
 
 
 def _masks(model):
@@ -155,14 +156,14 @@ def _masks(model):
 
 
 def tower_family(model, target="mhsa"):
-    """(family, blocks' path, blocks, weight names): the first FAMILIES entry whose every block has target's weights."""
+    """Tower(family, blocks' path, blocks, target's weight names) of the first FAMILIES entry whose blocks have them."""
     visual = visual_tower(model)
     for family, (path, attention, mlp) in FAMILIES.items():
         names = {"mhsa": attention, "mlp": mlp, "all": attention + mlp}[target]
         blocks = dict(visual.named_modules()).get(path)  # None where the tower has no such path
         if blocks and all(set(names) <= {n.replace("parametrizations.", "").removesuffix(".original")
                                          for n, _ in block.named_parameters()} for block in blocks):
-            return family, path, blocks, names
+            return Tower(family, path, blocks, names)
     raise ValueError(f"the {type(getattr(visual, 'trunk', visual)).__name__} image tower has no transformer blocks "
                      f"with the {target} weights of a family AdvMask knows ({', '.join(FAMILIES)}); use a model of "
                      f"one of them" + (", or --mask-target mhsa" if target != "mhsa" else ""))
@@ -555,8 +556,7 @@ def evaluate(model, images, labels, attacks, batch_size=256, seed=0):
     correct = {name: [] for name in ["clean", *attacks]}
     seconds = dict.fromkeys(correct, 0.0)
     zero_grad = 0
-    desc = f"eval, {len(attacks)} attack" + "s" * (len(attacks) != 1)
-    for start in tqdm(range(0, len(labels), batch_size), desc=desc, leave=False):
+    for start in tqdm(range(0, len(labels), batch_size), desc=f"eval ({', '.join(attacks)})", leave=False):
         tic = time.perf_counter()
         x = to_unit(images[start:start + batch_size].to(device, non_blocking=True))
         y = labels[start:start + batch_size].to(device)
@@ -663,7 +663,8 @@ def apgd_attack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, loss="ce"
 
     loss "ce" is APGD-CE and "dlr" APGD-DLR, untargeted; "dlr-targeted" is APGD-T, the targeted DLR loss towards each
     of the top min(9, C − 1) other classes in turn, as AutoAttack runs it. torchattacks takes a seed, not a generator:
-    the seed is drawn from generator (0 without one). An image the attack does not break comes back clean.
+    the seed is drawn from generator (0 without one), and torch's global generators, which it seeds, are restored
+    after it. An image the attack does not break comes back clean.
     Example:
         >>> x_adv = apgd_attack(classifier, x, y, eps=1/255, steps=100, loss="dlr-targeted")
     """
@@ -678,7 +679,8 @@ def apgd_attack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, loss="ce"
         attack = torchattacks.APGDT(model, eps=eps, steps=steps, seed=seed, n_classes=min(10, n_classes))
     else:
         attack = torchattacks.APGD(model, eps=eps, steps=steps, seed=seed, loss=loss)
-    return attack(images, labels).detach()
+    with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):  # it seeds torch's global ones
+        return attack(images, labels).detach()
 
 
 def autoattack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, second="dlr-targeted", generator=None):
@@ -764,7 +766,7 @@ def preprocess_cfg(clip):
 def activation(clip):
     """The class name of the image tower's MLP activation: QuickGELU for OpenAI's weights, GELU for most others (a
     timm tower's act: GELU, GELUTanh, SiLU)."""
-    mlp = tower_family(clip)[2][0].mlp
+    mlp = tower_family(clip).blocks[0].mlp
     return type(getattr(mlp, "gelu", None) or mlp.act).__name__
 
 
@@ -900,7 +902,7 @@ def fp16_network(clip):
 
 def check_fp16(clip, what):
     """Refuse, in one line, fp16 evaluation (fp16_network) of a tower that is not open_clip's ViT."""
-    if tower_family(clip)[0] != "open_clip ViT":
+    if tower_family(clip).family != "open_clip ViT":
         raise ValueError(f"--eval-precision fp16 converts OpenAI's ViT as FAP's code does, and {what} is another "
                          f"family's tower; evaluate it in fp32 or bf16")
 
@@ -924,7 +926,7 @@ OLD_MAGIC = {b"ADVMASK\n": "mask", b"ADVTUNE\n": "weights"}
 def _arch(model):
     """A short description of the visual tower, stored in mask files to refuse a mask made for another model: its
     class (a timm tower's network's), blocks, width, patch and input size."""
-    visual, blocks = visual_tower(model), tower_family(model)[2]
+    visual, blocks = visual_tower(model), tower_family(model).blocks
     trunk = getattr(visual, "trunk", None)  # a timm tower's network
     kind, width, patch = ((type(visual).__name__, visual.transformer.width, visual.patch_size) if trunk is None else
                           (f"timm {type(trunk).__name__}", trunk.embed_dim, trunk.patch_embed.patch_size))
@@ -1040,7 +1042,7 @@ def save_masks(model, path, source=None, provenance=None):
         "threshold": masks[0].threshold,
         "names": [m.name for m in entries],
         "shapes": [list(mask.scores.shape) for mask in masks],
-        "heads": tower_family(model)[2][0].attn.num_heads,
+        "heads": tower_family(model).blocks[0].attn.num_heads,
         "base_weights": {"fingerprint": weights_fingerprint(model), "source": source or "source unrecorded"},
         **({"provenance": provenance} if provenance else {}),
     }, torch.cat([(mask.scores > mask.threshold).flatten().cpu() for mask in masks]))
@@ -3023,8 +3025,9 @@ def _load_run(args, device):
     settings = {**vars(args), "device": str(device), "model_identity": identity,
                 "train_split": splits.get(args.dataset),  # the training data as it decides the mask, not its folder
                 **({"baseline_identity": baseline_identity} if baseline_identity else {})}
-    return Loaded(clip, tokenizer, identity, settings, splits, resizing, train_on, train_set, train_names, template,
-                  sets, baseline, baseline_tokenizer)
+    return Loaded(clip=clip, tokenizer=tokenizer, identity=identity, settings=settings, splits=splits,
+                  resizing=resizing, train_on=train_on, train_set=train_set, train_names=train_names, template=template,
+                  sets=sets, baseline=baseline, baseline_tokenizer=baseline_tokenizer)
 
 
 def _train_or_reuse(out_dir, args, device, loaded, lap):

@@ -991,8 +991,8 @@ def test_evaluate_runs_every_attack_make_attack_builds_and_refuses_float_images(
 @pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "aa", "aa-tga-zsr"])
 @pytest.mark.parametrize("training", [True, False])
 def test_apgd_attacks_stay_in_the_ball_and_leave_no_trace(name, training):
-    """APGD-CE, APGD-DLR, APGD-T and both AutoAttacks' images lie within ε in l∞ and in [0, 1]; no .grad, mode and
-    scores unchanged."""
+    """APGD-CE, APGD-DLR, APGD-T and both AutoAttacks' images lie within ε in l∞ and in [0, 1]; no .grad, mode,
+    scores and torch's global generator unchanged (torchattacks seeds it)."""
     model = tiny_classifier(n_classes=5)
     am.apply_masks(model)
     randomize_scores(model, 3)
@@ -1000,8 +1000,9 @@ def test_apgd_attacks_stay_in_the_ball_and_leave_no_trace(name, training):
     scores = [s.clone() for s in (mask.scores for *_, mask in am._masks(model))]
     x, y = images(6, seed=1), torch.tensor([0, 1, 2, 3, 4, 0])
     x[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # pixels on the box edges
-    eps = 4 / 255
+    eps, rng = 4 / 255, torch.random.get_rng_state()
     x_adv = am.make_attack(name, eps, eps, 3)(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.random.get_rng_state(), rng)
     assert x_adv.shape == x.shape and not x_adv.requires_grad
     assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert model.training == training and all(p.grad is None for p in model.parameters())
