@@ -2274,10 +2274,11 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
     with autocast(device, precision):  # frozen weights: nothing for autocast to cache
         eval_s = _min_seconds({"baked": lambda: pgd_attack(baked, x, y, steps=pgd_steps),
                                "plain": lambda: pgd_attack(frozen, x, y, steps=pgd_steps)}, device, repeats)
-    # each training variant's peak memory comes from a fresh process, so the two peaks do not mix
-    with torch.multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        memory = {name: pool.apply(_train_peak_memory, (clip_config, batch_size, str(device), target, name == "masked",
-                                                        precision)) for name in ("masked", "plain")}
+    # each training variant's peak memory comes from a fresh process of its own, so the two peaks do not mix (the two
+    # run side by side: a peak is per process, CUDA's max_memory_allocated as the host's VmHWM)
+    with torch.multiprocessing.get_context("spawn").Pool(2, maxtasksperchild=1) as pool:
+        memory = dict(zip(("masked", "plain"), pool.starmap(_train_peak_memory, [
+            (clip_config, batch_size, str(device), target, masked, precision) for masked in (True, False)])))
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "precision": precision,
         "batch_size": batch_size, "masked_weights": n_weights, "pgd_steps": pgd_steps,
