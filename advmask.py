@@ -627,7 +627,6 @@ import copy
 import csv
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import importlib.util
 import io
@@ -2860,32 +2859,41 @@ def _out_of_memory(flag, value):
 
 @contextlib.contextmanager
 def _folder_lock(out_dir):
-    """One process per run folder: an exclusive flock on the folder itself, from before the run reads or writes
-    anything there; another process is refused in one line. The kernel drops the lock when its process ends, however
-    it ends, so a killed run leaves no stale lock. A folder made for the run and left empty goes with it."""
+    """One process per run folder: out_dir/.lock holds the pid of the process using it, from before it reads or writes
+    anything there; another is refused in one line naming it, and the lock of a process that is gone is taken over
+    with one line. A folder made for the lock alone goes with it."""
     out_dir = Path(out_dir)
-    made = [f for f in (out_dir, *out_dir.parents) if not f.exists()]  # deepest first
+    lock, made = out_dir / ".lock", [f for f in (out_dir, *out_dir.parents) if not f.exists()]  # deepest first
+    out_dir.mkdir(parents=True, exist_ok=True)
     while True:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out_dir, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by os.close, or by the process's end
-        except BlockingIOError:
-            os.close(fd)
-            raise ValueError(f"{out_dir} is in use by another process; wait until it ends, or pass another "
-                             f"--out-dir") from None
-        with contextlib.suppress(FileNotFoundError):  # the folder locked must still be out_dir: a failed run that
-            if os.path.samestat(os.fstat(fd), os.stat(out_dir)):  # made it removes it, under its lock, on its way out
-                break
-        os.close(fd)
+            with open(lock, "x") as f:
+                f.write(str(os.getpid()))
+            break
+        except FileExistsError:
+            pid = lock.read_text()  # empty while the other process is still writing it
+            try:
+                if pid.isdigit():
+                    os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+            except ProcessLookupError:
+                print(f"{lock}: process {pid}, which held it, is gone; taking the folder over")
+                lock.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                pass  # it exists, another user's
+            raise ValueError(f"{out_dir} is in use by process {pid or '(starting)'} ({lock}); wait until it ends, or "
+                             f"pass another --out-dir") from None
+        except OSError:  # the pid not written (a full disk): no empty lock may stay to refuse the next run
+            lock.unlink(missing_ok=True)
+            raise
     try:
         yield
     finally:
-        for folder in made:  # removed while still locked: no other run can be inside it
+        lock.unlink(missing_ok=True)
+        for folder in made:
             if any(folder.iterdir()):
                 break
             folder.rmdir()
-        os.close(fd)
 
 
 def _load_data(name, args, identity, size, with_train=True):

@@ -3615,12 +3615,12 @@ def test_an_interrupt_outside_training_and_a_closed_pipe_end_in_a_line_or_silenc
 
 
 def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path, monkeypatch, capsys):
-    """While a real process trains in a folder, a run on it in this process is refused in one line and writes
-    nothing. SIGKILL after the checkpoint of epoch 25 of 30: the kernel drops the killed run's lock; the checkpoint is
-    refused by runs with other training settings (λ, precision), and the same command again (with another data root)
-    ends with the masks, accuracies and training log of a run never interrupted, the mask having moved, and leaves no
-    checkpoint; so does a run stopped by Ctrl-C (KeyboardInterrupt) after that checkpoint, which says so in one line,
-    exit status 130."""
+    """While a real process trains in a folder, a run on it in this process is refused in one line naming its pid and
+    writes nothing. SIGKILL after the checkpoint of epoch 25 of 30: the next run takes the dead process's lock over
+    with one line; the checkpoint is refused by runs with other training settings (λ, precision), and the same
+    command again (with another data root) ends with the masks, accuracies and training log of a run never
+    interrupted, the mask having moved, and leaves no checkpoint; so does a run stopped by Ctrl-C (KeyboardInterrupt)
+    after that checkpoint, which says so in one line, exit status 130."""
     am.main(dry_run_args(str(tmp_path / "whole"), 30))  # uninterrupted, in this process
     cmd = [sys.executable, str(HERE / "advmask.py"), *dry_run_args("killed", 30)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -3629,7 +3629,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path
         if line.startswith("step 20/60"):  # training, the folder held
             held = sorted(killed.iterdir())
             err = refused(capsys, dry_run_args(str(killed), 30))
-            assert f"{killed} is in use by another process" in err and sorted(killed.iterdir()) == held
+            assert f"{killed} is in use by process {proc.pid}" in err and sorted(killed.iterdir()) == held
             busy_refused = True
         if line.startswith("checkpoint | epoch 25/30"):
             proc.kill()  # SIGKILL, somewhere in epoch 26
@@ -3637,9 +3637,15 @@ def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path
     proc.wait(timeout=60)
     assert proc.returncode == -9 and busy_refused
     assert (killed / "checkpoint.pt").is_file() and not (killed / "results.json").exists()
-    for flag, value in (("--lam", "10"), ("--precision", "bf16")):  # in this process: the refusal is all there is
-        err = refused(capsys, [*dry_run_args(str(killed), 30), flag, value])
-        assert f"holds a checkpoint of a run with other training settings ({flag[2:]})" in err
+    assert (killed / ".lock").read_text() == str(proc.pid)  # left by the killed run
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the first run after the kill takes the lock over, then refuses the checkpoint
+        am.main([*dry_run_args(str(killed), 30), "--lam", "10"])
+    out, err = capsys.readouterr()
+    assert f"process {proc.pid}, which held it, is gone; taking the folder over" in out
+    assert "holds a checkpoint of a run with other training settings (lam)" in err
+    err = refused(capsys, [*dry_run_args(str(killed), 30), "--precision", "bf16"])  # in this process: a refusal
+    assert "holds a checkpoint of a run with other training settings (precision)" in err
     real_step, steps = am.train_step, itertools.count(1)
 
     def interrupted_step(*args, **kwargs):  # Ctrl-C in the step after the checkpoint of epoch 25 (step 50)
