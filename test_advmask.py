@@ -45,6 +45,9 @@ from torch.nn.utils import parametrize
 import advmask as am
 
 HERE = Path(__file__).resolve().parent
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: a worker per core, each one thread, its subprocesses too
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 MODEL_SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SIZE = am.TINY_CLIP["vision_cfg"]["image_size"]
 PRE = am.preprocess_cfg(open_clip.CLIP(**am.TINY_CLIP))  # open_clip's default preprocessing at the tiny size
@@ -3616,23 +3619,25 @@ def test_an_interrupt_outside_training_and_a_closed_pipe_end_in_a_line_or_silenc
 
 def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path, monkeypatch, capsys):
     """While a real process trains in a folder, a run on it in this process is refused in one line naming its pid and
-    writes nothing. SIGKILL after the checkpoint of epoch 25 of 30: the next run takes the dead process's lock over
+    writes nothing. SIGKILL after the checkpoint of epoch 10 of 30 (checkpoints every 5 epochs: 20 epochs still to go
+    when the kill comes, so that a loaded machine cannot let the run finish first): the next run takes its lock over
     with one line; the checkpoint is refused by runs with other training settings (λ, precision), and the same
     command again (with another data root) ends with the masks, accuracies and training log of a run never
     interrupted, the mask having moved, and leaves no checkpoint; so does a run stopped by Ctrl-C (KeyboardInterrupt)
     after that checkpoint, which says so in one line, exit status 130."""
     am.main(dry_run_args(str(tmp_path / "whole"), 30))  # uninterrupted, in this process
-    cmd = [sys.executable, str(HERE / "advmask.py"), *dry_run_args("killed", 30)]
+    every = ["--checkpoint-every", "10"]
+    cmd = [sys.executable, str(HERE / "advmask.py"), *dry_run_args("killed", 30), *every]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     killed, busy_refused = tmp_path / "killed", False
     for line in proc.stdout:
-        if line.startswith("step 20/60"):  # training, the folder held
+        if line.startswith("checkpoint | epoch 5/30"):  # training, the folder held
             held = sorted(killed.iterdir())
             err = refused(capsys, dry_run_args(str(killed), 30))
             assert f"{killed} is in use by process {proc.pid}" in err and sorted(killed.iterdir()) == held
             busy_refused = True
-        if line.startswith("checkpoint | epoch 25/30"):
-            proc.kill()  # SIGKILL, somewhere in epoch 26
+        if line.startswith("checkpoint | epoch 10/30"):
+            proc.kill()  # SIGKILL, somewhere in epoch 11
             break
     proc.wait(timeout=60)
     assert proc.returncode == -9 and busy_refused
@@ -3659,8 +3664,8 @@ def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path
     am.main(dry_run_args(str(tmp_path / "int"), 30))  # the same command, in this process
     assert (tmp_path / "int" / "masks.bin").read_bytes() == (tmp_path / "whole" / "masks.bin").read_bytes()
     # where the inputs are found does not decide the mask: the same command with another data root resumes
-    am.main([*dry_run_args(str(killed), 30), "--data-root", "elsewhere", "--no-download", "--workers", "0"])
-    assert f"resuming from {killed / 'checkpoint.pt'}, saved after epoch 25" in capsys.readouterr().out
+    am.main([*dry_run_args(str(killed), 30), *every, "--data-root", "elsewhere", "--no-download", "--workers", "0"])
+    assert f"resuming from {killed / 'checkpoint.pt'}, saved after epoch 10" in capsys.readouterr().out
     assert (killed / "masks.bin").read_bytes() == (tmp_path / "whole" / "masks.bin").read_bytes()
     whole, again = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "killed"))
     assert [e["adv_acc"] for e in whole["results"]] == [e["adv_acc"] for e in again["results"]]
