@@ -2273,9 +2273,9 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
     with autocast(device, precision):  # frozen weights: nothing for autocast to cache
         eval_s = _min_seconds({"baked": lambda: pgd_attack(baked, x, y, steps=pgd_steps),
                                "plain": lambda: pgd_attack(frozen, x, y, steps=pgd_steps)}, device, repeats)
-    # each training variant's peak memory comes from a fresh process of its own, so the two peaks do not mix (the two
-    # run side by side: a peak is per process, CUDA's max_memory_allocated as the host's VmHWM)
-    with torch.multiprocessing.get_context("spawn").Pool(2, maxtasksperchild=1) as pool:
+    # each training variant's peak memory comes from a fresh process of its own, so the two peaks do not mix; on the
+    # CPU the two run side by side (a peak, VmHWM, is per process), on a GPU one after the other (they share its memory)
+    with torch.multiprocessing.get_context("spawn").Pool(1 if device.type == "cuda" else 2, maxtasksperchild=1) as pool:
         memory = dict(zip(("masked", "plain"), pool.starmap(_train_peak_memory, [
             (clip_config, batch_size, str(device), target, masked, precision) for masked in (True, False)])))
     return {
