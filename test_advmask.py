@@ -3660,7 +3660,8 @@ def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path
     with monkeypatch.context() as m:
         m.setattr(am, "train_step", interrupted_step)
         err = refused(capsys, dry_run_args(str(tmp_path / "int"), 30), status=130)
-    assert "interrupted at step 51/60" in err and "rerun the same command to resume from the checkpoint of step 50" in err
+    assert "interrupted at step 51/60" in err
+    assert "rerun the same command to resume from the checkpoint of step 50" in err
     am.main(dry_run_args(str(tmp_path / "int"), 30))  # the same command, in this process
     assert (tmp_path / "int" / "masks.bin").read_bytes() == (tmp_path / "whole" / "masks.bin").read_bytes()
     # where the inputs are found does not decide the mask: the same command with another data root resumes
