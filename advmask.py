@@ -678,7 +678,8 @@ def apgd_attack(model, images, labels, eps=TEST_EPS, steps=TEST_STEPS, loss="ce"
         attack = torchattacks.APGDT(model, eps=eps, steps=steps, seed=seed, n_classes=min(10, n_classes))
     else:
         attack = torchattacks.APGD(model, eps=eps, steps=steps, seed=seed, loss=loss)
-    with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):  # it seeds torch's global ones
+    # torchattacks seeds torch's global generators: the CPU's and the current GPU's, restored after it
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if images.is_cuda else []):
         return attack(images, labels).detach()
 
 

@@ -3690,7 +3690,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @gpu
 def test_gpu_the_method_tunes_bakes_and_evaluates_on_cuda():
     """adversarial_mask_tuning, bake_masks and evaluate with PGD run on CUDA: the classifier and its masks sit on the
-    GPU, the baked model gives the masked logits, and evaluate takes its uint8 images from the CPU or the GPU alike."""
+    GPU, the baked model gives the masked logits, and evaluate takes its uint8 images from the CPU or the GPU alike;
+    APGD on the GPU leaves its global generator as it found it (torchattacks seeds it)."""
     x_u8, y = (t.cuda() for t in synthetic_training_set(3, 4))
     classifier, log = am.adversarial_mask_tuning(tiny_clip().cuda(), x_u8, y, ["cat", "dog", "axolotl"], epochs=3,
                                                  batch_size=4, lr=1e-2, log_every=1)
@@ -3704,6 +3705,9 @@ def test_gpu_the_method_tunes_bakes_and_evaluates_on_cuda():
                       for images, labels in ((x_u8, y), (x_u8.cpu(), y.cpu())))
     assert on_gpu["n"] == 12 and torch.equal(on_gpu["correct"], (masked.argmax(1) == y).cpu())
     assert torch.equal(on_gpu["attacks"]["pgd"]["correct"], on_cpu["attacks"]["pgd"]["correct"])
+    rng = torch.cuda.get_rng_state()
+    am.apgd_attack(classifier, am.to_unit(x_u8[:5]), y[:5], steps=2, generator=torch.Generator("cuda").manual_seed(0))
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
 
 
 @gpu
