@@ -432,10 +432,10 @@ def train_step(model, optimizer, x, y, lam=LAM, eps=TRAIN_EPS, alpha=TRAIN_ALPHA
 
 def _log_row(model, step, total_steps, sums, seconds, loss):
     """The row of the steps since the last one, printed as one line (its regulariser named by loss); zeroes the sums."""
-    seen = sums["seen"].item()
+    seen, device = sums["seen"].item(), sums["seen"].device
     row = {"step": step, **{k: sums[k].item() / seen for k in ("ce", "reg")}, "adv_acc": sums["correct"].item() / seen,
            "off": mask_sparsity(model) if next(_masks(model), None) else None, "img_per_s": seen / seconds}
-    memory = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if sums["seen"].is_cuda else ""
+    memory = f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
     off = "" if row["off"] is None else f" | off {100 * row['off']:.2f}%"
     print(f"step {step}/{total_steps} | ce {row['ce']:.3f} | {loss.partition('+')[2] or 'reg'} {row['reg']:.4f} | "
           f"adv-acc {row['adv_acc']:.2f}{off} | {row['img_per_s']:.0f} img/s{memory}", flush=True)
@@ -2220,7 +2220,8 @@ def _min_seconds(fns, device, repeats):
     """Fastest time of each fn over interleaved rounds after a warm-up round. Rounds alternate the order, so drifts in
     machine speed and order effects hit all alike; the minimum, as timeit advises, is the least noisy estimate of
     what the computation itself costs."""
-    times, sync = {name: [] for name in fns}, torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    times = {name: [] for name in fns}
+    sync = partial(torch.cuda.synchronize, device) if device.type == "cuda" else lambda: None
     for i in range(repeats + 1):
         for name, fn in list(fns.items())[:: 1 if i % 2 else -1]:
             sync()
@@ -2246,11 +2247,11 @@ def _train_peak_memory(clip_config, batch_size, device, target, masked, precisio
     x, y = _bench_batch(clip_config, batch_size, device)
     rss_before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(2):
         _bench_train_step(model, optimizer, x, y, device, precision)
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated(device)
     # VmHWM, this process's own peak: ru_maxrss would carry over the peak of the process that spawned this one
     peak_kb = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]  # Linux, like statm
     return int(peak_kb) * 1024 - rss_before
@@ -3207,6 +3208,8 @@ def main(argv=None):
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"--device {device} was asked for but {torch.cuda.device_count()} CUDA devices are "
                              f"visible; pass --device cpu or an existing GPU")
+        if device.type == "cuda" and device.index is not None:  # what names the current GPU (torchattacks' seeding,
+            torch.cuda.set_device(device)  # open_clip's and torch's defaults) names --device's
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls may use TF32
         if args.deterministic:  # cuBLAS needs this workspace setting to be deterministic; cuDNN autotuning is off
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
