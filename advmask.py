@@ -3208,8 +3208,8 @@ def main(argv=None):
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"--device {device} was asked for but {torch.cuda.device_count()} CUDA devices are "
                              f"visible; pass --device cpu or an existing GPU")
-        if device.type == "cuda" and device.index is not None:  # what names the current GPU (torchattacks' seeding,
-            torch.cuda.set_device(device)  # open_clip's and torch's defaults) names --device's
+        if device.type == "cuda" and device.index is not None:  # --device's GPU as the current one: the GPU that
+            torch.cuda.set_device(device)  # torchattacks seeds, and that calls naming no device use
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls may use TF32
         if args.deterministic:  # cuBLAS needs this workspace setting to be deterministic; cuDNN autotuning is off
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
