@@ -83,8 +83,8 @@ class ClipClassifier(nn.Module):
         with torch.no_grad():
             prompts = [clip_model.encode_text(tokenizer([t.format(c) for t in templates]).to(device), normalize=True)
                        for c in class_names]  # C × (n_templates, E)
-            # T̂_c = normalize(mean over templates of normalize(text(template(c))))
-            text = F.normalize(torch.stack([p.mean(0) for p in prompts]), dim=-1)  # (C, E)
+            # T̂_c = normalize(mean over templates of normalize(text(template(c)))); one template's as is, as CoOp's
+            text = torch.stack([p[0] if len(p) == 1 else F.normalize(p.mean(0), dim=-1) for p in prompts])  # (C, E)
         self.register_buffer("text_features", text.float())
 
     def forward(self, images, return_features=False):
@@ -98,11 +98,11 @@ class ClipClassifier(nn.Module):
             feats = [torch.cat(pair, dim=1) for pair in zip(prefix, blocks)]
         else:
             image = self.clip.encode_image(x, normalize=False)  # CoCa's tower also returns its tokens; this does not
-        # not in the paper: the normalisation and the logits are fp32 under any autocast; in bf16, logits of 20-35
-        # (logit scale 100) would lie on a 0.125-0.25 grid and argmax ties would go to the lower class index
+        # not in the paper: fp32 logits (bf16's 0.125 grid at 20-35 ties argmaxes); an fp16 network's fp16, as FAP's
+        dtype = torch.float16 if image.dtype == torch.float16 else torch.float32
         with torch.autocast(x.device.type, enabled=False):
-            # logits = exp(logit_scale) · f̂(x) · T̂ᵀ
-            logits = self.clip.logit_scale.exp() * F.normalize(image.float(), dim=-1) @ self.text_features.T  # (B, C)
+            # logits = exp(logit_scale) · f̂(x) · T̂ᵀ: (B, C)
+            logits = self.clip.logit_scale.exp() * F.normalize(image.to(dtype), dim=-1) @ self.text_features.to(dtype).T
             if getattr(self.clip, "logit_bias", None) is not None:  # SigLIP's, added as open_clip adds it: it moves
                 logits = logits + self.clip.logit_bias  # every class alike, so softmax, CE and argmax ignore it
         return (logits, feats) if return_features else logits

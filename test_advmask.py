@@ -1179,6 +1179,22 @@ def test_fp16_network_is_open_clips_fp16_build_and_openais_conversion(tmp_path):
         torch.testing.assert_close(ours.encode_image(x), theirs.encode_image(x.half()), rtol=0, atol=0)
 
 
+def test_an_fp16_network_gives_the_logits_of_faps_code_bit_for_bit():
+    """Through fp16_network the logits are FAP's (CoOp's zero-shot CLIP in fp16): image and text features normalised
+    once in fp16, logit_scale.exp() · f̂ @ T̂ᵀ in fp16, for a single template (40 classes: renormalising the text
+    features would move some of them by an fp16 step)."""
+    clip, names = am.fp16_network(tiny_clip()), [f"class {c}" for c in range(40)]
+    x = images(6)
+    with torch.no_grad():
+        text = clip.encode_text(open_clip.tokenize([f"a photo of a {name}." for name in names]))
+        text = text / text.norm(dim=-1, keepdim=True)
+        image = clip.encode_image(T.Normalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)(x).half())
+        image = image / image.norm(dim=-1, keepdim=True)
+        faps = clip.logit_scale.exp() * image @ text.t()
+        ours = am.ClipClassifier(clip, names, ["a photo of a {}."])(x)
+    assert faps.dtype == ours.dtype == torch.float16 and torch.equal(ours, faps)
+
+
 def test_an_input_gradient_too_small_for_fp16_gives_sign_zero_there_and_not_in_fp32():
     """Through the fp16 network an input gradient below fp16's smallest step underflows to 0, so PGD leaves those
     pixels where they were, while the fp32 network moves every pixel: the gradient is taken in fp16, unscaled."""
