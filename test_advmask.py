@@ -292,22 +292,27 @@ def fake_cuda(module, mode):
 
 def test_the_forward_paths_run_on_fake_cuda_tensors():
     """Under FakeTensorMode (CUDA's device rules, no GPU): the classifier's logits and block features, with masks,
-    fixed masks and baked, and the evaluation's clean pass (uint8 batch moved over, scaled, classified) all run on
-    CUDA tensors and give CUDA outputs. (Backward needs a CUDA runtime: the GPU group covers it.)"""
+    fixed masks, baked and converted to fp16 (fp16 logits then), and the evaluation's clean pass (uint8 batch moved
+    over, scaled, classified) all run on CUDA tensors and give CUDA outputs. (Backward needs a CUDA runtime: the GPU
+    group covers it.)"""
     mode = FakeTensorMode()
     clip = fake_cuda(open_clip.CLIP(**am.TINY_CLIP), mode)
     with mode:
         classifier = am.ClipClassifier(clip, ["cat", "dog", "axolotl"], ["a photo of a {}.", "art of a {}."])
         x = torch.rand(4, 3, SIZE, SIZE, device="cuda")
-        for stage in ("plain", "masked", "fixed", "baked"):
+        for stage in ("plain", "masked", "fixed", "baked", "fp16"):
             if stage == "masked":
                 am.apply_masks(classifier)
             if stage == "baked":
                 am.bake_masks(classifier)
+            if stage == "fp16":
+                am.fp16_network(classifier.clip)
             with am.fixed_masks(classifier) if stage == "fixed" else contextlib.nullcontext():
                 logits, feats = classifier(x, return_features=True)
-                assert logits.device.type == "cuda" and logits.shape == (4, 3) and logits.dtype == torch.float32
-                assert [f.device.type for f in feats] == ["cuda"] * am.TINY_CLIP["vision_cfg"]["layers"]
+                dtype = torch.float16 if stage == "fp16" else torch.float32
+                assert logits.device.type == "cuda" and logits.shape == (4, 3) and logits.dtype == dtype
+                assert len(feats) == am.TINY_CLIP["vision_cfg"]["layers"]
+                assert {(f.device.type, f.dtype) for f in feats} == {("cuda", dtype)}
         images_u8 = torch.randint(0, 256, (4, 3, SIZE, SIZE), dtype=torch.uint8)  # evaluate's cached test images
         y = torch.tensor([0, 1, 2, 0])
         device = next(classifier.parameters()).device
