@@ -3731,10 +3731,11 @@ def test_gpu_the_method_tunes_bakes_and_evaluates_on_cuda():
 @gpu
 @pytest.mark.parametrize("flags", [["--baseline"], ["--protocol", "base2new", "--baseline"],
                                    ["--precision", "bf16", "--eval-precision", "bf16"], ["--attack", "apgd-ce,aa"],
-                                   ["--tune", "weights"]])
+                                   ["--tune", "weights"], ["--eval-precision", "fp16", "--baseline"]])
 def test_gpu_cli_dry_runs_finish_on_cuda(flags, tmp_path, monkeypatch):
     """The CLI's dry run on --device cuda, few-shot and base-to-new with the baseline, in bf16, under APGD-CE and
-    AutoAttack, and for the weights arm: every cell is evaluated and the run is complete."""
+    AutoAttack, for the weights arm, and evaluated in fp16 as FAP's code does: every cell is evaluated and the run is
+    complete."""
     monkeypatch.chdir(tmp_path)
     am.main(["--dry-run", "--device", "cuda", "--epochs", "2", *flags, "--out-dir", "gpu"])
     results = json.loads((tmp_path / "gpu" / "results.json").read_text())
