@@ -890,9 +890,8 @@ def fp16_network(clip):
     """clip as FAP's code evaluates it (its configs' PREC "fp16", clip.build_model): conv, linear and attention weights
     and the projections in fp16 as OpenAI's convert_weights makes them (open_clip's convert_weights_to_lp), every
     LayerNorm computing in fp32 (LayerNormFp32, as in OpenAI's model and open_clip's precision="fp16" build), and the
-    image cast to fp16 as it enters the tower's first layer (OpenAI's image.type(self.dtype)), in forward as in
-    forward_intermediates (LAFA's features); gradients then flow in fp16, unscaled.
-    For open_clip's ViT (check_fp16 says so in one line for another tower). Returns clip, changed in place."""
+    image cast to fp16 at the tower's first layer (OpenAI's image.type(self.dtype); forward_intermediates too), so
+    gradients flow in fp16, unscaled. For open_clip's ViT (check_fp16 refuses the others). Returns clip, in place."""
     open_clip.model.convert_weights_to_lp(clip, torch.float16)
     for module in clip.modules():
         if isinstance(module, nn.LayerNorm):
