@@ -83,7 +83,7 @@ class ClipClassifier(nn.Module):
         with torch.no_grad():
             prompts = [clip_model.encode_text(tokenizer([t.format(c) for t in templates]).to(device), normalize=True)
                        for c in class_names]  # C × (n_templates, E)
-            # T̂_c = normalize(mean over templates of normalize(text(template(c)))); one template's as is, as CoOp's
+            # T̂_c = normalize(mean over templates of normalize(text(template(c)))); one template's as is (CoOp, FAP)
             text = torch.stack([p[0] if len(p) == 1 else F.normalize(p.mean(0), dim=-1) for p in prompts])  # (C, E)
         self.register_buffer("text_features", text.float())
 
@@ -98,7 +98,7 @@ class ClipClassifier(nn.Module):
             feats = [torch.cat(pair, dim=1) for pair in zip(prefix, blocks)]
         else:
             image = self.clip.encode_image(x, normalize=False)  # CoCa's tower also returns its tokens; this does not
-        # not in the paper: fp32 logits (bf16's 0.125 grid at 20-35 ties argmaxes); an fp16 network's fp16, as FAP's
+        # not in the paper: logits in fp32 (bf16's 0.125 grid at 20-35 would tie argmaxes), an fp16 network's in fp16
         dtype = torch.float16 if image.dtype == torch.float16 else torch.float32
         with torch.autocast(x.device.type, enabled=False):
             # logits = exp(logit_scale) · f̂(x) · T̂ᵀ: (B, C)
