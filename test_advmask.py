@@ -3203,7 +3203,7 @@ def bad_input_cases(files):
         ([*tiny, "--protocol", "base2new", "--attack", "pgd,aa"], "'base' has 2 classes, fewer than the 4 that aa's"),
         (["--split-dir", str(files / "nowhere")], f"--split-dir {files / 'nowhere'} is not a folder"),
         (["--eval-precision", "fp64"], "argument --eval-precision: invalid choice: 'fp64'"),
-        (["--conventions", "fap"], "come: pass --split-dir"),
+        (["--conventions", "fap"], "pass --split-dir (the folder"),
         (["--conventions", "fap", "--split-dir", str(files), "--dataset", "imagenet"], "--split-dir (the folder"),
         (["--conventions", "fap", "--split-dir", str(files), "--protocol", "transfer"], "--split-dir (the folder"),
         ([*tiny, "--conventions", "fap", "--split-dir", str(files)], "no CoOp split file split_zhou_OxfordPets.json"),
