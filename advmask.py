@@ -794,9 +794,15 @@ def resolve_model(model):
     file's stem."""
     if model.startswith(SCHEMAS):
         return model
-    if model.endswith(".json"):
-        if not Path(model).is_file():
-            raise ValueError(f"model config {model} does not exist; pass an open_clip model name or a config JSON")
+    if model.endswith(".json"):  # checked here: open_clip skips a config without these keys, and a file it cannot
+        try:  # parse stays in its registry, failing every later registration in the process
+            config = json.loads(Path(model).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model config {model} is unreadable ({type(e).__name__}); pass an open_clip model name "
+                             f"or a config JSON") from None
+        if not (isinstance(config, dict) and {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys()):
+            raise ValueError(f"{model} is not an open_clip model config (no embed_dim, vision_cfg and text_cfg); pass "
+                             f"one, or an open_clip model name")
         open_clip.add_model_config(model)
         model = Path(model).stem
     if model not in open_clip.list_models():
@@ -2529,6 +2535,20 @@ def _per255(text, eps=False):
     return value
 
 
+def _device(text):
+    """argparse type of --device: cpu, cuda or cuda:N, one this machine has (as torch.device spells it)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:  # not a device string: "gpu", "cuda:x"
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text} was asked for but {torch.cuda.device_count()} CUDA devices are "
+                                         f"visible; pass cpu or an existing GPU")
+    return str(device)
+
+
 def _parser(prog, description, formatter_class=argparse.HelpFormatter):
     """An ArgumentParser whose every usage error ends in one line and exit status 2, without the usage block."""
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=formatter_class)
@@ -2591,7 +2611,7 @@ def parse_args(argv):
                                        "ViT-B-32-quickgelu for OpenAI's weights as a file; --benchmark: its own)")
     model.add_argument("--pretrained", help="open_clip tag, checkpoint path, or none (random) (default: openai; none "
                                             "for tiny; a model folder's own)")
-    model.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    model.add_argument("--device", type=_device, help="cuda, cuda:N or cpu (default: cuda if available)")
     model.add_argument("--deterministic", action="store_true",
                        help="CUDA: deterministic kernels, bit-identical reruns at some speed cost (CPU runs are so "
                             "without it)")
@@ -3204,10 +3224,7 @@ def main(argv=None):
             return
         args = parse_args(argv)
         # device and seed are decided here, once, and passed down (precision by the flags, TRAIN_/EVAL_PRECISION)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"--device {device} was asked for but {torch.cuda.device_count()} CUDA devices are "
-                             f"visible; pass --device cpu or an existing GPU")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # --device: _device
         if device.type == "cuda" and device.index is not None:  # --device's GPU as the current one: the GPU that
             torch.cuda.set_device(device)  # torchattacks seeds, and that calls naming no device use
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls may use TF32

@@ -3208,7 +3208,9 @@ def bad_input_cases(files):
         (["--conventions", "fap", "--split-dir", str(files), "--protocol", "transfer"], "--split-dir (the folder"),
         ([*tiny, "--conventions", "fap", "--split-dir", str(files)], "no CoOp split file split_zhou_OxfordPets.json"),
         (["--split-dir", str(files), "--split-json", str(files / "tiny.pt")], "(a folder for every dataset), not both"),
-        (["--device", "cuda:99", "--dry-run"], "--device cuda:99 was asked for but"),
+        (["--device", "cuda:99", "--dry-run"], "--device: cuda:99 was asked for but"),
+        (["--device", "mps"], "argument --device: 'mps' is not cpu, cuda or cuda:N"),
+        (["--device", "cuda:x"], "argument --device: 'cuda:x' is not cpu, cuda or cuda:N"),
         ([*tiny, "--data-root", str(files / "nowhere")], "it is read from oxford-iiit-pet/images/<Breed>_<n>.jpg"),
         ([*tiny, "--dataset", "tinyimagenet", "--data-root", str(files / "nowhere")], "tinyimagenet could not be"),
         ([*tiny, "--dataset", "tinyimagenet", "--data-root", str(files / "tiny-broken")],
@@ -3226,6 +3228,9 @@ def bad_input_cases(files):
         (["--benchmark", "--model", "ViT-B-16-SigLIP"], "CLIP ViT from a config name or JSON, which ViT-B-16-SigLIP"),
         ([*transfer[:-1], "imagenet_r"], "none of them lists 1000 wnids here"),
         (["--pretrained", str(files / "missing.pt")], "is neither an open_clip tag of ViT-B-32"),
+        (["--model", str(files / "missing.json")], "missing.json is unreadable (FileNotFoundError)"),
+        (["--model", str(files / "garbage.json")], "garbage.json is unreadable (JSONDecodeError)"),
+        (["--model", str(files / "other.json")], "other.json is not an open_clip model config"),
         ([*tiny, "--pretrained", str(files / "other.pt")], "is not a state dict of tiny-test-clip (Error(s) in"),
         ([*tiny, "--pretrained", str(files / "garbage.pt")], "is not a state dict of tiny-test-clip (not a torch"),
         ([*tiny, "--split-json", str(files / "garbage.pt")], "is not a readable CoOp split JSON"),
@@ -3261,6 +3266,8 @@ def bad_files(tiny_files):
     """Broken and misfit files next to the good ones: checkpoints and mask files."""
     torch.save(open_clip.CLIP(**{**am.TINY_CLIP, "embed_dim": 16}).state_dict(), tiny_files / "other.pt")
     (tiny_files / "garbage.pt").write_bytes(b"not a checkpoint")
+    (tiny_files / "garbage.json").write_text("{not json")
+    (tiny_files / "other.json").write_text(json.dumps({"embed_dim": 32}))  # JSON, but not a model's config
     model = tiny_clip(7)
     am.apply_masks(model)
     am.save_masks(model, tiny_files / "masks.bin")
