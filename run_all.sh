@@ -41,6 +41,9 @@ PYTHON=${PYTHON:-python}
 DRY=0
 EXTRA=()
 while [ $# -gt 0 ]; do
+  case "$1" in --datasets|--shots|--seeds|--protocol|--gpus|--runs|--python)
+    [ $# -ge 2 ] || { echo "run_all.sh: $1 needs a value; see run_all.sh --help" >&2; exit 2; } ;;
+  esac
   case "$1" in
     --datasets) DATASETS=$2; shift 2 ;;
     --shots) SHOTS=$2; shift 2 ;;

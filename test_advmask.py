@@ -3182,6 +3182,14 @@ def test_run_all_dry_sweep_summarises_and_its_cells_get_every_flag(tmp_path):
     assert (runs / "few_shot" / "dtd" / "1shot" / "seed1-weights" / "log.txt").is_file()
 
 
+def test_run_all_usage_errors_are_one_line_and_exit_2():
+    """run_all.sh with an unknown option, or with an option's value missing, ends in one line that says what to do and
+    exit status 2, before any run."""
+    for args, message in ((["--bogus"], "unknown option --bogus"), (["--dry-run", "--shots"], "--shots needs a value")):
+        proc = subprocess.run(["bash", str(HERE / "run_all.sh"), *args], capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"run_all.sh: {message}; see run_all.sh --help\n")
+
+
 def bad_input_cases(files):
     """(arguments, message) for every user error the CLI must turn into one line and exit status 2."""
     tiny = tiny_cli_args(files)
