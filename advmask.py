@@ -1668,8 +1668,9 @@ def cache_images(dataset, indices, device, num_workers=0):
     """Decode and resize the chosen images once: ((N, 3, H, W) uint8, (N,) int64), both on device, filled batch by
     batch into tensors made once (host memory holds the images about once, not a list of batches and their copy). A
     file that does not decode (a truncated download, say) raises ValueError naming it."""
+    # one batch is decoded in this process: worker processes would only add their start-up (a dry run's sets)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=64,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers if len(indices) > 64 else 0)
     labels, filled = torch.empty(len(indices), dtype=torch.int64, device=device), 0
     try:
         for x, y in loader:
