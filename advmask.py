@@ -1062,7 +1062,7 @@ def load_masks(model, path, source=None):
     if next(_masks(model), None) is None and header["arch"] == _arch(model):  # a misfit model is refused unmasked
         apply_masks(model, header["target"], threshold=header["threshold"])
     entries = list(_masks(model))
-    _check_fit(path, header, model, [(m.name, list(m.mask.scores.shape)) for m in entries], source)
+    _check_fit(path, header, model, [(m.name, list(m.mask.scores.shape)) for m in entries], source=source)
     masks = [m.mask for m in entries]
     with torch.no_grad():
         for chunk, mask in zip(bits.split([mask.scores.numel() for mask in masks]), masks):
@@ -1091,7 +1091,8 @@ def load_weights(model, path, source=None):
     of its weights included (source names them in the error)."""
     header, tensors = read_tuned_file(path, "weights")
     entries = target_weights(model, header["target"])
-    _check_fit(path, header, model, [(name, list(w.shape)) for name, w in entries], source, exclude=header["names"])
+    _check_fit(path, header, model, [(name, list(w.shape)) for name, w in entries], source=source,
+               exclude=header["names"])
     with torch.no_grad():
         for name, w in entries:
             w.copy_(tensors[name])
@@ -1632,8 +1633,9 @@ def load_dataset(name, root, preprocess, download=True, split_json=None, with_tr
             parts = {"train": None if tga_zsr else Split(whole, train_idx, [labels[i] for i in train_idx]),
                      "test": Split(whole, test_idx, [labels[i] for i in test_idx])}
         else:
-            test = ds = _torchvision_dataset(name, root, test_split, transform, download)
-            train_parts = [_torchvision_dataset(name, root, s, transform, download) for s in train_splits * with_train]
+            test = ds = _torchvision_dataset(name, root, test_split, transform=transform, download=download)
+            train_parts = [_torchvision_dataset(name, root, s, transform=transform, download=download)
+                           for s in train_splits * with_train]
             joined = torch.utils.data.ConcatDataset(train_parts) if with_train else None
             classes = _class_names(name, test)  # a split's class list is the dataset's
             parts = {"train": Split(joined, range(len(joined)), sum((_labels(d) for d in train_parts), []))
@@ -1872,8 +1874,9 @@ def summarize(runs_dir, defaults, out_dir=None):
             for e in finished["results"]:
                 method = (MODELS[e["model"]][0] if e["model"] in MODELS else e["model"]) + (  # trained: at its lr
                     f" (lr {lr:g})" if lr is not None and e["model"] in TUNED_MODEL.values() else "")
-                key = SummaryCell(protocol, e["attack"], e["eps"], _heading(finished, e, defaults), method, dataset,
-                                  shots, e["eval"])
+                key = SummaryCell(protocol=protocol, attack=e["attack"], eps=e["eps"],
+                                  basis=_heading(finished, e, defaults), method=method, dataset=dataset, shots=shots,
+                                  eval=e["eval"])
                 acc.setdefault(key, {})[seed] = e
                 # seeds of one table cell must agree; a run's cells of other evaluation settings have tables apart
                 bases.setdefault(key._replace(shots=None), {}).setdefault(_basis(finished, dataset, e), cell)
@@ -1912,7 +1915,8 @@ def summarize(runs_dir, defaults, out_dir=None):
         methods = sorted({k.method for k in here}, key=lambda m: m != "CLIP")
 
         def stat(method, dataset, shots, eval_name, metric):  # per-seed values of one metric of one cell
-            runs = acc.get(SummaryCell(protocol, attack, eps, basis, method, dataset, shots, eval_name), {})
+            runs = acc.get(SummaryCell(protocol=protocol, attack=attack, eps=eps, basis=basis, method=method,
+                                       dataset=dataset, shots=shots, eval=eval_name), {})
             return [e[f"{metric}_acc"] for e in runs.values()]
 
         attack_name = "worst case per image over the run's attacks" if attack == "worst" else attack.upper()
@@ -2112,7 +2116,7 @@ def analyze(paths, out_dir, consensus=None, save=None):
         head_cells = {(b, h): [cells[b, p, h] for p in ATTENTION_PARTS] for b in blocks for h in heads}
         per_head = {bh: sum(off for off, _ in c) / sum(n for _, n in c) for bh, c in head_cells.items()}
         for b, p, h in itertools.product(blocks, ATTENTION_PARTS, heads):
-            record("head", label, b, p, h, fraction[b, p, h])
+            record("head", label, block=b, part=p, head=h, value=fraction[b, p, h])
         top = sorted(per_head, key=per_head.get, reverse=True)[:5]
         md += ["Heads with the most weights off (q, k, v rows and out columns): " + ", ".join(
             f"block {b} head {h} {100 * per_head[b, h]:.1f} %" for b, h in top), ""]
@@ -2256,7 +2260,7 @@ def _train_peak_memory(clip_config, batch_size, device, target, masked, precisio
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(2):
-        _bench_train_step(model, optimizer, x, y, device, precision)
+        _bench_train_step(model, optimizer, x, y, device=device, precision=precision)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     # VmHWM, this process's own peak: ru_maxrss would carry over the peak of the process that spawned this one
@@ -2271,8 +2275,8 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
     x, y = _bench_batch(clip_config, batch_size, device)
     masked, masked_opt = _bench_model(clip_config, device, target, masked=True)
     plain, plain_opt = _bench_model(clip_config, device, target, masked=False)
-    train_s = _min_seconds({"masked": partial(_bench_train_step, masked, masked_opt, x, y, device, precision),
-                            "plain": partial(_bench_train_step, plain, plain_opt, x, y, device, precision)},
+    step = partial(_bench_train_step, x=x, y=y, device=device, precision=precision)
+    train_s = _min_seconds({"masked": partial(step, masked, masked_opt), "plain": partial(step, plain, plain_opt)},
                            device, repeats)
     n_weights = sum(p.numel() for p in plain_opt.param_groups[0]["params"])
     with tempfile.TemporaryDirectory() as tmp:  # the file's size depends on the model only, not on the scores
@@ -2406,7 +2410,7 @@ def export(run_dir, out_dir, visual=False, overwrite=False):
     if identity["activation"] == "QuickGELU":  # a tag's network, whatever the name's own config says
         model_cfg["quick_gelu"] = True
     preprocess = {k: identity["preprocess"][k] for k in ("mean", "std", "interpolation", "resize_mode")}
-    card = model_card(run_dir, finished, identity, sparsity, tuned.name)
+    card = model_card(run_dir, finished, identity, sparsity=sparsity, file_name=tuned.name)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     try:
         tmp.mkdir(parents=True)
@@ -3053,7 +3057,7 @@ def _load_run(args, device):
     # what is trained on (None for a --masks or --weights file), and the class sets evaluated
     train_on = None if args.masks or args.weights else data(args.dataset)
     train_set, train_names, template, sets = _class_sets(args, train_on, data)
-    baseline, baseline_tokenizer, baseline_identity = _load_baseline(args, clip, tokenizer, identity, device)
+    baseline, baseline_tokenizer, baseline_identity = _load_baseline(args, clip, tokenizer, identity, device=device)
     settings = {**vars(args), "device": str(device), "model_identity": identity,
                 "train_split": splits.get(args.dataset),  # the training data as it decides the mask, not its folder
                 **({"baseline_identity": baseline_identity} if baseline_identity else {})}
@@ -3174,7 +3178,7 @@ def _run_in(out_dir, args, device):
 
     loaded = _load_run(args, device)
     lap("load")
-    previous, history, sparsity, outcome = _train_or_reuse(out_dir, args, device, loaded, lap)
+    previous, history, sparsity, outcome = _train_or_reuse(out_dir, args, device, loaded, lap=lap)
     # the cells of earlier runs into this folder, each with its own evaluation settings and test set
     results, splits = previous.get("results", []), previous.get("splits", {}) | loaded.splits
     class_sets = previous.get("class_sets", {}) | {  # a rerun only adds
