@@ -638,6 +638,7 @@ import pickle
 import random
 import re
 import shutil
+import socket
 import statistics
 import tempfile
 import zlib
@@ -2886,21 +2887,23 @@ def _out_of_memory(flag, value):
 
 @contextlib.contextmanager
 def _folder_lock(out_dir):
-    """One process per run folder: out_dir/.lock holds the pid of the process using it, from before it reads or writes
-    anything there; another is refused in one line naming it, and the lock of a process that is gone is taken over
-    with one line. A folder made for the lock alone goes with it."""
+    """One process per run folder: out_dir/.lock holds the host and pid of the process using it, from before it reads
+    or writes anything there; another is refused in one line naming it, and the lock of a process of this host that is
+    gone is taken over with one line. A folder made for the lock alone goes with it."""
     out_dir = Path(out_dir)
     lock, made = out_dir / ".lock", [f for f in (out_dir, *out_dir.parents) if not f.exists()]  # deepest first
     out_dir.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
     while True:
         try:
             with open(lock, "x") as f:
-                f.write(str(os.getpid()))
+                f.write(f"{host} {os.getpid()}")
             break
         except FileExistsError:
-            pid = lock.read_text()  # empty while the other process is still writing it
+            holder, _, pid = lock.read_text().strip().rpartition(" ")  # "": the other process is still writing it
+            here = holder == host and pid.isdigit()  # another host's pid means nothing here (a shared file system)
             try:
-                if pid.isdigit():
+                if here:
                     os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
             except ProcessLookupError:
                 print(f"{lock}: process {pid}, which held it, is gone; taking the folder over")
@@ -2908,8 +2911,10 @@ def _folder_lock(out_dir):
                 continue
             except PermissionError:
                 pass  # it exists, another user's
-            raise ValueError(f"{out_dir} is in use by process {pid or '(starting)'} ({lock}); wait until it ends, or "
-                             f"pass another --out-dir") from None
+            where = "" if here or not holder else f" on {holder}"
+            raise ValueError(f"{out_dir} is in use by process {pid or '(starting)'}{where} ({lock}); wait until it "
+                             f"ends, or pass another --out-dir" + ("" if here else f"; if it is gone, delete {lock}")
+                             ) from None
         except OSError:  # the pid not written (a full disk): no empty lock may stay to refuse the next run
             lock.unlink(missing_ok=True)
             raise

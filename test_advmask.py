@@ -18,6 +18,7 @@ import random
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -3649,6 +3650,21 @@ def test_an_interrupt_outside_training_and_a_closed_pipe_end_in_a_line_or_silenc
     assert proc.wait(timeout=300) == 1 and proc.stderr.read() == ""
 
 
+def test_a_folder_held_from_another_host_is_refused_until_its_lock_is_deleted(tmp_path, monkeypatch, capsys):
+    """A lock written on another host (a shared file system) cannot be checked here, even when no process of its pid
+    lives here: a run is refused in one line naming that host and saying to delete the lock if the process is gone;
+    once deleted, the run goes and takes no lock with it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text(f"elsewhere {2**22 + 1}")  # above Linux's largest pid: none lives here
+    err = refused(capsys, dry_run_args("run", 1))
+    assert f"in use by process {2**22 + 1} on elsewhere" in err
+    assert f"if it is gone, delete {Path('run', '.lock')}" in err
+    (tmp_path / "run" / ".lock").unlink()
+    am.main(dry_run_args("run", 1))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "masks.bin", "results.json"]
+
+
 def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path, monkeypatch, capsys):
     """While a real process trains in a folder, a run on it in this process is refused in one line naming its pid.
     SIGKILL after the checkpoint of epoch 10 of 30 (checkpoints every 5 epochs: 20 epochs still to go
@@ -3671,7 +3687,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path
     proc.wait(timeout=60)
     assert proc.returncode == -9 and busy_refused
     assert (killed / "checkpoint.pt").is_file() and not (killed / "results.json").exists()
-    assert (killed / ".lock").read_text() == str(proc.pid)  # left by the killed run
+    assert (killed / ".lock").read_text() == f"{socket.gethostname()} {proc.pid}"  # left by the killed run
     capsys.readouterr()
     with pytest.raises(SystemExit):  # the first run after the kill takes the lock over, then refuses the checkpoint
         am.main([*dry_run_args(str(killed), 30), "--lam", "10"])
