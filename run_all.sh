@@ -66,8 +66,11 @@ else
   DATASETS=${DATASETS:-"imagenet caltech101 oxford_pets stanford_cars flowers102 food101 fgvc_aircraft sun397 dtd eurosat ucf101"}
   SHOTS=${SHOTS:-"1 2 4 8 16"}; SEEDS=${SEEDS:-"1 2 3"}; RUNS=${RUNS:-runs}
 fi
-failed="$RUNS/.failed_cells"  # one line per failed cell, shared by the parallel GPU jobs
-rm -f "$failed"
+# this sweep's failed cells, one a line, shared by its parallel GPU jobs: a file of its own, so that sweeps sharing
+# RUNS (a Slurm array, one cell a task) never report each other's failures
+mkdir -p "$RUNS"
+failed=$(mktemp "$RUNS/.failed_cells.XXXXXX")
+trap 'rm -f "$failed"' EXIT
 
 cells=()
 for protocol in $PROTOCOL; do for dataset in $DATASETS; do for shots in $SHOTS; do for seed in $SEEDS; do

@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
 import zlib
 from functools import partial
 from pathlib import Path
@@ -3182,6 +3183,27 @@ def test_run_all_dry_sweep_summarises_and_its_cells_get_every_flag(tmp_path):
         assert not (runs / "summary.md").exists()  # refused: no stale table is left to be taken for this sweep's
     assert (runs / "few_shot" / "dtd" / "1shot" / "seed1" / "log.txt").read_text().startswith(log)  # appended to
     assert (runs / "few_shot" / "dtd" / "1shot" / "seed1-weights" / "log.txt").is_file()
+
+
+def test_sweeps_sharing_a_runs_folder_report_only_their_own_failed_cells(tmp_path):
+    """Two run_all.sh sweeps into one RUNS at once (a Slurm array runs one a cell): the one whose cell fails while the
+    other's runs exits 1 naming it, and the other exits 0, naming none; no failure record is left behind."""
+    recorder = tmp_path / "python"  # fails the cell of "broken"; holds the cell of "slow" until the file "go" exists
+    recorder.write_text(f'#!/bin/sh\ncase "$*" in *"--dataset broken"*) exit 2;; *"--dataset slow"*) '
+                        f'touch {tmp_path / "started"}; while [ ! -e {tmp_path / "go"} ]; do sleep 0.05; done;; esac\n')
+    recorder.chmod(0o755)
+    env = {**os.environ, "RUNS": str(tmp_path / "runs"), "PYTHON": str(recorder)}
+    sweep = ["bash", str(HERE / "run_all.sh"), "--shots", "1", "--seeds", "1", "--dry-run", "--datasets"]
+    slow = subprocess.Popen([*sweep, "slow"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "started").exists():
+        assert slow.poll() is None, slow.communicate()
+        time.sleep(0.05)
+    broken = subprocess.run([*sweep, "broken"], env=env, capture_output=True, text=True, timeout=60)
+    (tmp_path / "go").touch()
+    out, err = slow.communicate(timeout=60)
+    assert broken.returncode == 1 and broken.stderr.endswith(f"failed:\n{tmp_path}/runs/few_shot/broken/1shot/seed1\n")
+    assert slow.returncode == 0 and err == "", out + err
+    assert not list((tmp_path / "runs").glob(".failed_cells*"))
 
 
 def test_run_all_usage_errors_are_one_line_and_exit_2():
