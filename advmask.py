@@ -945,7 +945,7 @@ def _atomic_write(path, data):
     file, and a write that fails (a full disk) leaves the earlier file, or none, and no temporary one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # one per process, on any host
     try:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
@@ -2412,7 +2412,7 @@ def export(run_dir, out_dir, visual=False, overwrite=False):
         model_cfg["quick_gelu"] = True
     preprocess = {k: identity["preprocess"][k] for k in ("mean", "std", "interpolation", "resize_mode")}
     card = model_card(run_dir, finished, identity, sparsity=sparsity, file_name=tuned.name)
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    tmp = out_dir.with_name(f".{out_dir.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         tmp.mkdir(parents=True)
         # every file written alike, so all have one mode (safetensors' save_file would make its files 0600)
