@@ -1638,7 +1638,11 @@ def load_dataset(name, root, preprocess, download=True, split_json=None, with_tr
             train_parts = [_torchvision_dataset(name, root, s, transform=transform, download=download)
                            for s in train_splits * with_train]
             joined = torch.utils.data.ConcatDataset(train_parts) if with_train else None
-            classes = _class_names(name, test)  # a split's class list is the dataset's
+            classes = _class_names(name, test)  # a split's class list is the dataset's (each imagefolder's its own)
+            odd = set().union(*(set(_class_names(name, d)) ^ set(classes) for d in train_parts))
+            if odd:  # ImageFolder numbers each split's folders alone: a class in one split only shifts the labels
+                raise ValueError(f"the splits of {name} have other classes ({', '.join(sorted(odd))} in one of them "
+                                 f"only); give every split the same class folders")
             parts = {"train": Split(joined, range(len(joined)), sum((_labels(d) for d in train_parts), []))
                      if with_train else None, "test": Split(test, range(len(test)), _labels(test))}
     except (RuntimeError, OSError) as e:  # how torchvision, and file reads, report a missing or odd tree

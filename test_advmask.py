@@ -1618,6 +1618,9 @@ def test_dtd_eurosat_and_imagefolder_load_through_torchvision(tmp_path):
     fabricate_imagefolder(tmp_path / "imagefolder")
     folder = am.load_dataset("imagefolder", tmp_path, PRE, download=False)
     assert folder["classes"] == ["red fox", "tabby cat"] and folder["test"].targets == [0, 0, 1, 1]
+    jpeg(tmp_path / "imagefolder" / "train" / "axolotl" / "0.jpg", 0)  # a class the test split lacks: label 0 there
+    with pytest.raises(ValueError, match=r"splits of imagefolder have other classes \(axolotl in one of them only\)"):
+        am.load_dataset("imagefolder", tmp_path, PRE, download=False)
     with pytest.raises(ValueError, match="could not be loaded from .*put it there"):
         am.load_dataset("food101", tmp_path, PRE, download=False)
 
