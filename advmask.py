@@ -1614,7 +1614,11 @@ def load_dataset(name, root, preprocess, download=True, split_json=None, with_tr
         missing = next((p for p, _, _ in entries if not (folder / p).is_file()), None)
         if missing is not None:
             raise ValueError(f"{split_json} lists {missing}, which is not under {folder}; put {name}'s images there")
-        names = dict(sorted({(label, cname.replace("_", " ")) for _, label, cname in entries}))
+        pairs = {(label, cname.replace("_", " ")) for _, label, cname in entries}
+        names = dict(sorted(pairs))
+        if len(names) < len(pairs) or sorted(names) != list(range(len(names))):  # as CoOp's files all are
+            raise ValueError(f"{split_json} does not label its classes 0 to n − 1 with one name each; pass a CoOp "
+                             f"split_zhou_<Name>.json, or a file made so")
         split = {"source": "coop", "file": Path(split_json).name, "sha256": hashlib.sha256(raw).hexdigest()}
         return {part: ImageFiles([(folder / p, label) for p, label, _ in items], transform)
                 if with_train or part == "test" else None

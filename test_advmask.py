@@ -1809,6 +1809,12 @@ def test_coop_split_json_is_used_exactly(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="lists missing_7.jpg"):
         am.load_dataset("oxford_pets", tmp_path, PRE, split_json=tmp_path / "bad.json")
+    for label, name in ((3, "beagle"), (1, "bulldog")):  # a label gap (no 2); one label, two names
+        spec["test"] = [["american_bulldog_100.jpg", label, name]]
+        (tmp_path / "bad.json").write_text(json.dumps(spec))
+        with pytest.raises(ValueError, match="does not label its classes 0 to n − 1 with one name each"):
+            am.load_dataset("oxford_pets", tmp_path, PRE, split_json=tmp_path / "bad.json")
+
 
 TINY_WNIDS = {"n01443537": "goldfish, Carassius auratus",
               "n01629819": "European fire salamander, Salamandra salamandra",
