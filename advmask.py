@@ -2710,7 +2710,7 @@ def parse_args(argv):
     # by default the preset named as the conventions: CoOp's suite, or TGA-ZSR's 16
     args.eval_datasets = ["tga-zsr" if tga_zsr else "coop"] if args.eval_datasets is None else args.eval_datasets
     # FAP's code tests in fp16 (its configs' PREC) on batches of 200; the batch decides what underflows in fp16, so an
-    # fp16 cell records it (test_batch); in fp32 and bf16 it moves numbers as other hardware does (README: FAP's main tables)
+    # fp16 cell records it (test_batch); in fp32 and bf16 it moves numbers as other hardware does (README: FAP's tables)
     args.eval_precision = args.eval_precision or ("fp16" if fap else EVAL_PRECISION)
     args.eval_batch_size = args.eval_batch_size or (200 if fap else 256)
     args.test_batch = args.eval_batch_size if args.eval_precision == "fp16" else None
