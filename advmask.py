@@ -1523,15 +1523,14 @@ def _imagenet_variant(name, root, transform):
     """A shifted ImageNet test set as (Split, class names): CLIP's ImageNet names, labels in ImageNet's order;
     ImageNet-A and -R hold 200 of its classes, renumbered 0..199 in that order."""
     ds = torchvision.datasets.ImageFolder(Path(root) / DATASETS[name].folder, transform=transform)
-    if name == "imagenet_v2":  # class folders are ImageNet's label numbers
-        index = [int(c) for c in ds.classes]
-    else:
-        position = {w: i for i, w in enumerate(_imagenet_wnids(root))}
-        unknown = [c for c in ds.classes if c not in position]
-        if unknown:
-            raise ValueError(f"{name} has a class folder {unknown[0]} that is not an ImageNet wnid; keep only the "
-                             f"dataset's own folders in {Path(root) / DATASETS[name].folder}")
-        index = [position[c] for c in ds.classes]
+    # ImageNet-V2's class folders are ImageNet's label numbers, -A's and -R's its wnids
+    position = ({str(i): i for i in range(1000)} if name == "imagenet_v2" else
+                {w: i for i, w in enumerate(_imagenet_wnids(root))})
+    unknown = [c for c in ds.classes if c not in position]
+    if unknown:
+        raise ValueError(f"{name} has a class folder {unknown[0]} that is not an ImageNet class; keep only the "
+                         f"dataset's own folders in {Path(root) / DATASETS[name].folder}")
+    index = [position[c] for c in ds.classes]
     kept = sorted(index)
     label = [kept.index(index[y]) for y in range(len(index))]  # ImageFolder's label -> ours
     return Split(ds, range(len(ds)), [label[y] for y in ds.targets]), [open_clip.IMAGENET_CLASSNAMES[i] for i in kept]

@@ -2090,6 +2090,11 @@ def test_imagenet_shifts_use_clips_names_in_imagenets_label_order(tmp_path):
     folders = [int(Path(v2["test"].dataset.samples[i][0]).parent.name) for i in v2["test"].indices]
     assert v2["classes"] == [names[1], names[2], names[10]]
     assert [v2["classes"][y] for y in v2["test"].targets] == [names[f] for f in folders]
+    for odd in ("1000", "n01440764"):  # past ImageNet's labels; a wnid where label numbers belong
+        fabricate_imagenet_shift(tmp_path, "imagenetv2/imagenetv2-matched-frequency-format-val", [odd])
+        with pytest.raises(ValueError, match=f"has a class folder {odd} that is not an ImageNet class"):
+            am.load_dataset("imagenet_v2", tmp_path, PRE, download=False)
+        shutil.rmtree(tmp_path / "imagenetv2" / "imagenetv2-matched-frequency-format-val" / odd)
 
 
 CACHE_MEMORY = """
