@@ -2398,8 +2398,13 @@ def export(run_dir, out_dir, visual=False, overwrite=False):
     if tuned is None:
         raise ValueError(f"{run_dir} holds neither masks.bin nor weights.bin (a run that evaluated a --masks or "
                          f"--weights file); export the run that trained it")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ValueError(f"{out_dir} exists and is not an empty folder; pass another one, or --overwrite to replace it")
+    # --overwrite replaces an earlier export only (its config beside a mask or weights file), never other files: a
+    # mistyped OUT_DIR (a runs root, a home folder) would otherwise be deleted
+    earlier = (out_dir / "open_clip_config.json").is_file() and any((out_dir / f).is_file() for f in (
+        "masks.bin", "weights.bin"))
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not (overwrite and earlier):
+        raise ValueError(f"{out_dir} exists and is not an empty folder{' or an earlier export' * overwrite}; pass "
+                         f"another one" + ("" if overwrite else ", or --overwrite to replace an earlier export"))
     finished = read_json(run_dir / "results.json")
     settings = finished["settings"]
     if not finished.get("complete"):
@@ -2771,7 +2776,7 @@ def parse_export_args(argv):
     p.add_argument("--visual", action="store_true",
                    help="also write visual.safetensors, the image tower alone, for tools that swap CLIP's vision "
                         "encoder")
-    p.add_argument("--overwrite", action="store_true", help="replace an OUT_DIR that is not empty")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
     return p.parse_args(argv)
 
 

@@ -2640,7 +2640,8 @@ def test_an_exported_run_loads_in_open_clip_alone_with_the_tuned_models_logits(t
         am.main(["--model", base[0], *(["--pretrained", base[1]] if base[1] else []), *tiny_cli_args(tiny_files)[4:],
                  "--tune", tune, "--epochs", "2", "--lr", "0.05", "--shots", "2", "--attack", "pgd,cw", "--out-dir",
                  "run"])
-        am.main(["export", "run", "exported", "--visual"])
+        am.main(["export", "run", "exported"])
+        am.main(["export", "run", "exported", "--visual", "--overwrite"])  # replaces the earlier export
         tuned_file = "masks.bin" if tune == "mask" else "weights.bin"
         assert sorted(p.name for p in (work / "exported").iterdir()) == sorted(
             ["README.md", "open_clip_config.json", "open_clip_model.safetensors", "visual.safetensors", tuned_file])
@@ -2703,25 +2704,28 @@ def test_the_card_of_a_synthetic_run_says_its_data_and_weights_are_random_and_ea
     assert sorted(steps) == ["2", "3"]
 
 
-@pytest.mark.parametrize("case", ["unfinished", "incomplete", "no file", "not empty"])
+@pytest.mark.parametrize("case", ["unfinished", "incomplete", "no file", "not empty", "not an export"])
 def test_every_bad_export_ends_in_one_line_exit_2_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
-    """An unfinished run (no results yet, or cells still missing), a run without its mask or weights file, and an
-    OUT_DIR that is not empty (without --overwrite) are one line and exit 2, and nothing is written."""
+    """An unfinished run (no results yet, or cells still missing), a run without its mask or weights file, an OUT_DIR
+    that is not empty (without --overwrite), and one that holds other files than an earlier export (with --overwrite,
+    which replaces only that) are one line and exit 2, and nothing is written or deleted."""
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
     if case != "unfinished":
         (run / "results.json").write_text(json.dumps({"results": [], "settings": {}, "complete": False}))
-    if case in ("not empty", "incomplete"):
+    if case in ("not empty", "not an export", "incomplete"):
         am.save_masks(masked_tiny_clip(), run / "masks.bin")
-    if case == "not empty":
+    if case in ("not empty", "not an export"):
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "other.txt").write_text("keep me")
+        (tmp_path / "out" / "open_clip_config.json").write_text("{}")  # a model folder, but not an export
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     key = {"unfinished": "no results.json", "incomplete": "complete: false", "no file": "neither masks.bin nor weights",
-           "not empty": "not an empty folder; pass another one, or --overwrite"}  # the key fact of each message
-    assert key[case] in refused(capsys, ["export", "run", "out"])
+           "not empty": "not an empty folder; pass another one, or --overwrite to replace an earlier export",
+           "not an export": "not an empty folder or an earlier export; pass another one"}  # each message's key fact
+    assert key[case] in refused(capsys, ["export", "run", "out", *["--overwrite"] * (case == "not an export")])
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
