@@ -2967,8 +2967,8 @@ def _load_data(name, args, identity, size, with_train=True):
 
 def _class_sets(args, train_on, data):
     """(training split, its class names, its templates, the class sets evaluated: name -> (test split, class names,
-    templates)) of the protocol; data(name, with_train) loads a dataset. An attack a class set is too small for is
-    refused here, before anything is written."""
+    templates)) of the protocol; data(name, with_train) loads a dataset. A class set without test images, or too
+    small for an attack, is refused here, before anything is written."""
     template = train_on and [_template(args.dataset, args.conventions)]  # a consensus's "dtd+eurosat" has none
     if args.protocol == "base2new":
         base_train, _, n_base = base_new_split(train_on["train"], len(train_on["classes"]))
@@ -2982,7 +2982,9 @@ def _class_sets(args, train_on, data):
     else:
         train_set, train_names = train_on["train"], train_on["classes"]
         sets = {args.dataset: (train_on["test"], train_names, template)}
-    for name, (_, names, _) in sets.items():
+    for name, (test_set, names, _) in sets.items():
+        if len(test_set) == 0:  # a split file's empty test list, a class set of no class
+            raise ValueError(f"class set {name!r} has no test images; give its split a test list")
         for attack in args.attack:
             if len(names) < (needs := ATTACKS[attack].min_classes):
                 raise ValueError(f"class set {name!r} has {len(names)} classes, fewer than the {needs} that {attack}'s "

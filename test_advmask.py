@@ -3284,6 +3284,7 @@ def bad_input_cases(files):
         ([*tiny, "--pretrained", str(files / "other.pt")], "is not a state dict of tiny-test-clip (Error(s) in"),
         ([*tiny, "--pretrained", str(files / "garbage.pt")], "is not a state dict of tiny-test-clip (not a torch"),
         ([*tiny, "--split-json", str(files / "garbage.pt")], "is not a readable CoOp split JSON"),
+        ([*tiny, "--split-json", str(files / "no-test.json")], "class set 'oxford_pets' has no test images"),
         ([*transfer, "--masks", str(files / "masks-cut.bin")], "truncated"),
         ([*transfer, "--masks", str(files / "masks-flipped.bin")], "fails its checksum"),
         ([*transfer, "--masks", str(files / "masks-other-arch.bin")], "made for VisionTransformer(layers=2, width=32"),
@@ -3318,6 +3319,8 @@ def bad_files(tiny_files):
     (tiny_files / "garbage.pt").write_bytes(b"not a checkpoint")
     (tiny_files / "garbage.json").write_text("{not json")
     (tiny_files / "other.json").write_text(json.dumps({"embed_dim": 32}))  # JSON, but not a model's config
+    (tiny_files / "no-test.json").write_text(json.dumps({"train": [["Abyssinian_1.jpg", 0, "abyssinian"]], "val": [],
+                                                         "test": []}))  # a split file without a test list
     model = tiny_clip(7)
     am.apply_masks(model)
     am.save_masks(model, tiny_files / "masks.bin")
