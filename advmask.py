@@ -2403,8 +2403,8 @@ def export(run_dir, out_dir, visual=False, overwrite=False):
     earlier = (out_dir / "open_clip_config.json").is_file() and any((out_dir / f).is_file() for f in (
         "masks.bin", "weights.bin"))
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not (overwrite and earlier):
-        raise ValueError(f"{out_dir} exists and is not an empty folder{' or an earlier export' * overwrite}; pass "
-                         f"another one" + ("" if overwrite else ", or --overwrite to replace an earlier export"))
+        raise ValueError(f"{out_dir} exists and is not an empty folder" + (" or an earlier export; pass another one"
+                         if overwrite else "; pass another one, or --overwrite to replace an earlier export"))
     finished = read_json(run_dir / "results.json")
     settings = finished["settings"]
     if not finished.get("complete"):
