@@ -3049,6 +3049,10 @@ def run(args, device):
             print(f"{path} was trained on {args.dataset}, {args.shots} shot{'s' * (args.shots != 1)}, seed "
                   f"{args.seed}, lr {args.lr:g}, loss {args.loss} (λ {args.lam:g}); the results are labelled so")
     out_dir = Path(args.out_dir or folder)
+    if (args.masks or args.weights) and Path(path).resolve().parent == out_dir.resolve():  # a transfer run's own file
+        raise ValueError(f"{path} is the trained file of {out_dir}, which this run would take over (and --overwrite "
+                         f"delete); pass another --out-dir, or rerun that run's own command, which adds the cells of "
+                         f"new --eval-datasets or --attack and keeps its file")
     _require_writable(out_dir)
     with _folder_lock(out_dir):
         return _run_in(out_dir, args, device)

@@ -3054,20 +3054,22 @@ def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_c
     assert worst["adv_acc"] == (both[0] & both[1]).mean() and worst["attacks"] == ["pgd", "cw"]
 
 
-def test_a_mask_file_run_is_labelled_by_the_file_and_obeys_the_finished_run_guard(tiny_files, tmp_path, monkeypatch,
-                                                                                  capsys):
+def test_a_mask_file_run_is_labelled_by_the_file_and_never_takes_its_trainers_folder(tiny_files, tmp_path, monkeypatch,
+                                                                                     capsys):
     """--masks FILE takes its source dataset, shots, seed and learning rate from the file's header, which names its
-    default folder and labels its results; into a finished run's folder it is refused without --overwrite, and it
-    leaves that folder as it was."""
+    default folder and labels its results; into the folder of the run that trained the file (a transfer run's own
+    default) it is refused, --overwrite or not (which would delete the file it evaluates), leaving the folder as it
+    was."""
     monkeypatch.chdir(tmp_path)
     am.main([*tiny_cli_args(tiny_files), "--shots", "2", "--seed", "4", "--lr", "3e-3", "--epochs", "1",
              "--out-dir", "trained"])
     finished = {p.name: p.read_bytes() for p in (tmp_path / "trained").iterdir()}
     capsys.readouterr()
-    err = refused(capsys, [*tiny_cli_args(tiny_files), "--protocol", "transfer", "--masks", "trained/masks.bin",
-                           "--eval-datasets", "dtd", "--out-dir", "trained"])
-    assert "trained holds a finished run with other training settings" in err
-    assert {p.name: p.read_bytes() for p in (tmp_path / "trained").iterdir()} == finished
+    for overwrite in ([], ["--overwrite"]):
+        err = refused(capsys, [*tiny_cli_args(tiny_files), "--protocol", "transfer", "--masks", "trained/masks.bin",
+                               "--eval-datasets", "dtd", "--out-dir", "trained", *overwrite])
+        assert "trained/masks.bin is the trained file of trained, which this run would take over" in err
+        assert {p.name: p.read_bytes() for p in (tmp_path / "trained").iterdir()} == finished
     am.main([*tiny_cli_args(tiny_files), "--protocol", "transfer", "--masks", "trained/masks.bin",
              "--eval-datasets", "dtd"])  # --shots 16, --seed 1 and --lr by default: the file says otherwise
     assert "trained/masks.bin was trained on oxford_pets, 2 shots, seed 4, lr 0.003" in capsys.readouterr().out
