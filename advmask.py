@@ -2095,6 +2095,11 @@ def analyze(paths, out_dir, consensus=None, save=None):
             if len(values) > 1:
                 raise ValueError(f"--consensus got masks that record {' and '.join(map(show, values))} {what}; pass "
                                  f"masks of one model")
+        # a run's masks.bin replaced by the consensus would pass the consensus off as what that run trained
+        run_mask = Path(save).name == "masks.bin" and (Path(save).parent / "config.json").is_file()
+        if run_mask or Path(save).resolve() in {f.resolve() for f in files}:
+            raise ValueError(f"--save {save} is the trained mask of a run, or one of the masks; save the consensus to "
+                             f"a file of its own")
     out_dir = Path(out_dir)
     for old in [*out_dir.glob("heads_*.png"), out_dir / "overlap.png"]:  # an earlier analysis's figures
         old.unlink(missing_ok=True)

@@ -2465,6 +2465,14 @@ def test_analyze_reports_overlaps_and_saves_a_consensus_that_transfer_evaluates(
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "t" / "results.json").read_text())
     assert result["sparsity"] == pytest.approx(1 - cons.float().mean().item())
+    kept = (tmp_path / "cons.bin").read_bytes()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")  # a run folder that has no mask yet
+    for save in (tmp_path / "cons.bin", tmp_path / "other" / "masks.bin"):  # one of the masks; a run's mask file
+        err = refused(capsys, ["analyze", str(runs), str(tmp_path / "cons.bin"), "--out", str(out), "--consensus",
+                               "2", "--save", str(save)])
+        assert f"--save {save} is the trained mask of a run, or one of the masks" in err
+    assert (tmp_path / "cons.bin").read_bytes() == kept and not (tmp_path / "other" / "masks.bin").exists()
 
 
 def test_summary_png_plots_the_few_shot_table(tmp_path):
