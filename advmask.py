@@ -3168,8 +3168,9 @@ def _evaluate_missing(args, device, loaded, splits, class_sets, results, save, l
         chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
         indices_sha256 = hashlib.sha256(json.dumps(list(chosen)).encode()).hexdigest()  # of the images evaluated
         test_set_id = _test_set(splits[_test_split(args, name)], indices_sha256, class_sets[name])
-        cells = {m: {"model": m, "eval": name, "test_set": test_set_id, **{k: getattr(args, k) for k in CELL_SETTINGS}}
-                 for m in models}
+        theirs = loaded.settings.get("baseline_identity", {}).get("weights_sha256")  # a folder baseline's weights
+        cells = {m: {"model": m, "eval": name, "test_set": test_set_id, **{k: getattr(args, k) for k in CELL_SETTINGS},
+                     **({"weights_sha256": theirs} if m == args.baseline and theirs else {})} for m in models}
         todo = {m: [(a, eps) for a, eps in itertools.product(args.attack, args.test_eps)
                     if _cell_key({**cells[m], "attack": a, "eps": eps}) not in done] for m in models}
         if any(todo.values()):
@@ -3207,8 +3208,15 @@ def _run_in(out_dir, args, device):
     loaded = _load_run(args, device)
     lap("load")
     previous, history, sparsity, outcome = _train_or_reuse(out_dir, args, device, loaded, lap=lap)
-    # the cells of earlier runs into this folder, each with its own evaluation settings and test set
-    results, splits = previous.get("results", []), previous.get("splits", {}) | loaded.splits
+    # the cells of earlier runs into this folder, each with its own evaluation settings and test set; a folder
+    # baseline's go with the weights they measured (another model under its name is evaluated anew)
+    theirs = loaded.settings.get("baseline_identity", {}).get("weights_sha256")
+    results = [r for r in previous.get("results", [])
+               if r["model"] != args.baseline or r.get("weights_sha256") == theirs]
+    if len(results) < len(previous.get("results", [])):
+        print(f"--baseline {args.baseline} has other weights than its cells in {out_dir / 'results.json'} measured; "
+              f"evaluating them again")
+    splits = previous.get("splits", {}) | loaded.splits
     class_sets = previous.get("class_sets", {}) | {  # a rerun only adds
         name: {"templates": templates, "classes": names, "n_test": len(test_set),
                "preprocess": loaded.resizing[_test_split(args, name)]}

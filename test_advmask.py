@@ -1136,6 +1136,14 @@ def test_a_model_folder_brings_its_preprocessing_to_the_classifier_the_images_an
     assert {e["model"] for e in results["results"]} == {"advmask", baseline}
     header, _ = am.read_mask_file(tmp_path / "out" / "masks.bin")
     assert header["base_weights"] == {"fingerprint": identity["weights_sha256"], "source": am.describe(identity)}
+    # other weights in the baseline's folder (a hub model updated, say): its cells are evaluated anew, the mask's kept
+    safetensors.torch.save_file(tiny_clip(4).state_dict(), tmp_path / "robust" / "open_clip_model.safetensors")
+    am.main(["--model", name, *data_args, "--baseline", baseline, "--epochs", "1", "--shots", "1", "--out-dir", "out"])
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    theirs = again["settings"]["baseline_identity"]["weights_sha256"]
+    assert theirs != results["settings"]["baseline_identity"]["weights_sha256"]
+    assert [(e["model"], e.get("weights_sha256")) for e in again["results"]] == [("advmask", None), (baseline, theirs)]
+    assert again["results"][0] == results["results"][[e["model"] for e in results["results"]].index("advmask")]
 
 
 @MODEL_SETTINGS
