@@ -641,6 +641,7 @@ import shutil
 import socket
 import statistics
 import tempfile
+import threading
 import zlib
 from pathlib import Path
 
@@ -2902,11 +2903,17 @@ def _out_of_memory(flag, value):
                          f"rerun the same command: what is finished is kept") from None
 
 
+# A run folder's lock is refreshed (its time set) every LOCK_BEAT seconds by the process holding it. Whether a pid
+# lives can be asked only on its own host; a lock from another host (a shared file system) unrefreshed for LOCK_STALE
+# seconds is taken to be a job gone with its node, so that a pre-empted job requeued elsewhere resumes.
+LOCK_BEAT, LOCK_STALE = 60, 600
+
+
 @contextlib.contextmanager
 def _folder_lock(out_dir):
     """One process per run folder: out_dir/.lock holds the host and pid of the process using it, from before it reads
-    or writes anything there; another is refused in one line naming it, and the lock of a process of this host that is
-    gone is taken over with one line. A folder made for the lock alone goes with it."""
+    or writes anything there; another is refused in one line naming it, and the lock of a process that is gone (of
+    this host, or stale) is taken over with one line. A folder made for the lock alone goes with it."""
     out_dir = Path(out_dir)
     lock, made = out_dir / ".lock", [f for f in (out_dir, *out_dir.parents) if not f.exists()]  # deepest first
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -2918,26 +2925,36 @@ def _folder_lock(out_dir):
             break
         except FileExistsError:
             holder, _, pid = lock.read_text().strip().rpartition(" ")  # "": the other process is still writing it
-            here = holder == host and pid.isdigit()  # another host's pid means nothing here (a shared file system)
+            here = holder == host and pid.isdigit()  # another host's pid means nothing here
+            where = "" if here or not holder else f" on {holder}"
             try:
                 if here:
                     os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+                elif time.time() - lock.stat().st_mtime > LOCK_STALE:
+                    raise ProcessLookupError
             except ProcessLookupError:
-                print(f"{lock}: process {pid}, which held it, is gone; taking the folder over")
+                print(f"{lock}: process {pid}{where}, which held it, is gone; taking the folder over")
                 lock.unlink(missing_ok=True)
                 continue
             except PermissionError:
                 pass  # it exists, another user's
-            where = "" if here or not holder else f" on {holder}"
             raise ValueError(f"{out_dir} is in use by process {pid or '(starting)'}{where} ({lock}); wait until it "
                              f"ends, or pass another --out-dir" + ("" if here else f"; if it is gone, delete {lock}")
                              ) from None
         except OSError:  # the pid not written (a full disk): no empty lock may stay to refuse the next run
             lock.unlink(missing_ok=True)
             raise
+    stop = threading.Event()
+
+    def refresh():  # the lock's time, which tells other hosts that its process lives
+        while not stop.wait(LOCK_BEAT):
+            with contextlib.suppress(OSError):  # a file system's hiccup: the next beat tries again
+                os.utime(lock)
+    threading.Thread(target=refresh, daemon=True).start()
     try:
         yield
     finally:
+        stop.set()
         lock.unlink(missing_ok=True)
         for folder in made:
             if any(folder.iterdir()):

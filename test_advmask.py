@@ -3711,19 +3711,28 @@ def test_an_interrupt_outside_training_and_a_closed_pipe_end_in_a_line_or_silenc
     assert proc.wait(timeout=300) == 1 and proc.stderr.read() == ""
 
 
-def test_a_folder_held_from_another_host_is_refused_until_its_lock_is_deleted(tmp_path, monkeypatch, capsys):
+def test_another_hosts_lock_is_refused_while_fresh_and_taken_over_once_stale(tmp_path, monkeypatch, capsys):
     """A lock written on another host (a shared file system) cannot be checked here, even when no process of its pid
-    lives here: a run is refused in one line naming that host and saying to delete the lock if the process is gone;
-    once deleted, the run goes and takes no lock with it."""
+    lives here: while fresh, a run is refused in one line naming that host and saying to delete the lock if its process
+    is gone; unrefreshed for LOCK_STALE seconds (a job gone with its node), it is taken over with one line, as a
+    pre-empted job requeued on another node needs. A holder refreshes its lock every LOCK_BEAT seconds."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / ".lock").write_text(f"elsewhere {2**22 + 1}")  # above Linux's largest pid: none lives here
+    lock = tmp_path / "run" / ".lock"
+    lock.parent.mkdir()
+    lock.write_text(f"elsewhere {2**22 + 1}")  # above Linux's largest pid: none lives here
     err = refused(capsys, dry_run_args("run", 1))
     assert f"in use by process {2**22 + 1} on elsewhere" in err
     assert f"if it is gone, delete {Path('run', '.lock')}" in err
-    (tmp_path / "run" / ".lock").unlink()
+    stale = time.time() - am.LOCK_STALE - 60
+    os.utime(lock, (stale, stale))
     am.main(dry_run_args("run", 1))
+    assert f"process {2**22 + 1} on elsewhere, which held it, is gone" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "masks.bin", "results.json"]
+    monkeypatch.setattr(am, "LOCK_BEAT", 0.01)
+    with am._folder_lock(tmp_path / "held"):
+        os.utime(tmp_path / "held" / ".lock", (stale, stale))
+        time.sleep(0.5)
+        assert time.time() - (tmp_path / "held" / ".lock").stat().st_mtime < 60  # refreshed by its holder
 
 
 def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path, monkeypatch, capsys):
