@@ -2904,8 +2904,8 @@ def _out_of_memory(flag, value):
 
 
 # A run folder's lock is refreshed (its time set) every LOCK_BEAT seconds by the process holding it. Whether a pid
-# lives can be asked only on its own host; a lock from another host (a shared file system) unrefreshed for LOCK_STALE
-# seconds is taken to be a job gone with its node, so that a pre-empted job requeued elsewhere resumes.
+# lives can be asked only on its own host; a lock unrefreshed for LOCK_STALE seconds is taken to be a process gone
+# (with its node: a pre-empted job requeued elsewhere resumes; or after a reboot, its pid now another process's).
 LOCK_BEAT, LOCK_STALE = 60, 600
 
 
@@ -2928,10 +2928,10 @@ def _folder_lock(out_dir):
             here = holder == host and pid.isdigit()  # another host's pid means nothing here
             where = "" if here or not holder else f" on {holder}"
             try:
+                if time.time() - lock.stat().st_mtime > LOCK_STALE:  # a live holder refreshes it (a pid may be reused)
+                    raise ProcessLookupError
                 if here:
                     os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
-                elif time.time() - lock.stat().st_mtime > LOCK_STALE:
-                    raise ProcessLookupError
             except ProcessLookupError:
                 print(f"{lock}: process {pid}{where}, which held it, is gone; taking the folder over")
                 lock.unlink(missing_ok=True)

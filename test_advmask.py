@@ -3715,7 +3715,8 @@ def test_another_hosts_lock_is_refused_while_fresh_and_taken_over_once_stale(tmp
     """A lock written on another host (a shared file system) cannot be checked here, even when no process of its pid
     lives here: while fresh, a run is refused in one line naming that host and saying to delete the lock if its process
     is gone; unrefreshed for LOCK_STALE seconds (a job gone with its node), it is taken over with one line, as a
-    pre-empted job requeued on another node needs. A holder refreshes its lock every LOCK_BEAT seconds."""
+    pre-empted job requeued on another node needs, and so is a stale lock of this host whose pid another process has
+    now. A holder refreshes its lock every LOCK_BEAT seconds."""
     monkeypatch.chdir(tmp_path)
     lock = tmp_path / "run" / ".lock"
     lock.parent.mkdir()
@@ -3728,6 +3729,10 @@ def test_another_hosts_lock_is_refused_while_fresh_and_taken_over_once_stale(tmp
     am.main(dry_run_args("run", 1))
     assert f"process {2**22 + 1} on elsewhere, which held it, is gone" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "masks.bin", "results.json"]
+    lock.write_text(f"{socket.gethostname()} {os.getppid()}")  # this host, a live pid: not an advmask run's, as stale
+    os.utime(lock, (stale, stale))
+    am.main(dry_run_args("run", 1))
+    assert f"process {os.getppid()}, which held it, is gone" in capsys.readouterr().out
     monkeypatch.setattr(am, "LOCK_BEAT", 0.01)
     with am._folder_lock(tmp_path / "held"):
         os.utime(tmp_path / "held" / ".lock", (stale, stale))
