@@ -2927,17 +2927,18 @@ def _folder_lock(out_dir):
             holder, _, pid = lock.read_text().strip().rpartition(" ")  # "": the other process is still writing it
             here = holder == host and pid.isdigit()  # another host's pid means nothing here
             where = "" if here or not holder else f" on {holder}"
+            gone = time.time() - lock.stat().st_mtime > LOCK_STALE  # a live holder refreshes it (a pid may be reused)
             try:
-                if time.time() - lock.stat().st_mtime > LOCK_STALE:  # a live holder refreshes it (a pid may be reused)
-                    raise ProcessLookupError
-                if here:
+                if here and not gone:
                     os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
             except ProcessLookupError:
+                gone = True
+            except PermissionError:
+                pass  # it exists, another user's
+            if gone:
                 print(f"{lock}: process {pid}{where}, which held it, is gone; taking the folder over")
                 lock.unlink(missing_ok=True)
                 continue
-            except PermissionError:
-                pass  # it exists, another user's
             raise ValueError(f"{out_dir} is in use by process {pid or '(starting)'}{where} ({lock}); wait until it "
                              f"ends, or pass another --out-dir" + ("" if here else f"; if it is gone, delete {lock}")
                              ) from None
