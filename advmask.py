@@ -2924,10 +2924,13 @@ def _folder_lock(out_dir):
                 f.write(f"{host} {os.getpid()}")
             break
         except FileExistsError:
-            holder, _, pid = lock.read_text().strip().rpartition(" ")  # "": the other process is still writing it
+            try:
+                holder, _, pid = lock.read_text().strip().rpartition(" ")  # "": the other is still writing it
+                gone = time.time() - lock.stat().st_mtime > LOCK_STALE  # a live holder refreshes it (pids get reused)
+            except FileNotFoundError:  # its holder has just ended: try again
+                continue
             here = holder == host and pid.isdigit()  # another host's pid means nothing here
             where = "" if here or not holder else f" on {holder}"
-            gone = time.time() - lock.stat().st_mtime > LOCK_STALE  # a live holder refreshes it (a pid may be reused)
             try:
                 if here and not gone:
                     os.kill(int(pid), 0)  # signal 0 only asks whether the process exists

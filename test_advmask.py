@@ -3716,7 +3716,8 @@ def test_another_hosts_lock_is_refused_while_fresh_and_taken_over_once_stale(tmp
     lives here: while fresh, a run is refused in one line naming that host and saying to delete the lock if its process
     is gone; unrefreshed for LOCK_STALE seconds (a job gone with its node), it is taken over with one line, as a
     pre-empted job requeued on another node needs, and so is a stale lock of this host whose pid another process has
-    now. A holder refreshes its lock every LOCK_BEAT seconds."""
+    now; a lock whose holder ends while it is read is tried again. A holder refreshes its lock every LOCK_BEAT
+    seconds."""
     monkeypatch.chdir(tmp_path)
     lock = tmp_path / "run" / ".lock"
     lock.parent.mkdir()
@@ -3733,6 +3734,18 @@ def test_another_hosts_lock_is_refused_while_fresh_and_taken_over_once_stale(tmp
     os.utime(lock, (stale, stale))
     am.main(dry_run_args("run", 1))
     assert f"process {os.getppid()}, which held it, is gone" in capsys.readouterr().out
+    read_text = Path.read_text
+
+    def ended(path, *args, **kwargs):  # the holder ends between this run's try for the lock and its read of it
+        if path.name == ".lock":
+            path.unlink()
+            raise FileNotFoundError(path)
+        return read_text(path, *args, **kwargs)
+    lock.write_text("elsewhere 1")
+    with monkeypatch.context() as m:
+        m.setattr(Path, "read_text", ended)
+        am.main(dry_run_args("run", 1))  # tries again, and takes the free folder
+    assert not lock.exists()
     monkeypatch.setattr(am, "LOCK_BEAT", 0.01)
     with am._folder_lock(tmp_path / "held"):
         os.utime(tmp_path / "held" / ".lock", (stale, stale))
