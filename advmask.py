@@ -2101,6 +2101,8 @@ def analyze(paths, out_dir, consensus=None, save=None):
         if run_mask or Path(save).resolve() in {f.resolve() for f in files}:
             raise ValueError(f"--save {save} is the trained mask of a run, or one of the masks; save the consensus to "
                              f"a file of its own")
+        if Path(save).is_dir():
+            raise ValueError(f"--save {save} is a folder; pass the path of the mask file to write, e.g. {save}/c.bin")
     out_dir = Path(out_dir)
     for old in [*out_dir.glob("heads_*.png"), out_dir / "overlap.png"]:  # an earlier analysis's figures
         old.unlink(missing_ok=True)
