@@ -978,7 +978,9 @@ def read_tuned_file(path, kind):
     failure is one sentence naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{kind} file {path} does not exist; pass the file that a training run wrote")
+        inside = path / ("masks.bin" if kind == "mask" else "weights.bin")  # a run folder given for its file
+        raise ValueError(f"{kind} file {path} does not exist; pass " + (str(inside) if inside.is_file() else
+                                                                        "the file that a training run wrote"))
     try:
         with safetensors.safe_open(path, "pt") as f:
             meta = json.loads((f.metadata() or {}).get("advmask", "{}"))

@@ -3306,6 +3306,7 @@ def bad_input_cases(files):
         ([*tiny, "--split-json", str(files / "garbage.pt")], "is not a readable CoOp split JSON"),
         ([*tiny, "--split-json", str(files / "no-test.json")], "class set 'oxford_pets' has no test images"),
         ([*transfer, "--masks", str(files / "masks-cut.bin")], "truncated"),
+        ([*transfer, "--masks", str(files / "run")], f"mask file {files / 'run'} does not exist; pass {files}/run/m"),
         ([*transfer, "--masks", str(files / "masks-flipped.bin")], "fails its checksum"),
         ([*transfer, "--masks", str(files / "masks-other-arch.bin")], "made for VisionTransformer(layers=2, width=32"),
         ([*transfer, "--masks", str(files / "masks-mlp.bin")], "covers the mlp weights; pass --mask-target mlp"),
@@ -3344,6 +3345,7 @@ def bad_files(tiny_files):
     model = tiny_clip(7)
     am.apply_masks(model)
     am.save_masks(model, tiny_files / "masks.bin")
+    am.save_masks(model, tiny_files / "run" / "masks.bin")  # a run folder, for --masks given the folder
     data = (tiny_files / "masks.bin").read_bytes()
     (tiny_files / "masks-cut.bin").write_bytes(data[:-3])
     (tiny_files / "masks-flipped.bin").write_bytes(data[:-1] + bytes([data[-1] ^ 4]))
