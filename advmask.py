@@ -929,6 +929,7 @@ def describe(identity):
 # container (magic, zlib JSON header, payload), refused with a line naming them.
 FILE_FORMAT = 4
 OLD_MAGIC = {b"ADVMASK\n": "mask", b"ADVTUNE\n": "weights"}
+TUNED_FILES = {"mask": "masks.bin", "weights": "weights.bin"}  # a run folder's trained file, by kind (--tune)
 
 
 def _arch(model):
@@ -978,7 +979,7 @@ def read_tuned_file(path, kind):
     failure is one sentence naming the file."""
     path = Path(path)
     if not path.is_file():
-        inside = path / ("masks.bin" if kind == "mask" else "weights.bin")  # a run folder given for its file
+        inside = path / TUNED_FILES[kind]  # a run folder given for its file
         raise ValueError(f"{kind} file {path} does not exist; pass " + (str(inside) if inside.is_file() else
                                                                         "the file that a training run wrote"))
     try:
@@ -2404,14 +2405,14 @@ def export(run_dir, out_dir, visual=False, overwrite=False):
     if not (run_dir / "results.json").is_file():
         raise ValueError(f"{run_dir} holds no finished run (no results.json); finish it by rerunning its command, "
                          f"then export it")
-    tuned = next((f for f in (run_dir / "masks.bin", run_dir / "weights.bin") if f.is_file()), None)
+    tuned = next((run_dir / f for f in TUNED_FILES.values() if (run_dir / f).is_file()), None)
     if tuned is None:
         raise ValueError(f"{run_dir} holds neither masks.bin nor weights.bin (a run that evaluated a --masks or "
                          f"--weights file); export the run that trained it")
     # --overwrite replaces an earlier export only (its config beside a mask or weights file), never other files: a
     # mistyped OUT_DIR (a runs root, a home folder) would otherwise be deleted
-    earlier = (out_dir / "open_clip_config.json").is_file() and any((out_dir / f).is_file() for f in (
-        "masks.bin", "weights.bin"))
+    earlier = (out_dir / "open_clip_config.json").is_file() and any((out_dir / f).is_file()
+                                                                    for f in TUNED_FILES.values())
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not (overwrite and earlier):
         raise ValueError(f"{out_dir} exists and is not an empty folder" + (" or an earlier export; pass another one"
                          if overwrite else "; pass another one, or --overwrite to replace an earlier export"))
@@ -2821,7 +2822,7 @@ def _check_out_dir(out_dir, checkpoint, settings, overwrite):
         raise ValueError(f"{out_dir} holds a checkpoint of a run with other training settings ({', '.join(differ)}), "
                          f"which would give another mask; rerun with the settings in {out_dir / 'config.json'} to "
                          f"resume it, or pass another --out-dir")
-    elif any((out_dir / f).is_file() for f in ("results.json", "masks.bin", "weights.bin")):
+    elif any((out_dir / f).is_file() for f in ("results.json", *TUNED_FILES.values())):
         raise ValueError(f"{out_dir} holds a finished run with other training settings ({', '.join(differ)}); pass "
                          f"another --out-dir (this one keeps its training), or --overwrite to replace it")
     return False
@@ -3126,7 +3127,7 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
     weights off, or None; the outcome in words)."""
     clip, source = loaded.clip, describe(loaded.identity)
     checkpoint, results_path = out_dir / "checkpoint.pt", out_dir / "results.json"
-    trained = out_dir / ("masks.bin" if args.tune == "mask" else "weights.bin")
+    trained = out_dir / TUNED_FILES[args.tune]
     same_run = _check_out_dir(out_dir, checkpoint, loaded.settings, args.overwrite)
     train_now = not (args.masks or args.weights or same_run and trained.is_file())
     # finished cells stay only beside the file they measured: a mask trained now (its file gone) starts them over
@@ -3148,7 +3149,7 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
         print(f"{args.protocol} on {args.dataset}: {len(labels)} training images ({args.shots} per class, "
               f"{len(loaded.train_names)} classes), {epochs} epoch{'s' * (epochs != 1)} on {device} ({args.precision})")
     # before anything new: an interrupted overwrite, or retraining, leaves no old result behind
-    for old in (checkpoint, results_path, out_dir / "masks.bin", out_dir / "weights.bin") if args.overwrite else (
+    for old in (checkpoint, results_path, *(out_dir / f for f in TUNED_FILES.values())) if args.overwrite else (
             [results_path] if train_now else []):
         old.unlink(missing_ok=True)
     write_json(out_dir / "config.json", loaded.settings)
