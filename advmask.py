@@ -3091,7 +3091,7 @@ def run(args, device):
 
 # What a run loads before it trains or evaluates (_load_run)
 Loaded = collections.namedtuple("Loaded", "clip tokenizer identity settings splits resizing train_on train_set "
-                                          "train_names template sets baseline baseline_tokenizer")
+                                          "train_names template sets baseline baseline_tokenizer baseline_sha256")
 
 
 def _load_run(args, device):
@@ -3117,7 +3117,8 @@ def _load_run(args, device):
                 **({"baseline_identity": baseline_identity} if baseline_identity else {})}
     return Loaded(clip=clip, tokenizer=tokenizer, identity=identity, settings=settings, splits=splits,
                   resizing=resizing, train_on=train_on, train_set=train_set, train_names=train_names, template=template,
-                  sets=sets, baseline=baseline, baseline_tokenizer=baseline_tokenizer)
+                  sets=sets, baseline=baseline, baseline_tokenizer=baseline_tokenizer,
+                  baseline_sha256=(baseline_identity or {}).get("weights_sha256"))  # a folder baseline's weights
 
 
 def _train_or_reuse(out_dir, args, device, loaded, lap):
@@ -3194,9 +3195,9 @@ def _evaluate_missing(args, device, loaded, splits, class_sets, results, save, l
         chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
         indices_sha256 = hashlib.sha256(json.dumps(list(chosen)).encode()).hexdigest()  # of the images evaluated
         test_set_id = _test_set(splits[_test_split(args, name)], indices_sha256, class_sets[name])
-        theirs = loaded.settings.get("baseline_identity", {}).get("weights_sha256")  # a folder baseline's weights
         cells = {m: {"model": m, "eval": name, "test_set": test_set_id, **{k: getattr(args, k) for k in CELL_SETTINGS},
-                     **({"weights_sha256": theirs} if m == args.baseline and theirs else {})} for m in models}
+                     **({"weights_sha256": loaded.baseline_sha256} if m == args.baseline and loaded.baseline_sha256
+                        else {})} for m in models}
         todo = {m: [(a, eps) for a, eps in itertools.product(args.attack, args.test_eps)
                     if _cell_key({**cells[m], "attack": a, "eps": eps}) not in done] for m in models}
         if any(todo.values()):
@@ -3236,9 +3237,8 @@ def _run_in(out_dir, args, device):
     previous, history, sparsity, outcome = _train_or_reuse(out_dir, args, device, loaded, lap=lap)
     # the cells of earlier runs into this folder, each with its own evaluation settings and test set; a folder
     # baseline's go with the weights they measured (another model under its name is evaluated anew)
-    theirs = loaded.settings.get("baseline_identity", {}).get("weights_sha256")
     results = [r for r in previous.get("results", [])
-               if r["model"] != args.baseline or r.get("weights_sha256") == theirs]
+               if r["model"] != args.baseline or r.get("weights_sha256") == loaded.baseline_sha256]
     if len(results) < len(previous.get("results", [])):
         print(f"--baseline {args.baseline} has other weights than its cells in {out_dir / 'results.json'} measured; "
               f"evaluating them again")
