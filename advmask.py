@@ -3125,10 +3125,11 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
     """Put the tuned file on loaded.clip: the --masks or --weights file, the one a run of the same training settings
     saved in out_dir, or one trained now (from its checkpoint, if any) and saved there; then bake the mask (or freeze
     the weights) for evaluation. Returns (the results.json beside that file, or {}; the training log; the share of
-    weights off, or None; the outcome in words)."""
+    weights off, or None; the outcome in words; the file's sha256)."""
     clip, source = loaded.clip, describe(loaded.identity)
     checkpoint, results_path = out_dir / "checkpoint.pt", out_dir / "results.json"
     trained = out_dir / TUNED_FILES[args.tune]
+    tuned_file = Path(args.masks or args.weights or trained)  # the file evaluated
     same_run = _check_out_dir(out_dir, checkpoint, loaded.settings, args.overwrite)
     train_now = not (args.masks or args.weights or same_run and trained.is_file())
     # finished cells stay only beside the file they measured: a mask trained now (its file gone) starts them over
@@ -3140,8 +3141,18 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
             raise ValueError(f"{args.masks or args.weights} covers the {target} weights; pass --mask-target {target} "
                              f"with it")
     elif same_run and trained.is_file():  # trained before, with these settings: never trained again
+        recorded = read_tuned_file(trained, args.tune)[0].get("provenance", {})
+        differ = [k for k in PROVENANCE if recorded.get(k) != getattr(args, k)]
+        if differ:  # a file copied in by hand: its cells would be filed under this folder's settings
+            raise ValueError(f"{trained} was trained with another {', '.join(differ)} than the run of {out_dir} "
+                             f"({out_dir / 'config.json'}); put that run's own file back, or pass --overwrite to "
+                             f"train again")
         (load_masks if args.tune == "mask" else load_weights)(clip, trained, source)
         print(f"reusing {trained}, trained by an earlier run with the same settings")
+    sha256 = None if train_now else hashlib.sha256(tuned_file.read_bytes()).hexdigest()
+    if previous and previous.get("tuned_file_sha256") != sha256:  # the file replaced since its cells were measured
+        print(f"{tuned_file} is not the file that the cells of {results_path} measured; evaluating them again")
+        previous = {}
     if train_now:
         train_set, indices = _k_shot(args, loaded.train_on, loaded.train_set, loaded.train_names)
         images, labels = cache_images(train_set, indices, device, args.workers)
@@ -3169,6 +3180,7 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
         else:
             save_weights(clip, trained, target=args.mask_target, source=source, provenance=provenance)
         checkpoint.unlink()  # its result is in the trained file now
+        sha256 = hashlib.sha256(trained.read_bytes()).hexdigest()
     if args.tune == "mask":
         sparsity = mask_sparsity(clip)
         outcome = f"off {100 * sparsity:.2f}% of masked weights"
@@ -3181,7 +3193,7 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
         for model in (clip, loaded.baseline) if args.baseline else (clip,):
             fp16_network(model)
     lap("train")
-    return previous, history, sparsity, outcome
+    return previous, history, sparsity, outcome, sha256
 
 
 def _evaluate_missing(args, device, loaded, splits, class_sets, results, save, lap):
@@ -3234,7 +3246,7 @@ def _run_in(out_dir, args, device):
 
     loaded = _load_run(args, device)
     lap("load")
-    previous, history, sparsity, outcome = _train_or_reuse(out_dir, args, device, loaded, lap=lap)
+    previous, history, sparsity, outcome, tuned_sha256 = _train_or_reuse(out_dir, args, device, loaded, lap=lap)
     # the cells of earlier runs into this folder, each with its own evaluation settings and test set; a folder
     # baseline's go with the weights they measured (another model under its name is evaluated anew)
     results = [r for r in previous.get("results", [])
@@ -3253,9 +3265,9 @@ def _run_in(out_dir, args, device):
     def save(complete):  # at once, atomically, after every evaluation: a failure keeps every finished cell
         write_json(out_dir / "results.json", {
             "protocol": args.protocol, "dataset": args.dataset, "shots": args.shots, "seed": args.seed,
-            "sparsity": sparsity, "splits": splits, "seconds": time.perf_counter() - start, "phases": phases,
-            "complete": complete, "results": results, "train_log": history, "settings": loaded.settings,
-            "class_sets": class_sets})
+            "sparsity": sparsity, "tuned_file_sha256": tuned_sha256, "splits": splits,
+            "seconds": time.perf_counter() - start, "phases": phases, "complete": complete, "results": results,
+            "train_log": history, "settings": loaded.settings, "class_sets": class_sets})
 
     save(complete=False)
     _evaluate_missing(args, device, loaded, splits=splits, class_sets=class_sets, results=results, save=save, lap=lap)

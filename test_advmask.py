@@ -3560,12 +3560,13 @@ def test_an_interrupted_overwrite_trains_again_and_never_passes_off_the_old_mask
     assert results["complete"] and results["train_log"][-1]["step"] == 12 and results["settings"]["epochs"] == 6
 
 
-def test_a_corrupt_or_lost_mask_is_retrained_and_its_cells_go_with_it(tmp_path, monkeypatch, capsys):
+def test_a_corrupt_lost_or_replaced_mask_never_keeps_the_old_masks_cells(tmp_path, monkeypatch, capsys):
     """A corrupt masks.bin under the same settings is one line naming it and --overwrite, which then trains again and
     keeps none of the old mask's cells; a masks.bin deleted by hand is trained again the same way, its old cells
-    gone with it."""
+    gone with it. One replaced by hand by a mask of another budget (--epochs, which its header does not record) is
+    evaluated anew, its sha256 recorded and the old log dropped; one of another seed is refused, naming it."""
     monkeypatch.chdir(tmp_path)
-    base = ["--dry-run", "--epochs", "1", "--out-dir", "r"]
+    base = ["--dry-run", "--epochs", "1", "--lr", "0.01", "--out-dir", "r"]
     am.main([*base, "--attack", "pgd,cw"])
     mask = tmp_path / "r" / "masks.bin"
     mask.write_bytes(mask.read_bytes()[:-20])
@@ -3580,6 +3581,23 @@ def test_a_corrupt_or_lost_mask_is_retrained_and_its_cells_go_with_it(tmp_path, 
     am.main([*base, "--attack", "cw"])
     assert "few_shot on oxford_pets" in capsys.readouterr().out and mask.is_file()
     assert [r["attack"] for r in json.loads((tmp_path / "r" / "results.json").read_text())["results"]] == ["cw"]
+    am.main([*base[:-1], "longer", "--epochs", "2", "--attack", "cw"])
+    other = (tmp_path / "longer" / "masks.bin").read_bytes()
+    assert am.read_mask_file(tmp_path / "longer" / "masks.bin")[1].tolist() != am.read_mask_file(mask)[1].tolist()
+    mask.write_bytes(other)
+    capsys.readouterr()
+    am.main([*base, "--attack", "cw"])
+    out = capsys.readouterr().out
+    assert "r/masks.bin is not the file that the cells" in out and "reusing 1 finished cell" not in out, out
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["tuned_file_sha256"] == hashlib.sha256(other).hexdigest() and results["train_log"] == []
+    assert [r["attack"] for r in results["results"]] == ["cw"]
+    am.main([*base[:-1], "seed2", "--seed", "2", "--attack", "cw"])
+    mask.write_bytes((tmp_path / "seed2" / "masks.bin").read_bytes())
+    before = (tmp_path / "r" / "results.json").read_bytes()
+    err = refused(capsys, [*base, "--attack", "cw"])
+    assert "r/masks.bin was trained with another seed" in err and "--overwrite" in err, err
+    assert (tmp_path / "r" / "results.json").read_bytes() == before
 
 
 def limited_cli(limit, *args, cwd):
