@@ -2395,12 +2395,13 @@ def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3,
 WEIGHTS_LICENSES = {"openai": "mit"}
 
 
-def export(run_dir, out_dir, visual=False, overwrite=False):
+def export(run_dir, out_dir, visual=False, overwrite=False, model=None, pretrained=None):
     """Write out_dir, an open_clip model folder of the finished run in run_dir: open_clip_config.json (the base
     model's config, its activation made explicit, and its preprocessing), open_clip_model.safetensors (the whole CLIP
     with the mask baked in, or the tuned weights put in), the run's masks.bin or weights.bin, README.md (a model card
     made from the run) and, with visual, visual.safetensors (the image tower alone). Written into a temporary folder
-    and renamed, so out_dir is whole or absent. Returns the model card."""
+    and renamed, so out_dir is whole or absent. The base model is the run's --model and --pretrained, or model and
+    pretrained, where its files are now (the tuned file refuses other weights). Returns the model card."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "results.json").is_file():
         raise ValueError(f"{run_dir} holds no finished run (no results.json); finish it by rerunning its command, "
@@ -2421,8 +2422,13 @@ def export(run_dir, out_dir, visual=False, overwrite=False):
     if not finished.get("complete"):
         raise ValueError(f"{run_dir} is not finished (its results.json says complete: false); rerun its command, "
                          f"which evaluates the cells it lacks, then export it")
+    model, pretrained = model or settings["model"], pretrained or settings["pretrained"]
+    for flag, path, file_key in (("--model", model, "config_sha256"), ("--pretrained", pretrained, "file_sha256")):
+        if file_key in settings["model_identity"] and not Path(path).is_file():  # moved, or relative to another cwd
+            raise ValueError(f"the run's {flag} file {path} is not there from here (a relative path is relative to "
+                             f"where the run started); pass export {flag} PATH, where that file is now")
     torch.manual_seed(settings["seed"])  # random base weights (--pretrained none) are drawn as main drew them
-    clip, _, identity = load_clip(settings["model"], settings["pretrained"])
+    clip, _, identity = load_clip(model, pretrained)
     if tuned.name == "masks.bin":  # either load refuses other base weights than the run's
         sparsity = mask_sparsity(load_masks(clip, tuned, describe(identity)))
         bake_masks(clip)
@@ -2788,6 +2794,9 @@ def parse_export_args(argv):
                    help="also write visual.safetensors, the image tower alone, for tools that swap CLIP's vision "
                         "encoder")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
+    for flag in ("--model", "--pretrained"):  # checked by the tuned file: it refuses weights other than the run's
+        p.add_argument(flag, default=None, metavar="PATH", help=f"the run's {flag} file where it is now, if it moved "
+                                                                f"(default: the path the run recorded)")
     return p.parse_args(argv)
 
 
@@ -3291,7 +3300,8 @@ def main(argv=None):
         if argv[:1] == ["export"]:
             args = parse_export_args(argv[1:])
             _require_writable(args.out_dir)
-            export(args.run_dir, args.out_dir, args.visual, args.overwrite)
+            export(args.run_dir, args.out_dir, visual=args.visual, overwrite=args.overwrite, model=args.model,
+                   pretrained=args.pretrained)
             print(f"exported {args.run_dir} to {args.out_dir}; load it with "
                   f"open_clip.create_model_and_transforms(\"local-dir:{args.out_dir}\")")
             return

@@ -2640,11 +2640,14 @@ assert "advmask" not in sys.modules
 """
 
 
-def test_an_exported_run_loads_in_open_clip_alone_with_the_tuned_models_logits(tiny_files, tmp_path, monkeypatch):
+def test_an_exported_run_loads_in_open_clip_alone_with_the_tuned_models_logits(tiny_files, tmp_path, monkeypatch,
+                                                                                capsys):
     """For each arm, export writes an open_clip model folder whose logits, in a fresh process with open_clip alone,
     equal the run's tuned model's on the run's classes (the mask on a base folder with QuickGELU and its own mean and
     std, the weights on a config and checkpoint file); the folder is a --model here too, holds the run's file and the
-    image tower alone, and its card names the base model, the sparsity and every evaluation cell."""
+    image tower alone, and its card names the base model, the sparsity and every evaluation cell. Exported from
+    another folder, a run's config and checkpoint given by relative paths are each one line naming its flag, and
+    export --model and --pretrained find them."""
     expected, alone = {}, []  # alone: (folder, inputs, logits) of each arm, for one fresh process
     for tune in ("mask", "weights"):
         work = tmp_path / tune
@@ -2653,8 +2656,10 @@ def test_an_exported_run_loads_in_open_clip_alone_with_the_tuned_models_logits(t
         if tune == "mask":
             base = [model_folder(work / "base", tiny_clip(7), quick_gelu=True, mean=[0.5, 0.4, 0.3],
                                  std=[0.2] * 3), None]
-        else:
-            base = [str(tiny_files / "tiny-test-clip.json"), str(tiny_files / "tiny.pt")]
+        else:  # relative paths, as typed in the run's folder
+            base = ["tiny-test-clip.json", "tiny.pt"]
+            for f in base:
+                shutil.copy(tiny_files / f, work / f)
         am.main(["--model", base[0], *(["--pretrained", base[1]] if base[1] else []), *tiny_cli_args(tiny_files)[4:],
                  "--tune", tune, "--epochs", "2", "--lr", "0.05", "--shots", "2", "--attack", "pgd,cw", "--out-dir",
                  "run"])
@@ -2697,6 +2702,14 @@ def test_an_exported_run_loads_in_open_clip_alone_with_the_tuned_models_logits(t
         for e in results["results"]:
             assert f"| {e['model']} | {e['eval']} | {e['attack']} | {e['eps']:g}/255 | 1 | {e['n']} | " \
                    f"{100 * e['clean_acc']:.2f} | {100 * e['adv_acc']:.2f} |" in card
+    monkeypatch.chdir(tmp_path)
+    assert "the run's --model file tiny-test-clip.json is not there" in refused(capsys, ["export", "weights/run", "x"])
+    moved = ["--model", "weights/tiny-test-clip.json"]
+    assert "pass export --pretrained PATH" in refused(capsys, ["export", "weights/run", "x", *moved])
+    assert not (tmp_path / "x").exists()
+    am.main(["export", "weights/run", "x", *moved, "--pretrained", "weights/tiny.pt"])
+    assert (tmp_path / "x" / "open_clip_model.safetensors").read_bytes() == (
+        tmp_path / "weights" / "exported" / "open_clip_model.safetensors").read_bytes()
     proc = subprocess.run([sys.executable, "-c", OPEN_CLIP_ALONE, *alone], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
