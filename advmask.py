@@ -2541,12 +2541,15 @@ def _list(kind, choices=None, distinct=True):
 
 
 def _number(kind, low, strict=False):
-    """argparse type of an int or float of at least low (above it, if strict): the sizes, counts, steps and rates."""
+    """argparse type of a finite int or float of at least low (above it, if strict): the sizes, counts, steps and
+    rates (float("nan") and "inf" parse, and would only fail in training)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
         if value < low or strict and value == low:
             words = "a positive integer" if kind is int and low == 1 else "positive" if strict else f"{low} or more"
             raise argparse.ArgumentTypeError(f"must be {words}, not {text}")

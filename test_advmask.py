@@ -3280,6 +3280,8 @@ def bad_input_cases(files):
         (["--batch-size", "0"], "--batch-size: must be a positive integer"),
         (["--lam", "-1"], "--lam: must be 0 or more"),
         (["--lr", "0"], "--lr: must be positive, not 0"),
+        (["--lr", "inf"], "--lr: must be a finite number, not inf"),
+        (["--lam", "nan"], "--lam: must be a finite number, not nan"),
         (["--mask-target", "heads"], "argument --mask-target: invalid choice: 'heads'"),
         (["--loss", "ce+trades"], "argument --loss: invalid choice: 'ce+trades'"),
         (["--attack", "fgsm"], "--attack: fgsm is not one of pgd, cw, apgd-ce, apgd-dlr, apgd-t, aa"),
