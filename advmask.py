@@ -1733,14 +1733,21 @@ def write_json(path, obj):
     _atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_json(path):
-    """A JSON file a run wrote; one that does not parse (truncated, edited) is one line naming it."""
+def read_json(path, keys=()):
+    """A JSON object a run wrote, with `keys` (those its reader needs); one that does not parse (truncated, edited)
+    or is another file is one line naming it."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON ({e}): it is truncated or corrupted; restore it from a copy, or "
                          f"delete it (a run without its config.json trains again, without its results.json it "
                          f"evaluates every cell again)") from None
+    lacks = "is not a JSON object" if not isinstance(obj, dict) else next(
+        (f"has no {k!r}" for k in keys if k not in obj), None)
+    if lacks:
+        raise ValueError(f"{path} {lacks}, so it is not a run's {Path(path).name} (another program's, or edited); "
+                         f"move it out of the way and rerun the command that makes it")
+    return obj
 
 
 def harmonic_mean(values):
@@ -1881,7 +1888,7 @@ def summarize(runs_dir, defaults, out_dir=None):
         for group, value in zip(seen.setdefault(protocol, (set(), set(), set())), (dataset, shots, seed)):
             group.add(value)
         if (cell / "results.json").is_file():
-            finished = read_json(cell / "results.json")
+            finished = read_json(cell / "results.json", ("results",))
             lr = finished.get("settings", {}).get("lr")
             for e in finished["results"]:
                 method = (MODELS[e["model"]][0] if e["model"] in MODELS else e["model"]) + (  # trained: at its lr
@@ -2050,7 +2057,7 @@ def _label(path):
     config = path.parent / "config.json"
     if not config.is_file():
         return str(path)
-    c = read_json(config)
+    c = read_json(config, ("dataset", "protocol", "shots", "seed"))
     return f"{c['dataset']}/{c['protocol']}/{c['shots']}shot/seed{c['seed']}"
 
 
@@ -2417,7 +2424,7 @@ def export(run_dir, out_dir, visual=False, overwrite=False, model=None, pretrain
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not (overwrite and earlier):
         raise ValueError(f"{out_dir} exists and is not an empty folder" + (" or an earlier export; pass another one"
                          if overwrite else "; pass another one, or --overwrite to replace an earlier export"))
-    finished = read_json(run_dir / "results.json")
+    finished = read_json(run_dir / "results.json", ("results", "settings", "train_log"))
     settings = finished["settings"]
     if not finished.get("complete"):
         raise ValueError(f"{run_dir} is not finished (its results.json says complete: false); rerun its command, "

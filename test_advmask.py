@@ -3498,9 +3498,10 @@ def test_a_rerun_on_another_test_set_evaluates_anew_and_keeps_every_other_cells_
         "test_set"] != limited[0]["test_set"]
 
 
-def test_a_truncated_json_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
-    """A truncated results.json or config.json is one line naming the file, exit 2, for a rerun, summarize, export
-    and analyze alike; deleting the results file, as the line says, evaluates every cell again."""
+def test_a_truncated_or_foreign_json_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """A truncated results.json or config.json, or one that is not a run's (a JSON list, an object without the
+    entries its reader needs), is one line naming the file, exit 2, for a rerun, summarize, export and analyze
+    alike; deleting the results file, as the line says, evaluates every cell again."""
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "runs" / "few_shot" / "oxford_pets" / "16shot" / "seed1"
     args = ["--dry-run", "--epochs", "1", "--out-dir", str(run)]
@@ -3509,9 +3510,13 @@ def test_a_truncated_json_file_is_one_line_naming_it(tmp_path, monkeypatch, caps
                        ("results.json", ["export", str(run), "exported"]), ("config.json", args),
                        ("config.json", ["analyze", str(run), "--out", "a"])):
         whole = (run / name).read_text()
-        (run / name).write_text(whole[:len(whole) // 2])
-        capsys.readouterr()
-        assert f"seed1/{name} is not valid JSON" in refused(capsys, argv)
+        for broken, says in ((whole[:len(whole) // 2], "is not valid JSON"), ("[]", "is not a JSON object"),
+                             ('{"complete": true}', "has no '")):
+            if says == "has no '" and argv == args:
+                continue  # a rerun needs no entry: a config.json of other settings is refused as such, tested apart
+            (run / name).write_text(broken)
+            capsys.readouterr()
+            assert f"seed1/{name} {says}" in refused(capsys, argv)
         (run / name).write_text(whole)
     (run / "results.json").unlink()
     am.main(args)
