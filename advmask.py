@@ -2042,14 +2042,15 @@ def consensus_bits(bits, k):
 
 
 def _mask_files(paths):
-    """Every mask file named: a masks.bin itself, or every masks.bin below a run folder or a runs root."""
-    files = []
+    """Every mask file named, once: a masks.bin itself, or every masks.bin below a run folder or a runs root."""
+    files = {}  # resolved -> as named: a file named twice (a runs root and a run in it) is one mask, not a pair
     for path in map(Path, paths):
         found = [path] if path.is_file() else sorted(path.rglob("masks.bin"))
         if not found:
             raise ValueError(f"{path} holds no masks.bin; pass a mask file, a run folder or a runs root")
-        files += found
-    return files
+        for f in found:
+            files.setdefault(f.resolve(), f)
+    return list(files.values())
 
 
 def _label(path):

@@ -2441,7 +2441,8 @@ def png_shape(path):
 
 def test_analyze_reports_overlaps_and_saves_a_consensus_that_transfer_evaluates(tiny_files, tmp_path, capsys):
     """analyze over a runs root labels masks from their config.json, writes md, csv and decodable PNGs, compares
-    every pair with chance, and --consensus writes a mask file that the CLI's transfer protocol evaluates."""
+    every pair with chance, counts a mask named twice (the root and a run in it) once, and --consensus writes a mask
+    file that the CLI's transfer protocol evaluates."""
     runs = tmp_path / "runs"
     for seed, shots in ((1, 4), (2, 4), (1, 16)):
         model = masked_tiny_clip()
@@ -2451,7 +2452,8 @@ def test_analyze_reports_overlaps_and_saves_a_consensus_that_transfer_evaluates(
         (cell / "config.json").write_text(json.dumps({"dataset": "dtd", "protocol": "few_shot", "shots": shots,
                                                       "seed": seed}))
     out = tmp_path / "analysis"
-    am.main(["analyze", str(runs), "--out", str(out), "--consensus", "2", "--save", str(tmp_path / "cons.bin")])
+    am.main(["analyze", str(runs), str(runs / "few_shot" / "dtd" / "16shot"), "--out", str(out), "--consensus", "2",
+             "--save", str(tmp_path / "cons.bin")])
     md = (out / "analysis.md").read_text()
     assert md in capsys.readouterr().out and "## dtd/few_shot/16shot/seed1" in md
     assert sum(line.startswith("| dtd/few_shot/") for line in md.splitlines()) == 3  # three pairs
