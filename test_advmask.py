@@ -2576,7 +2576,7 @@ def analyze_bad_inputs(root):
         ([a, str(root / "other"), "--consensus", "1", *save], "--consensus needs masks of one architecture and target"),
         ([a, str(root / "mlp"), "--consensus", "1", *save], "--consensus needs masks of one architecture and target"),
         ([a, "--consensus", "0", *save], "--consensus 0 must lie between 1 and the number of masks, 1"),
-        ([a, a, "--consensus", "3", *save], "--consensus 3 must lie between 1 and the number of masks, 2"),
+        ([a, str(root / "mlp"), "--consensus", "3", *save], "3 must lie between 1 and the number of masks, 2"),
         ([a, *save], "--consensus K and --save PATH go together"),
         ([a, "--consensus", "1", "--save", str(root / "blocker" / "c.bin")], "blocker (Not a directory); pass a"),
     ]
@@ -2747,7 +2747,8 @@ def test_every_bad_export_ends_in_one_line_exit_2_and_writes_nothing(case, tmp_p
     run.mkdir()
     (run / "config.json").write_text("{}")
     if case != "unfinished":
-        (run / "results.json").write_text(json.dumps({"results": [], "settings": {}, "complete": False}))
+        (run / "results.json").write_text(json.dumps({"results": [], "settings": {}, "train_log": [],
+                                                      "complete": False}))
     if case in ("not empty", "not an export", "incomplete"):
         am.save_masks(masked_tiny_clip(), run / "masks.bin")
     if case in ("not empty", "not an export"):
