@@ -3,7 +3,8 @@
 # aggregated tables. Every cell's run is called: a run folder keeps its mask and finished cells and evaluates only
 # the cells its results.json lacks, so a stopped sweep continues where it stopped and new flags add their cells.
 set -euo pipefail
-cd "$(dirname "$0")"
+# advmask.py beside this script, called by its path: relative paths given (--runs, -- --data-root) are the caller's
+ADVMASK="$(cd "$(dirname "$0")" && pwd)/advmask.py"
 
 usage() {
   cat <<'EOF'
@@ -91,7 +92,7 @@ run_cell() {  # protocol dataset shots seed [gpu]
   mkdir -p "$out"
   echo "run  $out"
   # TQDM_DISABLE: no carriage-return progress bars in log.txt, which each rerun of the cell appends to
-  if TQDM_DISABLE=1 CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" advmask.py --protocol "$1" \
+  if TQDM_DISABLE=1 CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" "$ADVMASK" --protocol "$1" \
       --dataset "$2" --shots "$3" --seed "$4" --out-dir "$out" "${EXTRA[@]}" >> "$out/log.txt" 2>&1; then
     tail -n 1 "$out/log.txt"
   else
@@ -116,7 +117,7 @@ fi
 # so that no stale table is taken for this sweep's
 rm -f "$RUNS/summary.md" "$RUNS/summary.csv" "$RUNS/summary.png"
 status=0
-if "$PYTHON" advmask.py summarize "$RUNS" > /dev/null; then
+if "$PYTHON" "$ADVMASK" summarize "$RUNS" > /dev/null; then
   echo "wrote $RUNS/summary.md and $RUNS/summary.csv"
 else
   status=1

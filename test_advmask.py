@@ -3192,22 +3192,22 @@ def test_synthetic_runs_at_the_real_size_of_the_dataset(tiny_files, tmp_path, ca
 
 def test_run_all_dry_sweep_summarises_and_its_cells_get_every_flag(tmp_path):
     """run_all.sh --dry-run on one dataset, one shot count and one seed runs with the interpreter PYTHON names (the
-    `python` on PATH is a decoy that fails), passes the arguments after -- (here --split-dir) to every cell and writes
-    the summary. Its own logic then, with an interpreter that records its calls: every cell is called again (a done
+    `python` on PATH is a decoy that fails), from the caller's folder (a relative RUNS is the caller's), passes the
+    arguments after -- (here --split-dir) to every cell and writes the summary. Its own logic then, with an interpreter that records its calls: every cell is called again (a done
     run decides what it lacks), each with the flags after --, its log appended to, the --tune weights arm in
     seed<S>-weights folders; a failing cell makes it exit 1, listed, and a summary summarize refuses leaves none."""
     decoy = tmp_path / "bin" / "python"
     decoy.parent.mkdir()
     decoy.write_text("#!/bin/sh\necho 'the python on PATH ran instead of $PYTHON' >&2\nexit 3\n")
     decoy.chmod(0o755)
-    env = {**os.environ, "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable,
+    env = {**os.environ, "RUNS": "runs", "PYTHON": sys.executable,
            "PATH": f"{decoy.parent}{os.pathsep}{os.environ['PATH']}"}
     (tmp_path / "coop").mkdir()
 
     def sweep(datasets="dtd", *extra, seeds="1 2"):  # --datasets, --shots, --seeds before --dry-run: they still apply
         return subprocess.run(["bash", str(HERE / "run_all.sh"), "--datasets", datasets, "--shots", "1", "--seeds",
                                seeds, "--dry-run", "--", "--split-dir", str(tmp_path / "coop"), "--epochs", "2",
-                               *extra], env=env, capture_output=True, text=True, timeout=600)
+                               *extra], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
     proc = sweep(seeds="1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -3228,11 +3228,11 @@ def test_run_all_dry_sweep_summarises_and_its_cells_get_every_flag(tmp_path):
     for arm, extra in (("", ["--attack", "pgd,cw"]), ("-weights", ["--tune", "weights"])):
         proc = sweep("broken dtd", *extra)
         assert proc.returncode == 1 and proc.stdout.count("FAILED ") == 2, proc.stdout + proc.stderr
-        assert "2 cell(s) failed:" in proc.stderr and f"{runs}/few_shot/broken/1shot/seed2{arm}\n" in proc.stderr
+        assert "2 cell(s) failed:" in proc.stderr and f"runs/few_shot/broken/1shot/seed2{arm}\n" in proc.stderr
         calls = (tmp_path / "calls.txt").read_text().splitlines()[-5:]
-        assert calls[-1] == f"advmask.py summarize {runs}"
+        assert calls[-1] == f"{HERE / 'advmask.py'} summarize runs"
         for call, cell in zip(calls, [f"{d}/1shot/seed{seed}" for d in ("broken", "dtd") for seed in (1, 2)]):
-            assert f"--out-dir {runs}/few_shot/{cell}{arm} --dry-run --device cpu --split-dir " in call, call
+            assert f"--out-dir runs/few_shot/{cell}{arm} --dry-run --device cpu --split-dir " in call, call
             assert call.endswith(" ".join(["--epochs", "2", *extra])), call
         assert not (runs / "summary.md").exists()  # refused: no stale table is left to be taken for this sweep's
     assert (runs / "few_shot" / "dtd" / "1shot" / "seed1" / "log.txt").read_text().startswith(log)  # appended to
