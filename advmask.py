@@ -2548,9 +2548,9 @@ def _list(kind, choices=None, distinct=True):
     return parse
 
 
-def _number(kind, low, strict=False):
-    """argparse type of a finite int or float of at least low (above it, if strict): the sizes, counts, steps and
-    rates (float("nan") and "inf" parse, and would only fail in training)."""
+def _number(kind, low, strict=False, high=math.inf):
+    """argparse type of a finite int or float of at least low (above it, if strict) and at most high: the sizes,
+    counts, steps, rates and the seed (float("nan") and "inf" parse, and would only fail in training)."""
     def parse(text):
         try:
             value = kind(text)
@@ -2561,6 +2561,8 @@ def _number(kind, low, strict=False):
         if value < low or strict and value == low:
             words = "a positive integer" if kind is int and low == 1 else "positive" if strict else f"{low} or more"
             raise argparse.ArgumentTypeError(f"must be {words}, not {text}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, not {text}")
         return value
     return parse
 
@@ -2636,7 +2638,9 @@ def parse_args(argv):
                            "code (CoOp's split files, Dassl's K-shot draw, fp16 evaluation in test batches of 200); "
                            "tga-zsr: TGA-ZSR's code (prompts, names, class sets, test sets, resizing); see README")
     data.add_argument("--shots", type=_number(int, 1), default=16, help="training images per class (K)")
-    data.add_argument("--seed", type=int, default=1, help="fixes the K-shot sample, batch order, flips and attacks")
+    # seed<S> folders, whose S summarize reads as digits; torch's generators take at most 2⁶⁴ − 1
+    data.add_argument("--seed", type=_number(int, 0, high=2**64 - 1), default=1,
+                      help="fixes the K-shot sample, batch order, flips and attacks")
     data.add_argument("--workers", type=_number(int, 0), default=min(8, os.cpu_count() or 1),
                       help="data-loading processes")
     protocol = p.add_argument_group("protocol")

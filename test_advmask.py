@@ -3281,6 +3281,8 @@ def bad_input_cases(files):
         (["--test-eps", "1,300"], "--test-eps: 300 is in /255 units and must lie in"),
         (["--test-steps", "-1"], "--test-steps: must be 0 or more"),
         (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+        (["--seed", "-1"], "--seed: must be 0 or more, not -1"),
+        (["--seed", str(2**64)], f"--seed: must be at most {2**64 - 1}, not {2**64}"),
         (["--lam", "-1"], "--lam: must be 0 or more"),
         (["--lr", "0"], "--lr: must be positive, not 0"),
         (["--lr", "inf"], "--lr: must be a finite number, not inf"),
