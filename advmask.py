@@ -3136,7 +3136,8 @@ def _load_run(args, device):
     train_on = None if args.masks or args.weights else data(args.dataset)
     train_set, train_names, template, sets = _class_sets(args, train_on, data)
     baseline, baseline_tokenizer, baseline_identity = _load_baseline(args, clip, tokenizer, identity, device=device)
-    settings = {**vars(args), "device": str(device), "model_identity": identity,
+    # the kind of device decides the random draws, not a GPU's index (cuda:1 of a machine draws as its cuda:0)
+    settings = {**vars(args), "device": device.type, "model_identity": identity,
                 "train_split": splits.get(args.dataset),  # the training data as it decides the mask, not its folder
                 **({"baseline_identity": baseline_identity} if baseline_identity else {})}
     return Loaded(clip=clip, tokenizer=tokenizer, identity=identity, settings=settings, splits=splits,

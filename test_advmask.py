@@ -3069,14 +3069,15 @@ def test_a_failure_keeps_every_finished_cell_and_the_rerun_evaluates_only_the_re
 
 
 def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_cells(tmp_path, monkeypatch, capsys):
-    """The same command with --attack pgd,cw after a PGD run: masks.bin byte for byte, the PGD cell as it was, the
-    CW cell and the per-image worst case over both added, and no training step."""
+    """The same command with --attack pgd,cw after a PGD run, on another device of the same kind (cpu:0 after cpu,
+    as cuda:1 after cuda): masks.bin byte for byte, the PGD cell as it was, the CW cell and the per-image worst case
+    over both added, and no training step."""
     monkeypatch.chdir(tmp_path)
-    am.main(dry_run_args("out", 2))
+    am.main([*dry_run_args("out", 2), "--device", "cpu"])
     mask = (tmp_path / "out" / "masks.bin").read_bytes()
     before = json.loads((tmp_path / "out" / "results.json").read_text())
     capsys.readouterr()
-    am.main([*dry_run_args("out", 2), "--attack", "pgd,cw"])
+    am.main([*dry_run_args("out", 2), "--attack", "pgd,cw", "--device", "cpu:0"])
     assert "step " not in capsys.readouterr().out and (tmp_path / "out" / "masks.bin").read_bytes() == mask
     after = json.loads((tmp_path / "out" / "results.json").read_text())
     assert after["results"][0] == before["results"][0] and [e["attack"] for e in after["results"]] == [
