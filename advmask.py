@@ -1818,7 +1818,7 @@ SETTINGS = {
     "eval_limit": ("cell basis", "at most {} test images per dataset"),
     "eval_precision": ("cell basis", "{} evaluation"), "test_batch": ("cell", "test batch {}"),
     "eval_batch_size": ("", None), "conventions": ("train basis", "{} conventions"), "baseline": ("", None),
-    "baseline_identity": ("", None), "out_dir": ("", None), "overwrite": ("", None),
+    "baseline_identity": ("", None), "out_dir": ("", None), "overwrite": ("", None), "code": ("", None),
 }
 CELL_SETTINGS = tuple(k for k, (roles, _) in SETTINGS.items() if "cell" in roles.split())
 SAME_BASIS = tuple(k for k, (roles, _) in SETTINGS.items() if "basis" in roles.split())
@@ -3138,6 +3138,9 @@ def _load_run(args, device):
     baseline, baseline_tokenizer, baseline_identity = _load_baseline(args, clip, tokenizer, identity, device=device)
     # the kind of device decides the random draws, not a GPU's index (cuda:1 of a machine draws as its cuda:0)
     settings = {**vars(args), "device": device.type, "model_identity": identity,
+                # the code that runs: each cell keeps it, as cells of several reruns share a results.json
+                "code": {"advmask_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+                         "torch": torch.__version__},
                 "train_split": splits.get(args.dataset),  # the training data as it decides the mask, not its folder
                 **({"baseline_identity": baseline_identity} if baseline_identity else {})}
     return Loaded(clip=clip, tokenizer=tokenizer, identity=identity, settings=settings, splits=splits,
@@ -3199,7 +3202,7 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
                 lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255, steps=args.train_steps,
                 loss=args.loss, seed=args.seed, precision=args.precision, checkpoint=training_checkpoint(checkpoint),
                 checkpoint_every=args.checkpoint_every)
-        provenance = {k: getattr(args, k) for k in PROVENANCE}
+        provenance = {**{k: getattr(args, k) for k in PROVENANCE}, "code": loaded.settings["code"]}  # that trained it
         if args.tune == "mask":
             save_masks(clip, trained, source, provenance)
         else:
@@ -3232,7 +3235,8 @@ def _evaluate_missing(args, device, loaded, splits, class_sets, results, save, l
         chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
         indices_sha256 = hashlib.sha256(json.dumps(list(chosen)).encode()).hexdigest()  # of the images evaluated
         test_set_id = _test_set(splits[_test_split(args, name)], indices_sha256, class_sets[name])
-        cells = {m: {"model": m, "eval": name, "test_set": test_set_id, **{k: getattr(args, k) for k in CELL_SETTINGS},
+        cells = {m: {"model": m, "eval": name, "test_set": test_set_id, "code": loaded.settings["code"],
+                     **{k: getattr(args, k) for k in CELL_SETTINGS},
                      **({"weights_sha256": loaded.baseline_sha256} if m == args.baseline and loaded.baseline_sha256
                         else {})} for m in models}
         todo = {m: [(a, eps) for a, eps in itertools.product(args.attack, args.test_eps)

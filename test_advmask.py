@@ -2846,6 +2846,9 @@ def test_cli_trains_and_evaluates_on_a_fabricated_oxford_pets_tree(tiny_files, t
     entry = entries["pgd"]
     assert entry["n"] == 2 * len(PET_CLASSES) and entry["eval"] == "oxford_pets" and entry["model"] == "advmask"
     assert 0 <= entry["adv_acc"] <= entry["clean_acc"] <= 1
+    assert entry["code"] == {"advmask_sha256": hashlib.sha256((HERE / "advmask.py").read_bytes()).hexdigest(),
+                             "torch": torch.__version__}  # the code that measured the cell, and trained the mask
+    assert am.read_mask_file(out / "masks.bin")[0]["provenance"]["code"] == entry["code"]
     assert entries["worst"]["adv_acc"] <= min(entries["pgd"]["adv_acc"], entries["aa"]["adv_acc"])
     assert 0 <= results["sparsity"] < 1 and results["settings"]["shots"] == 2 and len(results["train_log"]) == 1
     assert set(results["phases"]) == {"load", "cache", "train", "decode oxford_pets", "eval advmask oxford_pets"}
