@@ -3149,38 +3149,41 @@ def _load_run(args, device):
                   baseline_sha256=(baseline_identity or {}).get("weights_sha256"))  # a folder baseline's weights
 
 
-def _train_or_reuse(out_dir, args, device, loaded, lap):
-    """Put the tuned file on loaded.clip: the --masks or --weights file, the one a run of the same training settings
-    saved in out_dir, or one trained now (from its checkpoint, if any) and saved there; then bake the mask (or freeze
-    the weights) for evaluation. Returns (the results.json beside that file, or {}; the training log; the share of
-    weights off, or None; the outcome in words; the file's sha256)."""
+def _load_tuned_file(out_dir, args, loaded):
+    """Put on loaded.clip the file a run evaluates without training it: the --masks or --weights file, or the one a
+    run of the same training settings saved in out_dir. A file that does not fit, or a run folder's file whose
+    header records other training (one copied in by hand), is refused before anything is written."""
     clip, source = loaded.clip, describe(loaded.identity)
-    checkpoint, results_path = out_dir / "checkpoint.pt", out_dir / "results.json"
-    trained = out_dir / TUNED_FILES[args.tune]
-    tuned_file = Path(args.masks or args.weights or trained)  # the file evaluated
-    same_run = _check_out_dir(out_dir, checkpoint, loaded.settings, args.overwrite)
-    train_now = not (args.masks or args.weights or same_run and trained.is_file())
-    # finished cells stay only beside the file they measured: a mask trained now (its file gone) starts them over
-    previous = read_json(results_path) if same_run and not train_now and results_path.is_file() else {}
-    if args.masks or args.weights:  # a file that does not fit is refused here, before anything is written
+    if args.masks or args.weights:
         target = (next(_masks(load_masks(clip, args.masks, source))).mask.target if args.masks else
                   load_weights(clip, args.weights, source)["target"])
         if target != args.mask_target:
             raise ValueError(f"{args.masks or args.weights} covers the {target} weights; pass --mask-target {target} "
                              f"with it")
-    elif same_run and trained.is_file():  # trained before, with these settings: never trained again
-        recorded = read_tuned_file(trained, args.tune)[0].get("provenance", {})
-        differ = [k for k in PROVENANCE if recorded.get(k) != getattr(args, k)]
-        if differ:  # a file copied in by hand: its cells would be filed under this folder's settings
-            raise ValueError(f"{trained} was trained with another {', '.join(differ)} than the run of {out_dir} "
-                             f"({out_dir / 'config.json'}); put that run's own file back, or pass --overwrite to "
-                             f"train again")
-        (load_masks if args.tune == "mask" else load_weights)(clip, trained, source)
-        print(f"reusing {trained}, trained by an earlier run with the same settings")
-    sha256 = None if train_now else hashlib.sha256(tuned_file.read_bytes()).hexdigest()
-    if previous and previous.get("tuned_file_sha256") != sha256:  # the file replaced since its cells were measured
-        print(f"{tuned_file} is not the file that the cells of {results_path} measured; evaluating them again")
-        previous = {}
+        return Path(args.masks or args.weights)
+    trained = out_dir / TUNED_FILES[args.tune]
+    recorded = read_tuned_file(trained, args.tune)[0].get("provenance", {})
+    differ = [k for k in PROVENANCE if recorded.get(k) != getattr(args, k)]
+    if differ:  # its cells would be filed under this folder's settings
+        raise ValueError(f"{trained} was trained with another {', '.join(differ)} than the run of {out_dir} "
+                         f"({out_dir / 'config.json'}); put that run's own file back, or pass --overwrite to train "
+                         f"again")
+    (load_masks if args.tune == "mask" else load_weights)(clip, trained, source)
+    print(f"reusing {trained}, trained by an earlier run with the same settings")
+    return trained
+
+
+def _train_or_reuse(out_dir, args, device, loaded, lap):
+    """Put the tuned file on loaded.clip: the --masks or --weights file, the one a run of the same training settings
+    saved in out_dir, or one trained now (from its checkpoint, if any) and saved there. Returns (the results.json
+    beside that file, or {}; the training log; the file's sha256)."""
+    checkpoint, results_path = out_dir / "checkpoint.pt", out_dir / "results.json"
+    trained = out_dir / TUNED_FILES[args.tune]
+    same_run = _check_out_dir(out_dir, checkpoint, loaded.settings, args.overwrite)
+    train_now = not (args.masks or args.weights or same_run and trained.is_file())
+    # finished cells stay only beside the file they measured: a mask trained now (its file gone) starts them over,
+    # and so does a file replaced since its cells were measured
+    previous = read_json(results_path) if same_run and not train_now and results_path.is_file() else {}
     if train_now:
         train_set, indices = _k_shot(args, loaded.train_on, loaded.train_set, loaded.train_names)
         images, labels = cache_images(train_set, indices, device, args.workers)
@@ -3188,27 +3191,40 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
         epochs = args.epochs or default_epochs(len(labels), args.batch_size)
         print(f"{args.protocol} on {args.dataset}: {len(labels)} training images ({args.shots} per class, "
               f"{len(loaded.train_names)} classes), {epochs} epoch{'s' * (epochs != 1)} on {device} ({args.precision})")
+    else:
+        tuned_file = _load_tuned_file(out_dir, args, loaded)
+        sha256 = hashlib.sha256(tuned_file.read_bytes()).hexdigest()
+        if previous and previous.get("tuned_file_sha256") != sha256:
+            print(f"{tuned_file} is not the file that the cells of {results_path} measured; evaluating them again")
+            previous = {}
     # before anything new: an interrupted overwrite, or retraining, leaves no old result behind
     for old in (checkpoint, results_path, *(out_dir / f for f in TUNED_FILES.values())) if args.overwrite else (
             [results_path] if train_now else []):
         old.unlink(missing_ok=True)
     write_json(out_dir / "config.json", loaded.settings)
-    history = previous.get("train_log", [])
-    if train_now:
-        with _out_of_memory("--batch-size", args.batch_size):  # the checkpoint stays for the rerun
-            _, history = adversarial_mask_tuning(
-                clip, images, labels, loaded.train_names, templates=loaded.template, target=args.mask_target,
-                tune=args.tune, epochs=epochs, tokenizer=loaded.tokenizer, batch_size=args.batch_size, lr=args.lr,
-                lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255, steps=args.train_steps,
-                loss=args.loss, seed=args.seed, precision=args.precision, checkpoint=training_checkpoint(checkpoint),
-                checkpoint_every=args.checkpoint_every)
-        provenance = {**{k: getattr(args, k) for k in PROVENANCE}, "code": loaded.settings["code"]}  # that trained it
-        if args.tune == "mask":
-            save_masks(clip, trained, source, provenance)
-        else:
-            save_weights(clip, trained, target=args.mask_target, source=source, provenance=provenance)
-        checkpoint.unlink()  # its result is in the trained file now
-        sha256 = hashlib.sha256(trained.read_bytes()).hexdigest()
+    if not train_now:
+        return previous, previous.get("train_log", []), sha256
+    with _out_of_memory("--batch-size", args.batch_size):  # the checkpoint stays for the rerun
+        _, history = adversarial_mask_tuning(
+            loaded.clip, images, labels, loaded.train_names, templates=loaded.template, target=args.mask_target,
+            tune=args.tune, epochs=epochs, tokenizer=loaded.tokenizer, batch_size=args.batch_size, lr=args.lr,
+            lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255, steps=args.train_steps,
+            loss=args.loss, seed=args.seed, precision=args.precision, checkpoint=training_checkpoint(checkpoint),
+            checkpoint_every=args.checkpoint_every)
+    provenance = {**{k: getattr(args, k) for k in PROVENANCE}, "code": loaded.settings["code"]}  # that trained it
+    source = describe(loaded.identity)
+    if args.tune == "mask":
+        save_masks(loaded.clip, trained, source, provenance)
+    else:
+        save_weights(loaded.clip, trained, target=args.mask_target, source=source, provenance=provenance)
+    checkpoint.unlink()  # its result is in the trained file now
+    return {}, history, hashlib.sha256(trained.read_bytes()).hexdigest()
+
+
+def _ready_to_evaluate(args, loaded):
+    """Bake the mask (or freeze the tuned weights) of loaded.clip, and convert it and the baseline to fp16 for
+    --eval-precision fp16. Returns (the share of weights off, or None; the outcome in words)."""
+    clip = loaded.clip
     if args.tune == "mask":
         sparsity = mask_sparsity(clip)
         outcome = f"off {100 * sparsity:.2f}% of masked weights"
@@ -3220,8 +3236,7 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
     if args.eval_precision == "fp16":  # trained in the training precision: baked, then converted
         for model in (clip, loaded.baseline) if args.baseline else (clip,):
             fp16_network(model)
-    lap("train")
-    return previous, history, sparsity, outcome, sha256
+    return sparsity, outcome
 
 
 def _evaluate_missing(args, device, loaded, splits, class_sets, results, save, lap):
@@ -3264,7 +3279,8 @@ def _evaluate_missing(args, device, loaded, splits, class_sets, results, save, l
 
 
 def _run_in(out_dir, args, device):
-    """run's steps, in out_dir: load, train the tuned file or reuse it, evaluate the cells results.json lacks."""
+    """run's steps, in out_dir: load, train the tuned file or reuse it, make it ready to evaluate, evaluate the cells
+    results.json lacks."""
     start = tic = time.perf_counter()
     phases = {}  # seconds per phase, printed and stored in results.json
 
@@ -3275,7 +3291,9 @@ def _run_in(out_dir, args, device):
 
     loaded = _load_run(args, device)
     lap("load")
-    previous, history, sparsity, outcome, tuned_sha256 = _train_or_reuse(out_dir, args, device, loaded, lap=lap)
+    previous, history, tuned_sha256 = _train_or_reuse(out_dir, args, device, loaded, lap=lap)
+    sparsity, outcome = _ready_to_evaluate(args, loaded)
+    lap("train")
     # the cells of earlier runs into this folder, each with its own evaluation settings and test set; a folder
     # baseline's go with the weights they measured (another model under its name is evaluated anew)
     results = [r for r in previous.get("results", [])
