@@ -638,6 +638,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import socket
 import statistics
 import tempfile
@@ -3394,4 +3395,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # SIGTERM (a cluster's pre-emption or time limit) ends the run as Ctrl-C does: one line, its folder's lock released
+    # (a job requeued on another node resumes at once, not after LOCK_STALE), the last checkpoint kept
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     main()

@@ -3810,8 +3810,9 @@ def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path
     when the kill comes, so that a loaded machine cannot let the run finish first): the next run takes its lock over
     with one line; the checkpoint is refused by runs with other training settings (λ, precision), and the same
     command again (with another data root) ends with the masks, accuracies and training log of a run never
-    interrupted, the mask having moved, and leaves no checkpoint; so does a run stopped by Ctrl-C (KeyboardInterrupt)
-    after that checkpoint, which says so in one line, exit status 130."""
+    interrupted, the mask having moved, and leaves no checkpoint; so does a real process stopped by SIGTERM (a
+    cluster's pre-emption; Ctrl-C takes the same path) after that checkpoint, which says in one line, exit status 130,
+    the step it stopped at and the checkpoint to resume from, and releases its folder's lock."""
     am.main(dry_run_args(str(tmp_path / "whole"), 30))  # uninterrupted, in this process
     every = ["--checkpoint-every", "10"]
     cmd = [sys.executable, str(HERE / "advmask.py"), *dry_run_args("killed", 30), *every]
@@ -3835,18 +3836,21 @@ def test_a_run_killed_mid_training_resumes_to_the_same_mask_bit_for_bit(tmp_path
     assert "holds a checkpoint of a run with other training settings (lam)" in err
     err = refused(capsys, [*dry_run_args(str(killed), 30), "--precision", "bf16"])  # in this process: a refusal
     assert "holds a checkpoint of a run with other training settings (precision)" in err
-    real_step, steps = am.train_step, itertools.count(1)
-
-    def interrupted_step(*args, **kwargs):  # Ctrl-C in the step after the checkpoint of epoch 25 (step 50)
-        if next(steps) == 51:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-    with monkeypatch.context() as m:
-        m.setattr(am, "train_step", interrupted_step)
-        err = refused(capsys, dry_run_args(str(tmp_path / "int"), 30), status=130)
-    assert "interrupted at step 51/60" in err
-    assert "rerun the same command to resume from the checkpoint of step 50" in err
+    stopped = subprocess.Popen([sys.executable, str(HERE / "advmask.py"), *dry_run_args("int", 30), *every],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in stopped.stdout:
+        if line.startswith("checkpoint | epoch 10/30"):
+            stopped.terminate()  # SIGTERM, somewhere in epoch 11 (or a little later)
+            break
+    out, err = stopped.communicate(timeout=60)
+    saved = [int(m[1]) for m in re.finditer(r"checkpoint \| epoch \d+/30 \| step (\d+)/60", line + out)][-1]
+    stop = int(re.search(r"^advmask: interrupted at step (\d+)/60; ", err)[1])
+    assert stopped.returncode == 130 and err.count("\n") == 1 and saved <= stop < 60, err
+    assert err.endswith(f"rerun the same command to resume from the checkpoint of step {saved}\n")
+    assert not (tmp_path / "int" / ".lock").exists() and (tmp_path / "int" / "checkpoint.pt").is_file()
+    capsys.readouterr()
     am.main(dry_run_args(str(tmp_path / "int"), 30))  # the same command, in this process
+    assert "taking the folder over" not in capsys.readouterr().out
     assert (tmp_path / "int" / "masks.bin").read_bytes() == (tmp_path / "whole" / "masks.bin").read_bytes()
     # where the inputs are found does not decide the mask: the same command with another data root resumes
     am.main([*dry_run_args(str(killed), 30), *every, "--data-root", "elsewhere", "--no-download", "--workers", "0"])
