@@ -60,6 +60,22 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+# after --, a flag the sweep sets per cell would give every cell one value (one seed filed under three seed folders);
+# the --tune weights arm trains into a folder of its own beside the mask's, as advmask.py's default folder does
+ARM=""
+for i in "${!EXTRA[@]}"; do
+  case "${EXTRA[$i]}" in
+    --protocol|--protocol=*|--dataset|--dataset=*|--shots|--shots=*|--seed|--seed=*|--out-dir|--out-dir=*)
+      echo "run_all.sh: ${EXTRA[$i]%%=*} after -- would give every cell the same value; use run_all.sh's own" \
+           "option; see run_all.sh --help" >&2
+      exit 2 ;;
+  esac
+  next=${EXTRA[$((i + 1))]:-}
+  if [ "${EXTRA[$i]}" = --tune=weights ] || { [ "${EXTRA[$i]}" = --tune ] && [ "$next" = weights ]; }; then
+    ARM=-weights
+  fi
+done
+
 # what was not given: the paper's sweep, or with --dry-run a tiny one
 if [ "$DRY" = 1 ]; then
   DATASETS=${DATASETS:-"oxford_pets dtd"}; SHOTS=${SHOTS:-"1 2"}; SEEDS=${SEEDS:-"1 2"}; RUNS=${RUNS:-runs_dry}
@@ -78,22 +94,14 @@ for protocol in $PROTOCOL; do for dataset in $DATASETS; do for shots in $SHOTS; 
   cells+=("$protocol $dataset $shots $seed")
 done; done; done; done
 
-# the --tune weights arm trains into a folder of its own beside the mask's, as advmask.py's default folder does
-ARM=""
-for i in "${!EXTRA[@]}"; do
-  next=${EXTRA[$((i + 1))]:-}
-  if [ "${EXTRA[$i]}" = --tune=weights ] || { [ "${EXTRA[$i]}" = --tune ] && [ "$next" = weights ]; }; then
-    ARM=-weights
-  fi
-done
-
 run_cell() {  # protocol dataset shots seed [gpu]
   local out="$RUNS/$1/$2/${3}shot/seed$4$ARM"
   mkdir -p "$out"
   echo "run  $out"
-  # TQDM_DISABLE: no carriage-return progress bars in log.txt, which each rerun of the cell appends to
-  if TQDM_DISABLE=1 CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" "$ADVMASK" --protocol "$1" \
-      --dataset "$2" --shots "$3" --seed "$4" --out-dir "$out" "${EXTRA[@]}" >> "$out/log.txt" 2>&1; then
+  # TQDM_DISABLE: no carriage-return progress bars in log.txt, which each rerun of the cell appends to. The cell's
+  # own flags come last: argparse takes the last, so no abbreviation after -- (--see 7) can override them
+  if TQDM_DISABLE=1 CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" "$ADVMASK" "${EXTRA[@]}" \
+      --protocol "$1" --dataset "$2" --shots "$3" --seed "$4" --out-dir "$out" >> "$out/log.txt" 2>&1; then
     tail -n 1 "$out/log.txt"
   else
     echo "FAILED $out (see $out/log.txt)"

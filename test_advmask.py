@@ -3236,8 +3236,8 @@ def test_run_all_dry_sweep_summarises_and_its_cells_get_every_flag(tmp_path):
         calls = (tmp_path / "calls.txt").read_text().splitlines()[-5:]
         assert calls[-1] == f"{HERE / 'advmask.py'} summarize runs"
         for call, cell in zip(calls, [f"{d}/1shot/seed{seed}" for d in ("broken", "dtd") for seed in (1, 2)]):
-            assert f"--out-dir runs/few_shot/{cell}{arm} --dry-run --device cpu --split-dir " in call, call
-            assert call.endswith(" ".join(["--epochs", "2", *extra])), call
+            flags = ["--dry-run", "--device", "cpu", "--split-dir", str(tmp_path / "coop"), "--epochs", "2", *extra]
+            assert " ".join(flags) in call and call.endswith(f"--out-dir runs/few_shot/{cell}{arm}"), call
         assert not (runs / "summary.md").exists()  # refused: no stale table is left to be taken for this sweep's
     assert (runs / "few_shot" / "dtd" / "1shot" / "seed1" / "log.txt").read_text().startswith(log)  # appended to
     assert (runs / "few_shot" / "dtd" / "1shot" / "seed1-weights" / "log.txt").is_file()
@@ -3264,12 +3264,17 @@ def test_sweeps_sharing_a_runs_folder_report_only_their_own_failed_cells(tmp_pat
     assert not list((tmp_path / "runs").glob(".failed_cells*"))
 
 
-def test_run_all_usage_errors_are_one_line_and_exit_2():
-    """run_all.sh with an unknown option, or with an option's value missing, ends in one line that says what to do and
-    exit status 2, before any run."""
-    for args, message in ((["--bogus"], "unknown option --bogus"), (["--dry-run", "--shots"], "--shots needs a value")):
-        proc = subprocess.run(["bash", str(HERE / "run_all.sh"), *args], capture_output=True, text=True, timeout=60)
+def test_run_all_usage_errors_are_one_line_and_exit_2(tmp_path):
+    """run_all.sh with an unknown option, with an option's value missing, or with a flag it sets per cell after --
+    (which would give every cell one seed, say), ends in one line that says what to do and exit status 2, before any
+    run and with nothing written."""
+    for args, message in ((["--bogus"], "unknown option --bogus"), (["--dry-run", "--shots"], "--shots needs a value"),
+                          (["--dry-run", "--", "--seed=7"], "--seed after -- would give every cell the same value; "
+                                                            "use run_all.sh's own option")):
+        proc = subprocess.run(["bash", str(HERE / "run_all.sh"), *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
         assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"run_all.sh: {message}; see run_all.sh --help\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def bad_input_cases(files):
