@@ -1841,6 +1841,16 @@ def _heading(finished, entry, defaults):
     return "; ".join(SETTINGS[k][1].format(v) for k, v in values.items() if v not in (None, False, default[k]))
 
 
+def _superseded(finished, dataset, entry):
+    """Whether a results entry was measured on a test set that a later run in its folder replaced (other test images
+    or prompts, e.g. CoOp's file by --split-dir): results.json keeps such cells, and its splits and class sets record
+    the latest run's."""
+    own = entry.get("test_set")  # None: recorded before cells kept their test set
+    test = dataset if entry["eval"] in ("base", "new") else entry["eval"]
+    latest = _test_set(finished.get("splits", {}).get(test), None, finished.get("class_sets", {}).get(entry["eval"]))
+    return own is not None and (own["split"], own["class_set_sha256"]) != (latest["split"], latest["class_set_sha256"])
+
+
 def _basis(finished, dataset, entry):
     """(what, value) pairs that must agree across the seeds of a summary cell: the split source of the datasets the
     entry rests on, its class set as recorded (templates, class names, test-set size and resizing, by their sha256),
@@ -1874,6 +1884,7 @@ def summarize(runs_dir, defaults, out_dir=None):
     defaults(dry_run), the parser's defaults), a row per method and dataset, mean ± std in %, an "Average" row over
     datasets per method, and for base2new the paper's five columns with H, the harmonic mean of the four averaged
     accuracies. A cell with no finished seed is "—", never 0, and so is an average over a column with such a cell.
+    Of a run folder's cells, those measured on test sets that a later run there replaced are left out, in one line.
     Seeds of a cell that differ in anything else their numbers rest on (_basis: split source, prompts and resizing,
     model, data, training and evaluation settings) are refused."""
     runs_dir, metrics = Path(runs_dir), ("clean", "adv")  # each cell's two numbers: clean_acc and adv_acc
@@ -1891,7 +1902,11 @@ def summarize(runs_dir, defaults, out_dir=None):
         if (cell / "results.json").is_file():
             finished = read_json(cell / "results.json", ("results",))
             lr = finished.get("settings", {}).get("lr")
-            for e in finished["results"]:
+            current = [e for e in finished["results"] if not _superseded(finished, dataset, e)]
+            if (gone := len(finished["results"]) - len(current)) > 0:
+                print(f"{cell}: leaving out {gone} cell{'s' * (gone != 1)} measured on test sets that its latest run "
+                      f"replaced", file=sys.stderr)
+            for e in current:
                 method = (MODELS[e["model"]][0] if e["model"] in MODELS else e["model"]) + (  # trained: at its lr
                     f" (lr {lr:g})" if lr is not None and e["model"] in TUNED_MODEL.values() else "")
                 key = SummaryCell(protocol=protocol, attack=e["attack"], eps=e["eps"],

@@ -3480,31 +3480,38 @@ def test_out_of_memory_names_the_flag_to_lower_and_keeps_what_is_finished(tmp_pa
 
 
 def test_a_rerun_on_another_test_set_evaluates_anew_and_keeps_every_other_cells_records(tiny_files, tmp_path,
-                                                                                         monkeypatch):
+                                                                                         monkeypatch, capsys):
     """A cell is keyed by its test set (split record, the sha256 of the indices, its class set): rerun with
     --split-dir and another attack, a transfer run evaluates PGD again on CoOp's EuroSAT images and builds the worst
-    case from cells of those images alone; a rerun on one dataset keeps the records (class sets, splits, index
-    hashes) of the others; a rerun at another --eval-limit keeps the index hash of each earlier cell."""
+    case from cells of those images alone, and summarize tables those cells, leaving the replaced one out in one line;
+    a rerun on one dataset keeps the records (class sets, splits, index hashes) of the others; a rerun at another
+    --eval-limit keeps the index hash of each earlier cell."""
     monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "transfer" / "dtd" / "2shot" / "seed1"
     args = [*tiny_cli_args(tiny_files), "--protocol", "transfer", "--eval-datasets", "dtd,eurosat", "--shots", "2",
-            "--epochs", "1", "--out-dir", "t"]
+            "--epochs", "1", "--out-dir", str(run)]
     am.main(args)
-    first = json.loads((tmp_path / "t" / "results.json").read_text())
+    first = json.loads((run / "results.json").read_text())
     splits = tmp_path / "splits"
     splits.mkdir()
     test = [[f"{c}/{c}_{n}.jpg", label, c] for label, c in enumerate(("AnnualCrop", "SeaLake", "River"))
             for n in (0, 1)]
     (splits / "split_zhou_EuroSAT.json").write_text(json.dumps({"train": [], "val": [], "test": test}))
     am.main([*args, "--attack", "pgd,cw", "--split-dir", str(splits)])
-    second = json.loads((tmp_path / "t" / "results.json").read_text())
+    second = json.loads((run / "results.json").read_text())
     rows = second["results"]
     eurosat = [r for r in rows if r["eval"] == "eurosat"]
     sources = {(r["attack"], r["test_set"]["split"]["source"], r["n"]) for r in eurosat}
     assert sources == {("pgd", "default", 9), ("pgd", "coop", 6), ("cw", "coop", 6), ("worst", "coop", 6)}
-    dtd = [r for r in rows if r["eval"] == "dtd"]  # no CoOp file for DTD there: its PGD cell is reused
+    coop_pgd = next(r for r in eurosat if r["attack"] == "pgd" and r["test_set"]["split"]["source"] == "coop")
+    capsys.readouterr()
+    rows = {r[0]: r[1:] for r in table(am.summarize(tmp_path / "runs", am.parser_defaults), "transfer | PGD")}
+    assert rows["eurosat"] == [f"{100 * coop_pgd[k]:.1f}" for k in ("clean_acc", "adv_acc")]
+    assert f"{run}: leaving out 1 cell measured on test sets that its latest run replaced" in capsys.readouterr().err
+    dtd = [r for r in second["results"] if r["eval"] == "dtd"]  # no CoOp file for DTD there: its PGD cell is reused
     assert [(r["attack"], r["test_set"]["split"]["source"]) for r in dtd].count(("pgd", "default")) == 1
     am.main([*args, "--eval-datasets", "dtd", "--eval-limit", "2"])  # the last --eval-datasets counts
-    after = json.loads((tmp_path / "t" / "results.json").read_text())
+    after = json.loads((run / "results.json").read_text())
     assert after["class_sets"]["eurosat"] == second["class_sets"]["eurosat"] and "eurosat" in after["splits"]
     limited = [r for r in after["results"] if r["eval"] == "dtd" and r["eval_limit"] == 2]
     whole = [r for r in after["results"] if r["eval"] == "dtd" and r["eval_limit"] is None]
