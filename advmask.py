@@ -1388,8 +1388,9 @@ def image_transform(preprocess):
 
 
 def _torchvision_dataset(name, root, split, transform, download):
-    """One split (or, for split None, the whole) of a dataset through its torchvision class."""
-    tv, kw = torchvision.datasets, {"transform": transform, "download": download}
+    """One split (or, for split None, the whole) of a dataset through its torchvision class; download only for
+    DOWNLOADABLE (torchvision's StanfordCars refuses download=True even with the data on disk: its URL is dead)."""
+    tv, kw = torchvision.datasets, {"transform": transform, "download": download and name in DOWNLOADABLE}
     if name == "imagenet":
         return tv.ImageNet(Path(root) / "imagenet", split=split, transform=transform)  # never downloaded
     if name in ("ucf101", "imagefolder"):  # UCF101 as CoOp reads it: one middle frame per video, a class per folder

@@ -1743,7 +1743,8 @@ def fabricate_sun397(root, classes=("/a/abbey", "/b/bakery/shop", "/c/coast"), p
 
 def test_class_names_and_labels_are_coops(tmp_path):
     """Fabricated trees come out with CoOp's names in CoOp's label order: Caltech101 without Faces_easy (its images
-    gone, later labels moved up), Stanford Cars year first, UCF101 single-spaced in classInd order, pets lower-case."""
+    gone, later labels moved up), Stanford Cars year first (and read with downloads allowed, though torchvision can
+    no longer download it), UCF101 single-spaced in classInd order, pets lower-case."""
     fabricate_caltech101(tmp_path)
     caltech = am.load_dataset("caltech101", tmp_path, PRE, download=False)
     assert caltech["classes"] == ["face", "leopard", "accordion", "airplane"]
@@ -1754,7 +1755,7 @@ def test_class_names_and_labels_are_coops(tmp_path):
         assert "Faces_easy" not in folders and split.targets == [coop_label[f] for f in folders]
     assert len(caltech["train"]) + len(caltech["test"]) == 4 * 4
     fabricate_stanford_cars(tmp_path)
-    cars = am.load_dataset("stanford_cars", tmp_path, PRE, download=False)
+    cars = am.load_dataset("stanford_cars", tmp_path, PRE)  # downloads allowed, as the CLI's default: none is tried
     assert cars["classes"] == ["2000 AM General Hummer SUV", "2012 Acura RL Sedan"]
     fabricate_ucf101(tmp_path)
     ucf = am.load_dataset("ucf101", tmp_path, PRE, download=False)
