@@ -2449,7 +2449,7 @@ def export(run_dir, out_dir, visual=False, overwrite=False, model=None, pretrain
                          f"which evaluates the cells it lacks, then export it")
     model, pretrained = model or settings["model"], pretrained or settings["pretrained"]
     for flag, path, file_key in (("--model", model, "config_sha256"), ("--pretrained", pretrained, "file_sha256")):
-        if file_key in settings["model_identity"] and not Path(path).is_file():  # moved, or relative to another cwd
+        if file_key in settings.get("model_identity", {}) and not Path(path).is_file():  # moved, or another cwd's
             raise ValueError(f"the run's {flag} file {path} is not there from here (a relative path is relative to "
                              f"where the run started); pass export {flag} PATH, where that file is now")
     torch.manual_seed(settings["seed"])  # random base weights (--pretrained none) are drawn as main drew them
