@@ -2447,6 +2447,10 @@ def export(run_dir, out_dir, visual=False, overwrite=False, model=None, pretrain
     if not finished.get("complete"):
         raise ValueError(f"{run_dir} is not finished (its results.json says complete: false); rerun its command, "
                          f"which evaluates the cells it lacks, then export it")
+    sha256 = hashlib.sha256(tuned.read_bytes()).hexdigest()
+    if finished.get("tuned_file_sha256", sha256) != sha256:  # unrecorded by runs before it was: taken as the same
+        raise ValueError(f"{tuned} is not the file that the cells of {run_dir / 'results.json'} measured (replaced "
+                         f"since); rerun the run's command, which evaluates it, then export it")
     model, pretrained = model or settings["model"], pretrained or settings["pretrained"]
     for flag, path, file_key in (("--model", model, "config_sha256"), ("--pretrained", pretrained, "file_sha256")):
         if file_key in settings.get("model_identity", {}) and not Path(path).is_file():  # moved, or another cwd's

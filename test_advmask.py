@@ -2738,19 +2738,20 @@ def test_the_card_of_a_synthetic_run_says_its_data_and_weights_are_random_and_ea
     assert sorted(steps) == ["2", "3"]
 
 
-@pytest.mark.parametrize("case", ["unfinished", "incomplete", "no file", "not empty", "not an export"])
+@pytest.mark.parametrize("case", ["unfinished", "incomplete", "replaced", "no file", "not empty", "not an export"])
 def test_every_bad_export_ends_in_one_line_exit_2_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
-    """An unfinished run (no results yet, or cells still missing), a run without its mask or weights file, an OUT_DIR
-    that is not empty (without --overwrite), and one that holds other files than an earlier export (with --overwrite,
-    which replaces only that) are one line and exit 2, and nothing is written or deleted."""
+    """An unfinished run (no results yet, or cells still missing), a run whose mask file is not the one its cells
+    measured, a run without its mask or weights file, an OUT_DIR that is not empty (without --overwrite), and one that
+    holds other files than an earlier export (with --overwrite, which replaces only that) are one line and exit 2, and
+    nothing is written or deleted."""
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
     if case != "unfinished":
         (run / "results.json").write_text(json.dumps({"results": [], "settings": {}, "train_log": [],
-                                                      "complete": False}))
-    if case in ("not empty", "not an export", "incomplete"):
+                                                      "complete": case == "replaced", "tuned_file_sha256": "ab" * 32}))
+    if case in ("not empty", "not an export", "incomplete", "replaced"):
         am.save_masks(masked_tiny_clip(), run / "masks.bin")
     if case in ("not empty", "not an export"):
         (tmp_path / "out").mkdir()
@@ -2758,6 +2759,7 @@ def test_every_bad_export_ends_in_one_line_exit_2_and_writes_nothing(case, tmp_p
         (tmp_path / "out" / "open_clip_config.json").write_text("{}")  # a model folder, but not an export
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     key = {"unfinished": "no results.json", "incomplete": "complete: false", "no file": "neither masks.bin nor weights",
+           "replaced": "run/masks.bin is not the file that the cells of run/results.json measured",
            "not empty": "not an empty folder; pass another one, or --overwrite to replace an earlier export",
            "not an export": "not an empty folder or an earlier export; pass another one"}  # each message's key fact
     assert key[case] in refused(capsys, ["export", "run", "out", *["--overwrite"] * (case == "not an export")])
