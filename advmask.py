@@ -2758,6 +2758,8 @@ def parse_args(argv):
     if args.weights and (args.masks or args.tune == "mask"):
         p.error("--weights evaluates a --tune weights run; pass it without --masks and --tune mask")
     args.tune = args.tune or ("weights" if args.weights else "mask")
+    # the attacks in ATTACKS' order: a worst case is over a set, so --attack cw,pgd reuses the cell of pgd,cw
+    args.attack = [a for a in ATTACKS if a in args.attack]
     if args.masks and args.tune == "weights":
         p.error("--masks evaluates a mask; with --tune weights, pass the weights file with --weights")
     if args.lr is None:

@@ -3077,15 +3077,17 @@ def test_a_failure_keeps_every_finished_cell_and_the_rerun_evaluates_only_the_re
 def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_cells(tmp_path, monkeypatch, capsys):
     """The same command with --attack pgd,cw after a PGD run, on another device of the same kind (cpu:0 after cpu,
     as cuda:1 after cuda): masks.bin byte for byte, the PGD cell as it was, the CW cell and the per-image worst case
-    over both added, and no training step."""
+    over both added, and no training step; with --attack cw,pgd then, every cell is reused (the worst case is over a
+    set) and summarize tables them."""
     monkeypatch.chdir(tmp_path)
-    am.main([*dry_run_args("out", 2), "--device", "cpu"])
-    mask = (tmp_path / "out" / "masks.bin").read_bytes()
-    before = json.loads((tmp_path / "out" / "results.json").read_text())
+    run = "runs/few_shot/oxford_pets/16shot/seed1"
+    am.main([*dry_run_args(run, 2), "--device", "cpu"])
+    mask = (tmp_path / run / "masks.bin").read_bytes()
+    before = json.loads((tmp_path / run / "results.json").read_text())
     capsys.readouterr()
-    am.main([*dry_run_args("out", 2), "--attack", "pgd,cw", "--device", "cpu:0"])
-    assert "step " not in capsys.readouterr().out and (tmp_path / "out" / "masks.bin").read_bytes() == mask
-    after = json.loads((tmp_path / "out" / "results.json").read_text())
+    am.main([*dry_run_args(run, 2), "--attack", "pgd,cw", "--device", "cpu:0"])
+    assert "step " not in capsys.readouterr().out and (tmp_path / run / "masks.bin").read_bytes() == mask
+    after = json.loads((tmp_path / run / "results.json").read_text())
     assert after["results"][0] == before["results"][0] and [e["attack"] for e in after["results"]] == [
         "pgd", "cw", "worst"]
     pgd, cw, worst = after["results"]
@@ -3093,6 +3095,10 @@ def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_c
         hashlib.sha256(json.dumps(list(range(pgd["n"]))).encode()).hexdigest()}
     both = [np.unpackbits(np.frombuffer(bytes.fromhex(e["correct"]), np.uint8), count=e["n"]) for e in (pgd, cw)]
     assert worst["adv_acc"] == (both[0] & both[1]).mean() and worst["attacks"] == ["pgd", "cw"]
+    am.main([*dry_run_args(run, 2), "--attack", "cw,pgd", "--device", "cpu"])
+    assert "reusing 3 finished cells" in capsys.readouterr().out
+    assert json.loads((tmp_path / run / "results.json").read_text())["results"] == after["results"]
+    assert "| AdvMask (lr 0.01) | oxford_pets |" in am.summarize(tmp_path / "runs", am.parser_defaults)
 
 
 def test_a_mask_file_run_is_labelled_by_the_file_and_never_takes_its_trainers_folder(tiny_files, tmp_path, monkeypatch,
