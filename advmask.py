@@ -1910,7 +1910,9 @@ def summarize(runs_dir, defaults, out_dir=None):
             for e in current:
                 method = (MODELS[e["model"]][0] if e["model"] in MODELS else e["model"]) + (  # trained: at its lr
                     f" (lr {lr:g})" if lr is not None and e["model"] in TUNED_MODEL.values() else "")
-                key = SummaryCell(protocol=protocol, attack=e["attack"], eps=e["eps"],
+                # a worst case is a metric of its own for each set of attacks (a rerun may add one to the set)
+                attack = f"worst of {','.join(e['attacks'])}" if e["attack"] == "worst" else e["attack"]
+                key = SummaryCell(protocol=protocol, attack=attack, eps=e["eps"],
                                   basis=_heading(finished, e, defaults), method=method, dataset=dataset, shots=shots,
                                   eval=e["eval"])
                 acc.setdefault(key, {})[seed] = e
@@ -1955,7 +1957,8 @@ def summarize(runs_dir, defaults, out_dir=None):
                                        dataset=dataset, shots=shots, eval=eval_name), {})
             return [e[f"{metric}_acc"] for e in runs.values()]
 
-        attack_name = "worst case per image over the run's attacks" if attack == "worst" else attack.upper()
+        attack_name = (f"worst case per image over {attack.removeprefix('worst of ').upper()}"
+                       if attack.startswith("worst of ") else attack.upper())
         title = (f"## {protocol} | {attack_name} ε = {eps:g}/255" + (f" | {basis}" if basis else "") +
                  f" | mean ± std over seeds {', '.join(map(str, seeds))} (%)")
         if protocol == "few_shot":

@@ -3078,7 +3078,7 @@ def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_c
     """The same command with --attack pgd,cw after a PGD run, on another device of the same kind (cpu:0 after cpu,
     as cuda:1 after cuda): masks.bin byte for byte, the PGD cell as it was, the CW cell and the per-image worst case
     over both added, and no training step; with --attack cw,pgd then, every cell is reused (the worst case is over a
-    set) and summarize tables them."""
+    set); with a third attack, a worst case over the three is added, and summarize tables each set apart."""
     monkeypatch.chdir(tmp_path)
     run = "runs/few_shot/oxford_pets/16shot/seed1"
     am.main([*dry_run_args(run, 2), "--device", "cpu"])
@@ -3098,7 +3098,10 @@ def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_c
     am.main([*dry_run_args(run, 2), "--attack", "cw,pgd", "--device", "cpu"])
     assert "reusing 3 finished cells" in capsys.readouterr().out
     assert json.loads((tmp_path / run / "results.json").read_text())["results"] == after["results"]
-    assert "| AdvMask (lr 0.01) | oxford_pets |" in am.summarize(tmp_path / "runs", am.parser_defaults)
+    am.main([*dry_run_args(run, 2), "--attack", "pgd,cw,apgd-ce", "--device", "cpu"])
+    summary = am.summarize(tmp_path / "runs", am.parser_defaults)
+    for attacks in ("PGD,CW", "PGD,CW,APGD-CE"):
+        assert table(summary, f"worst case per image over {attacks} ε")[0][0] == "oxford_pets"
 
 
 def test_a_mask_file_run_is_labelled_by_the_file_and_never_takes_its_trainers_folder(tiny_files, tmp_path, monkeypatch,
