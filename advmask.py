@@ -2518,10 +2518,12 @@ def model_card(run_dir, finished, identity, sparsity, file_name):
             ("budget", f"{finished['train_log'][-1]['step'] if finished['train_log'] else '—'} steps of batch "
                        f"{s['batch_size']}, Adam at lr {s['lr']:g} with a cosine schedule"),
             ("training precision", s["precision"])]
-    cells = ["| model | evaluated on | attack | ε | steps | test images | clean % | robust % |", "|---" * 8 + "|"]
+    cells = ["| model | evaluated on | attack | ε | steps | test images | precision | clean % | robust % |",
+             "|---" * 9 + "|"]
     cells += [f"| {e['model']} | {e['eval']} | {e['attack']} | {e['eps']:g}/255 | "  # each cell's own attack steps
-              f"{e['test_steps']} | {e['n']} | {100 * e['clean_acc']:.2f} | "
-              f"{100 * e['adv_acc']:.2f} |" for e in finished["results"]]
+              f"{e['test_steps']} | {e['n']} | {e['eval_precision']} | {100 * e['clean_acc']:.2f} | "
+              f"{100 * e['adv_acc']:.2f} |" for e in finished["results"]
+              if not _superseded(finished, s["dataset"], e)]  # as summarize: the test sets of the latest run
     return "\n".join([
         "---", "tags:", "- clip", "- adversarial-robustness", "- advmask", "library_name: open_clip",
         "pipeline_tag: zero-shot-image-classification",

@@ -2703,7 +2703,7 @@ def test_an_exported_run_loads_in_open_clip_alone_with_the_tuned_models_logits(t
         off = "—" if tune == "weights" else f"{100 * results['sparsity']:.2f} %"
         assert f"| weights off | {off} |" in card
         for e in results["results"]:
-            assert f"| {e['model']} | {e['eval']} | {e['attack']} | {e['eps']:g}/255 | 1 | {e['n']} | " \
+            assert f"| {e['model']} | {e['eval']} | {e['attack']} | {e['eps']:g}/255 | 1 | {e['n']} | fp32 | " \
                    f"{100 * e['clean_acc']:.2f} | {100 * e['adv_acc']:.2f} |" in card
     monkeypatch.chdir(tmp_path)
     assert "the run's --model file tiny-test-clip.json is not there" in refused(capsys, ["export", "weights/run", "x"])
@@ -3209,9 +3209,10 @@ def test_synthetic_runs_at_the_real_size_of_the_dataset(tiny_files, tmp_path, ca
 def test_run_all_dry_sweep_summarises_and_its_cells_get_every_flag(tmp_path):
     """run_all.sh --dry-run on one dataset, one shot count and one seed runs with the interpreter PYTHON names (the
     `python` on PATH is a decoy that fails), from the caller's folder (a relative RUNS is the caller's), passes the
-    arguments after -- (here --split-dir) to every cell and writes the summary. Its own logic then, with an interpreter that records its calls: every cell is called again (a done
-    run decides what it lacks), each with the flags after --, its log appended to, the --tune weights arm in
-    seed<S>-weights folders; a failing cell makes it exit 1, listed, and a summary summarize refuses leaves none."""
+    arguments after -- (here --split-dir) to every cell and writes the summary. Its own logic then, with an
+    interpreter that records its calls: every cell is called again (a done run decides what it lacks), each with the
+    flags after -- and then its own, its log appended to, the --tune weights arm in seed<S>-weights folders; a failing
+    cell makes it exit 1, listed, and a summary summarize refuses leaves none."""
     decoy = tmp_path / "bin" / "python"
     decoy.parent.mkdir()
     decoy.write_text("#!/bin/sh\necho 'the python on PATH ran instead of $PYTHON' >&2\nexit 3\n")
@@ -3495,9 +3496,9 @@ def test_a_rerun_on_another_test_set_evaluates_anew_and_keeps_every_other_cells_
                                                                                          monkeypatch, capsys):
     """A cell is keyed by its test set (split record, the sha256 of the indices, its class set): rerun with
     --split-dir and another attack, a transfer run evaluates PGD again on CoOp's EuroSAT images and builds the worst
-    case from cells of those images alone, and summarize tables those cells, leaving the replaced one out in one line;
-    a rerun on one dataset keeps the records (class sets, splits, index hashes) of the others; a rerun at another
-    --eval-limit keeps the index hash of each earlier cell."""
+    case from cells of those images alone, and summarize (and an export's card) tables those cells, leaving the
+    replaced one out (in one line); a rerun on one dataset keeps the records (class sets, splits, index hashes) of
+    the others; a rerun at another --eval-limit keeps the index hash of each earlier cell."""
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "runs" / "transfer" / "dtd" / "2shot" / "seed1"
     args = [*tiny_cli_args(tiny_files), "--protocol", "transfer", "--eval-datasets", "dtd,eurosat", "--shots", "2",
@@ -3529,6 +3530,9 @@ def test_a_rerun_on_another_test_set_evaluates_anew_and_keeps_every_other_cells_
     whole = [r for r in after["results"] if r["eval"] == "dtd" and r["eval_limit"] is None]
     assert len(limited) == 1 and limited[0]["n"] == 2 and whole[0]["test_set"] == first["results"][0][
         "test_set"] != limited[0]["test_set"]
+    card = am.export(run, tmp_path / "exported")  # its cells as summarize takes them: CoOp's EuroSAT, not the default
+    rows = [line.split(" | ") for line in card.splitlines() if line.startswith("| advmask | eurosat | pgd |")]
+    assert [row[5] for row in rows] == ["6"]  # test images
 
 
 def test_a_truncated_or_foreign_json_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
