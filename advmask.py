@@ -1885,13 +1885,15 @@ def summarize(runs_dir, defaults, out_dir=None):
     defaults(dry_run), the parser's defaults), a row per method and dataset, mean ± std in %, an "Average" row over
     datasets per method, and for base2new the paper's five columns with H, the harmonic mean of the four averaged
     accuracies. A cell with no finished seed is "—", never 0, and so is an average over a column with such a cell.
-    Of a run folder's cells, those measured on test sets that a later run there replaced are left out, in one line.
+    Of a run folder's cells, those measured on test sets that a later run there replaced are left out, in one line,
+    and so are the runs outside that layout (a consensus mask's).
     Seeds of a cell that differ in anything else their numbers rest on (_basis: split source, prompts and resizing,
     model, data, training and evaluation settings) are refused."""
     runs_dir, metrics = Path(runs_dir), ("clean", "adv")  # each cell's two numbers: clean_acc and adv_acc
     acc = {}  # SummaryCell -> {seed: its results entry}
     seen = {}  # protocol -> (datasets, shots, seeds) that have a run folder, finished or not
     bases = {}  # a SummaryCell less its shots -> {basis: a run folder that has it}
+    tabled = set()  # the results.json files read
     for cell in sorted(runs_dir.glob("*/*/*shot/seed*")):
         # seed<S>, and seed<S>-weights for the --tune weights arm: its rows sit beside the mask's
         match = re.fullmatch(r"(\d+)shot/seed(\d+)(-weights)?", f"{cell.parent.name}/{cell.name}")
@@ -1901,6 +1903,7 @@ def summarize(runs_dir, defaults, out_dir=None):
         for group, value in zip(seen.setdefault(protocol, (set(), set(), set())), (dataset, shots, seed)):
             group.add(value)
         if (cell / "results.json").is_file():
+            tabled.add(cell / "results.json")
             finished = read_json(cell / "results.json", ("results",))
             lr = finished.get("settings", {}).get("lr")
             current = [e for e in finished["results"] if not _superseded(finished, dataset, e)]
@@ -1925,8 +1928,13 @@ def summarize(runs_dir, defaults, out_dir=None):
             raise ValueError(f"{key.protocol}/{key.dataset} (evaluated on {key.eval}) mixes {what}, {value_a} in "
                              f"{cell_a} and {value_b} in {cell_b}, which cannot be averaged; summarize runs of one "
                              f"kind at a time (one runs folder each)")
+    others = sorted(set(runs_dir.rglob("results.json")) - tabled)  # a consensus mask's runs, hand-named folders
+    outside = f"{len(others)} results.json outside that layout (such as {others[0].parent})" if others else ""
     if not acc:
-        raise ValueError(f"no results.json under {runs_dir}/<protocol>/<dataset>/<K>shot/seed<s>/; run some first")
+        raise ValueError(f"no results.json under {runs_dir}/<protocol>/<dataset>/<K>shot/seed<S>/" +
+                         (f", only {outside}: read them there" if others else "; run some first"))
+    if others:
+        print(f"{runs_dir}: leaving out {outside}; read them there", file=sys.stderr)
     order = {name: i for i, name in enumerate(DATASETS)}
 
     def in_paper_order(names):  # the paper's order of datasets, then the rest

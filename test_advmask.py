@@ -3696,22 +3696,29 @@ def test_a_write_that_fails_is_one_line_and_leaves_finished_files_whole(tmp_path
 
 def test_a_consensus_mask_records_its_inputs_and_its_runs_are_filed_by_them(tmp_path, monkeypatch, capsys):
     """A consensus mask's provenance is its inputs (each file's sha256 and provenance) and what they share (their
-    datasets joined); a transfer run of it is labelled so and filed under transfer/consensus/<k>of<n>-<its sha256>."""
+    datasets joined); a transfer run of it is labelled so and filed under transfer/consensus/<k>of<n>-<its sha256>,
+    which summarize's tables leave out in one line naming it."""
     monkeypatch.chdir(tmp_path)
-    for i, (dataset, epochs) in enumerate((("dtd", 1), ("eurosat", 2))):  # one seed: the same random base weights
-        am.main(["--dry-run", "--epochs", str(epochs), "--dataset", dataset, "--out-dir", f"s{i}"])
-    am.main(["analyze", "s0", "s1", "--out", "an", "--consensus", "2", "--save", "cons.bin"])
+    runs = [f"runs_dry/few_shot/{dataset}/16shot/seed1" for dataset in ("dtd", "eurosat")]
+    for run, epochs in zip(runs, (1, 2)):  # one seed: the same random base weights
+        am.main(["--dry-run", "--epochs", str(epochs), "--dataset", run.split("/")[2]])
+    am.main(["analyze", *runs, "--out", "an", "--consensus", "2", "--save", "cons.bin"])
     provenance = am.read_mask_file("cons.bin")[0]["provenance"]
     inputs = provenance["consensus"]["masks"]
     assert provenance["consensus"]["k"] == 2 and [i["dataset"] for i in inputs] == ["dtd", "eurosat"]
-    assert [i["sha256"] for i in inputs] == [hashlib.sha256((tmp_path / f"s{i}" / "masks.bin").read_bytes())
-                                             .hexdigest() for i in (0, 1)]
+    assert [i["sha256"] for i in inputs] == [hashlib.sha256((tmp_path / run / "masks.bin").read_bytes()).hexdigest()
+                                             for run in runs]
     assert provenance["dataset"] == "dtd+eurosat" and provenance["seed"] == 1 and provenance["shots"] == 16
     am.main(["--dry-run", "--protocol", "transfer", "--masks", "cons.bin", "--eval-datasets", "eurosat"])
     sha = hashlib.sha256((tmp_path / "cons.bin").read_bytes()).hexdigest()
     results = json.loads((tmp_path / "runs_dry" / "transfer" / "consensus" / f"2of2-{sha[:12]}" / "results.json")
                          .read_text())
     assert results["dataset"] == "dtd+eurosat" and results["settings"]["tuned_file_sha256"] == sha
+    outside = f"1 results.json outside that layout (such as runs_dry/transfer/consensus/2of2-{sha[:12]})"
+    capsys.readouterr()
+    am.main(["summarize", "runs_dry"])  # the two training runs' tables
+    assert capsys.readouterr().err == f"runs_dry: leaving out {outside}; read them there\n"
+    assert f"seed<S>/, only {outside}: read them there" in refused(capsys, ["summarize", "runs_dry/transfer"])
 
 
 def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_path, monkeypatch, capsys):
