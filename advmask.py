@@ -1801,6 +1801,7 @@ def _split_source(splits, *datasets):
 #   cell   part of an evaluation cell's key, beside the model, class set, test set, attack and ε: a rerun with another
 #          value evaluates new cells and keeps the old ones
 #   basis  seeds of a summary cell must agree on it to be averaged
+#   tuned  the same, for the tuned model's cells alone: a baseline's numbers do not rest on how the mask was trained
 #   source recorded in a trained file's header (provenance): it labels, and files, the runs that evaluate the file
 # and, where a summary tables cells apart by it, the words its heading adds when it differs from the parser's default.
 SETTINGS = {
@@ -1809,10 +1810,10 @@ SETTINGS = {
     "seed": ("train source", None), "train_split": ("train", None), "data_root": ("", None),
     "no_download": ("", None), "split_json": ("", None), "split_dir": ("", None), "workers": ("", None),
     "model": ("basis", "model {}"), "pretrained": ("basis", "weights {}"), "model_identity": ("", None),
-    "tune": ("train", None), "mask_target": ("train basis", None), "loss": ("train basis source", None),
-    "lam": ("train basis source", None), "lr": ("train basis source", None), "epochs": ("train basis", None),
-    "batch_size": ("train basis", None), "train_eps": ("train basis", None), "train_alpha": ("train basis", None),
-    "train_steps": ("train basis", None), "precision": ("train basis", None), "device": ("train", None),
+    "tune": ("train", None), "mask_target": ("train tuned", None), "loss": ("train tuned source", None),
+    "lam": ("train tuned source", None), "lr": ("train tuned source", None), "epochs": ("train tuned", None),
+    "batch_size": ("train tuned", None), "train_eps": ("train tuned", None), "train_alpha": ("train tuned", None),
+    "train_steps": ("train tuned", None), "precision": ("train tuned", None), "device": ("train", None),
     "deterministic": ("train", None), "checkpoint_every": ("", None), "benchmark": ("train", None),
     "masks": ("", None), "weights": ("", None), "tuned_file_sha256": ("train", None),
     "eval_datasets": ("", None), "eval_presets": ("", None), "attack": ("", None), "test_eps": ("", None),
@@ -1824,6 +1825,7 @@ SETTINGS = {
 }
 CELL_SETTINGS = tuple(k for k, (roles, _) in SETTINGS.items() if "cell" in roles.split())
 SAME_BASIS = tuple(k for k, (roles, _) in SETTINGS.items() if "basis" in roles.split())
+TUNED_BASIS = tuple(k for k, (roles, _) in SETTINGS.items() if "tuned" in roles.split())
 PROVENANCE = tuple(k for k, (roles, _) in SETTINGS.items() if "source" in roles.split())
 EVAL_ONLY = {k for k, (roles, _) in SETTINGS.items() if "train" not in roles.split()}
 # What identifies the model evaluated besides its name and tag or file (load_clip's identity): the network and the
@@ -1855,9 +1857,10 @@ def _superseded(finished, dataset, entry):
 def _basis(finished, dataset, entry):
     """(what, value) pairs that must agree across the seeds of a summary cell: the split source of the datasets the
     entry rests on, its class set as recorded (templates, class names, test-set size and resizing, by their sha256),
-    the settings of SAME_BASIS, the identity of the model evaluated (SAME_MODEL; a --baseline folder's own), and for
-    a worst-case entry the attacks it is the worst of."""
+    the settings of SAME_BASIS (and TUNED_BASIS for the tuned model's cells), the identity of the model evaluated
+    (SAME_MODEL; a --baseline folder's own), and for a worst-case entry the attacks it is the worst of."""
     settings = finished.get("settings", {})
+    tuned = TUNED_BASIS if entry["model"] in TUNED_MODEL.values() else ()  # a baseline's cells rest on no training
     identity = settings.get("model_identity" if entry["model"] in MODELS else "baseline_identity") or {}
     if settings.get("pretrained") == "none" and entry["model"] in MODELS:  # random weights, drawn from the seed
         identity = {**identity, "weights_sha256": "random"}
@@ -1869,7 +1872,7 @@ def _basis(finished, dataset, entry):
     return (("splits", _split_source(splits, dataset, entry["eval"])),
             ("prompts and resizing", own["class_set_sha256"] or "unrecorded"),
             *((k, entry[k] if k in CELL_SETTINGS and k in entry else settings.get(k, "unrecorded"))
-              for k in SAME_BASIS),
+              for k in SAME_BASIS + tuned),
             *((f"model {k}", json.dumps(identity.get(k, "unrecorded"))) for k in SAME_MODEL),
             ("attacks", ",".join(entry["attacks"]) if "attacks" in entry else None))
 

@@ -2232,7 +2232,8 @@ def test_summarize_tables_seeds_of_other_settings_apart_and_refuses_what_no_head
 
 def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_learning_rate(tmp_path, monkeypatch):
     """AdvMask runs at lr 1e-4 and adversarial fine-tuning runs at 1e-5 under one root are two methods side by side
-    in one table, each at its learning rate, not a cell that mixes learning rates; summary.png draws both."""
+    in one table, each at its learning rate, not a cell that mixes learning rates; summary.png draws both. The CLIP
+    baseline both arms evaluated (seed1 and seed1-weights) is one row: its numbers rest on no learning rate."""
     for seed, (model, lr) in enumerate([("advmask", 1e-4), ("advmask", 1e-4), ("adv_ft", 1e-5), ("adv_ft", 1e-5)]):
         write_results(tmp_path, "few_shot", "dtd", 16, seed + 1, [("dtd", 0.5, 0.2)])
         path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed + 1}" / "results.json"
@@ -2249,6 +2250,14 @@ def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_
     am.plot_few_shot(tmp_path)  # summary.png: both methods' curves
     assert {"AdvMask (lr 0.0001) clean", "AdvMask (lr 0.0001) adv", "adversarial fine-tuning (lr 1e-05) clean",
             "adversarial fine-tuning (lr 1e-05) adv"} <= set(labels)
+    for arm, model, lr in (("", "advmask", 1e-4), ("-weights", "adv_ft", 1e-5)):
+        cell = tmp_path / "few_shot" / "eurosat" / "16shot" / f"seed1{arm}"
+        cell.mkdir(parents=True)
+        rows = [{"model": m, "attack": "pgd", "eps": 1.0, "eval": "eurosat", "clean_acc": c, "adv_acc": 0.1, "n": 10}
+                for m, c in ((model, 0.6), ("clip", 0.4))]
+        (cell / "results.json").write_text(json.dumps({"results": rows, "settings": {"lr": lr}}))
+    clip_rows = {r[0]: r[1:] for r in table(am.summarize(tmp_path, am.parser_defaults), "few_shot", method="CLIP")}
+    assert clip_rows["eurosat"] == ["40.0 (1/4)", "10.0 (1/4)"]
 
 
 def test_summarize_gives_each_evaluation_basis_a_table_of_its_own_named_in_its_heading(tmp_path):
@@ -3165,7 +3174,7 @@ def test_every_setting_a_run_records_has_a_role_in_the_settings_table(tiny_files
     assert parsed <= recorded and recorded - {"baseline_identity"} <= set(am.SETTINGS)
     assert "baseline_identity" in am.SETTINGS  # recorded by a --baseline model folder's run
     roles = {k: roles.split() for k, (roles, _) in am.SETTINGS.items()}
-    assert all(set(r) <= {"train", "cell", "basis", "source"} for r in roles.values())
+    assert all(set(r) <= {"train", "cell", "basis", "tuned", "source"} for r in roles.values())
     assert set(am.CELL_SETTINGS) == {k for k, r in roles.items() if "cell" in r} <= am.EVAL_ONLY
     assert am.EVAL_ONLY == {k for k, r in roles.items() if "train" not in r} and set(am.PROVENANCE) <= set(roles)
     assert all(k in roles and "train" not in roles[k] for k in ("attack", "test_eps", "model", "masks", "out_dir"))
