@@ -1844,13 +1844,18 @@ def _heading(finished, entry, defaults):
     return "; ".join(SETTINGS[k][1].format(v) for k, v in values.items() if v not in (None, False, default[k]))
 
 
+def _test_split(dataset, name):
+    """The dataset whose split class set `name` takes its test images from: the training dataset's for base and new."""
+    return dataset if name in ("base", "new") else name
+
+
 def _superseded(finished, dataset, entry):
     """Whether a results entry was measured on a test set that a later run in its folder replaced (other test images
     or prompts, e.g. CoOp's file by --split-dir): results.json keeps such cells, and its splits and class sets record
     the latest run's."""
     own = entry.get("test_set")  # None: recorded before cells kept their test set
-    test = dataset if entry["eval"] in ("base", "new") else entry["eval"]
-    latest = _test_set(finished.get("splits", {}).get(test), None, finished.get("class_sets", {}).get(entry["eval"]))
+    split = finished.get("splits", {}).get(_test_split(dataset, entry["eval"]))
+    latest = _test_set(split, None, finished.get("class_sets", {}).get(entry["eval"]))
     return own is not None and (own["split"], own["class_set_sha256"]) != (latest["split"], latest["class_set_sha256"])
 
 
@@ -1868,7 +1873,7 @@ def _basis(finished, dataset, entry):
     own = entry.get("test_set") or _test_set(None, None, class_set)  # the cell's own, which a rerun may change
     splits = finished.get("splits")
     if splits is not None and own["split"]:
-        splits = {**splits, dataset if entry["eval"] in ("base", "new") else entry["eval"]: own["split"]}
+        splits = {**splits, _test_split(dataset, entry["eval"]): own["split"]}
     return (("splits", _split_source(splits, dataset, entry["eval"])),
             ("prompts and resizing", own["class_set_sha256"] or "unrecorded"),
             *((k, entry[k] if k in CELL_SETTINGS and k in entry else settings.get(k, "unrecorded"))
@@ -2912,11 +2917,6 @@ def _template(dataset, conventions):
     return TGA_ZSR[dataset].template if conventions == "tga-zsr" else DATASETS[dataset].template
 
 
-def _test_split(args, name):
-    """The dataset whose split a class set's test images come from: the training dataset's for base and new."""
-    return args.dataset if name in ("base", "new") else name
-
-
 def _cell_key(row):
     """The cell a results.json entry fills: model, class set, its test set (_test_set), attack (a worst case's attacks
     too), ε, CELL_SETTINGS."""
@@ -3288,7 +3288,7 @@ def _evaluate_missing(args, device, loaded, splits, class_sets, results, save, l
         models[TUNED_MODEL[args.tune]] = ClipClassifier(loaded.clip, names, templates, loaded.tokenizer)
         chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
         indices_sha256 = hashlib.sha256(json.dumps(list(chosen)).encode()).hexdigest()  # of the images evaluated
-        test_set_id = _test_set(splits[_test_split(args, name)], indices_sha256, class_sets[name])
+        test_set_id = _test_set(splits[_test_split(args.dataset, name)], indices_sha256, class_sets[name])
         cells = {m: {"model": m, "eval": name, "test_set": test_set_id, "code": loaded.settings["code"],
                      **{k: getattr(args, k) for k in CELL_SETTINGS},
                      **({"weights_sha256": loaded.baseline_sha256} if m == args.baseline and loaded.baseline_sha256
@@ -3343,7 +3343,7 @@ def _run_in(out_dir, args, device):
     splits = previous.get("splits", {}) | loaded.splits
     class_sets = previous.get("class_sets", {}) | {  # a rerun only adds
         name: {"templates": templates, "classes": names, "n_test": len(test_set),
-               "preprocess": loaded.resizing[_test_split(args, name)]}
+               "preprocess": loaded.resizing[_test_split(args.dataset, name)]}
         for name, (test_set, names, templates) in loaded.sets.items()}
     if results:
         print(f"reusing {len(results)} finished cell{'s' * (len(results) != 1)} of {out_dir / 'results.json'}")
