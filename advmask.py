@@ -943,12 +943,17 @@ def _arch(model):
     return f"{kind}(layers={len(blocks)}, width={width}, patch={tuple(patch)}, image={tuple(visual.image_size)})"
 
 
+def _temporary(path):
+    """A temporary name beside path for what is written, then renamed onto it: one per process, on any host."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def _atomic_write(path, data):
     """Write data (bytes or text) to a temporary file beside path, then rename it onto path: no reader sees half a
     file, and a write that fails (a full disk) leaves the earlier file, or none, and no temporary one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # one per process, on any host
+    tmp = _temporary(path)
     try:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
@@ -2489,7 +2494,7 @@ def export(run_dir, out_dir, visual=False, overwrite=False, model=None, pretrain
         model_cfg["quick_gelu"] = True
     preprocess = {k: identity["preprocess"][k] for k in ("mean", "std", "interpolation", "resize_mode")}
     card = model_card(run_dir, finished, identity, sparsity=sparsity, file_name=tuned.name)
-    tmp = out_dir.with_name(f".{out_dir.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp = _temporary(out_dir)
     try:
         tmp.mkdir(parents=True)
         # every file written alike, so all have one mode (safetensors' save_file would make its files 0600)
