@@ -2425,10 +2425,10 @@ def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3,
         with _precision(model, device, mode):
             train_step(model, optimizer, x, y)
     seconds = _min_seconds({mode: partial(step, mode) for mode in modes}, device, repeats)
-    signal = [r.pow(2).sum().item() for r in ref_dz]  # ‖Δz_fp32‖² per block
+    power = [r.pow(2).sum().item() for r in ref_dz]  # ‖Δz_fp32‖² per block: the signal
     return [{"precision": mode,
-             "block_signal_ratio": [d.pow(2).sum().item() / s for d, s in zip(dz, signal)],
-             "block_error_to_signal": [(d - r).pow(2).sum().item() / s for d, r, s in zip(dz, ref_dz, signal)],
+             "block_signal_ratio": [d.pow(2).sum().item() / s for d, s in zip(dz, power)],
+             "block_error_to_signal": [(d - r).pow(2).sum().item() / s for d, r, s in zip(dz, ref_dz, power)],
              "lafa_ratio": lafa / ref_lafa,
              "grad_cosine": F.cosine_similarity(grad.double(), ref_grad.double(), dim=0).item(),
              "grad_norm_error": ((grad - ref_grad).double().norm() / ref_grad.double().norm()).item(),

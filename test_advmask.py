@@ -982,6 +982,24 @@ def test_the_methods_lines_alone_run_the_readme_example(capsys):
     assert "exceeds clean accuracy" in err and "input gradient is exactly zero" in err
 
 
+def test_no_parameter_or_local_shadows_a_name_of_the_module():
+    """No parameter or assigned name inside a function (its lambdas and comprehensions too) is named as a top-level
+    definition, constant or import of advmask.py: a reader who meets `train` or `signal` in a body meets the
+    module's."""
+    tree = ast.parse((HERE / "advmask.py").read_text())
+    top = {alias.asname or alias.name.split(".")[0] for node in tree.body if isinstance(node, (ast.Import,
+                                                                                              ast.ImportFrom))
+           for alias in node.names}
+    top |= {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    top |= {n.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
+            for n in ast.walk(target) if isinstance(n, ast.Name)}  # LAM; TRAIN_EPS, TRAIN_ALPHA, TRAIN_STEPS
+    shadowed = sorted({(f.name, n.arg if isinstance(n, ast.arg) else n.id)
+                       for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)
+                       if isinstance(n, ast.arg) and n.arg in top or
+                       isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and n.id in top})
+    assert len(top) > 150 and shadowed == []
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Attack adapters
 
