@@ -1973,10 +1973,10 @@ def summarize(runs_dir, defaults, out_dir=None):
         all_shots, seeds = sorted(all_shots), sorted(seeds)
         methods = sorted({k.method for k in here}, key=lambda m: m != "CLIP")
 
-        def stat(method, dataset, shots, eval_name, metric):  # per-seed values of one metric of one cell
+        def stat(method, dataset, shots, evaluated):  # per-seed values of one cell, a list per metric
             runs = acc.get(SummaryCell(protocol=protocol, attack=attack, eps=eps, basis=basis, method=method,
-                                       dataset=dataset, shots=shots, eval=eval_name), {})
-            return [e[f"{metric}_acc"] for e in runs.values()]
+                                       dataset=dataset, shots=shots, eval=evaluated), {})
+            return [[e[f"{metric}_acc"] for e in runs.values()] for metric in metrics]
 
         attack_name = (f"worst case per image over {attack.removeprefix('worst of ').upper()}"
                        if attack.startswith("worst of ") else attack.upper())
@@ -1984,13 +1984,12 @@ def summarize(runs_dir, defaults, out_dir=None):
                  f" | mean ± std over seeds {', '.join(map(str, seeds))} (%)")
         if protocol == "few_shot":
             columns = [f"{k}-shot {m}" for k in all_shots for m in metrics]
-            tables = [(title, "dataset", columns, {method: {d: [stat(method, d, k, d, m) for k in all_shots
-                                                                 for m in metrics] for d in datasets}
-                                                   for method in methods})]
+            tables = [(title, "dataset", columns, {method: {d: [v for k in all_shots for v in stat(method, d, k, d)]
+                                                            for d in datasets} for method in methods})]
         elif protocol == "base2new":  # one table per shot count
             tables = [(f"{title}, {k} shot{'s' * (k != 1)}", "dataset", ["base clean", "base adv", "new clean",
                                                                          "new adv"],
-                       {method: {d: [stat(method, d, k, part, m) for part in ("base", "new") for m in metrics]
+                       {method: {d: [v for part in ("base", "new") for v in stat(method, d, k, part)]
                                  for d in datasets} for method in methods}) for k in all_shots]
         else:  # transfer: one table per source dataset and shot count, a row per evaluated dataset
             tables = []
@@ -1998,8 +1997,8 @@ def summarize(runs_dir, defaults, out_dir=None):
                 targets = in_paper_order({key.eval for key in here if (key.dataset, key.shots) == (d, k)})
                 if targets:
                     tables.append((f"{title}, trained on {d}, {k} shot{'s' * (k != 1)}", "evaluated on",
-                                   ["clean", "adv"], {method: {t: [stat(method, d, k, t, m) for m in metrics]
-                                                               for t in targets} for method in methods}))
+                                   ["clean", "adv"], {method: {t: stat(method, d, k, t) for t in targets}
+                                                      for method in methods}))
         for heading, first, columns, by_method in tables:
             with_h = protocol == "base2new"
             md += [heading, "", "| " + " | ".join(["method", first] + columns + (["H"] if with_h else [])) + " |",
