@@ -1908,8 +1908,9 @@ def summarize(runs_dir, defaults, out_dir=None):
     bases = {}  # a SummaryCell less its shots -> {basis: a run folder that has it}
     tabled = set()  # the results.json files read
     for cell in sorted(runs_dir.glob("*/*/*shot/seed*")):
-        # seed<S>, and seed<S>-weights for the --tune weights arm: its rows sit beside the mask's
-        match = re.fullmatch(r"(\d+)shot/seed(\d+)(-weights)?", f"{cell.parent.name}/{cell.name}")
+        # seed<S>, and seed<S>-weights for the --tune weights arm: its rows sit beside the mask's; numbers as run
+        # writes them (a hand-named seed01 would be read as seed1, and one of the two runs dropped unsaid)
+        match = re.fullmatch(r"([1-9]\d*)shot/seed(0|[1-9]\d*)(-weights)?", f"{cell.parent.name}/{cell.name}")
         if not (cell.is_dir() and match):
             continue
         protocol, dataset, shots, seed = cell.parts[-4], cell.parts[-3], int(match[1]), int(match[2])

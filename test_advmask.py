@@ -2186,15 +2186,19 @@ def table(markdown, heading, method="AdvMask"):
     return [r[1:] for r in rows if r[0].split(" (lr ")[0] == method]
 
 
-def test_summary_means_stds_averages_and_missing_cells(tmp_path):
-    """Mean ± std over seeds, an Average row over datasets, "—" for a cell without finished seeds, and H."""
+def test_summary_means_stds_averages_and_missing_cells(tmp_path, capsys):
+    """Mean ± std over seeds, an Average row over datasets, "—" for a cell without finished seeds, and H; folders
+    whose numbers run would not write (seed01, 016shot) are left out in one line, not read as seed 1 or 16 shots."""
     write_results(tmp_path, "few_shot", "oxford_pets", 16, 1, [("oxford_pets", 0.60, 0.40)])
     write_results(tmp_path, "few_shot", "oxford_pets", 16, 2, [("oxford_pets", 0.70, 0.50)])
     write_results(tmp_path, "few_shot", "dtd", 16, 1, [("dtd", 0.30, 0.10)])
     (tmp_path / "few_shot" / "dtd" / "16shot" / "seed2").mkdir()  # a failed run: folder, no results.json
     (tmp_path / "few_shot" / "dtd" / "16shot" / "seed7.log").write_text("not a run folder")
     write_results(tmp_path, "few_shot", "dtd", 1, 1, [("dtd", 0.20, 0.05)])  # oxford_pets 1-shot: never run
+    for shots, seed in ((16, "01"), ("016", 1)):  # hand-named folders, which are not two more runs of seed 1
+        write_results(tmp_path, "few_shot", "dtd", shots, seed, [("dtd", 0.90, 0.90)])
     md = am.summarize(tmp_path, am.parser_defaults)
+    assert "leaving out 2 results.json outside that layout" in capsys.readouterr().err
     rows = {r[0]: r[1:] for r in table(md, "few_shot")}
     assert rows["oxford_pets"] == ["—", "—", "65.0 ± 7.1", "45.0 ± 7.1"]
     assert rows["dtd"] == ["20.0 (1/2)", "5.0 (1/2)", "30.0 (1/2)", "10.0 (1/2)"]
