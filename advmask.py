@@ -403,8 +403,8 @@ def default_epochs(n_images, batch_size, budget_steps=TRAIN_BUDGET_STEPS):
 
 
 def autocast(device, precision):
-    """Mixed precision for forward and backward passes: bf16 autocast, or nothing for "fp32"."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+    """bf16 autocast, or none for "fp32", without its weight-cast cache (torch 2.7's loses gradients after no_grad)."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16", cache_enabled=False)
 
 
 def train_step(model, optimizer, x, y, lam=LAM, eps=TRAIN_EPS, alpha=TRAIN_ALPHA, steps=TRAIN_STEPS, loss="ce+lafa",
@@ -465,7 +465,7 @@ def train(model, params, images, labels, epochs, batch_size=BATCH_SIZE, lr=LR, l
         epochs, batch_size, lr: Adam on params, a cosine schedule to 0 over epochs of steps_per_epoch full batches.
         lam, loss, eps, alpha, steps: λ, one of LOSSES ("ce+lafa" is the paper's), and the training PGD (pixel units).
         seed: seeds the only two generators training draws from, on the device: batch order and flips, PGD's starts.
-        precision: "fp32" or "bf16" (autocast), one autocast block per step, whose cache of bf16 weights dies with it.
+        precision: "fp32" or "bf16" (autocast, one block per step).
         checkpoint: None, or (load, save), e.g. training_checkpoint(path): load(state) restores the saved state into
             state's objects and returns (epochs done, log), or None; save(state, epochs done, log) runs at the first
             epoch end after checkpoint_every steps and at the end. A killed run started again ends bit for bit alike.
@@ -2312,9 +2312,7 @@ def _min_seconds(fns, device, repeats):
 
 
 def _bench_train_step(model, optimizer, x, y, device, precision):
-    """One training step in an autocast block of its own, as train() runs it. One block per step matters: autocast
-    caches the bf16 casts of trainable leaf weights for a whole block, so the unmasked comparator would otherwise
-    train on stale weights and skip the casts the masked path pays."""
+    """One training step in an autocast block of its own, as train() runs it."""
     with autocast(device, precision):
         train_step(model, optimizer, x, y)
 
@@ -2351,7 +2349,7 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
         save_masks(masked, Path(tmp) / "masks.bin")
         bits_per_weight = (Path(tmp) / "masks.bin").stat().st_size * 8 / n_weights
     baked, frozen = bake_masks(masked), plain.requires_grad_(False)
-    with autocast(device, precision):  # frozen weights: nothing for autocast to cache
+    with autocast(device, precision):
         eval_s = _min_seconds({"baked": lambda: pgd_attack(baked, x, y, steps=pgd_steps),
                                "plain": lambda: pgd_attack(frozen, x, y, steps=pgd_steps)}, device, repeats)
     # each training variant's peak memory comes from a fresh process of its own, so the two peaks do not mix; on the
