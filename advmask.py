@@ -2369,6 +2369,18 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
     }
 
 
+def set_tf32(enabled):
+    """Let CUDA's fp32 matmuls and convolutions run in TF32, or not; returns whether matmuls could before. Through
+    fp32_precision where torch has it (2.9 on): there the allow_tf32 flags warn, and are refused once it is set."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch 2.7, 2.8
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+        return before
+    before = torch.backends.cuda.matmul.fp32_precision == "tf32"
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
+    return before
+
+
 @contextlib.contextmanager
 def _precision(model, device, mode):
     """Autocast for mode "bf16" or "fp32"; "bf16, fp32 residual stream" also casts the patch embedding's output to
@@ -2413,10 +2425,9 @@ def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3,
     x_adv = (x + noise).clamp(0, 1)
     measure = partial(_lafa_under, model, scores, x, x_adv, y, device)
     modes = ("bf16", "bf16, fp32 residual stream", "fp32")
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    tf32 = set_tf32(False)
     ref_dz, ref_lafa, ref_grad, ref_signs = measure("fp32")  # true fp32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    set_tf32(tf32)
     measured = {mode: measure(mode) for mode in modes}  # before the timed steps, which move the scores
 
     def step(mode):
@@ -3396,7 +3407,7 @@ def main(argv=None):
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # --device: _device
         if device.type == "cuda" and device.index is not None:  # --device's GPU as the current one: the GPU that
             torch.cuda.set_device(device)  # torchattacks seeds, and that calls naming no device use
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls may use TF32
+        set_tf32(True)  # fp32 matmuls and convolutions may use TF32
         if args.deterministic:  # cuBLAS needs this workspace setting to be deterministic; cuDNN autotuning is off
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)

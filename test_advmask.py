@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from functools import partial
 from pathlib import Path
@@ -2630,6 +2631,24 @@ def test_every_bad_analyze_input_ends_in_one_line_exit_2_and_no_files(case, tmp_
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Benchmark
+
+def test_tf32_is_set_through_the_flags_this_torch_has_and_restored():
+    """set_tf32 turns TF32 on and off for CUDA's fp32 matmuls and convolutions alike, without a warning (torch 2.9
+    warns at its old allow_tf32 flags), through fp32_precision where torch has it, and returns the matmuls' state
+    before, which restores it."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    new = hasattr(matmul, "fp32_precision")
+    state = (lambda: (matmul.fp32_precision == "tf32", conv.conv.fp32_precision == "tf32") if new else
+             (matmul.allow_tf32, conv.allow_tf32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before = am.set_tf32(True)
+        try:
+            assert state() == (True, True) and am.set_tf32(False) is True and state() == (False, False)
+            assert am.set_tf32(True) is False and state() == (True, True)
+        finally:
+            am.set_tf32(before)
+
 
 def test_the_training_precision_keeps_lafa_faithful_where_bf16_does_not():
     """On a small CLIP, bf16 autocast (the former CUDA default) drowns LAFA's clean − adversarial signal in rounding
