@@ -62,8 +62,9 @@ done
 
 # after --, a flag the sweep sets per cell would give every cell one value (one seed filed under three seed folders);
 # the --tune weights arm trains into a folder of its own beside the mask's, as advmask.py's default folder does
+# ${EXTRA[@]+...}: bash before 4.4 (macOS's 3.2, CentOS 7's 4.2) takes an empty array for an unset one under set -u
 ARM=""
-for i in "${!EXTRA[@]}"; do
+for i in ${EXTRA[@]+"${!EXTRA[@]}"}; do
   case "${EXTRA[$i]}" in
     --protocol|--protocol=*|--dataset|--dataset=*|--shots|--shots=*|--seed|--seed=*|--out-dir|--out-dir=*)
       echo "run_all.sh: ${EXTRA[$i]%%=*} after -- would give every cell the same value; use run_all.sh's own" \
@@ -100,8 +101,9 @@ run_cell() {  # protocol dataset shots seed [gpu]
   echo "run  $out"
   # TQDM_DISABLE: no carriage-return progress bars in log.txt, which each rerun of the cell appends to. The cell's
   # own flags come last: argparse takes the last, so no abbreviation after -- (--see 7) can override them
-  if TQDM_DISABLE=1 CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" "$ADVMASK" "${EXTRA[@]}" \
-      --protocol "$1" --dataset "$2" --shots "$3" --seed "$4" --out-dir "$out" >> "$out/log.txt" 2>&1; then
+  if TQDM_DISABLE=1 CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" "$ADVMASK" \
+      ${EXTRA[@]+"${EXTRA[@]}"} --protocol "$1" --dataset "$2" --shots "$3" --seed "$4" --out-dir "$out" \
+      >> "$out/log.txt" 2>&1; then
     tail -n 1 "$out/log.txt"
   else
     echo "FAILED $out (see $out/log.txt)"
