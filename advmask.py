@@ -3450,4 +3450,7 @@ if __name__ == "__main__":
     # SIGTERM (a cluster's pre-emption or time limit) ends the run as Ctrl-C does: one line, its folder's lock released
     # (a job requeued on another node resumes at once, not after LOCK_STALE), the last checkpoint kept
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    main()
+    try:
+        main()
+    finally:  # past main, in the interpreter's exit (torch's hooks), SIGTERM just ends it: no KeyboardInterrupt trace
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
