@@ -1005,7 +1005,11 @@ def read_tuned_file(path, kind):
                              f"(--overwrite), or use the advmask commit that wrote it") from None
         raise ValueError(f"{path} is not a whole advmask {kind} file ({str(e).splitlines()[0]}): it is truncated, "
                          f"corrupted or another file; copy it again, or retrain with --overwrite") from None
-    if meta.get("kind") != kind or meta.get("format") != FILE_FORMAT:
+    other = meta.get("kind")
+    if meta.get("format") == FILE_FORMAT and other in TUNED_FILES and other != kind:  # the other kind: say which
+        raise ValueError(f"{path} is an advmask {other} file, not a {kind} file; evaluate it with "
+                         f"--{TUNED_FILES[other].removesuffix('.bin')}, or pass a {TUNED_FILES[kind]}")
+    if other != kind or meta.get("format") != FILE_FORMAT:
         raise ValueError(f"{path} is not an advmask {kind} file of format {FILE_FORMAT}; pass a file that "
                          f"save_{'masks' if kind == 'mask' else 'weights'} wrote")
     if _tensors_sha256(tensors) != meta["sha256"]:

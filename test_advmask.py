@@ -625,8 +625,10 @@ def test_tune_weights_trains_only_the_targeted_weights_and_their_file_round_trip
     masked = tiny_clip()
     am.apply_masks(masked)
     am.save_masks(masked, tmp_path / "masks.bin")
-    with pytest.raises(ValueError, match="is not an advmask weights file"):
+    with pytest.raises(ValueError, match="is an advmask mask file, not a weights file; evaluate it with --masks"):
         am.load_weights(tiny_classifier(4), tmp_path / "masks.bin")
+    with pytest.raises(ValueError, match="is an advmask weights file, not a mask file; evaluate it with --weights"):
+        am.load_masks(tiny_classifier(4), tmp_path / "weights.bin")
 
 
 @pytest.mark.parametrize("shots", [1, 16])
@@ -3422,7 +3424,8 @@ def bad_input_cases(files):
         (["--weights", str(files / "weights.bin")], "--weights goes with --protocol transfer"),
         ([*transfer, "--weights", str(files / "weights-cut.bin")], "truncated"),
         ([*transfer, "--weights", str(files / "weights-other-arch.bin")], "made for VisionTransformer(layers=2, "),
-        ([*transfer, "--weights", str(files / "masks.bin")], "is not an advmask weights file"),
+        ([*transfer, "--weights", str(files / "masks.bin")], "is an advmask mask file, not a weights file; evaluate "
+                                                              "it with --masks"),
         ([*transfer, "--weights", str(files / "weights.bin"), "--tune", "mask"], "--weights evaluates a --tune"),
         ([*transfer, "--masks", str(files / "masks.bin"), "--tune", "weights"], "with --tune weights, pass the"),
         (["--attack", "pgd,cw,pgd"], "--attack: lists pgd twice; give each value once"),
