@@ -2092,7 +2092,8 @@ def _mask_files(paths):
     for path in map(Path, paths):
         found = [path] if path.is_file() else sorted(path.rglob("masks.bin"))
         if not found:
-            raise ValueError(f"{path} holds no masks.bin; pass a mask file, a run folder or a runs root")
+            raise ValueError(f"{path} {'holds no masks.bin' if path.exists() else 'does not exist'}; pass a mask "
+                             f"file, a run folder or a runs root")
         for f in found:
             files.setdefault(f.resolve(), f)
     return list(files.values())

@@ -2611,6 +2611,7 @@ def analyze_bad_inputs(root):
     a, save = str(root / "a" / "masks.bin"), ["--save", "c.bin"]
     return [
         ([str(root / "empty")], "holds no masks.bin; pass a mask file, a run folder or a runs root"),
+        ([str(root / "nowhere")], "nowhere does not exist; pass a mask file, a run folder or a runs root"),
         ([a, str(root / "other"), "--consensus", "1", *save], "--consensus needs masks of one architecture and target"),
         ([a, str(root / "mlp"), "--consensus", "1", *save], "--consensus needs masks of one architecture and target"),
         ([a, "--consensus", "0", *save], "--consensus 0 must lie between 1 and the number of masks, 1"),
@@ -2620,10 +2621,10 @@ def analyze_bad_inputs(root):
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_every_bad_analyze_input_ends_in_one_line_exit_2_and_no_files(case, tmp_path_factory, monkeypatch, capsys):
-    """A path without masks, a consensus over misfit masks, K outside 1..n, --save without --consensus, a --save path
-    that cannot be written (before any figure): one line, exit status 2, nothing written."""
+    """A path without masks or not there, a consensus over misfit masks, K outside 1..n, --save without --consensus,
+    a --save path that cannot be written (before any figure): one line, exit status 2, nothing written."""
     args, message = analyze_bad_inputs(tmp_path_factory.mktemp("masks"))[case]
     cwd = tmp_path_factory.mktemp("cwd")
     monkeypatch.chdir(cwd)
