@@ -2466,6 +2466,8 @@ def export(run_dir, out_dir, visual=False, overwrite=False, model=None, pretrain
     and renamed, so out_dir is whole or absent. The base model is the run's --model and --pretrained, or model and
     pretrained, where its files are now (the tuned file refuses other weights). Returns the model card."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not run_dir.is_dir():  # a typo: nothing to finish
+        raise ValueError(f"{run_dir} is not a folder; pass the folder of a finished run")
     if not (run_dir / "results.json").is_file():
         raise ValueError(f"{run_dir} holds no finished run (no results.json); finish it by rerunning its command, "
                          f"then export it")

@@ -2794,17 +2794,18 @@ def test_the_card_of_a_synthetic_run_says_its_data_and_weights_are_random_and_ea
     assert sorted(steps) == ["2", "3"]
 
 
-@pytest.mark.parametrize("case", ["unfinished", "incomplete", "replaced", "no file", "not empty", "not an export"])
+@pytest.mark.parametrize("case", ["missing", "unfinished", "incomplete", "replaced", "no file", "not empty",
+                                  "not an export"])
 def test_every_bad_export_ends_in_one_line_exit_2_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
-    """An unfinished run (no results yet, or cells still missing), a run whose mask file is not the one its cells
-    measured, a run without its mask or weights file, an OUT_DIR that is not empty (without --overwrite), and one that
-    holds other files than an earlier export (with --overwrite, which replaces only that) are one line and exit 2, and
-    nothing is written or deleted."""
+    """A RUN_DIR that is not there, an unfinished run (no results yet, or cells still missing), a run whose mask file
+    is not the one its cells measured, a run without its mask or weights file, an OUT_DIR that is not empty (without
+    --overwrite), and one that holds other files than an earlier export (with --overwrite, which replaces only that)
+    are one line and exit 2, and nothing is written or deleted."""
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
-    if case != "unfinished":
+    if case not in ("missing", "unfinished"):
         (run / "results.json").write_text(json.dumps({"results": [], "settings": {}, "train_log": [],
                                                       "complete": case == "replaced", "tuned_file_sha256": "ab" * 32}))
     if case in ("not empty", "not an export", "incomplete", "replaced"):
@@ -2814,11 +2815,13 @@ def test_every_bad_export_ends_in_one_line_exit_2_and_writes_nothing(case, tmp_p
         (tmp_path / "out" / "other.txt").write_text("keep me")
         (tmp_path / "out" / "open_clip_config.json").write_text("{}")  # a model folder, but not an export
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    key = {"unfinished": "no results.json", "incomplete": "complete: false", "no file": "neither masks.bin nor weights",
+    key = {"missing": "nowhere is not a folder; pass the folder of a finished run", "unfinished": "no results.json",
+           "incomplete": "complete: false", "no file": "neither masks.bin nor weights",
            "replaced": "run/masks.bin is not the file that the cells of run/results.json measured",
            "not empty": "not an empty folder; pass another one, or --overwrite to replace an earlier export",
            "not an export": "not an empty folder or an earlier export; pass another one"}  # each message's key fact
-    assert key[case] in refused(capsys, ["export", "run", "out", *["--overwrite"] * (case == "not an export")])
+    run_dir = "nowhere" if case == "missing" else "run"
+    assert key[case] in refused(capsys, ["export", run_dir, "out", *["--overwrite"] * (case == "not an export")])
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
