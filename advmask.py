@@ -1619,7 +1619,7 @@ def load_dataset(name, root, preprocess, download=True, split_json=None, with_tr
         try:  # {"train": [[relpath, label, classname], ...], "val": ..., "test": ...}
             raw = Path(split_json).read_bytes()
             spec = json.loads(raw)
-            parts = {part: [(p, int(label), str(c)) for p, label, c in spec[part]] for part in ("train", "test")}
+            parts = {part: [(str(p), int(label), str(c)) for p, label, c in spec[part]] for part in ("train", "test")}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{split_json} is not a readable CoOp split JSON ({type(e).__name__}: {e}); pass a "
                              f"split_zhou_<Name>.json") from None

@@ -1837,10 +1837,10 @@ def test_coop_split_json_is_used_exactly(tmp_path):
     pets = am.load_dataset("oxford_pets", tmp_path, PRE, download=False)["test"]  # same file through torchvision
     k = [p.name for p in pets.dataset._images].index("american_bulldog_100.jpg")
     assert torch.equal(data["test"][0][0], pets[k][0])
-    spec["test"].append(["missing_7.jpg", 0, "abyssinian"])
-    (tmp_path / "bad.json").write_text(json.dumps(spec))
-    with pytest.raises(ValueError, match="lists missing_7.jpg"):
-        am.load_dataset("oxford_pets", tmp_path, PRE, split_json=tmp_path / "bad.json")
+    for entry in (["missing_7.jpg", 0, "abyssinian"], [7, 0, "abyssinian"]):  # a file not there, a path not a string
+        (tmp_path / "bad.json").write_text(json.dumps({**spec, "test": spec["test"] + [entry]}))
+        with pytest.raises(ValueError, match=f"lists {entry[0]}, which is not under"):
+            am.load_dataset("oxford_pets", tmp_path, PRE, split_json=tmp_path / "bad.json")
     for label, name in ((3, "beagle"), (1, "bulldog")):  # a label gap (no 2); one label, two names
         spec["test"] = [["american_bulldog_100.jpg", label, name]]
         (tmp_path / "bad.json").write_text(json.dumps(spec))
