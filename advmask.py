@@ -1008,7 +1008,7 @@ def read_tuned_file(path, kind):
     other = meta.get("kind")
     if meta.get("format") == FILE_FORMAT and other in TUNED_FILES and other != kind:  # the other kind: say which
         raise ValueError(f"{path} is an advmask {other} file, not a {kind} file; evaluate it with "
-                         f"--{TUNED_FILES[other].removesuffix('.bin')}, or pass a {TUNED_FILES[kind]}")
+                         f"{'--masks' if other == 'mask' else '--weights'}, or pass a {TUNED_FILES[kind]}")
     if other != kind or meta.get("format") != FILE_FORMAT:
         raise ValueError(f"{path} is not an advmask {kind} file of format {FILE_FORMAT}; pass a file that "
                          f"save_{'masks' if kind == 'mask' else 'weights'} wrote")
