@@ -1923,6 +1923,11 @@ def summarize(runs_dir, defaults, out_dir=None):
         if (cell / "results.json").is_file():
             tabled.add(cell / "results.json")
             finished = read_json(cell / "results.json", ("results",))
+            # a results.json copied or moved by hand (seed1 copied to seed2 would be averaged with itself)
+            here = {"protocol": protocol, "dataset": dataset, "shots": shots, "seed": seed}
+            if moved := [f"{k} {finished[k]}" for k, v in here.items() if finished.get(k, v) != v]:
+                raise ValueError(f"{cell} holds the run of {', '.join(moved)} (its results.json says so), which this "
+                                 f"folder would table as another; move it to its own folder, or delete it")
             lr = finished.get("settings", {}).get("lr")
             current = [e for e in finished["results"] if not _superseded(finished, dataset, e)]
             if (gone := len(finished["results"]) - len(current)) > 0:

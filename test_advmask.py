@@ -2238,6 +2238,24 @@ def test_summarize_refuses_to_average_runs_of_different_splits(tmp_path):
     assert not (tmp_path / "summary.md").exists()
 
 
+def test_summarize_refuses_a_run_folder_that_holds_another_folders_run(tmp_path):
+    """A run's folder copied or renamed by hand to that of another seed, shot count, dataset or protocol is refused in
+    one line naming what its results.json records, not tabled as that folder's run (seed 1 copied to seed 2 would be
+    averaged with itself)."""
+    write_results(tmp_path, "few_shot", "dtd", 16, 1, [("dtd", 0.5, 0.2)])
+    seed1 = tmp_path / "few_shot" / "dtd" / "16shot" / "seed1"
+    recorded = {"protocol": "few_shot", "dataset": "dtd", "shots": 16, "seed": 1}  # as run writes them
+    (seed1 / "results.json").write_text(json.dumps({**json.loads((seed1 / "results.json").read_text()), **recorded}))
+    am.summarize(tmp_path, am.parser_defaults)  # in its own folder
+    for folder, what in (("few_shot/dtd/16shot/seed2", "seed 1"), ("few_shot/dtd/4shot/seed1", "shots 16"),
+                         ("few_shot/eurosat/16shot/seed1", "dataset dtd"), ("transfer/dtd/16shot/seed1",
+                                                                            "protocol few_shot")):
+        shutil.copytree(seed1, tmp_path / folder)
+        with pytest.raises(ValueError, match=f"{folder} holds the run of {what} \\(its results.json says so\\)"):
+            am.summarize(tmp_path, am.parser_defaults)
+        shutil.rmtree(tmp_path / folder)
+
+
 @pytest.mark.parametrize("what, first, second, words", [
     ("eval_limit", 1000, None, "at most 1000 test images per dataset"), ("dry_run", True, False, "dry run"),
     ("model", "ViT-B-16", "ViT-B-32", "model ViT-B-16"), ("test_steps", 10, 100, "10 attack steps")])
@@ -3572,7 +3590,7 @@ def test_a_rerun_on_another_test_set_evaluates_anew_and_keeps_every_other_cells_
     replaced one out (in one line); a rerun on one dataset keeps the records (class sets, splits, index hashes) of
     the others; a rerun at another --eval-limit keeps the index hash of each earlier cell."""
     monkeypatch.chdir(tmp_path)
-    run = tmp_path / "runs" / "transfer" / "dtd" / "2shot" / "seed1"
+    run = tmp_path / "runs" / "transfer" / "oxford_pets" / "2shot" / "seed1"  # trained on oxford_pets, as filed
     args = [*tiny_cli_args(tiny_files), "--protocol", "transfer", "--eval-datasets", "dtd,eurosat", "--shots", "2",
             "--epochs", "1", "--out-dir", str(run)]
     am.main(args)
