@@ -1908,6 +1908,7 @@ def summarize(runs_dir, defaults, out_dir=None):
     model, data, training and evaluation settings) are refused."""
     runs_dir, metrics = Path(runs_dir), ("clean", "adv")  # each cell's two numbers: clean_acc and adv_acc
     acc = {}  # SummaryCell -> {seed: its results entry}
+    source = {}  # (SummaryCell, seed) -> the run folder of its entry
     seen = {}  # protocol -> (datasets, shots, seeds) that have a run folder, finished or not
     bases = {}  # a SummaryCell less its shots -> {basis: a run folder that has it}
     tabled = set()  # the results.json files read
@@ -1934,13 +1935,19 @@ def summarize(runs_dir, defaults, out_dir=None):
                 print(f"{cell}: leaving out {gone} cell{'s' * (gone != 1)} measured on test sets that its latest run "
                       f"replaced", file=sys.stderr)
             for e in current:
+                tuned = e["model"] in TUNED_MODEL.values()
                 method = (MODELS[e["model"]][0] if e["model"] in MODELS else e["model"]) + (  # trained: at its lr
-                    f" (lr {lr:g})" if lr is not None and e["model"] in TUNED_MODEL.values() else "")
+                    f" (lr {lr:g})" if lr is not None and tuned else "")
                 # a worst case is a metric of its own for each set of attacks (a rerun may add one to the set)
                 attack = f"worst of {','.join(e['attacks'])}" if e["attack"] == "worst" else e["attack"]
                 key = SummaryCell(protocol=protocol, attack=attack, eps=e["eps"],
                                   basis=_heading(finished, e, defaults), method=method, dataset=dataset, shots=shots,
                                   eval=e["eval"])
+                # one trained run per cell and seed: two folders' (a mask's run in seed1-weights beside seed1's) are
+                # refused; a baseline's cells, the same in both arms' folders, may repeat
+                if tuned and (first := source.setdefault((key, seed), cell)) != cell:
+                    raise ValueError(f"{first} and {cell} both hold seed {seed} of {method} on {e['eval']}; keep one "
+                                     f"of the two runs in this runs folder")
                 acc.setdefault(key, {})[seed] = e
                 # seeds of one table cell must agree; a run's cells of other evaluation settings have tables apart
                 bases.setdefault(key._replace(shots=None), {}).setdefault(_basis(finished, dataset, e), cell)

@@ -2241,19 +2241,26 @@ def test_summarize_refuses_to_average_runs_of_different_splits(tmp_path):
 def test_summarize_refuses_a_run_folder_that_holds_another_folders_run(tmp_path):
     """A run's folder copied or renamed by hand to that of another seed, shot count, dataset or protocol is refused in
     one line naming what its results.json records, not tabled as that folder's run (seed 1 copied to seed 2 would be
-    averaged with itself)."""
+    averaged with itself); two folders holding runs of one cell and seed (a mask's run in seed1-weights beside
+    seed1's, which would replace it) are refused in one line naming both."""
     write_results(tmp_path, "few_shot", "dtd", 16, 1, [("dtd", 0.5, 0.2)])
     seed1 = tmp_path / "few_shot" / "dtd" / "16shot" / "seed1"
     recorded = {"protocol": "few_shot", "dataset": "dtd", "shots": 16, "seed": 1}  # as run writes them
     (seed1 / "results.json").write_text(json.dumps({**json.loads((seed1 / "results.json").read_text()), **recorded}))
     am.summarize(tmp_path, am.parser_defaults)  # in its own folder
-    for folder, what in (("few_shot/dtd/16shot/seed2", "seed 1"), ("few_shot/dtd/4shot/seed1", "shots 16"),
-                         ("few_shot/eurosat/16shot/seed1", "dataset dtd"), ("transfer/dtd/16shot/seed1",
-                                                                            "protocol few_shot")):
+    for folder, says in (("few_shot/dtd/16shot/seed2", "holds the run of seed 1 (its results.json says so)"),
+                         ("few_shot/dtd/4shot/seed1", "holds the run of shots 16"),
+                         ("few_shot/eurosat/16shot/seed1", "holds the run of dataset dtd"),
+                         ("transfer/dtd/16shot/seed1", "holds the run of protocol few_shot")):
         shutil.copytree(seed1, tmp_path / folder)
-        with pytest.raises(ValueError, match=f"{folder} holds the run of {what} \\(its results.json says so\\)"):
+        with pytest.raises(ValueError) as refusal:
             am.summarize(tmp_path, am.parser_defaults)
+        assert f"{tmp_path / folder} {says}" in str(refusal.value)
         shutil.rmtree(tmp_path / folder)
+    shutil.copytree(seed1, tmp_path / "few_shot/dtd/16shot/seed1-weights")  # a second run of seed 1's cells
+    with pytest.raises(ValueError) as refusal:
+        am.summarize(tmp_path, am.parser_defaults)
+    assert f"{seed1} and {seed1}-weights both hold seed 1 of AdvMask on dtd; keep one" in str(refusal.value)
 
 
 @pytest.mark.parametrize("what, first, second, words", [
