@@ -84,6 +84,15 @@ else
   DATASETS=${DATASETS:-"imagenet caltech101 oxford_pets stanford_cars flowers102 food101 fgvc_aircraft sun397 dtd eurosat ucf101"}
   SHOTS=${SHOTS:-"1 2 4 8 16"}; SEEDS=${SEEDS:-"1 2 3"}; RUNS=${RUNS:-runs}
 fi
+# a value given twice would run its cells twice, at once under --gpus (where the folder's lock refuses the second)
+for option in datasets:DATASETS shots:SHOTS seeds:SEEDS protocol:PROTOCOL; do
+  name=${option#*:}
+  twice=$(printf '%s\n' ${!name} | sort | uniq -d | head -n 1)
+  if [ -n "$twice" ]; then
+    echo "run_all.sh: --${option%%:*} lists $twice twice; give each value once; see run_all.sh --help" >&2
+    exit 2
+  fi
+done
 # this sweep's failed cells, one a line, shared by its parallel GPU jobs: a file of its own, so that sweeps sharing
 # RUNS (a Slurm array, one cell a task) never report each other's failures
 mkdir -p "$RUNS"
