@@ -2100,14 +2100,19 @@ def consensus_bits(bits, k):
 
 def _mask_files(paths):
     """Every mask file named, once: a masks.bin itself, or every masks.bin below a run folder or a runs root."""
-    files = {}  # resolved -> as named: a file named twice (a runs root and a run in it) is one mask, not a pair
+    # content sha256 -> as named: a file named twice (a runs root and a run in it), or a copy of it (an export's, a
+    # backup's), is one mask, not a pair; a run's file records its provenance, so two runs' files never match
+    files = {}
     for path in map(Path, paths):
-        found = [path] if path.is_file() else sorted(path.rglob("masks.bin"))
+        # shallowest first: a run's own file before a copy inside its folder (an export's)
+        found = [path] if path.is_file() else sorted(path.rglob("masks.bin"), key=lambda f: (len(f.parts), f))
         if not found:
             raise ValueError(f"{path} {'holds no masks.bin' if path.exists() else 'does not exist'}; pass a mask "
                              f"file, a run folder or a runs root")
         for f in found:
-            files.setdefault(f.resolve(), f)
+            first = files.setdefault(hashlib.sha256(f.read_bytes()).hexdigest(), f)
+            if first.resolve() != f.resolve():
+                print(f"{f} has the bytes of {first}: one mask, counted once")
     return list(files.values())
 
 

@@ -2505,8 +2505,8 @@ def png_shape(path):
 
 def test_analyze_reports_overlaps_and_saves_a_consensus_that_transfer_evaluates(tiny_files, tmp_path, capsys):
     """analyze over a runs root labels masks from their config.json, writes md, csv and decodable PNGs, compares
-    every pair with chance, counts a mask named twice (the root and a run in it) once, and --consensus writes a mask
-    file that the CLI's transfer protocol evaluates."""
+    every pair with chance, counts a mask named twice (the root and a run in it) or copied (an export's) once, saying
+    so for a copy, and --consensus writes a mask file that the CLI's transfer protocol evaluates."""
     runs = tmp_path / "runs"
     for seed, shots in ((1, 4), (2, 4), (1, 16)):
         model = masked_tiny_clip()
@@ -2515,18 +2515,21 @@ def test_analyze_reports_overlaps_and_saves_a_consensus_that_transfer_evaluates(
         am.save_masks(model, cell / "masks.bin")
         (cell / "config.json").write_text(json.dumps({"dataset": "dtd", "protocol": "few_shot", "shots": shots,
                                                       "seed": seed}))
-    out = tmp_path / "analysis"
+    out, copy = tmp_path / "analysis", cell / "exported" / "masks.bin"  # an export's copy, inside its run
+    copy.parent.mkdir()
+    shutil.copyfile(cell / "masks.bin", copy)
     am.main(["analyze", str(runs), str(runs / "few_shot" / "dtd" / "16shot"), "--out", str(out), "--consensus", "2",
              "--save", str(tmp_path / "cons.bin")])
-    md = (out / "analysis.md").read_text()
-    assert md in capsys.readouterr().out and "## dtd/few_shot/16shot/seed1" in md
+    md, printed = (out / "analysis.md").read_text(), capsys.readouterr().out
+    assert md in printed and "## dtd/few_shot/16shot/seed1" in md
+    assert f"{copy} has the bytes of {cell / 'masks.bin'}: one mask, counted once" in printed
     assert sum(line.startswith("| dtd/few_shot/") for line in md.splitlines()) == 3  # three pairs
     assert sorted(p.name for p in out.iterdir()) == ["analysis.csv", "analysis.md", "heads_0.png", "heads_1.png",
                                                      "heads_2.png", "overlap.png"]
     for png in out.glob("*.png"):
         channels, height, width = png_shape(png)
         assert channels in (3, 4) and height > 50 and width > 50
-    bits = [am.read_mask_file(f)[1] for f in sorted(runs.rglob("masks.bin"))]
+    bits = [am.read_mask_file(f)[1] for f in sorted(runs.rglob("seed*/masks.bin"))]  # the three runs' own
     header, cons = am.read_mask_file(tmp_path / "cons.bin")
     assert torch.equal(cons, am.consensus_bits(bits, 2)) and header["heads"] == 2
     with open(out / "analysis.csv", newline="") as f:
@@ -2613,10 +2616,12 @@ def test_heatmaps_span_their_values_and_the_overlap_shows_jaccard_over_its_chanc
 def test_analyze_tells_apart_two_roots_and_leaves_no_old_figure(tmp_path):
     """Masks of the same cell under two runs roots get labels of their own; a figure of an earlier analysis that
     this one does not make is gone."""
-    for root in ("a", "b"):
+    for i, root in enumerate(("a", "b")):  # two masks (the same bytes would be one mask)
         cell = tmp_path / root / "few_shot" / "dtd" / "1shot" / "seed1"
         cell.mkdir(parents=True)
-        am.save_masks(masked_tiny_clip(), cell / "masks.bin")
+        model = masked_tiny_clip()
+        randomize_scores(model, i)
+        am.save_masks(model, cell / "masks.bin")
         (cell / "config.json").write_text(json.dumps({"dataset": "dtd", "protocol": "few_shot", "shots": 1, "seed": 1}))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "heads_7.png").write_bytes(b"old")
