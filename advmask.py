@@ -2099,7 +2099,8 @@ def consensus_bits(bits, k):
 
 
 def _mask_files(paths):
-    """Every mask file named, once: a masks.bin itself, or every masks.bin below a run folder or a runs root."""
+    """{sha256: path} of every mask file named, once: a masks.bin itself, or every masks.bin below a run folder or a
+    runs root."""
     # content sha256 -> as named: a file named twice (a runs root and a run in it), or a copy of it (an export's, a
     # backup's), is one mask, not a pair; a run's file records its provenance, so two runs' files never match
     files = {}
@@ -2113,7 +2114,7 @@ def _mask_files(paths):
             first = files.setdefault(hashlib.sha256(f.read_bytes()).hexdigest(), f)
             if first.resolve() != f.resolve():
                 print(f"{f} has the bytes of {first}: one mask, counted once")
-    return list(files.values())
+    return files
 
 
 def _label(path):
@@ -2151,7 +2152,8 @@ def _heatmap(path, panels, xticks, yticks, xlabel="", ylabel="", suptitle=None):
 def analyze(paths, out_dir, consensus=None, save=None):
     """Where masks cut and how far they agree: DIR/analysis.md (printed), analysis.csv and heatmaps; with consensus K,
     also the mask of the weights off in at least K of them, saved as a mask file to `save`. Returns the markdown."""
-    files = _mask_files(paths)
+    digests = _mask_files(paths)
+    files = list(digests.values())
     labels = [_label(f) for f in files]
     labels = [str(f) if labels.count(label) > 1 else label for f, label in zip(files, labels)]  # two roots' cell
     masks = [(label, *read_mask_file(f)) for label, f in zip(labels, files)]  # (label, header, bits)
@@ -2172,7 +2174,7 @@ def analyze(paths, out_dir, consensus=None, save=None):
                                  f"masks of one model")
         # a run's masks.bin replaced by the consensus would pass the consensus off as what that run trained
         run_mask = Path(save).name == "masks.bin" and (Path(save).parent / "config.json").is_file()
-        if run_mask or Path(save).resolve() in {f.resolve() for f in files}:
+        if run_mask or Path(save).is_file() and hashlib.sha256(Path(save).read_bytes()).hexdigest() in digests:
             raise ValueError(f"--save {save} is the trained mask of a run, or one of the masks; save the consensus to "
                              f"a file of its own")
         if Path(save).is_dir():

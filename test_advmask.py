@@ -2546,12 +2546,14 @@ def test_analyze_reports_overlaps_and_saves_a_consensus_that_transfer_evaluates(
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text("{}")  # a run folder that has no mask yet
     for save, fact in ((tmp_path / "cons.bin", "is the trained mask of a run, or one of the masks"),  # an input
+                       (copy, "is the trained mask of a run, or one of the masks"),  # an input's copy
                        (tmp_path / "other" / "masks.bin", "is the trained mask of a run, or one of the masks"),
                        (tmp_path / "other", "is a folder; pass the path of the mask file to write")):
         err = refused(capsys, ["analyze", str(runs), str(tmp_path / "cons.bin"), "--out", str(out), "--consensus",
                                "2", "--save", str(save)])
         assert f"--save {save} {fact}" in err
     assert (tmp_path / "cons.bin").read_bytes() == kept and not (tmp_path / "other" / "masks.bin").exists()
+    assert copy.read_bytes() == (cell / "masks.bin").read_bytes()
 
 
 def test_summary_png_plots_the_few_shot_table(tmp_path):
