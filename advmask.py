@@ -1905,7 +1905,8 @@ def summarize(runs_dir, defaults, out_dir=None):
     Of a run folder's cells, those measured on test sets that a later run there replaced are left out, in one line,
     and so are the runs outside that layout (a consensus mask's).
     Seeds of a cell that differ in anything else their numbers rest on (_basis: split source, prompts and resizing,
-    model, data, training and evaluation settings) are refused."""
+    model, data, training and evaluation settings) are refused, and so are a folder whose results.json records another
+    protocol, dataset, shots or seed than its path, and two folders with a trained model's run of one cell and seed."""
     runs_dir, metrics = Path(runs_dir), ("clean", "adv")  # each cell's two numbers: clean_acc and adv_acc
     acc = {}  # SummaryCell -> {seed: its results entry}
     source = {}  # (SummaryCell, seed) -> the run folder of its entry
@@ -2102,7 +2103,7 @@ def _mask_files(paths):
     """{sha256: path} of every mask file named, once: a masks.bin itself, or every masks.bin below a run folder or a
     runs root."""
     # content sha256 -> as named: a file named twice (a runs root and a run in it), or a copy of it (an export's, a
-    # backup's), is one mask, not a pair; a run's file records its provenance, so two runs' files never match
+    # backup's), is one mask, not a pair; a run's file records how it was trained, so only one training gives its bytes
     files = {}
     for path in map(Path, paths):
         # shallowest first: a run's own file before a copy inside its folder (an export's)
@@ -3478,5 +3479,5 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
-    finally:  # past main, in the interpreter's exit (torch's hooks), SIGTERM just ends it: no KeyboardInterrupt trace
+    finally:  # past main, in the interpreter's exit (torch's hooks), SIGTERM just ends it, with no traceback
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
