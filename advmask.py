@@ -2932,8 +2932,9 @@ def _check_out_dir(out_dir, checkpoint, settings, overwrite):
                          f"which would give another mask; rerun with the settings in {out_dir / 'config.json'} to "
                          f"resume it, or pass another --out-dir")
     elif any((out_dir / f).is_file() for f in ("results.json", *TUNED_FILES.values())):
-        raise ValueError(f"{out_dir} holds a finished run with other training settings ({', '.join(differ)}); pass "
-                         f"another --out-dir (this one keeps its training), or --overwrite to replace it")
+        raise ValueError(f"{out_dir} holds a finished run with other training settings ({', '.join(differ)}); rerun "
+                         f"with the settings in {out_dir / 'config.json'} to evaluate more cells there, pass another "
+                         f"--out-dir (this one keeps its training), or --overwrite to replace it")
     return False
 
 

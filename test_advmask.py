@@ -3850,13 +3850,15 @@ def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_pa
 
 
 def test_a_finished_run_is_not_overwritten_by_other_training_settings(tmp_path, monkeypatch, capsys):
-    """Rerunning into a finished run's folder with another learning rate is refused in one line naming the setting
-    (the mask stays); evaluation flags alone re-evaluate; --overwrite trains again."""
+    """Rerunning into a finished run's folder with another learning rate is refused in one line naming the setting and
+    the file that holds the run's own (the mask stays); evaluation flags alone re-evaluate; --overwrite trains
+    again."""
     monkeypatch.chdir(tmp_path)
     am.main([*dry_run_args("out", 2), "--seed", "5"])
     mask = (tmp_path / "out" / "masks.bin").read_bytes()
     err = refused(capsys, [*dry_run_args("out", 2), "--seed", "5", "--lr", "0.5"])
-    assert "out holds a finished run with other training settings (lr); pass" in err
+    assert "out holds a finished run with other training settings (lr)" in err
+    assert "rerun with the settings in out/config.json to evaluate more cells there" in err
     assert (tmp_path / "out" / "masks.bin").read_bytes() == mask
     am.main([*dry_run_args("out", 2), "--seed", "5", "--test-eps", "2"])  # evaluation only: allowed
     assert (tmp_path / "out" / "masks.bin").read_bytes() == mask
