@@ -2238,8 +2238,8 @@ def analyze(paths, out_dir, consensus=None, save=None):
         bits = consensus_bits([b for *_, b in masks], consensus)
         # a consensus was not trained: its provenance is its inputs (each file's sha256 and provenance), and what
         # they all share of PROVENANCE, which labels its runs; masks of several datasets are labelled "dtd+eurosat"
-        inputs = [{"file": label, "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), **h.get("provenance", {})}
-                  for (label, h, _), f in zip(masks, files)]
+        inputs = [{"file": label, "sha256": sha256, **h.get("provenance", {})}
+                  for (label, h, _), sha256 in zip(masks, digests)]  # _mask_files hashed each file
         shared = {k: inputs[0][k] for k in PROVENANCE if all(k in i and i[k] == inputs[0][k] for i in inputs)}
         if all("dataset" in i for i in inputs):
             shared["dataset"] = "+".join(dict.fromkeys(i["dataset"] for i in inputs))
