@@ -93,16 +93,36 @@ for option in datasets:DATASETS shots:SHOTS seeds:SEEDS protocol:PROTOCOL; do
     exit 2
   fi
 done
-# this sweep's failed cells, one a line, shared by its parallel GPU jobs: a file of its own, so that sweeps sharing
-# RUNS (a Slurm array, one cell a task) never report each other's failures
-mkdir -p "$RUNS"
-failed=$(mktemp "$RUNS/.failed_cells.XXXXXX")
-trap 'rm -f "$failed"' EXIT
 
 cells=()
 for protocol in $PROTOCOL; do for dataset in $DATASETS; do for shots in $SHOTS; do for seed in $SEEDS; do
   cells+=("$protocol $dataset $shots $seed")
 done; done; done; done
+# every cell's flags through advmask.py's own parser before any cell runs: a typo (--datasets oxford_pest, -- --attack
+# fgsm) is one line and exit 2 here, not a sweep of failed cells whose folders a summary would show as rows of dashes
+"$PYTHON" - "$(dirname "$ADVMASK")" "${#EXTRA[@]}" ${EXTRA[@]+"${EXTRA[@]}"} ${cells[@]+"${cells[@]}"} <<'EOF' || exit 2
+import contextlib, io, sys
+sys.path.insert(0, sys.argv[1])
+import advmask
+n = int(sys.argv[2])
+extra, cells = sys.argv[3:3 + n], sys.argv[3 + n:]
+for cell in cells:
+    protocol, dataset, shots, seed = cell.split()
+    err = io.StringIO()  # its warnings go to each cell's log.txt; here only an error is said
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            advmask.parse_args([*extra, "--protocol", protocol, "--dataset", dataset, "--shots", shots, "--seed", seed])
+    except SystemExit as e:
+        if e.code:  # parse_args's one line: advmask: error: ...
+            error = err.getvalue().strip().splitlines()[-1].removeprefix("advmask: error: ")
+            sys.exit(f"run_all.sh: the cell {protocol} {dataset} {shots}-shot seed {seed}: {error}; see "
+                     f"run_all.sh --help")
+EOF
+# this sweep's failed cells, one a line, shared by its parallel GPU jobs: a file of its own, so that sweeps sharing
+# RUNS (a Slurm array, one cell a task) never report each other's failures
+mkdir -p "$RUNS"
+failed=$(mktemp "$RUNS/.failed_cells.XXXXXX")
+trap 'rm -f "$failed"' EXIT
 
 run_cell() {  # protocol dataset shots seed [gpu]
   local out="$RUNS/$1/$2/${3}shot/seed$4$ARM"
