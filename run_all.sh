@@ -103,7 +103,11 @@ done; done; done; done
 "$PYTHON" - "$(dirname "$ADVMASK")" "${#EXTRA[@]}" ${EXTRA[@]+"${EXTRA[@]}"} ${cells[@]+"${cells[@]}"} <<'EOF' || exit 2
 import contextlib, io, sys
 sys.path.insert(0, sys.argv[1])
-import advmask
+try:
+    import advmask
+except ImportError as e:  # an interpreter without requirements.txt's packages
+    sys.exit(f"run_all.sh: {sys.executable} has no {e.name}, which advmask.py needs; pass --python the interpreter "
+             f"that requirements.txt was installed into; see run_all.sh --help")
 n = int(sys.argv[2])
 extra, cells = sys.argv[3:3 + n], sys.argv[3 + n:]
 for cell in cells:

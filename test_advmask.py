@@ -3382,18 +3382,23 @@ def test_sweeps_sharing_a_runs_folder_report_only_their_own_failed_cells(tmp_pat
     assert not list((tmp_path / "runs").glob(".failed_cells*"))
 
 
-def test_run_all_usage_errors_are_one_line_and_exit_2(tmp_path):
+def test_run_all_usage_errors_are_one_line_and_exit_2(tmp_path, tmp_path_factory):
     """run_all.sh with an unknown option, with an option's value missing, with a flag it sets per cell after --
     (which would give every cell one seed, say), with a value listed twice (whose cells would run twice, at once
-    under --gpus), or with a cell that advmask.py's parser refuses (a dataset's name mistyped), ends in one line that
-    says what to do and exit status 2, before any run and with nothing written."""
+    under --gpus), with a cell that advmask.py's parser refuses (a dataset's name mistyped), or with an interpreter
+    that lacks advmask.py's packages, ends in one line that says what to do and exit status 2, before any run and
+    with nothing written."""
+    bare = tmp_path_factory.mktemp("bin") / "python"  # this Python without its site-packages: no torch, no open_clip
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
     for args, message in ((["--bogus"], "unknown option --bogus"), (["--dry-run", "--shots"], "--shots needs a value"),
                           (["--dry-run", "--", "--seed=7"], "--seed after -- would give every cell the same value; "
                                                             "use run_all.sh's own option"),
                           (["--dry-run", "--seeds", "1 2 1"], "--seeds lists 1 twice; give each value once"),
                           (["--datasets", "dtd eurosat dtd"], "--datasets lists dtd twice; give each value once"),
                           (["--dry-run", "--datasets", "dtd oxford_pest", "--", "--epochs", "2"],
-                           "the cell few_shot oxford_pest 1-shot seed 1: argument --dataset: invalid choice")):
+                           "the cell few_shot oxford_pest 1-shot seed 1: argument --dataset: invalid choice"),
+                          (["--dry-run", "--python", str(bare)], f"{sys.executable} has no open_clip, which")):
         proc = subprocess.run(["bash", str(HERE / "run_all.sh"), *args], cwd=tmp_path, capture_output=True, text=True,
                               timeout=60, env={**os.environ, "PYTHON": sys.executable})
         assert (proc.returncode, proc.stdout, proc.stderr.count("\n")) == (2, "", 1), proc.stdout + proc.stderr
