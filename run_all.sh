@@ -133,10 +133,12 @@ run_cell() {  # protocol dataset shots seed [gpu]
   mkdir -p "$out"
   echo "run  $out"
   # TQDM_DISABLE: no carriage-return progress bars in log.txt, which each rerun of the cell appends to. The cell's
-  # own flags come last: argparse takes the last, so no abbreviation after -- (--see 7) can override them
+  # own flags come last: argparse takes the last, so no abbreviation after -- (--see 7) can override them. Under
+  # --gpus a cell runs on its GPU or not at all: --device cuda refuses in one line a GPU that its process cannot see
+  # (an id outside a Slurm job's GPUs), where the default device would train on the CPU, unsaid
   if TQDM_DISABLE=1 CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" "$ADVMASK" \
       ${EXTRA[@]+"${EXTRA[@]}"} --protocol "$1" --dataset "$2" --shots "$3" --seed "$4" --out-dir "$out" \
-      >> "$out/log.txt" 2>&1; then
+      ${5:+--device cuda} >> "$out/log.txt" 2>&1; then
     tail -n 1 "$out/log.txt"
   else
     echo "FAILED $out (see $out/log.txt)"

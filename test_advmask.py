@@ -3309,7 +3309,8 @@ def test_run_all_dry_sweep_summarises_and_its_cells_get_every_flag(tmp_path):
     interpreter that records its calls: every cell is called again (a done run decides what it lacks), each with the
     flags after -- and then its own, its log appended to, the --tune weights arm in seed<S>-weights folders; a failing
     cell makes it exit 1, listed, and a summary summarize refuses leaves none; with --gpus, the job of each GPU runs
-    every n-th cell with that GPU alone visible, and with no flags after -- a cell gets its own flags alone."""
+    every n-th cell with that GPU alone visible and on it (--device cuda: never the CPU fallback of a GPU it cannot
+    see), and with no flags after -- a cell gets its own flags alone."""
     decoy = tmp_path / "bin" / "python"
     decoy.parent.mkdir()
     decoy.write_text("#!/bin/sh\necho 'the python on PATH ran instead of $PYTHON' >&2\nexit 3\n")
@@ -3358,7 +3359,8 @@ def test_run_all_dry_sweep_summarises_and_its_cells_get_every_flag(tmp_path):
     # GPU i of the list takes cells i, i + n, ... (seed 1 on GPU 3, 2 on GPU 5); no flags after --: only the cell's
     assert proc.returncode == 0 and sorted(cells) == [
         f"GPU={gpu} {HERE / 'advmask.py'} --protocol few_shot --dataset {d} --shots 1 --seed {seed} "
-        f"--out-dir runs/few_shot/{d}/1shot/seed{seed}" for gpu, seed in ((3, 1), (5, 2)) for d in ("dtd", "eurosat")]
+        f"--out-dir runs/few_shot/{d}/1shot/seed{seed} --device cuda" for gpu, seed in ((3, 1), (5, 2))
+        for d in ("dtd", "eurosat")]
 
 
 def test_sweeps_sharing_a_runs_folder_report_only_their_own_failed_cells(tmp_path):
