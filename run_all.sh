@@ -124,8 +124,8 @@ for cell in cells:
 EOF
 # this sweep's failed cells, one a line, shared by its parallel GPU jobs: a file of its own, so that sweeps sharing
 # RUNS (a Slurm array, one cell a task) never report each other's failures
-mkdir -p "$RUNS"
-failed=$(mktemp "$RUNS/.failed_cells.XXXXXX")
+mkdir -p "$RUNS" 2> /dev/null && failed=$(mktemp "$RUNS/.failed_cells.XXXXXX" 2> /dev/null) || {
+  echo "run_all.sh: cannot write to $RUNS; pass --runs a folder you can write to; see run_all.sh --help" >&2; exit 2; }
 trap 'rm -f "$failed"' EXIT
 
 run_cell() {  # protocol dataset shots seed [gpu]

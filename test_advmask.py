@@ -3387,9 +3387,9 @@ def test_sweeps_sharing_a_runs_folder_report_only_their_own_failed_cells(tmp_pat
 def test_run_all_usage_errors_are_one_line_and_exit_2(tmp_path, tmp_path_factory):
     """run_all.sh with an unknown option, with an option's value missing, with a flag it sets per cell after --
     (which would give every cell one seed, say), with a value listed twice (whose cells would run twice, at once
-    under --gpus), with a cell that advmask.py's parser refuses (a dataset's name mistyped), or with an interpreter
-    that lacks advmask.py's packages, ends in one line that says what to do and exit status 2, before any run and
-    with nothing written."""
+    under --gpus), with a cell that advmask.py's parser refuses (a dataset's name mistyped), with an interpreter
+    that lacks advmask.py's packages, or with a runs folder it cannot write, ends in one line that says what to do
+    and exit status 2, before any run and with nothing written."""
     bare = tmp_path_factory.mktemp("bin") / "python"  # this Python without its site-packages: no torch, no open_clip
     bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
     bare.chmod(0o755)
@@ -3400,7 +3400,9 @@ def test_run_all_usage_errors_are_one_line_and_exit_2(tmp_path, tmp_path_factory
                           (["--datasets", "dtd eurosat dtd"], "--datasets lists dtd twice; give each value once"),
                           (["--dry-run", "--datasets", "dtd oxford_pest", "--", "--epochs", "2"],
                            "the cell few_shot oxford_pest 1-shot seed 1: argument --dataset: invalid choice"),
-                          (["--dry-run", "--python", str(bare)], f"{sys.executable} has no open_clip, which")):
+                          (["--dry-run", "--python", str(bare)], f"{sys.executable} has no open_clip, which"),
+                          (["--dry-run", "--runs", "/dev/null/runs", "--python", "true"],  # `true`: any cell passes
+                           "cannot write to /dev/null/runs; pass --runs a folder you can write to")):
         proc = subprocess.run(["bash", str(HERE / "run_all.sh"), *args], cwd=tmp_path, capture_output=True, text=True,
                               timeout=60, env={**os.environ, "PYTHON": sys.executable})
         assert (proc.returncode, proc.stdout, proc.stderr.count("\n")) == (2, "", 1), proc.stdout + proc.stderr
