@@ -3547,8 +3547,8 @@ def assert_one_line_exit_2_no_files(code, stderr, cwd, message):
 def test_every_bad_input_ends_in_one_line_exit_2_and_no_files(bad_files, case, tmp_path, monkeypatch, capsys):
     """Each user error gives one stderr line saying what to do, exit status 2, and writes nothing. The CLI's main()
     runs in this process (a subprocess per case would spend minutes importing torch), with the hub offline as
-    HF_HUB_OFFLINE=1 makes it (the hub reads the variable once, at import); the next test sets the variable itself,
-    in a real process."""
+    HF_HUB_OFFLINE=1 makes it (the hub reads the variable once, at import); test_a_bad_input_of_the_real_cli_process
+    sets the variable itself, in a real process."""
     args, message = bad_input_cases(bad_files)[case]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
