@@ -27,7 +27,8 @@ Every option can also be set by the environment variable of the same name (flags
   PYTHON    the interpreter that runs advmask.py, e.g. venv/bin/python (default: python on PATH)
 --dry-run   a tiny CPU sweep with advmask.py --dry-run (synthetic data): by default oxford_pets dtd × 1 2 shots ×
             seeds 1 2 into runs_dry; --datasets, --shots, --seeds and --runs given with it still apply
-Arguments after -- go to every advmask.py run, e.g. -- --data-root /data --baseline --attack pgd,aa
+Arguments after -- go to every advmask.py run, e.g. -- --data-root /data --baseline --attack pgd,aa; advmask.py's
+parser checks every cell's flags before any cell runs, so a typo stops the sweep at once, in one line
 CoOp's exact splits for the whole sweep: -- --data-root /data --split-dir /data/coop_splits
 EOF
 }
