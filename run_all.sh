@@ -85,6 +85,10 @@ else
   DATASETS=${DATASETS:-"imagenet caltech101 oxford_pets stanford_cars flowers102 food101 fgvc_aircraft sun397 dtd eurosat ucf101"}
   SHOTS=${SHOTS:-"1 2 4 8 16"}; SEEDS=${SEEDS:-"1 2 3"}; RUNS=${RUNS:-runs}
 fi
+# under --gpus a cell runs on its GPU or not at all: --device cuda, after the flags given so that it wins, refuses in
+# one line a GPU that a cell's process cannot see (an id outside a Slurm job's GPUs; no GPU at all here, before any
+# cell runs), where the default device would train on the CPU, unsaid
+if [ -n "$GPUS" ]; then EXTRA+=(--device cuda); fi
 # a value given twice would run its cells twice, at once under --gpus (where the folder's lock refuses the second)
 for option in datasets:DATASETS shots:SHOTS seeds:SEEDS protocol:PROTOCOL; do
   name=${option#*:}
@@ -134,12 +138,10 @@ run_cell() {  # protocol dataset shots seed [gpu]
   mkdir -p "$out"
   echo "run  $out"
   # TQDM_DISABLE: no carriage-return progress bars in log.txt, which each rerun of the cell appends to. The cell's
-  # own flags come last: argparse takes the last, so no abbreviation after -- (--see 7) can override them. Under
-  # --gpus a cell runs on its GPU or not at all: --device cuda refuses in one line a GPU that its process cannot see
-  # (an id outside a Slurm job's GPUs), where the default device would train on the CPU, unsaid
+  # own flags come last: argparse takes the last, so no abbreviation after -- (--see 7) can override them
   if TQDM_DISABLE=1 CUDA_VISIBLE_DEVICES=${5:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" "$ADVMASK" \
       ${EXTRA[@]+"${EXTRA[@]}"} --protocol "$1" --dataset "$2" --shots "$3" --seed "$4" --out-dir "$out" \
-      ${5:+--device cuda} >> "$out/log.txt" 2>&1; then
+      >> "$out/log.txt" 2>&1; then
     tail -n 1 "$out/log.txt"
   else
     echo "FAILED $out (see $out/log.txt)"

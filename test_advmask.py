@@ -3310,7 +3310,7 @@ def test_run_all_dry_sweep_summarises_and_its_cells_get_every_flag(tmp_path):
     flags after -- and then its own, its log appended to, the --tune weights arm in seed<S>-weights folders; a failing
     cell makes it exit 1, listed, and a summary summarize refuses leaves none; with --gpus, the job of each GPU runs
     every n-th cell with that GPU alone visible and on it (--device cuda: never the CPU fallback of a GPU it cannot
-    see), and with no flags after -- a cell gets its own flags alone."""
+    see), and with no flags after -- a cell gets its own flags and that one alone."""
     decoy = tmp_path / "bin" / "python"
     decoy.parent.mkdir()
     decoy.write_text("#!/bin/sh\necho 'the python on PATH ran instead of $PYTHON' >&2\nexit 3\n")
@@ -3356,11 +3356,10 @@ def test_run_all_dry_sweep_summarises_and_its_cells_get_every_flag(tmp_path):
     proc = subprocess.run(["bash", str(HERE / "run_all.sh"), "--datasets", "dtd eurosat", "--shots", "1", "--seeds",
                            "1 2", "--gpus", "3 5"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     cells = [line for line in (tmp_path / "gpus.txt").read_text().splitlines() if "--out-dir" in line]
-    # GPU i of the list takes cells i, i + n, ... (seed 1 on GPU 3, 2 on GPU 5); no flags after --: only the cell's
+    # GPU i of the list takes cells i, i + n, ... (seed 1 on GPU 3, 2 on GPU 5); no flags after --: the cell's, on cuda
     assert proc.returncode == 0 and sorted(cells) == [
-        f"GPU={gpu} {HERE / 'advmask.py'} --protocol few_shot --dataset {d} --shots 1 --seed {seed} "
-        f"--out-dir runs/few_shot/{d}/1shot/seed{seed} --device cuda" for gpu, seed in ((3, 1), (5, 2))
-        for d in ("dtd", "eurosat")]
+        f"GPU={gpu} {HERE / 'advmask.py'} --device cuda --protocol few_shot --dataset {d} --shots 1 --seed {seed} "
+        f"--out-dir runs/few_shot/{d}/1shot/seed{seed}" for gpu, seed in ((3, 1), (5, 2)) for d in ("dtd", "eurosat")]
 
 
 def test_sweeps_sharing_a_runs_folder_report_only_their_own_failed_cells(tmp_path):
@@ -3387,9 +3386,9 @@ def test_sweeps_sharing_a_runs_folder_report_only_their_own_failed_cells(tmp_pat
 def test_run_all_usage_errors_are_one_line_and_exit_2(tmp_path, tmp_path_factory):
     """run_all.sh with an unknown option, with an option's value missing, with a flag it sets per cell after --
     (which would give every cell one seed, say), with a value listed twice (whose cells would run twice, at once
-    under --gpus), with a cell that advmask.py's parser refuses (a dataset's name mistyped), with an interpreter
-    that lacks advmask.py's packages, or with a runs folder it cannot write, ends in one line that says what to do
-    and exit status 2, before any run and with nothing written."""
+    under --gpus), with a cell that advmask.py's parser refuses (a dataset's name mistyped; --gpus where no GPU is
+    visible), with an interpreter that lacks advmask.py's packages, or with a runs folder it cannot write, ends in one
+    line that says what to do and exit status 2, before any run and with nothing written."""
     bare = tmp_path_factory.mktemp("bin") / "python"  # this Python without its site-packages: no torch, no open_clip
     bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
     bare.chmod(0o755)
@@ -3402,9 +3401,11 @@ def test_run_all_usage_errors_are_one_line_and_exit_2(tmp_path, tmp_path_factory
                            "the cell few_shot oxford_pest 1-shot seed 1: argument --dataset: invalid choice"),
                           (["--dry-run", "--python", str(bare)], f"{sys.executable} has no open_clip, which"),
                           (["--dry-run", "--runs", "/dev/null/runs", "--python", "true"],  # `true`: any cell passes
-                           "cannot write to /dev/null/runs; pass --runs a folder you can write to")):
+                           "cannot write to /dev/null/runs; pass --runs a folder you can write to"),
+                          (["--datasets", "dtd", "--shots", "1", "--seeds", "1", "--gpus", "0"],  # no GPU visible
+                           "the cell few_shot dtd 1-shot seed 1: argument --device: cuda was asked for but 0 CUDA")):
         proc = subprocess.run(["bash", str(HERE / "run_all.sh"), *args], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=60, env={**os.environ, "PYTHON": sys.executable})
+                              timeout=60, env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
         assert (proc.returncode, proc.stdout, proc.stderr.count("\n")) == (2, "", 1), proc.stdout + proc.stderr
         assert proc.stderr.startswith(f"run_all.sh: {message}") and proc.stderr.endswith("; see run_all.sh --help\n")
     assert list(tmp_path.iterdir()) == []
