@@ -1908,6 +1908,9 @@ def summarize(runs_dir, defaults, out_dir=None):
     model, data, training and evaluation settings) are refused, and so are a folder whose results.json records another
     protocol, dataset, shots or seed than its path, and two folders with a trained model's run of one cell and seed."""
     runs_dir, metrics = Path(runs_dir), ("clean", "adv")  # each cell's two numbers: clean_acc and adv_acc
+    if not runs_dir.is_dir():  # a typo: nothing to table
+        raise ValueError(f"{runs_dir} {'is not a folder' if runs_dir.exists() else 'does not exist'}; pass a runs "
+                         f"root, the folder that holds <protocol>/<dataset>/<K>shot/seed<S>/")
     acc = {}  # SummaryCell -> {seed: its results entry}
     source = {}  # (SummaryCell, seed) -> the run folder of its entry
     seen = {}  # protocol -> (datasets, shots, seeds) that have a run folder, finished or not

@@ -2196,7 +2196,8 @@ def table(markdown, heading, method="AdvMask"):
 
 def test_summary_means_stds_averages_and_missing_cells(tmp_path, capsys):
     """Mean ± std over seeds, an Average row over datasets, "—" for a cell without finished seeds, and H; folders
-    whose numbers run would not write (seed01, 016shot) are left out in one line, not read as seed 1 or 16 shots."""
+    whose numbers run would not write (seed01, 016shot) are left out in one line, not read as seed 1 or 16 shots; a
+    runs root without runs, one that does not exist, and a file are each refused in one line that says which."""
     write_results(tmp_path, "few_shot", "oxford_pets", 16, 1, [("oxford_pets", 0.60, 0.40)])
     write_results(tmp_path, "few_shot", "oxford_pets", 16, 2, [("oxford_pets", 0.70, 0.50)])
     write_results(tmp_path, "few_shot", "dtd", 16, 1, [("dtd", 0.30, 0.10)])
@@ -2222,8 +2223,12 @@ def test_summary_means_stds_averages_and_missing_cells(tmp_path, capsys):
     write_results(tmp_path, "base2new", "eurosat", 16, 1, [("base", 0.695, 0.436), ("new", 0.502, 0.261)])
     rows = {r[0]: r[1:] for r in table(am.summarize(tmp_path, am.parser_defaults), "base2new")}
     assert rows["eurosat"] == ["69.5", "43.6", "50.2", "26.1", "41.9"]
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no results.json"):
         am.summarize(tmp_path / "empty", am.parser_defaults)
+    for path, what in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "summary.md", "is not a folder")):
+        with pytest.raises(ValueError, match=f"{what}; pass a runs root"):  # a typo, said as such
+            am.summarize(path, am.parser_defaults)
 
 
 def test_summarize_refuses_to_average_runs_of_different_splits(tmp_path):
