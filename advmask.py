@@ -2842,6 +2842,8 @@ def parse_args(argv):
     args.eval_datasets = list(dict.fromkeys(d for name in args.eval_datasets for d in EVAL_PRESETS.get(name, [name])))
     if args.split_json and args.split_dir:
         p.error("pass --split-json (one dataset's file) or --split-dir (a folder for every dataset), not both")
+    if args.split_json and not Path(args.split_json).is_file():  # checked here, as --split-dir, even by a dry run
+        p.error(f"--split-json {args.split_json} is not a file; pass CoOp's split_zhou_<Name>.json of --dataset")
     if args.split_dir and not Path(args.split_dir).is_dir():
         p.error(f"--split-dir {args.split_dir} is not a folder; pass the folder that holds CoOp's "
                 f"split_zhou_<Name>.json files")

@@ -3440,6 +3440,7 @@ def bad_input_cases(files):
         (["--attack", "fgsm"], "--attack: fgsm is not one of pgd, cw, apgd-ce, apgd-dlr, apgd-t, aa"),
         ([*tiny, "--protocol", "base2new", "--attack", "pgd,aa"], "'base' has 2 classes, fewer than the 4 that aa's"),
         (["--split-dir", str(files / "nowhere")], f"--split-dir {files / 'nowhere'} is not a folder"),
+        (["--dry-run", "--split-json", str(files / "nowhere.json")], f"--split-json {files / 'nowhere.json'} is not a"),
         (["--eval-precision", "fp64"], "argument --eval-precision: invalid choice: 'fp64'"),
         (["--conventions", "fap"], "pass --split-dir (the folder"),
         (["--conventions", "fap", "--split-dir", str(files), "--dataset", "imagenet"], "--split-dir (the folder"),
