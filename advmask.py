@@ -1896,6 +1896,30 @@ def _basis(finished, dataset, entry):
 SummaryCell = collections.namedtuple("SummaryCell", "protocol attack eps basis method dataset shots eval")
 
 
+def _summary_cells(finished, protocol, dataset, shots, defaults):
+    """(SummaryCell, entry, _basis) of each entry of a run folder's results.json that summarize tables (those measured
+    on the test sets of its latest run); a value of another type than run writes raises KeyError or TypeError."""
+    lr = finished.get("settings", {}).get("lr")
+    cells = []
+    for e in finished["results"]:
+        if _superseded(finished, dataset, e):
+            continue
+        if not (all(isinstance(e[k], str) for k in ("model", "eval", "attack")) and
+                all(isinstance(e[k], (int, float)) for k in ("eps", "clean_acc", "adv_acc"))):
+            raise TypeError("a cell's model, eval or attack is not a string, or its eps or an accuracy not a number")
+        tuned = e["model"] in TUNED_MODEL.values()
+        method = (MODELS[e["model"]][0] if e["model"] in MODELS else e["model"]) + (  # trained: at its lr
+            f" (lr {lr:g})" if lr is not None and tuned else "")
+        # a worst case is a metric of its own for each set of attacks (a rerun may add one to the set)
+        attack = f"worst of {','.join(e['attacks'])}" if e["attack"] == "worst" else e["attack"]
+        key = SummaryCell(protocol=protocol, attack=attack, eps=e["eps"], basis=_heading(finished, e, defaults),
+                          method=method, dataset=dataset, shots=shots, eval=e["eval"])
+        basis = _basis(finished, dataset, e)
+        hash(basis)  # a dict key in summarize: a list where run writes a string or a number raises TypeError here
+        cells.append((key, e, basis))
+    return cells
+
+
 def summarize(runs_dir, defaults, out_dir=None):
     """Tables over seeds of runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json, in out_dir (default:
     runs_dir) as summary.md (returned) and summary.csv: a table per protocol, attack, ε and basis (_heading, from
@@ -1933,28 +1957,24 @@ def summarize(runs_dir, defaults, out_dir=None):
             if moved := [f"{k} {finished[k]}" for k, v in here.items() if finished.get(k, v) != v]:
                 raise ValueError(f"{cell} holds the run of {', '.join(moved)} (its results.json says so), which this "
                                  f"folder would table as another; move it to its own folder, or delete it")
-            lr = finished.get("settings", {}).get("lr")
-            current = [e for e in finished["results"] if not _superseded(finished, dataset, e)]
-            if (gone := len(finished["results"]) - len(current)) > 0:
+            try:  # a value edited by hand that still parses (a number made a list, a key deleted)
+                cells = _summary_cells(finished, protocol, dataset, shots, defaults)
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise ValueError(f"{cell / 'results.json'} has a value that summarize cannot read ({type(e).__name__}: "
+                                 f"{e}), as a hand edit leaves it; restore the file from a copy, or delete it and "
+                                 f"rerun its command") from None
+            if (gone := len(finished["results"]) - len(cells)) > 0:
                 print(f"{cell}: leaving out {gone} cell{'s' * (gone != 1)} measured on test sets that its latest run "
                       f"replaced", file=sys.stderr)
-            for e in current:
-                tuned = e["model"] in TUNED_MODEL.values()
-                method = (MODELS[e["model"]][0] if e["model"] in MODELS else e["model"]) + (  # trained: at its lr
-                    f" (lr {lr:g})" if lr is not None and tuned else "")
-                # a worst case is a metric of its own for each set of attacks (a rerun may add one to the set)
-                attack = f"worst of {','.join(e['attacks'])}" if e["attack"] == "worst" else e["attack"]
-                key = SummaryCell(protocol=protocol, attack=attack, eps=e["eps"],
-                                  basis=_heading(finished, e, defaults), method=method, dataset=dataset, shots=shots,
-                                  eval=e["eval"])
+            for key, e, basis in cells:
                 # one trained run per cell and seed: two folders' (a mask's run in seed1-weights beside seed1's) are
                 # refused; a baseline's cells, the same in both arms' folders, may repeat
-                if tuned and (first := source.setdefault((key, seed), cell)) != cell:
-                    raise ValueError(f"{first} and {cell} both hold seed {seed} of {method} on {e['eval']}; keep one "
-                                     f"of the two runs in this runs folder")
+                if e["model"] in TUNED_MODEL.values() and (first := source.setdefault((key, seed), cell)) != cell:
+                    raise ValueError(f"{first} and {cell} both hold seed {seed} of {key.method} on {key.eval}; keep "
+                                     f"one of the two runs in this runs folder")
                 acc.setdefault(key, {})[seed] = e
                 # seeds of one table cell must agree; a run's cells of other evaluation settings have tables apart
-                bases.setdefault(key._replace(shots=None), {}).setdefault(_basis(finished, dataset, e), cell)
+                bases.setdefault(key._replace(shots=None), {}).setdefault(basis, cell)
     for key, used in bases.items():
         if len(used) > 1:
             (a, cell_a), (b, cell_b) = list(used.items())[:2]

@@ -2379,6 +2379,40 @@ def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
     assert table(am.summarize(tmp_path, am.parser_defaults), "few_shot")[0] == ["dtd", "50.0 ± 0.0", "20.0 ± 0.0"]
 
 
+def test_summarize_tables_a_hand_edited_results_json_or_refuses_it_in_one_line(tmp_path, capsys):
+    """A dry run's results.json with one value edited by hand (deleted, or made null, a string, a number, a list or an
+    object) still parses: summarize then tables it, or refuses it in a sentence naming its folder (main's one line
+    and exit status 2), never with another exception."""
+    for seed in (1, 2):  # two seeds, so that the edited run's basis is compared with another's
+        run_here(capsys, "--dry-run", "--epochs", "1", "--baseline", "--attack", "pgd,cw", "--seed", str(seed),
+                 cwd=tmp_path)
+    path = tmp_path / "runs_dry" / "few_shot" / "oxford_pets" / "16shot" / "seed1" / "results.json"
+    original = json.loads(path.read_text())
+
+    def places(value, where=()):  # the path of every value inside the JSON
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, child in children:
+            yield (*where, key)
+            yield from places(child, (*where, key))
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.sampled_from(list(places(original))), st.sampled_from(["delete", None, "x", 3, [], {}]))
+    def check(where, value):
+        edited = copy.deepcopy(original)
+        parent = functools.reduce(lambda v, key: v[key], where[:-1], edited)
+        if value == "delete":
+            del parent[where[-1]]
+        else:
+            parent[where[-1]] = value
+        path.write_text(json.dumps(edited))
+        try:  # main turns a ValueError into its one line and exit status 2; anything else is a traceback
+            am.summarize(tmp_path / "runs_dry", am.parser_defaults, tmp_path / "summary")
+        except ValueError as refusal:
+            assert str(tmp_path / "runs_dry" / "few_shot" / "oxford_pets" / "16shot" / "seed") in str(refusal)
+
+    check()
+
+
 # The families of image tower AdvMask masks, each as a named open_clip config shrunk to a tiny random model (timm
 # towers through timm.create_model's own size arguments): the blocks' path, the attention and MLP weights of a block
 # and the prefix tokens per block, written out from each tower's source.
