@@ -1761,6 +1761,17 @@ def read_json(path, keys=()):
     return obj
 
 
+@contextlib.contextmanager
+def _hand_edited(path, reader, remedy):
+    """Inside this block, a value of a run's JSON file that a hand edit left parsing but gone or of another type than
+    run writes (KeyError, TypeError, ...) ends in one sentence naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{path} has a value that {reader} cannot read ({type(e).__name__}: {e}), as a hand edit "
+                         f"leaves it; restore the file from a copy, or {remedy}") from None
+
+
 def harmonic_mean(values):
     """n / Σ 1/v: the H of the paper's base-to-new table over (base clean, base adv, new clean, new adv)."""
     return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
@@ -1957,12 +1968,8 @@ def summarize(runs_dir, defaults, out_dir=None):
             if moved := [f"{k} {finished[k]}" for k, v in here.items() if finished.get(k, v) != v]:
                 raise ValueError(f"{cell} holds the run of {', '.join(moved)} (its results.json says so), which this "
                                  f"folder would table as another; move it to its own folder, or delete it")
-            try:  # a value edited by hand that still parses (a number made a list, a key deleted)
+            with _hand_edited(cell / "results.json", "summarize", "delete it and rerun its command"):
                 cells = _summary_cells(finished, protocol, dataset, shots, defaults)
-            except (KeyError, TypeError, AttributeError, ValueError) as e:
-                raise ValueError(f"{cell / 'results.json'} has a value that summarize cannot read ({type(e).__name__}: "
-                                 f"{e}), as a hand edit leaves it; restore the file from a copy, or delete it and "
-                                 f"rerun its command") from None
             if (gone := len(finished["results"]) - len(cells)) > 0:
                 print(f"{cell}: leaving out {gone} cell{'s' * (gone != 1)} measured on test sets that its latest run "
                       f"replaced", file=sys.stderr)
@@ -2998,9 +3005,10 @@ def _test_set(split, indices_sha256, class_set):
             "class_set_sha256": hashlib.sha256(json.dumps(class_set).encode()).hexdigest()[:12] if class_set else None}
 
 
-def _print_row(r):
-    print(f"{r['model']} | {r['eval']} | {r['attack']}-{r['test_steps']} eps {r['eps']:g}/255 | clean "
-          f"{100 * r['clean_acc']:.2f}% | adv {100 * r['adv_acc']:.2f}% | n {r['n']} | {r['seconds']:.1f} s")
+def _row_line(r):
+    """A results.json entry as the line a run prints for it."""
+    return (f"{r['model']} | {r['eval']} | {r['attack']}-{r['test_steps']} eps {r['eps']:g}/255 | clean "
+            f"{100 * r['clean_acc']:.2f}% | adv {100 * r['adv_acc']:.2f}% | n {r['n']} | {r['seconds']:.1f} s")
 
 
 def _result_rows(cell, result, todo):
@@ -3012,17 +3020,37 @@ def _result_rows(cell, result, todo):
         rows.append({**cell, "attack": attack, "eps": eps, "n": result["n"], "clean_acc": result["clean_acc"],
                      "adv_acc": r["adv_acc"], "zero_grad_share": result["zero_grad_share"], "seconds": r["seconds"],
                      "correct": np.packbits(r["correct"].numpy()).tobytes().hex()})
-        _print_row(rows[-1])
+        print(_row_line(rows[-1]))
     return rows
+
+
+def _outcome(row):
+    """The per-image outcome of a results.json entry, (n,) bool, True where the image stayed correctly classified."""
+    return torch.from_numpy(np.unpackbits(np.frombuffer(bytes.fromhex(row["correct"]), np.uint8),
+                                          count=row["n"]).astype(bool))
+
+
+def _check_reusable(path, previous):
+    """Refuse in one line an earlier run's results.json that a hand edit left parsing, but with a value a rerun reads
+    (a cell's key, what a worst case made from a cell reads, the splits and class sets) gone or of another type."""
+    with _hand_edited(path, "a rerun", "delete it to evaluate every cell again"):
+        sizes = {}  # the key of a cell's images (less its attack and ε) -> their number, the same in all their cells
+        for row in previous.get("results", []):
+            hash(_cell_key(row))  # every value of a cell's key, as run writes it, is hashable
+            _row_line(row)  # and what a worst case made from it prints is of the type run writes
+            if row["attack"] != "worst":
+                _outcome(row)
+                if (n := sizes.setdefault(_cell_key({**row, "attack": None, "eps": None}), row["n"])) != row["n"]:
+                    raise ValueError(f"two cells on the same images record {n} and {row['n']} of them")
+        if not all(isinstance(previous.get(k, {}), dict) for k in ("splits", "class_sets")):
+            raise TypeError("its splits or class_sets is not an object")
 
 
 def _worst_row(rows, attacks):
     """The per-image worst case over the entries rows of one cell at one ε, one per attack of attacks."""
-    correct = [torch.from_numpy(np.unpackbits(np.frombuffer(bytes.fromhex(r["correct"]), np.uint8),
-                                              count=r["n"]).astype(bool)) for r in rows]
     worst = {**{k: v for k, v in rows[0].items() if k != "correct"}, "attack": "worst", "attacks": attacks,
-             "adv_acc": worst_case_accuracy(correct), "seconds": sum(r["seconds"] for r in rows)}
-    _print_row(worst)
+             "adv_acc": worst_case_accuracy([_outcome(r) for r in rows]), "seconds": sum(r["seconds"] for r in rows)}
+    print(_row_line(worst))
     return worst
 
 
@@ -3289,7 +3317,8 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
     train_now = not (args.masks or args.weights or same_run and trained.is_file())
     # finished cells stay only beside the file they measured: a mask trained now (its file gone) starts them over,
     # and so does a file replaced since its cells were measured
-    previous = read_json(results_path) if same_run and not train_now and results_path.is_file() else {}
+    previous = read_json(results_path, ("results",)) if same_run and not train_now and results_path.is_file() else {}
+    _check_reusable(results_path, previous)
     if train_now:
         train_set, indices = _k_shot(args, loaded.train_on, loaded.train_set, loaded.train_names)
         images, labels = cache_images(train_set, indices, device, args.workers)

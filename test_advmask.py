@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -2379,14 +2379,17 @@ def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
     assert table(am.summarize(tmp_path, am.parser_defaults), "few_shot")[0] == ["dtd", "50.0 ± 0.0", "20.0 ± 0.0"]
 
 
-def test_summarize_tables_a_hand_edited_results_json_or_refuses_it_in_one_line(tmp_path, capsys):
+def test_a_hand_edited_results_json_is_tabled_and_rerun_or_refused_in_one_line(tmp_path, capsys):
     """A dry run's results.json with one value edited by hand (deleted, or made null, a string, a number, a list or an
-    object) still parses: summarize then tables it, or refuses it in a sentence naming its folder (main's one line
-    and exit status 2), never with another exception."""
-    for seed in (1, 2):  # two seeds, so that the edited run's basis is compared with another's
-        run_here(capsys, "--dry-run", "--epochs", "1", "--baseline", "--attack", "pgd,cw", "--seed", str(seed),
-                 cwd=tmp_path)
-    path = tmp_path / "runs_dry" / "few_shot" / "oxford_pets" / "16shot" / "seed1" / "results.json"
+    object; its worst cases deleted too, or not) still parses: summarize then tables it or refuses it in a sentence
+    naming its folder (main's one line and exit status 2), and a rerun of the run's command reuses it (making the
+    worst cases again from the other cells' per-image outcomes) or ends in one line naming it, before it writes
+    anything; never another exception."""
+    dry_run = ["--dry-run", "--epochs", "1", "--baseline", "--attack", "pgd,cw", "--seed"]
+    for seed in ("1", "2"):  # two seeds, so that the edited run's basis is compared with another's
+        run_here(capsys, *dry_run, seed, cwd=tmp_path)
+    folder = Path("runs_dry") / "few_shot" / "oxford_pets" / "16shot"
+    path = tmp_path / folder / "seed1" / "results.json"
     original = json.loads(path.read_text())
 
     def places(value, where=()):  # the path of every value inside the JSON
@@ -2396,19 +2399,30 @@ def test_summarize_tables_a_hand_edited_results_json_or_refuses_it_in_one_line(t
             yield from places(child, (*where, key))
 
     @settings(max_examples=60, deadline=None)
-    @given(st.sampled_from(list(places(original))), st.sampled_from(["delete", None, "x", 3, [], {}]))
-    def check(where, value):
+    @given(st.sampled_from(list(places(original))), st.sampled_from(["delete", None, "x", 3, [], {}]), st.booleans())
+    # what a worst case made again reads of the cells it is made from: outcome, size, and its line's values
+    @example(("results", 0, "correct"), "x", True)
+    @example(("results", 1, "n"), 3, True)
+    @example(("results", 0, "clean_acc"), None, True)
+    def check(where, value, without_worst):
         edited = copy.deepcopy(original)
         parent = functools.reduce(lambda v, key: v[key], where[:-1], edited)
         if value == "delete":
             del parent[where[-1]]
         else:
             parent[where[-1]] = value
+        if without_worst and isinstance(edited.get("results"), list):  # a rerun makes them again from the outcomes
+            edited["results"] = [r for r in edited["results"] if not isinstance(r, dict) or r.get("attack") != "worst"]
         path.write_text(json.dumps(edited))
         try:  # main turns a ValueError into its one line and exit status 2; anything else is a traceback
             am.summarize(tmp_path / "runs_dry", am.parser_defaults, tmp_path / "summary")
         except ValueError as refusal:
-            assert str(tmp_path / "runs_dry" / "few_shot" / "oxford_pets" / "16shot" / "seed") in str(refusal)
+            assert str(tmp_path / folder / "seed") in str(refusal)
+        rerun = run_here(capsys, *dry_run, "1", cwd=tmp_path)
+        assert rerun.returncode in (0, 2), rerun.stderr
+        if rerun.returncode == 2:
+            assert rerun.stderr.count("\n") == 1 and str(folder / "seed1" / "results.json") in rerun.stderr
+            assert path.read_text() == json.dumps(edited)
 
     check()
 
