@@ -2541,12 +2541,18 @@ def export(run_dir, out_dir, visual=False, overwrite=False, model=None, pretrain
     if finished.get("tuned_file_sha256", sha256) != sha256:  # unrecorded by runs before it was: taken as the same
         raise ValueError(f"{tuned} is not the file that the cells of {run_dir / 'results.json'} measured (replaced "
                          f"since); rerun the run's command, which evaluates it, then export it")
-    model, pretrained = model or settings["model"], pretrained or settings["pretrained"]
+    edited = partial(_hand_edited, run_dir / "results.json", "export", "delete it and rerun the run's command, "
+                     "which evaluates every cell again; then export it")
+    with edited():  # what export reads of the run's settings, of the types run writes
+        model, pretrained = model or settings["model"], pretrained or settings["pretrained"]
+        if not (isinstance(model, str) and isinstance(pretrained, (str, type(None)))
+                and isinstance(settings.get("model_identity", {}), dict)):
+            raise TypeError("its model, pretrained or model_identity setting is not of the type run writes")
+        torch.manual_seed(settings["seed"])  # random base weights (--pretrained none) are drawn as main drew them
     for flag, path, file_key in (("--model", model, "config_sha256"), ("--pretrained", pretrained, "file_sha256")):
         if file_key in settings.get("model_identity", {}) and not Path(path).is_file():  # moved, or another cwd's
             raise ValueError(f"the run's {flag} file {path} is not there from here (a relative path is relative to "
                              f"where the run started); pass export {flag} PATH, where that file is now")
-    torch.manual_seed(settings["seed"])  # random base weights (--pretrained none) are drawn as main drew them
     clip, _, identity = load_clip(model, pretrained)
     if tuned.name == "masks.bin":  # either load refuses other base weights than the run's
         sparsity = mask_sparsity(load_masks(clip, tuned, describe(identity)))
@@ -2559,7 +2565,8 @@ def export(run_dir, out_dir, visual=False, overwrite=False, model=None, pretrain
     if identity["activation"] == "QuickGELU":  # a tag's network, whatever the name's own config says
         model_cfg["quick_gelu"] = True
     preprocess = {k: identity["preprocess"][k] for k in ("mean", "std", "interpolation", "resize_mode")}
-    card = model_card(run_dir, finished, identity, sparsity=sparsity, file_name=tuned.name)
+    with edited():
+        card = model_card(run_dir, finished, identity, sparsity=sparsity, file_name=tuned.name)
     tmp = _temporary(out_dir)
     try:
         tmp.mkdir(parents=True)

@@ -2379,12 +2379,12 @@ def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
     assert table(am.summarize(tmp_path, am.parser_defaults), "few_shot")[0] == ["dtd", "50.0 ± 0.0", "20.0 ± 0.0"]
 
 
-def test_a_hand_edited_results_json_is_tabled_and_rerun_or_refused_in_one_line(tmp_path, capsys):
+def test_a_hand_edited_results_json_is_tabled_exported_and_rerun_or_refused_in_one_line(tmp_path, capsys):
     """A dry run's results.json with one value edited by hand (deleted, or made null, a string, a number, a list or an
     object; its worst cases deleted too, or not) still parses: summarize then tables it or refuses it in a sentence
-    naming its folder (main's one line and exit status 2), and a rerun of the run's command reuses it (making the
-    worst cases again from the other cells' per-image outcomes) or ends in one line naming it, before it writes
-    anything; never another exception."""
+    naming its folder (main's one line and exit status 2); export exports the run, and a rerun of the run's command
+    reuses it (making the worst cases again from the other cells' per-image outcomes), or each ends in one line naming
+    it, before it writes anything; never another exception."""
     dry_run = ["--dry-run", "--epochs", "1", "--baseline", "--attack", "pgd,cw", "--seed"]
     for seed in ("1", "2"):  # two seeds, so that the edited run's basis is compared with another's
         run_here(capsys, *dry_run, seed, cwd=tmp_path)
@@ -2398,12 +2398,15 @@ def test_a_hand_edited_results_json_is_tabled_and_rerun_or_refused_in_one_line(t
             yield (*where, key)
             yield from places(child, (*where, key))
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=40, deadline=None)
     @given(st.sampled_from(list(places(original))), st.sampled_from(["delete", None, "x", 3, [], {}]), st.booleans())
-    # what a worst case made again reads of the cells it is made from: outcome, size, and its line's values
+    # edits a draw rarely makes: of what a worst case made again reads of the cells it is made from (outcome, size,
+    # its line's values), of a setting a summary's basis holds, of the model export loads
     @example(("results", 0, "correct"), "x", True)
     @example(("results", 1, "n"), 3, True)
     @example(("results", 0, "clean_acc"), None, True)
+    @example(("settings", "lam"), [], False)
+    @example(("settings", "model"), 3, False)
     def check(where, value, without_worst):
         edited = copy.deepcopy(original)
         parent = functools.reduce(lambda v, key: v[key], where[:-1], edited)
@@ -2418,11 +2421,14 @@ def test_a_hand_edited_results_json_is_tabled_and_rerun_or_refused_in_one_line(t
             am.summarize(tmp_path / "runs_dry", am.parser_defaults, tmp_path / "summary")
         except ValueError as refusal:
             assert str(tmp_path / folder / "seed") in str(refusal)
+        shutil.rmtree(tmp_path / "export", ignore_errors=True)
+        export = run_here(capsys, "export", str(folder / "seed1"), "export", cwd=tmp_path)
+        exported = (tmp_path / "export").exists()
         rerun = run_here(capsys, *dry_run, "1", cwd=tmp_path)
-        assert rerun.returncode in (0, 2), rerun.stderr
-        if rerun.returncode == 2:
-            assert rerun.stderr.count("\n") == 1 and str(folder / "seed1" / "results.json") in rerun.stderr
-            assert path.read_text() == json.dumps(edited)
+        for proc, wrote in ((export, exported), (rerun, path.read_text() != json.dumps(edited))):
+            assert proc.returncode in (0, 2), proc.stderr
+            if proc.returncode == 2:  # refused in one line naming the run, before it writes anything
+                assert proc.stderr.count("\n") == 1 and str(folder / "seed1") in proc.stderr and not wrote
 
     check()
 
