@@ -2962,8 +2962,8 @@ def _check_out_dir(out_dir, checkpoint, settings, overwrite):
         return False
     saved = read_json(out_dir / "config.json")
     differ = sorted(k for k, v in settings.items() if k not in EVAL_ONLY and saved.get(k) != v)
-    differ += [f"model {k}" for k in SAME_MODEL
-               if saved.get("model_identity", {}).get(k) != settings["model_identity"].get(k)]
+    theirs = saved.get("model_identity") if isinstance(saved.get("model_identity"), dict) else {}  # {}: edited away
+    differ += [f"model {k}" for k in SAME_MODEL if theirs.get(k) != settings["model_identity"].get(k)]
     if not differ:
         return True
     if checkpoint.is_file():

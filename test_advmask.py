@@ -2379,18 +2379,18 @@ def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
     assert table(am.summarize(tmp_path, am.parser_defaults), "few_shot")[0] == ["dtd", "50.0 ± 0.0", "20.0 ± 0.0"]
 
 
-def test_a_hand_edited_results_json_is_tabled_exported_and_rerun_or_refused_in_one_line(tmp_path, capsys):
-    """A dry run's results.json with one value edited by hand (deleted, or made null, a string, a number, a list or an
-    object; its worst cases deleted too, or not) still parses: summarize then tables it or refuses it in a sentence
-    naming its folder (main's one line and exit status 2); export exports the run, and a rerun of the run's command
-    reuses it (making the worst cases again from the other cells' per-image outcomes), or each ends in one line naming
-    it, before it writes anything; never another exception."""
+def test_a_hand_edited_run_file_is_tabled_exported_and_rerun_or_refused_in_one_line(tmp_path, capsys):
+    """A dry run's results.json or config.json with one value edited by hand (deleted, or made null, a string, a
+    number, a list or an object; the worst cases deleted too, or not) still parses: summarize then tables the run or
+    refuses it in a sentence naming its folder (main's one line and exit status 2); export exports it, and a rerun of
+    the run's command reuses it (making the worst cases again from the other cells' per-image outcomes), or each ends
+    in one line naming it, before it writes anything; never another exception."""
     dry_run = ["--dry-run", "--epochs", "1", "--baseline", "--attack", "pgd,cw", "--seed"]
     for seed in ("1", "2"):  # two seeds, so that the edited run's basis is compared with another's
         run_here(capsys, *dry_run, seed, cwd=tmp_path)
     folder = Path("runs_dry") / "few_shot" / "oxford_pets" / "16shot"
-    path = tmp_path / folder / "seed1" / "results.json"
-    original = json.loads(path.read_text())
+    originals = {name: json.loads((tmp_path / folder / "seed1" / name).read_text())
+                 for name in ("results.json", "config.json")}
 
     def places(value, where=()):  # the path of every value inside the JSON
         children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
@@ -2399,24 +2399,29 @@ def test_a_hand_edited_results_json_is_tabled_exported_and_rerun_or_refused_in_o
             yield from places(child, (*where, key))
 
     @settings(max_examples=40, deadline=None)
-    @given(st.sampled_from(list(places(original))), st.sampled_from(["delete", None, "x", 3, [], {}]), st.booleans())
+    @given(st.sampled_from([(name, *where) for name, value in originals.items() for where in places(value)]),
+           st.sampled_from(["delete", None, "x", 3, [], {}]), st.booleans())
     # edits a draw rarely makes: of what a worst case made again reads of the cells it is made from (outcome, size,
-    # its line's values), of a setting a summary's basis holds, of the model export loads
-    @example(("results", 0, "correct"), "x", True)
-    @example(("results", 1, "n"), 3, True)
-    @example(("results", 0, "clean_acc"), None, True)
-    @example(("settings", "lam"), [], False)
-    @example(("settings", "model"), 3, False)
+    # its line's values), of a setting a summary's basis holds, of the model export loads, of the model's identity
+    @example(("results.json", "results", 0, "correct"), "x", True)
+    @example(("results.json", "results", 1, "n"), 3, True)
+    @example(("results.json", "results", 0, "clean_acc"), None, True)
+    @example(("results.json", "settings", "lam"), [], False)
+    @example(("results.json", "settings", "model"), 3, False)
+    @example(("config.json", "model_identity"), "x", False)
     def check(where, value, without_worst):
-        edited = copy.deepcopy(original)
-        parent = functools.reduce(lambda v, key: v[key], where[:-1], edited)
+        files = copy.deepcopy(originals)
+        parent = functools.reduce(lambda v, key: v[key], where[:-1], files)
         if value == "delete":
             del parent[where[-1]]
         else:
             parent[where[-1]] = value
-        if without_worst and isinstance(edited.get("results"), list):  # a rerun makes them again from the outcomes
-            edited["results"] = [r for r in edited["results"] if not isinstance(r, dict) or r.get("attack") != "worst"]
-        path.write_text(json.dumps(edited))
+        cells = files["results.json"].get("results")
+        if without_worst and isinstance(cells, list):  # a rerun makes them again from the per-image outcomes
+            cells[:] = [r for r in cells if not isinstance(r, dict) or r.get("attack") != "worst"]
+        written = {name: json.dumps(value) for name, value in files.items()}
+        for name, text in written.items():
+            (tmp_path / folder / "seed1" / name).write_text(text)
         try:  # main turns a ValueError into its one line and exit status 2; anything else is a traceback
             am.summarize(tmp_path / "runs_dry", am.parser_defaults, tmp_path / "summary")
         except ValueError as refusal:
@@ -2425,7 +2430,8 @@ def test_a_hand_edited_results_json_is_tabled_exported_and_rerun_or_refused_in_o
         export = run_here(capsys, "export", str(folder / "seed1"), "export", cwd=tmp_path)
         exported = (tmp_path / "export").exists()
         rerun = run_here(capsys, *dry_run, "1", cwd=tmp_path)
-        for proc, wrote in ((export, exported), (rerun, path.read_text() != json.dumps(edited))):
+        rewrote = any((tmp_path / folder / "seed1" / name).read_text() != text for name, text in written.items())
+        for proc, wrote in ((export, exported), (rerun, rewrote)):
             assert proc.returncode in (0, 2), proc.stderr
             if proc.returncode == 2:  # refused in one line naming the run, before it writes anything
                 assert proc.stderr.count("\n") == 1 and str(folder / "seed1") in proc.stderr and not wrote
