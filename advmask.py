@@ -1909,7 +1909,8 @@ SummaryCell = collections.namedtuple("SummaryCell", "protocol attack eps basis m
 
 def _summary_cells(finished, protocol, dataset, shots, defaults):
     """(SummaryCell, entry, _basis) of each entry of a run folder's results.json that summarize tables (those measured
-    on the test sets of its latest run); a value of another type than run writes raises KeyError or TypeError."""
+    on the test sets of its latest run); a value gone or of another type than run writes raises what _hand_edited
+    turns into one sentence (KeyError, TypeError, ...)."""
     lr = finished.get("settings", {}).get("lr")
     cells = []
     for e in finished["results"]:
