@@ -3034,22 +3034,35 @@ def _result_rows(cell, result, todo):
 
 def _outcome(row):
     """The per-image outcome of a results.json entry, (n,) bool, True where the image stayed correctly classified."""
-    return torch.from_numpy(np.unpackbits(np.frombuffer(bytes.fromhex(row["correct"]), np.uint8),
-                                          count=row["n"]).astype(bool))
+    packed = np.frombuffer(bytes.fromhex(row["correct"]), np.uint8)
+    if len(packed) != math.ceil(row["n"] / 8):  # np.unpackbits would pad a short one, with zeros or worse
+        raise ValueError(f"its per-image outcome holds {8 * len(packed)} bits for its {row['n']} images")
+    return torch.from_numpy(np.unpackbits(packed, count=row["n"]).astype(bool))
 
 
-def _check_reusable(path, previous):
+def _evaluated(args, test_set):
+    """(indices, their sha256) of the images of a class set's test split that its cells are evaluated on."""
+    chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
+    return chosen, hashlib.sha256(json.dumps(list(chosen)).encode()).hexdigest()
+
+
+def _check_reusable(path, previous, args, sets):
     """Refuse in one line an earlier run's results.json that a hand edit left parsing, but with a value a rerun reads
-    (a cell's key, what a worst case made from a cell reads, the splits and class sets) gone or of another type."""
+    (a cell's key, what a worst case made from a cell reads, the splits and class sets) gone or of another type, or
+    a cell on the images this run evaluates (sets: the class sets) that records another number of them."""
+    sizes = {(name, sha256): len(chosen) for name, (test_set, *_) in sets.items()
+             for chosen, sha256 in [_evaluated(args, test_set)]}
     with _hand_edited(path, "a rerun", "delete it to evaluate every cell again"):
-        sizes = {}  # the key of a cell's images (less its attack and ε) -> their number, the same in all their cells
         for row in previous.get("results", []):
             hash(_cell_key(row))  # every value of a cell's key, as run writes it, is hashable
             _row_line(row)  # and what a worst case made from it prints is of the type run writes
             if row["attack"] != "worst":
                 _outcome(row)
-                if (n := sizes.setdefault(_cell_key({**row, "attack": None, "eps": None}), row["n"])) != row["n"]:
-                    raise ValueError(f"two cells on the same images record {n} and {row['n']} of them")
+            # a worst case made now stacks the per-image outcomes of these cells and of cells evaluated now
+            images = (row["eval"], (row.get("test_set") or {}).get("indices_sha256"))  # None: before cells kept it
+            if images in sizes and row["n"] != sizes[images]:
+                raise ValueError(f"a cell of {row['eval']} records {row['n']} test images where there are "
+                                 f"{sizes[images]}")
         if not all(isinstance(previous.get(k, {}), dict) for k in ("splits", "class_sets")):
             raise TypeError("its splits or class_sets is not an object")
 
@@ -3326,7 +3339,7 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
     # finished cells stay only beside the file they measured: a mask trained now (its file gone) starts them over,
     # and so does a file replaced since its cells were measured
     previous = read_json(results_path, ("results",)) if same_run and not train_now and results_path.is_file() else {}
-    _check_reusable(results_path, previous)
+    _check_reusable(results_path, previous, args, loaded.sets)
     if train_now:
         train_set, indices = _k_shot(args, loaded.train_on, loaded.train_set, loaded.train_names)
         images, labels = cache_images(train_set, indices, device, args.workers)
@@ -3390,8 +3403,7 @@ def _evaluate_missing(args, device, loaded, splits, class_sets, results, save, l
         models = ({args.baseline: ClipClassifier(loaded.baseline, names, templates, loaded.baseline_tokenizer)}
                   if args.baseline else {})
         models[TUNED_MODEL[args.tune]] = ClipClassifier(loaded.clip, names, templates, loaded.tokenizer)
-        chosen = balanced_subset(test_set.targets, args.eval_limit) if args.eval_limit else range(len(test_set))
-        indices_sha256 = hashlib.sha256(json.dumps(list(chosen)).encode()).hexdigest()  # of the images evaluated
+        chosen, indices_sha256 = _evaluated(args, test_set)
         test_set_id = _test_set(splits[_test_split(args.dataset, name)], indices_sha256, class_sets[name])
         cells = {m: {"model": m, "eval": name, "test_set": test_set_id, "code": loaded.settings["code"],
                      **{k: getattr(args, k) for k in CELL_SETTINGS},

@@ -2381,10 +2381,11 @@ def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
 
 def test_a_hand_edited_run_file_is_tabled_exported_and_rerun_or_refused_in_one_line(tmp_path, capsys):
     """A dry run's results.json or config.json with one value edited by hand (deleted, or made null, a string, a
-    number, a list or an object; the worst cases deleted too, or not) still parses: summarize then tables the run or
-    refuses it in a sentence naming its folder (main's one line and exit status 2); export exports it, and a rerun of
-    the run's command reuses it (making the worst cases again from the other cells' per-image outcomes), or each ends
-    in one line naming it, before it writes anything; never another exception."""
+    number, a list or an object; the worst cases, or they and the CW cells, deleted too, or not) still parses:
+    summarize then tables the run or refuses it in a sentence naming its folder (main's one line and exit status 2);
+    export exports it, and a rerun of the run's command reuses it (making the worst cases again from the other cells'
+    per-image outcomes and the CW cells evaluated again), or each ends in one line naming it, before it writes
+    anything; never another exception, and a rerun never keeps a cell whose size or outcome is not its images'."""
     dry_run = ["--dry-run", "--epochs", "1", "--baseline", "--attack", "pgd,cw", "--seed"]
     for seed in ("1", "2"):  # two seeds, so that the edited run's basis is compared with another's
         run_here(capsys, *dry_run, seed, cwd=tmp_path)
@@ -2400,16 +2401,18 @@ def test_a_hand_edited_run_file_is_tabled_exported_and_rerun_or_refused_in_one_l
 
     @settings(max_examples=40, deadline=None)
     @given(st.sampled_from([(name, *where) for name, value in originals.items() for where in places(value)]),
-           st.sampled_from(["delete", None, "x", 3, [], {}]), st.booleans())
+           st.sampled_from(["delete", None, "x", 3, [], {}]), st.sampled_from([(), ("worst",), ("worst", "cw")]))
     # edits a draw rarely makes: of what a worst case made again reads of the cells it is made from (outcome, size,
     # its line's values), of a setting a summary's basis holds, of the model export loads, of the model's identity
-    @example(("results.json", "results", 0, "correct"), "x", True)
-    @example(("results.json", "results", 1, "n"), 3, True)
-    @example(("results.json", "results", 0, "clean_acc"), None, True)
-    @example(("results.json", "settings", "lam"), [], False)
-    @example(("results.json", "settings", "model"), 3, False)
-    @example(("config.json", "model_identity"), "x", False)
-    def check(where, value, without_worst):
+    @example(("results.json", "results", 0, "correct"), "x", ("worst",))
+    @example(("results.json", "results", 0, "correct"), "00", ("worst",))  # 8 of the 64 images' outcomes
+    @example(("results.json", "results", 1, "n"), 3, ("worst",))
+    @example(("results.json", "results", 0, "n"), 60, ("worst", "cw"))  # 60 outcomes fill as many bytes as 64
+    @example(("results.json", "results", 0, "clean_acc"), None, ("worst",))
+    @example(("results.json", "settings", "lam"), [], ())
+    @example(("results.json", "settings", "model"), 3, ())
+    @example(("config.json", "model_identity"), "x", ())
+    def check(where, value, deleted):
         files = copy.deepcopy(originals)
         parent = functools.reduce(lambda v, key: v[key], where[:-1], files)
         if value == "delete":
@@ -2417,8 +2420,8 @@ def test_a_hand_edited_run_file_is_tabled_exported_and_rerun_or_refused_in_one_l
         else:
             parent[where[-1]] = value
         cells = files["results.json"].get("results")
-        if without_worst and isinstance(cells, list):  # a rerun makes them again from the per-image outcomes
-            cells[:] = [r for r in cells if not isinstance(r, dict) or r.get("attack") != "worst"]
+        if isinstance(cells, list):  # a rerun makes the worst cases again from the per-image outcomes
+            cells[:] = [r for r in cells if not isinstance(r, dict) or r.get("attack") not in deleted]
         written = {name: json.dumps(value) for name, value in files.items()}
         for name, text in written.items():
             (tmp_path / folder / "seed1" / name).write_text(text)
@@ -2435,6 +2438,10 @@ def test_a_hand_edited_run_file_is_tabled_exported_and_rerun_or_refused_in_one_l
             assert proc.returncode in (0, 2), proc.stderr
             if proc.returncode == 2:  # refused in one line naming the run, before it writes anything
                 assert proc.stderr.count("\n") == 1 and str(folder / "seed1") in proc.stderr and not wrote
+        if rerun.returncode == 0:  # what a worst case is made from: each cell's outcome of each of its images
+            n = originals["results.json"]["results"][0]["n"]
+            for r in json.loads((tmp_path / folder / "seed1" / "results.json").read_text())["results"]:
+                assert r["n"] == n and (r["attack"] == "worst" or len(bytes.fromhex(r["correct"])) == -(-n // 8))
 
     check()
 
