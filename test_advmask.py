@@ -1252,6 +1252,9 @@ def test_an_input_gradient_too_small_for_fp16_gives_sign_zero_there_and_not_in_f
     assert moved["fp32"][x < 254 / 255].all() and not moved["fp16"].any()
 
 
+# The families of image tower AdvMask masks, each as a named open_clip config shrunk to a tiny random model (timm
+# towers through timm.create_model's own size arguments): the blocks' path, the attention and MLP weights of a block
+# and the prefix tokens per block, written out from each tower's source.
 FAMILY_MODELS = {
     "ViT-B-16": ("transformer.resblocks", ["attn.in_proj_weight", "attn.out_proj.weight"],
                  ["mlp.c_fc.weight", "mlp.c_proj.weight"], 1),
@@ -2446,9 +2449,6 @@ def test_a_hand_edited_run_file_is_tabled_exported_and_rerun_or_refused_in_one_l
     check()
 
 
-# The families of image tower AdvMask masks, each as a named open_clip config shrunk to a tiny random model (timm
-# towers through timm.create_model's own size arguments): the blocks' path, the attention and MLP weights of a block
-# and the prefix tokens per block, written out from each tower's source.
 # ---------------------------------------------------------------------------------------------------------------------
 # Analysis and figures
 
