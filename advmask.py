@@ -2373,20 +2373,25 @@ def _bench_train_step(model, optimizer, x, y, device, precision):
         train_step(model, optimizer, x, y)
 
 
+# Where a CPU's memory is read: Linux's /proc; elsewhere a CPU benchmark reports speeds alone
+PROC_SELF = Path("/proc/self")
+
+
 def _train_peak_memory(clip_config, batch_size, device, target, masked, precision):
     """Peak memory of two training steps in this (fresh) process: CUDA max allocated, or RSS growth on CPU."""
     device = torch.device(device)
     model, optimizer = _bench_model(clip_config, device, target, masked)
     x, y = _bench_batch(clip_config, batch_size, device)
-    rss_before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:  # what this process holds before the steps
+        rss_before = int((PROC_SELF / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     for _ in range(2):
         _bench_train_step(model, optimizer, x, y, device=device, precision=precision)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     # VmHWM, this process's own peak: ru_maxrss would carry over the peak of the process that spawned this one
-    peak_kb = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]  # Linux, like statm
+    peak_kb = re.search(r"VmHWM:\s+(\d+) kB", (PROC_SELF / "status").read_text())[1]
     return int(peak_kb) * 1024 - rss_before
 
 
@@ -2410,9 +2415,13 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
                                "plain": lambda: pgd_attack(frozen, x, y, steps=pgd_steps)}, device, repeats)
     # each training variant's peak memory comes from a fresh process of its own, so the two peaks do not mix; on the
     # CPU the two run side by side (a peak, VmHWM, is per process), on a GPU one after the other (they share its memory)
-    with torch.multiprocessing.get_context("spawn").Pool(1 if device.type == "cuda" else 2, maxtasksperchild=1) as pool:
-        memory = dict(zip(("masked", "plain"), pool.starmap(_train_peak_memory, [
-            (clip_config, batch_size, str(device), target, masked, precision) for masked in (True, False)])))
+    memory_mb = {"masked": None, "plain": None}  # a CPU without /proc: not measured
+    if device.type == "cuda" or PROC_SELF.is_dir():
+        with torch.multiprocessing.get_context("spawn").Pool(1 if device.type == "cuda" else 2,
+                                                             maxtasksperchild=1) as pool:
+            peaks = pool.starmap(_train_peak_memory, [(clip_config, batch_size, str(device), target, masked,
+                                                       precision) for masked in (True, False)])
+        memory_mb = {"masked": peaks[0] / 2**20, "plain": peaks[1] / 2**20}
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "precision": precision,
         "batch_size": batch_size, "masked_weights": n_weights, "pgd_steps": pgd_steps,
@@ -2420,8 +2429,9 @@ def benchmark(clip_config, batch_size, device, precision, target="mhsa", repeats
         "train_time_ratio": train_s["masked"] / train_s["plain"],
         "eval_img_s_baked": batch_size / eval_s["baked"], "eval_img_s_plain": batch_size / eval_s["plain"],
         "eval_time_ratio": eval_s["baked"] / eval_s["plain"],
-        "train_peak_mem_masked_mb": memory["masked"] / 2**20, "train_peak_mem_plain_mb": memory["plain"] / 2**20,
-        "train_mem_ratio": memory["masked"] / memory["plain"], "mask_bits_per_weight": bits_per_weight,
+        "train_peak_mem_masked_mb": memory_mb["masked"], "train_peak_mem_plain_mb": memory_mb["plain"],
+        "train_mem_ratio": None if memory_mb["plain"] is None else memory_mb["masked"] / memory_mb["plain"],
+        "mask_bits_per_weight": bits_per_weight,
     }
 
 

@@ -2773,13 +2773,18 @@ def test_the_training_precision_keeps_lafa_faithful_where_bf16_does_not():
     assert rows["bf16"]["pgd_sign_agreement"] > 0.9 and chosen["step_time_ratio"] == 1
 
 
-def test_benchmark_reports_every_figure_and_one_bit_per_weight():
-    """benchmark() gives positive speeds and memories, and a mask file of one bit per weight plus ≤ 1.5 KB."""
+@pytest.mark.parametrize("proc", [True, False])
+def test_benchmark_reports_every_figure_and_one_bit_per_weight(proc, tmp_path, monkeypatch):
+    """benchmark() gives positive speeds and memories (no memories on a CPU without Linux's /proc, where it reads
+    them, but the speeds all the same), and a mask file of one bit per weight plus ≤ 1.5 KB."""
+    if not proc:
+        monkeypatch.setattr(am, "PROC_SELF", tmp_path / "no-proc")
     result = am.benchmark(am.TINY_CLIP, 8, torch.device("cpu"), "fp32", repeats=1, pgd_steps=2)
     assert result["masked_weights"] == 2 * (3 * 64 * 64 + 64 * 64)
-    for key in ("train_img_s_masked", "train_img_s_plain", "eval_img_s_baked", "eval_img_s_plain",
-                "train_peak_mem_masked_mb", "train_peak_mem_plain_mb"):
+    memory = ("train_peak_mem_masked_mb", "train_peak_mem_plain_mb", "train_mem_ratio")
+    for key in ("train_img_s_masked", "train_img_s_plain", "eval_img_s_baked", "eval_img_s_plain", *memory * proc):
         assert result[key] > 0, key
+    assert proc or [result[key] for key in memory] == [None] * 3
     assert result["train_time_ratio"] == pytest.approx(result["train_img_s_plain"] / result["train_img_s_masked"])
     overhead_bytes = (result["mask_bits_per_weight"] - 1) * result["masked_weights"] / 8
     # safetensors' header and ours, uncompressed JSON: about 1 KB whatever the size (ViT-B/32: 1.0006 bits a weight)
