@@ -3060,6 +3060,8 @@ def _check_reusable(path, previous, args, sets):
     """Refuse in one line an earlier run's results.json that a hand edit left parsing, but with a value a rerun reads
     (a cell's key, what a worst case made from a cell reads, the splits and class sets) gone or of another type, or
     a cell on the images this run evaluates (sets: the class sets) that records another number of them."""
+    if not previous:  # nothing reused: no images to count (a fresh run's start-up need not draw its test subsets)
+        return
     sizes = {(name, sha256): len(chosen) for name, (test_set, *_) in sets.items()
              for chosen, sha256 in [_evaluated(args, test_set)]}
     with _hand_edited(path, "a rerun", "delete it to evaluate every cell again"):
