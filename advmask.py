@@ -925,10 +925,12 @@ def describe(identity):
 # ----------------------------------------------------------------------------------------------------------------------
 # Mask and weight files: 1 bit per masked weight (32 per tuned weight), with checked metadata
 
-# Format 4 is safetensors: the tensors, and the header as one metadata entry, "advmask", a JSON object (one entry, as
-# safetensors writes several in a random order: the same mask gives the same bytes). Formats 1-3 were advmask's own
-# container (magic, zlib JSON header, payload), refused with a line naming them.
-FILE_FORMAT = 4
+# Format 5 is safetensors: the tensors, and the header as one metadata entry, "advmask", a JSON object (one entry, as
+# safetensors writes several in a random order: the same mask gives the same bytes) whose sha256 covers the header and
+# the tensors alike: the provenance a transfer run files its cells by, and the shapes, threshold and heads that loading
+# and analysis read, are checked as the bits are. Earlier formats are refused with a line naming them: 1-3, advmask's
+# own container (magic, zlib JSON header, payload), and 4, safetensors with a checksum of the tensors alone.
+FILE_FORMAT = 5
 OLD_MAGIC = {b"ADVMASK\n": "mask", b"ADVTUNE\n": "weights"}
 TUNED_FILES = {"mask": "masks.bin", "weights": "weights.bin"}  # a run folder's trained file, by kind (--tune)
 
@@ -963,9 +965,10 @@ def _atomic_write(path, data):
         tmp.unlink(missing_ok=True)
 
 
-def _tensors_sha256(tensors):
-    """sha256 of the tensors' names, dtypes, shapes and bytes, in name order: the payload checksum of a file."""
-    digest = hashlib.sha256()
+def _content_sha256(meta, tensors):
+    """sha256 of a file's header (its JSON, keys sorted) and its tensors' names, dtypes, shapes and bytes, in name
+    order: the checksum a file carries of everything else it holds."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name]
         digest.update(f"{name} {t.dtype} {tuple(t.shape)}".encode() + t.contiguous().numpy().tobytes())
@@ -974,9 +977,10 @@ def _tensors_sha256(tensors):
 
 def write_tuned_file(path, kind, header, tensors):
     """Write a mask or weights file (kind "mask" or "weights") atomically, as safetensors: the CPU tensors, and as
-    metadata "advmask", the JSON of the kind, the format, the tensors' sha256 and the header's fields."""
+    metadata "advmask", the JSON of the kind, the format, the header's fields and the sha256 of all the rest."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    meta = {"kind": kind, "format": FILE_FORMAT, "sha256": _tensors_sha256(tensors), **header}
+    meta = json.loads(json.dumps({"kind": kind, "format": FILE_FORMAT, **header}))  # as read back: tuples as lists
+    meta["sha256"] = _content_sha256(meta, tensors)
     _atomic_write(path, safetensors.torch.save(tensors, {"advmask": json.dumps(meta)}))
 
 
@@ -995,26 +999,29 @@ def read_tuned_file(path, kind):
     except (safetensors.SafetensorError, ValueError) as e:
         data = path.read_bytes()
         old = next((what for magic, what in OLD_MAGIC.items() if data.startswith(magic)), None)
-        if old:  # the format number sits in the old container's zlib-compressed JSON header
-            try:
-                n = json.loads(zlib.decompress(data[12:12 + int.from_bytes(data[8:12], "little")])).get("format")
-            except (zlib.error, ValueError):  # a cut or altered old file: its format is unreadable too
-                n = "1-3"
-            raise ValueError(f"{path} is a {old} file of format {n}, advmask's own container before format "
-                             f"{FILE_FORMAT} (safetensors), which this version does not read; train it again "
-                             f"(--overwrite), or use the advmask commit that wrote it") from None
-        raise ValueError(f"{path} is not a whole advmask {kind} file ({str(e).splitlines()[0]}): it is truncated, "
-                         f"corrupted or another file; copy it again, or retrain with --overwrite") from None
-    other = meta.get("kind")
-    if meta.get("format") == FILE_FORMAT and other in TUNED_FILES and other != kind:  # the other kind: say which
+        if old is None:
+            raise ValueError(f"{path} is not a whole advmask {kind} file ({str(e).splitlines()[0]}): it is truncated, "
+                             f"corrupted or another file; copy it again, or retrain with --overwrite") from None
+        try:  # the format number sits in the old container's zlib-compressed JSON header
+            n = json.loads(zlib.decompress(data[12:12 + int.from_bytes(data[8:12], "little")]))["format"]
+        except (zlib.error, ValueError, KeyError, TypeError):  # a cut or altered old file: its format is unreadable too
+            n = "1-3"
+        meta = {"kind": old, "format": n}
+    meta = meta if isinstance(meta, dict) else {}
+    other, n = meta.get("kind"), meta.get("format")
+    if other in TUNED_FILES and str(n) in ("1", "2", "3", "1-3", "4"):  # an earlier format's (a cut container's "1-3")
+        what = "safetensors with a checksum of its tensors alone" if n == 4 else "advmask's own container"
+        raise ValueError(f"{path} is a {other} file of format {n} ({what}), which this version (format {FILE_FORMAT}) "
+                         f"does not read; train it again (--overwrite), or use the advmask commit that wrote it")
+    if n == FILE_FORMAT and other in TUNED_FILES and other != kind:  # the other kind: say which
         raise ValueError(f"{path} is an advmask {other} file, not a {kind} file; evaluate it with "
                          f"{'--masks' if other == 'mask' else '--weights'}, or pass a {TUNED_FILES[kind]}")
-    if other != kind or meta.get("format") != FILE_FORMAT:
+    if other != kind or n != FILE_FORMAT:
         raise ValueError(f"{path} is not an advmask {kind} file of format {FILE_FORMAT}; pass a file that "
                          f"save_{'masks' if kind == 'mask' else 'weights'} wrote")
-    if _tensors_sha256(tensors) != meta["sha256"]:
-        raise ValueError(f"{path} fails its checksum: its {kind} tensors are corrupted; copy it again, or retrain "
-                         f"with --overwrite")
+    if _content_sha256({k: v for k, v in meta.items() if k != "sha256"}, tensors) != meta.get("sha256"):
+        raise ValueError(f"{path} fails its checksum: its header or its {kind} tensors changed since it was written "
+                         f"(corrupted, or edited); copy it again, or retrain with --overwrite")
     return {k: v for k, v in meta.items() if k not in ("kind", "format", "sha256")}, tensors
 
 

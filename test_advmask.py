@@ -1484,10 +1484,57 @@ def test_a_mask_or_weights_file_is_refused_on_other_weights(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def json_places(value, where=()):
+    """The path (keys and indices) of every value inside a JSON value."""
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield (*where, key)
+        yield from json_places(child, (*where, key))
+
+
+def test_a_header_edited_or_corrupted_fails_the_checksum_as_a_tensor_does(tmp_path):
+    """Any value of a mask or weights file's header changed, of another type or deleted (the provenance a transfer
+    run files its cells by, the shapes, threshold and heads that loading and analysis read, the checksum itself; by
+    hand, or by a flipped byte that still parses) fails the file's checksum in one line, as a changed tensor does."""
+    files = {"mask": tmp_path / "masks.bin", "weights": tmp_path / "weights.bin"}
+    model = masked_tiny_clip(7)
+    am.save_masks(model, files["mask"], "tiny seed 7", provenance={"dataset": "dtd", "shots": 16, "lr": 1e-4})
+    am.save_weights(tiny_clip(7), files["weights"], "mhsa", "tiny seed 7", provenance={"dataset": "dtd", "shots": 4})
+    headers = {}
+    for kind, path in files.items():
+        with safetensors.safe_open(path, "pt") as f:
+            headers[kind] = json.loads(f.metadata()["advmask"]), {name: f.get_tensor(name) for name in f.keys()}
+        am.read_tuned_file(path, kind)  # whole as written
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.sampled_from([(kind, *where) for kind, (meta, _) in headers.items() for where in json_places(meta)
+                            if where[0] not in ("kind", "format")]),  # those two have refusals of their own
+           st.one_of(st.just("delete"), st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+                     st.text(max_size=4), st.just([]), st.just({})))
+    @example(("mask", "provenance", "shots"), 18)  # a number a transfer run would label its cells with
+    @example(("mask", "threshold"), 0.006)
+    def check(where, value):
+        kind, *where = where
+        meta, tensors = copy.deepcopy(headers[kind])
+        parent = functools.reduce(lambda v, key: v[key], where[:-1], meta)
+        old = parent[where[-1]]
+        if value == "delete":
+            del parent[where[-1]]
+        elif value == old and type(value) is type(old):
+            return  # not a change
+        else:
+            parent[where[-1]] = value
+        (tmp_path / "edited.bin").write_bytes(safetensors.torch.save(tensors, {"advmask": json.dumps(meta)}))
+        with pytest.raises(ValueError, match=f"edited.bin fails its checksum: its header or its {kind} tensors"):
+            am.read_tuned_file(tmp_path / "edited.bin", kind)
+
+    check()
+
+
 def test_a_mask_file_reads_with_safetensors_alone_and_an_earlier_format_is_refused(tmp_path):
     """A mask file is a safetensors file: safe_open alone gives its header (JSON metadata) and its packed bits,
-    which unpack to the mask's; a weights file holds each tuned weight under its name. A file of advmask's earlier
-    container (formats 1-3) is refused in one line naming its format."""
+    which unpack to the mask's; a weights file holds each tuned weight under its name. A file of an earlier format
+    (advmask's own container, 1-3; 4, whose checksum left out the header) is refused in one line naming its format."""
     model = masked_tiny_clip(7)
     randomize_scores(model, 2)
     am.save_masks(model, tmp_path / "masks.bin")
@@ -1503,11 +1550,23 @@ def test_a_mask_file_reads_with_safetensors_alone_and_an_earlier_format_is_refus
     for magic, kind, load in ((b"ADVMASK\n", "mask", am.load_masks), (b"ADVTUNE\n", "weights", am.load_weights)):
         blob = zlib.compress(json.dumps({"format": 3, "arch": "VisionTransformer(...)"}).encode())
         (tmp_path / "old.bin").write_bytes(magic + len(blob).to_bytes(4, "little") + blob + b"\x00" * 16)
-        with pytest.raises(ValueError, match=rf"old.bin is a {kind} file of format 3, advmask's own container before "
-                                             rf"format 4 \(safetensors\), which this version does not read"):
+        with pytest.raises(ValueError, match=rf"old.bin is a {kind} file of format 3 \(advmask's own container\), "
+                                             rf"which this version \(format 5\) does not read"):
             load(tiny_clip(7), tmp_path / "old.bin")
         (tmp_path / "old.bin").write_bytes(magic + (40).to_bytes(4, "little") + b"not zlib")  # a cut old file
-        with pytest.raises(ValueError, match=rf"old.bin is a {kind} file of format 1-3, advmask's own container"):
+        with pytest.raises(ValueError, match=rf"old.bin is a {kind} file of format 1-3 \(advmask's own container"):
+            load(tiny_clip(7), tmp_path / "old.bin")
+        # format 4 as it was written: this layout, with the sha256 of the tensors alone
+        with safetensors.safe_open(tmp_path / am.TUNED_FILES[kind], "pt") as f:
+            meta, tensors = json.loads(f.metadata()["advmask"]), {name: f.get_tensor(name) for name in f.keys()}
+        digest = hashlib.sha256()
+        for name in sorted(tensors):
+            t = tensors[name]
+            digest.update(f"{name} {t.dtype} {tuple(t.shape)}".encode() + t.contiguous().numpy().tobytes())
+        meta.update(format=4, sha256=digest.hexdigest())
+        (tmp_path / "old.bin").write_bytes(safetensors.torch.save(tensors, {"advmask": json.dumps(meta)}))
+        with pytest.raises(ValueError, match=rf"old.bin is a {kind} file of format 4 \(safetensors with a checksum of "
+                                             rf"its tensors alone\), which this version \(format 5\) does not read"):
             load(tiny_clip(7), tmp_path / "old.bin")
 
 
@@ -2396,14 +2455,8 @@ def test_a_hand_edited_run_file_is_tabled_exported_and_rerun_or_refused_in_one_l
     originals = {name: json.loads((tmp_path / folder / "seed1" / name).read_text())
                  for name in ("results.json", "config.json")}
 
-    def places(value, where=()):  # the path of every value inside the JSON
-        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-        for key, child in children:
-            yield (*where, key)
-            yield from places(child, (*where, key))
-
     @settings(max_examples=40, deadline=None)
-    @given(st.sampled_from([(name, *where) for name, value in originals.items() for where in places(value)]),
+    @given(st.sampled_from([(name, *where) for name, value in originals.items() for where in json_places(value)]),
            st.sampled_from(["delete", None, "x", 3, [], {}]), st.sampled_from([(), ("worst",), ("worst", "cw")]))
     # edits a draw rarely makes: of what a worst case made again reads of the cells it is made from (outcome, size,
     # its line's values), of a setting a summary's basis holds, of the model export loads, of the model's identity
