@@ -643,6 +643,7 @@ import socket
 import statistics
 import tempfile
 import threading
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -1146,11 +1147,15 @@ def _load_training_state(path, state):
     a checkpoint."""
     if not path.is_file():
         return None
-    try:
+    try:  # torch.load checks no CRC of its zip archive: a flipped bit in a tensor would resume from a changed value
+        with zipfile.ZipFile(path) as archive:
+            if (damaged := archive.testzip()) is not None:
+                raise zipfile.BadZipFile(f"{damaged} fails its CRC")
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever the parser trips on, the file is not an intact checkpoint
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start the run "
-                         f"over") from None
+        detail = " ".join(str(e).split())[:80]
+        raise ValueError(f"checkpoint {path} is damaged or unreadable ({type(e).__name__}: {detail}); delete it to "
+                         f"start the run over") from None
     if [p.shape for p in saved["params"]] != [p.shape for p in state["params"]]:
         raise ValueError(f"checkpoint {path} holds tensors of other shapes; delete it or train into another folder")
     with torch.no_grad():

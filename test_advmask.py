@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zipfile
 import zlib
 from functools import partial
 from pathlib import Path
@@ -759,6 +760,45 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
                  checkpoint_every=1)
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["epoch"] == 2 and all(torch.isfinite(s).all() for s in state["params"])
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_sentence_never_resumed(tmp_path, capsys):
+    """A checkpoint with one bit flipped in any tensor's bytes (which torch.load reads without complaint: it checks
+    no CRC), one cut short, or one of other tensors' shapes is refused with a sentence that says to delete it; the
+    intact one resumes."""
+    x, y = synthetic_training_set(4, 2)
+    path = tmp_path / "ckpt.pt"
+
+    def train(target, epochs):
+        model = tiny_classifier(n_classes=4)
+        am.train(model, am.apply_masks(model, target), x, y, epochs=epochs, batch_size=8,
+                 checkpoint=am.training_checkpoint(path))
+
+    train("mlp", 1)
+    other_shapes = path.read_bytes()
+    path.unlink()
+    train("mhsa", 1)
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        tensors = [info for info in archive.infolist() if "/data/" in info.filename]
+    damaged = []
+    for info in tensors:  # a tensor's bytes follow its local header: 30 bytes, its name, its (alignment) extra field
+        at = info.header_offset
+        name_length, extra_length = (int.from_bytes(data[i:i + 2], "little") for i in (at + 26, at + 28))
+        start = at + 30 + name_length + extra_length
+        flipped = bytearray(data)
+        flipped[start + info.file_size // 2] ^= 1
+        damaged.append((bytes(flipped), rf"BadZipFile: {info.filename} fails its CRC"))
+    assert len(damaged) > 10  # the scores, Adam's moments, the generators' states, the log row's sums
+    for blob, detail in [*damaged, (data[:-10], "BadZipFile"), (other_shapes, None)]:
+        path.write_bytes(blob)
+        message = "holds tensors of other shapes" if detail is None else rf"is damaged or unreadable \({detail}"
+        with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(path))} {message}.*; delete it"):
+            train("mhsa", 2)
+    path.write_bytes(data)
+    capsys.readouterr()
+    train("mhsa", 2)
+    assert f"resuming from {path}, saved after epoch 1" in capsys.readouterr().out
 
 
 def test_training_reads_the_finiteness_flag_only_at_log_lines_and_saves(tmp_path, monkeypatch):
