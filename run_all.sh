@@ -85,9 +85,8 @@ else
   DATASETS=${DATASETS:-"imagenet caltech101 oxford_pets stanford_cars flowers102 food101 fgvc_aircraft sun397 dtd eurosat ucf101"}
   SHOTS=${SHOTS:-"1 2 4 8 16"}; SEEDS=${SEEDS:-"1 2 3"}; RUNS=${RUNS:-runs}
 fi
-# under --gpus a cell runs on its GPU or not at all: --device cuda, after the flags given so that it wins, refuses in
-# one line a GPU that a cell's process cannot see (an id outside a Slurm job's GPUs; no GPU at all here, before any
-# cell runs), where the default device would train on the CPU, unsaid
+# under --gpus a cell runs on its GPU or not at all: --device cuda, after the flags given so that it wins, fails in one
+# line a cell whose process sees no GPU, where the default device would train on the CPU, unsaid
 if [ -n "$GPUS" ]; then EXTRA+=(--device cuda); fi
 # a value given twice would run its cells twice, at once under --gpus (where the folder's lock refuses the second)
 for option in datasets:DATASETS shots:SHOTS seeds:SEEDS protocol:PROTOCOL; do
@@ -105,16 +104,25 @@ for protocol in $PROTOCOL; do for dataset in $DATASETS; do for shots in $SHOTS; 
 done; done; done; done
 # every cell's flags through advmask.py's own parser before any cell runs: a typo (--datasets oxford_pest, -- --attack
 # fgsm) is one line and exit 2 here, not a sweep of failed cells whose folders a summary would show as rows of dashes
-"$PYTHON" - "$(dirname "$ADVMASK")" "${#EXTRA[@]}" ${EXTRA[@]+"${EXTRA[@]}"} ${cells[@]+"${cells[@]}"} <<'EOF' || exit 2
-import contextlib, io, sys
+# and every --gpus id among the GPUs this job may use: each cell's CUDA_VISIBLE_DEVICES replaces the job's, so an id
+# outside a Slurm job's list would run cells on another job's GPU where devices are not fenced off, unsaid
+"$PYTHON" - "$(dirname "$ADVMASK")" "$GPUS" "${#EXTRA[@]}" ${EXTRA[@]+"${EXTRA[@]}"} ${cells[@]+"${cells[@]}"} \
+    <<'EOF' || exit 2
+import contextlib, io, os, sys
 sys.path.insert(0, sys.argv[1])
 try:
     import advmask
 except ImportError as e:  # an interpreter without requirements.txt's packages
     sys.exit(f"run_all.sh: {sys.executable} has no {e.name}, which advmask.py needs; pass --python the interpreter "
              f"that requirements.txt was installed into; see run_all.sh --help")
-n = int(sys.argv[2])
-extra, cells = sys.argv[3:3 + n], sys.argv[3 + n:]
+visible, count = os.environ.get("CUDA_VISIBLE_DEVICES"), advmask.torch.cuda.device_count()
+for gpu in sys.argv[2].split():  # ids as CUDA_VISIBLE_DEVICES takes them: the job's list, else 0 .. count - 1
+    if gpu not in (visible.split(",") if visible is not None else [str(i) for i in range(count)]):
+        job = f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else f"{count} GPUs visible"
+        sys.exit(f"run_all.sh: --gpus lists {gpu}, which is not a GPU of this job ({job}); pass ids of its GPUs; "
+                 f"see run_all.sh --help")
+n = int(sys.argv[3])
+extra, cells = sys.argv[4:4 + n], sys.argv[4 + n:]
 for cell in cells:
     protocol, dataset, shots, seed = cell.split()
     err = io.StringIO()  # its warnings go to each cell's log.txt; here only an error is said

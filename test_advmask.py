@@ -3556,26 +3556,32 @@ def test_sweeps_sharing_a_runs_folder_report_only_their_own_failed_cells(tmp_pat
 def test_run_all_usage_errors_are_one_line_and_exit_2(tmp_path, tmp_path_factory):
     """run_all.sh with an unknown option, with an option's value missing, with a flag it sets per cell after --
     (which would give every cell one seed, say), with a value listed twice (whose cells would run twice, at once
-    under --gpus), with a cell that advmask.py's parser refuses (a dataset's name mistyped; --gpus where no GPU is
-    visible), with an interpreter that lacks advmask.py's packages, or with a runs folder it cannot write, ends in one
-    line that says what to do and exit status 2, before any run and with nothing written."""
+    under --gpus), with a cell that advmask.py's parser refuses (a dataset's name mistyped), with a --gpus id that is
+    not one of the job's GPUs (none visible; outside a Slurm job's list), with an interpreter that lacks advmask.py's
+    packages, or with a runs folder it cannot write, ends in one line that says what to do and exit status 2, before
+    any run and with nothing written."""
     bare = tmp_path_factory.mktemp("bin") / "python"  # this Python without its site-packages: no torch, no open_clip
     bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
     bare.chmod(0o755)
-    for args, message in ((["--bogus"], "unknown option --bogus"), (["--dry-run", "--shots"], "--shots needs a value"),
-                          (["--dry-run", "--", "--seed=7"], "--seed after -- would give every cell the same value; "
-                                                            "use run_all.sh's own option"),
-                          (["--dry-run", "--seeds", "1 2 1"], "--seeds lists 1 twice; give each value once"),
-                          (["--datasets", "dtd eurosat dtd"], "--datasets lists dtd twice; give each value once"),
-                          (["--dry-run", "--datasets", "dtd oxford_pest", "--", "--epochs", "2"],
-                           "the cell few_shot oxford_pest 1-shot seed 1: argument --dataset: invalid choice"),
-                          (["--dry-run", "--python", str(bare)], f"{sys.executable} has no open_clip, which"),
-                          (["--dry-run", "--runs", "/dev/null/runs", "--python", "true"],  # `true`: any cell passes
-                           "cannot write to /dev/null/runs; pass --runs a folder you can write to"),
-                          (["--datasets", "dtd", "--shots", "1", "--seeds", "1", "--gpus", "0"],  # no GPU visible
-                           "the cell few_shot dtd 1-shot seed 1: argument --device: cuda was asked for but 0 CUDA")):
+    gpus = ["--datasets", "dtd", "--shots", "1", "--seeds", "1", "--gpus"]
+    # (arguments, message[, CUDA_VISIBLE_DEVICES, else none visible])
+    cases = [(["--bogus"], "unknown option --bogus"), (["--dry-run", "--shots"], "--shots needs a value"),
+             (["--dry-run", "--", "--seed=7"], "--seed after -- would give every cell the same value; use run_all.sh's "
+                                               "own option"),
+             (["--dry-run", "--seeds", "1 2 1"], "--seeds lists 1 twice; give each value once"),
+             (["--datasets", "dtd eurosat dtd"], "--datasets lists dtd twice; give each value once"),
+             (["--dry-run", "--datasets", "dtd oxford_pest", "--", "--epochs", "2"],
+              "the cell few_shot oxford_pest 1-shot seed 1: argument --dataset: invalid choice"),
+             (["--dry-run", "--python", str(bare)], f"{sys.executable} has no open_clip, which"),
+             (["--dry-run", "--runs", "/dev/null/runs", "--python", "true"],  # `true`: any cell passes
+              "cannot write to /dev/null/runs; pass --runs a folder you can write to"),
+             ([*gpus, "0"], "--gpus lists 0, which is not a GPU of this job (CUDA_VISIBLE_DEVICES=)"),  # none visible
+             # a Slurm job's GPUs 2 and 3: GPU 0 is another job's
+             ([*gpus, "2 0"], "--gpus lists 0, which is not a GPU of this job (CUDA_VISIBLE_DEVICES=2,3)", "2,3")]
+    for args, message, *visible in cases:
         proc = subprocess.run(["bash", str(HERE / "run_all.sh"), *args], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=60, env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+                              timeout=60, env={**os.environ, "PYTHON": sys.executable,
+                                               "CUDA_VISIBLE_DEVICES": "".join(visible)})
         assert (proc.returncode, proc.stdout, proc.stderr.count("\n")) == (2, "", 1), proc.stdout + proc.stderr
         assert proc.stderr.startswith(f"run_all.sh: {message}") and proc.stderr.endswith("; see run_all.sh --help\n")
     assert list(tmp_path.iterdir()) == []
