@@ -808,6 +808,17 @@ def resolve_model(model):
             raise ValueError(f"{model} is not an open_clip model config (no embed_dim, vision_cfg and text_cfg); pass "
                              f"one, or an open_clip model name")
         open_clip.add_model_config(model)
+        logging.disable(logging.WARNING)  # open_clip's warning of a model built without weights
+        try:  # built and run once on the meta device (no memory, no weights): what open_clip trips on is one line here
+            with torch.device("meta"):
+                clip = open_clip.create_model(Path(model).stem, device="meta")
+                clip.encode_image(torch.zeros(1, 3, *clip.visual.image_size))
+        except Exception as e:
+            raise ValueError(f"{model} is not a config that open_clip builds and runs ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:120]}); fix its values (open_clip's model_configs/*.json "
+                             f"show them)") from None
+        finally:
+            logging.disable(logging.NOTSET)
         model = Path(model).stem
     if model not in open_clip.list_models():
         raise ValueError(f"unknown model {model!r}; pass an open_clip model name such as ViT-B-32, an "

@@ -3640,6 +3640,10 @@ def bad_input_cases(files):
         (["--pretrained", str(files / "missing.pt")], "is neither an open_clip tag of ViT-B-32"),
         (["--model", str(files / "missing.json")], "missing.json is unreadable (FileNotFoundError)"),
         (["--model", str(files / "garbage.json")], "garbage.json is unreadable (JSONDecodeError)"),
+        (["--model", str(files / "unbuildable.json")], "unbuildable.json is not a config that open_clip builds and runs "
+                                                       "(ZeroDivisionError"),
+        (["--model", str(files / "unrunnable.json")], "unrunnable.json is not a config that open_clip builds and runs "
+                                                      "(RuntimeError: Calculated padded input size"),
         (["--model", str(files / "other.json")], "other.json is not an open_clip model config"),
         ([*tiny, "--pretrained", str(files / "other.pt")], "is not a state dict of tiny-test-clip (Error(s) in"),
         ([*tiny, "--pretrained", str(files / "garbage.pt")], "is not a state dict of tiny-test-clip (not a torch"),
@@ -3683,6 +3687,9 @@ def bad_files(tiny_files):
     (tiny_files / "garbage.pt").write_bytes(b"not a checkpoint")
     (tiny_files / "garbage.json").write_text("{not json")
     (tiny_files / "other.json").write_text(json.dumps({"embed_dim": 32}))  # JSON, but not a model's config
+    for name, change in (("unbuildable", {"patch_size": 0}), ("unrunnable", {"image_size": 7})):  # patches of 8
+        config = {**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], **change}}
+        (tiny_files / f"{name}.json").write_text(json.dumps(config))
     (tiny_files / "no-test.json").write_text(json.dumps({"train": [["Abyssinian_1.jpg", 0, "abyssinian"]], "val": [],
                                                          "test": []}))  # a split file without a test list
     model = tiny_clip(7)
