@@ -1022,7 +1022,7 @@ def read_tuned_file(path, kind):
     meta = meta if isinstance(meta, dict) else {}
     other, n = meta.get("kind"), meta.get("format")
     if other in TUNED_FILES and str(n) in ("1", "2", "3", "1-3", "4"):  # an earlier format's (a cut container's "1-3")
-        what = "safetensors with a checksum of its tensors alone" if n == 4 else "advmask's own container"
+        what = "safetensors with a checksum of its tensors alone" if str(n) == "4" else "advmask's own container"
         raise ValueError(f"{path} is a {other} file of format {n} ({what}), which this version (format {FILE_FORMAT}) "
                          f"does not read; train it again (--overwrite), or use the advmask commit that wrote it")
     if n == FILE_FORMAT and other in TUNED_FILES and other != kind:  # the other kind: say which
