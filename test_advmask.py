@@ -3557,13 +3557,12 @@ def test_run_all_usage_errors_are_one_line_and_exit_2(tmp_path, tmp_path_factory
     """run_all.sh with an unknown option, with an option's value missing, with a flag it sets per cell after --
     (which would give every cell one seed, say), with a value listed twice (whose cells would run twice, at once
     under --gpus), with a cell that advmask.py's parser refuses (a dataset's name mistyped), with a --gpus id that is
-    not one of the job's GPUs (none visible; outside a Slurm job's list), with an interpreter that lacks advmask.py's
+    not one of the job's GPUs (outside a Slurm job's list), with an interpreter that lacks advmask.py's
     packages, or with a runs folder it cannot write, ends in one line that says what to do and exit status 2, before
     any run and with nothing written."""
     bare = tmp_path_factory.mktemp("bin") / "python"  # this Python without its site-packages: no torch, no open_clip
     bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
     bare.chmod(0o755)
-    gpus = ["--datasets", "dtd", "--shots", "1", "--seeds", "1", "--gpus"]
     # (arguments, message[, CUDA_VISIBLE_DEVICES, else none visible])
     cases = [(["--bogus"], "unknown option --bogus"), (["--dry-run", "--shots"], "--shots needs a value"),
              (["--dry-run", "--", "--seed=7"], "--seed after -- would give every cell the same value; use run_all.sh's "
@@ -3575,9 +3574,9 @@ def test_run_all_usage_errors_are_one_line_and_exit_2(tmp_path, tmp_path_factory
              (["--dry-run", "--python", str(bare)], f"{sys.executable} has no open_clip, which"),
              (["--dry-run", "--runs", "/dev/null/runs", "--python", "true"],  # `true`: any cell passes
               "cannot write to /dev/null/runs; pass --runs a folder you can write to"),
-             ([*gpus, "0"], "--gpus lists 0, which is not a GPU of this job (CUDA_VISIBLE_DEVICES=)"),  # none visible
-             # a Slurm job's GPUs 2 and 3: GPU 0 is another job's
-             ([*gpus, "2 0"], "--gpus lists 0, which is not a GPU of this job (CUDA_VISIBLE_DEVICES=2,3)", "2,3")]
+             # a Slurm job's GPUs 2 and 3: GPU 0 is another job's (where none is visible, every id is refused so)
+             (["--datasets", "dtd", "--shots", "1", "--seeds", "1", "--gpus", "2 0"],
+              "--gpus lists 0, which is not a GPU of this job (CUDA_VISIBLE_DEVICES=2,3)", "2,3")]
     for args, message, *visible in cases:
         proc = subprocess.run(["bash", str(HERE / "run_all.sh"), *args], cwd=tmp_path, capture_output=True, text=True,
                               timeout=60, env={**os.environ, "PYTHON": sys.executable,
@@ -3640,10 +3639,10 @@ def bad_input_cases(files):
         (["--pretrained", str(files / "missing.pt")], "is neither an open_clip tag of ViT-B-32"),
         (["--model", str(files / "missing.json")], "missing.json is unreadable (FileNotFoundError)"),
         (["--model", str(files / "garbage.json")], "garbage.json is unreadable (JSONDecodeError)"),
-        (["--model", str(files / "unbuildable.json")], "unbuildable.json is not a config that open_clip builds and runs "
-                                                       "(ZeroDivisionError"),
-        (["--model", str(files / "unrunnable.json")], "unrunnable.json is not a config that open_clip builds and runs "
-                                                      "(RuntimeError: Calculated padded input size"),
+        (["--model", str(files / "unbuildable.json")],
+         "unbuildable.json is not a config that open_clip builds and runs (ZeroDivisionError"),
+        (["--model", str(files / "unrunnable.json")],
+         "unrunnable.json is not a config that open_clip builds and runs (RuntimeError: Calculated padded input size"),
         (["--model", str(files / "other.json")], "other.json is not an open_clip model config"),
         ([*tiny, "--pretrained", str(files / "other.pt")], "is not a state dict of tiny-test-clip (Error(s) in"),
         ([*tiny, "--pretrained", str(files / "garbage.pt")], "is not a state dict of tiny-test-clip (not a torch"),
