@@ -811,7 +811,7 @@ def resolve_model(model):
         logging.disable(logging.WARNING)  # open_clip's warning of a model built without weights
         try:  # built and run once on the meta device (no memory, no weights): what open_clip trips on is one line here
             with torch.device("meta"):
-                clip = open_clip.create_model(Path(model).stem, device="meta")
+                clip = open_clip.create_model(Path(model).stem, device="meta", pretrained_text=False)  # no HF weights
                 clip.encode_image(torch.zeros(1, 3, *clip.visual.image_size))
         except Exception as e:
             raise ValueError(f"{model} is not a config that open_clip builds and runs ({type(e).__name__}: "
