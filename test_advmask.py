@@ -3642,7 +3642,7 @@ def bad_input_cases(files):
         (["--model", str(files / "unbuildable.json")],
          "unbuildable.json is not a config that open_clip builds and runs (ZeroDivisionError"),
         (["--model", str(files / "unrunnable.json")],
-         "unrunnable.json is not a config that open_clip builds and runs (RuntimeError: Calculated padded input size"),
+         "unrunnable.json is not a config that open_clip builds and runs (RuntimeError: "),  # torch's words vary
         (["--model", str(files / "other.json")], "other.json is not an open_clip model config"),
         ([*tiny, "--pretrained", str(files / "other.pt")], "is not a state dict of tiny-test-clip (Error(s) in"),
         ([*tiny, "--pretrained", str(files / "garbage.pt")], "is not a state dict of tiny-test-clip (not a torch"),
