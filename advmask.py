@@ -794,11 +794,17 @@ def weights_fingerprint(model, exclude=()):
 
 
 def resolve_model(model):
-    """The open_clip name of --model: a known name, an hf-hub:/local-dir: folder, or a config JSON registered under its
-    file's stem."""
-    if model.startswith(SCHEMAS):
+    """The open_clip name of --model: a known name, an hf-hub: folder (fetched with its weights), or a config of one's
+    own that open_clip builds and runs: a local-dir: folder, or a config JSON registered under its file's stem."""
+    if model.startswith("hf-hub:"):
         return model
-    if model.endswith(".json"):  # checked here: open_clip skips a config without these keys, and a file it cannot
+    if model.startswith("local-dir:"):
+        path, name = Path(model[len("local-dir:"):]), model
+        if not (path / "open_clip_config.json").is_file() or not any(
+                f.suffix in (".safetensors", ".bin", ".pth") for f in path.glob("*")):
+            raise ValueError(f"{path} is not an open_clip model folder (open_clip_config.json beside a weights file "
+                             f"such as open_clip_model.safetensors); pass such a folder with local-dir:PATH")
+    elif model.endswith(".json"):  # checked here: open_clip skips a config without these keys, and a file it cannot
         try:  # parse stays in its registry, failing every later registration in the process
             config = json.loads(Path(model).read_text())
         except (OSError, ValueError) as e:
@@ -808,22 +814,26 @@ def resolve_model(model):
             raise ValueError(f"{model} is not an open_clip model config (no embed_dim, vision_cfg and text_cfg); pass "
                              f"one, or an open_clip model name")
         open_clip.add_model_config(model)
-        logging.disable(logging.WARNING)  # open_clip's warning of a model built without weights
-        try:  # built and run once on the meta device (no memory, no weights): what open_clip trips on is one line here
-            with torch.device("meta"):
-                clip = open_clip.create_model(Path(model).stem, device="meta", pretrained_text=False)  # no HF weights
-                clip.encode_image(torch.zeros(1, 3, *clip.visual.image_size))
-        except Exception as e:
-            raise ValueError(f"{model} is not a config that open_clip builds and runs ({type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:120]}); fix its values (open_clip's model_configs/*.json "
-                             f"show them)") from None
-        finally:
-            logging.disable(logging.NOTSET)
-        model = Path(model).stem
-    if model not in open_clip.list_models():
+        name = Path(model).stem
+    elif model in open_clip.list_models():
+        return model
+    else:
         raise ValueError(f"unknown model {model!r}; pass an open_clip model name such as ViT-B-32, an "
                          f"hf-hub:ORG/NAME or local-dir:PATH model folder, or a config JSON")
-    return model
+    logging.disable(logging.WARNING)  # open_clip's warning of a model built without weights
+    try:  # built and run once on the meta device (no memory, no weights): what open_clip trips on is one line here
+        with torch.device("meta"):
+            clip = open_clip.create_model(name, device="meta", load_weights=False, pretrained_text=False)
+            mean, std = (torch.tensor(preprocess_cfg(clip)[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+            clip.encode_image((torch.zeros(1, 3, *clip.visual.image_size) - mean) / std)  # as ClipClassifier does
+            clip.encode_text(torch.zeros(1, clip.context_length, dtype=torch.long))
+    except Exception as e:
+        raise ValueError(f"{model} is not a config that open_clip builds and runs ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:120]}); fix its values (open_clip's model_configs/*.json "
+                         f"show them)") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    return name
 
 
 def load_clip(model, pretrained):
@@ -871,12 +881,6 @@ def _create_clip(name, pretrained):
             raise ValueError(f"--pretrained {pretrained} is neither an open_clip tag of {name} ({some}) nor an "
                              f"existing file; pass a tag, a checkpoint path, or none")
         identity["file_sha256"] = hashlib.sha256(Path(pretrained).read_bytes()).hexdigest()
-    if name.startswith("local-dir:"):
-        path = Path(name[len("local-dir:"):])
-        if not (path / "open_clip_config.json").is_file() or not any(
-                f.suffix in (".safetensors", ".bin", ".pth") for f in path.glob("*")):
-            raise ValueError(f"{path} is not an open_clip model folder (open_clip_config.json beside a weights file "
-                             f"such as open_clip_model.safetensors); pass such a folder with local-dir:PATH")
     # a tag's own config says whether its weights were trained with QuickGELU (OpenAI's were); open_clip would only
     # warn and build the GELU network of the plain name
     quick_gelu = pretrained in tags and bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu"))

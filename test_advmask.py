@@ -3643,6 +3643,10 @@ def bad_input_cases(files):
          "unbuildable.json is not a config that open_clip builds and runs (ZeroDivisionError"),
         (["--model", str(files / "unrunnable.json")],
          "unrunnable.json is not a config that open_clip builds and runs (RuntimeError: "),  # torch's words vary
+        (["--model", str(files / "textless.json")],
+         "textless.json is not a config that open_clip builds and runs (IndexError: "),
+        (["--model", f"local-dir:{files / 'two-means'}"],
+         "two-means is not a config that open_clip builds and runs (RuntimeError: shape '[1, 3, 1, 1]'"),
         (["--model", str(files / "other.json")], "other.json is not an open_clip model config"),
         ([*tiny, "--pretrained", str(files / "other.pt")], "is not a state dict of tiny-test-clip (Error(s) in"),
         ([*tiny, "--pretrained", str(files / "garbage.pt")], "is not a state dict of tiny-test-clip (not a torch"),
@@ -3686,8 +3690,10 @@ def bad_files(tiny_files):
     (tiny_files / "garbage.pt").write_bytes(b"not a checkpoint")
     (tiny_files / "garbage.json").write_text("{not json")
     (tiny_files / "other.json").write_text(json.dumps({"embed_dim": 32}))  # JSON, but not a model's config
-    for name, change in (("unbuildable", {"patch_size": 0}), ("unrunnable", {"image_size": 7})):  # patches of 8
-        config = {**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], **change}}
+    for name, tower, change in (("unbuildable", "vision_cfg", {"patch_size": 0}),
+                                ("unrunnable", "vision_cfg", {"image_size": 7}),  # smaller than a patch, 8
+                                ("textless", "text_cfg", {"layers": -1})):  # built, with no text block to run
+        config = {**am.TINY_CLIP, tower: {**am.TINY_CLIP[tower], **change}}
         (tiny_files / f"{name}.json").write_text(json.dumps(config))
     (tiny_files / "no-test.json").write_text(json.dumps({"train": [["Abyssinian_1.jpg", 0, "abyssinian"]], "val": [],
                                                          "test": []}))  # a split file without a test list
@@ -3707,6 +3713,7 @@ def bad_files(tiny_files):
     am.save_masks(mlp, tiny_files / "masks-mlp.bin")
     am.save_masks(masked_tiny_clip(3), tiny_files / "masks-other-weights.bin")
     model_folder(tiny_files / "squash", tiny_clip(7), resize_mode="squash")
+    model_folder(tiny_files / "two-means", tiny_clip(7), mean=[0.5, 0.5])  # a folder's preprocessing, edited
     model_folder(tiny_files / "misfit", open_clip.CLIP(**{**am.TINY_CLIP, "embed_dim": 16}))  # other weights' shapes
     for name, config, target in (("weights.bin", am.TINY_CLIP, "mhsa"), ("weights-mlp.bin", am.TINY_CLIP, "mlp"),
                                  ("weights-other-arch.bin", other_config, "mhsa")):
