@@ -3557,9 +3557,9 @@ def test_run_all_usage_errors_are_one_line_and_exit_2(tmp_path, tmp_path_factory
     """run_all.sh with an unknown option, with an option's value missing, with a flag it sets per cell after --
     (which would give every cell one seed, say), with a value listed twice (whose cells would run twice, at once
     under --gpus), with a cell that advmask.py's parser refuses (a dataset's name mistyped), with a --gpus id that is
-    not one of the job's GPUs (outside a Slurm job's list), with an interpreter that lacks advmask.py's
-    packages, or with a runs folder it cannot write, ends in one line that says what to do and exit status 2, before
-    any run and with nothing written."""
+    not one of the job's GPUs (outside a Slurm job's list), with an interpreter that lacks advmask.py's packages, or
+    with a runs folder it cannot write, ends in one line that says what to do and exit status 2, before any run and
+    with nothing written."""
     bare = tmp_path_factory.mktemp("bin") / "python"  # this Python without its site-packages: no torch, no open_clip
     bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
     bare.chmod(0o755)
