@@ -1140,15 +1140,19 @@ def load_weights(model, path, source=None):
 # ----------------------------------------------------------------------------------------------------------------------
 # Training checkpoints: a file for train's checkpoint hooks (checkpoint=None never touches them)
 
-def training_checkpoint(path):
-    """train's checkpoint argument for a file: (load, save) of the training state in path, written atomically."""
-    return partial(_load_training_state, Path(path)), partial(_save_training_state, Path(path))
+def training_checkpoint(path, code=None):
+    """train's checkpoint argument for a file: (load, save) of the training state in path, written atomically. code,
+    what trains (run's: advmask.py's sha256 and torch's version), is saved with it; another's state is not resumed."""
+    return (partial(_load_training_state, Path(path), code=code),
+            partial(_save_training_state, Path(path), code=code))
 
 
-def _save_training_state(path, state, epoch, history):
+def _save_training_state(path, state, epoch, history, code=None):
     """Save train's state (the trained tensors, Adam, the schedule, the generators, the running sums of the log row in
-    progress), the epochs done and the log so far."""
-    saved = {"epoch": epoch, "params": [p.detach().cpu() for p in state["params"]],
+    progress), the epochs done, the log so far and the code that trains."""
+    # the code as JSON: torch.load's weights_only unpickler takes plain data alone (torch.__version__ is a TorchVersion)
+    saved = {"code": json.dumps(code, sort_keys=True), "epoch": epoch,
+             "params": [p.detach().cpu() for p in state["params"]],
              "optimizer": state["optimizer"].state_dict(), "scheduler": state["scheduler"].state_dict(),
              "generators": [g.get_state() for g in state["generators"]], "history": history,
              "sums": {k: v.cpu() for k, v in state["sums"].items()}}
@@ -1157,9 +1161,9 @@ def _save_training_state(path, state, epoch, history):
     _atomic_write(path, buffer.getvalue())
 
 
-def _load_training_state(path, state):
-    """Restore into train's state what _save_training_state wrote; returns (epochs done, log so far), or None without
-    a checkpoint."""
+def _load_training_state(path, state, code=None):
+    """Restore into train's state what _save_training_state wrote with the same code; returns (epochs done, log so
+    far), or None without a checkpoint."""
     if not path.is_file():
         return None
     try:  # torch.load checks no CRC of its zip archive: a flipped bit in a tensor would resume from a changed value
@@ -1171,6 +1175,10 @@ def _load_training_state(path, state):
         detail = " ".join(str(e).split())[:80]
         raise ValueError(f"checkpoint {path} is damaged or unreadable ({type(e).__name__}: {detail}); delete it to "
                          f"start the run over") from None
+    # resumed under other code, the mask would be two versions' training passed off as this one's
+    if not isinstance(saved, dict) or saved.get("code") != json.dumps(code, sort_keys=True):
+        raise ValueError(f"checkpoint {path} was saved by another advmask.py or torch than this run's (or by one that "
+                         f"did not record it); delete it to start the run over, or resume with the code that saved it")
     if [p.shape for p in saved["params"]] != [p.shape for p in state["params"]]:
         raise ValueError(f"checkpoint {path} holds tensors of other shapes; delete it or train into another folder")
     with torch.no_grad():
@@ -3404,8 +3412,8 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
             loaded.clip, images, labels, loaded.train_names, templates=loaded.template, target=args.mask_target,
             tune=args.tune, epochs=epochs, tokenizer=loaded.tokenizer, batch_size=args.batch_size, lr=args.lr,
             lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255, steps=args.train_steps,
-            loss=args.loss, seed=args.seed, precision=args.precision, checkpoint=training_checkpoint(checkpoint),
-            checkpoint_every=args.checkpoint_every)
+            loss=args.loss, seed=args.seed, precision=args.precision,
+            checkpoint=training_checkpoint(checkpoint, loaded.settings["code"]), checkpoint_every=args.checkpoint_every)
     provenance = {**{k: getattr(args, k) for k in PROVENANCE}, "code": loaded.settings["code"]}  # that trained it
     source = describe(loaded.identity)
     if args.tune == "mask":

@@ -762,20 +762,27 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert state["epoch"] == 2 and all(torch.isfinite(s).all() for s in state["params"])
 
 
-def test_a_damaged_checkpoint_is_refused_in_one_sentence_never_resumed(tmp_path, capsys):
+def test_a_damaged_or_foreign_checkpoint_is_refused_in_one_sentence_never_resumed(tmp_path, capsys):
     """A checkpoint with one bit flipped in any tensor's bytes (which torch.load reads without complaint: it checks
-    no CRC), one cut short, or one of other tensors' shapes is refused with a sentence that says to delete it; the
-    intact one resumes."""
+    no CRC), one cut short, one of other tensors' shapes, one saved by other code (another advmask.py or torch: the
+    mask would be two versions' training) or by code that recorded none (an earlier layout) is refused with a
+    sentence that says to delete it; the intact one resumes under the code that saved it."""
     x, y = synthetic_training_set(4, 2)
-    path = tmp_path / "ckpt.pt"
+    path, ours = tmp_path / "ckpt.pt", {"advmask_sha256": "ab" * 32, "torch": torch.__version__}
 
-    def train(target, epochs):
+    def train(target, epochs, code=ours):
         model = tiny_classifier(n_classes=4)
         am.train(model, am.apply_masks(model, target), x, y, epochs=epochs, batch_size=8,
-                 checkpoint=am.training_checkpoint(path))
+                 checkpoint=am.training_checkpoint(path, code))
 
     train("mlp", 1)
     other_shapes = path.read_bytes()
+    path.unlink()
+    train("mhsa", 1, {**ours, "advmask_sha256": "cd" * 32})
+    other_code = path.read_bytes()
+    path.unlink()
+    train("mhsa", 1, None)
+    unrecorded = path.read_bytes()
     path.unlink()
     train("mhsa", 1)
     data = path.read_bytes()
@@ -790,9 +797,11 @@ def test_a_damaged_checkpoint_is_refused_in_one_sentence_never_resumed(tmp_path,
         flipped[start + info.file_size // 2] ^= 1
         damaged.append((bytes(flipped), rf"BadZipFile: {info.filename} fails its CRC"))
     assert len(damaged) > 10  # the scores, Adam's moments, the generators' states, the log row's sums
-    for blob, detail in [*damaged, (data[:-10], "BadZipFile"), (other_shapes, None)]:
+    foreign = "was saved by another advmask.py or torch than this run's"
+    for blob, message in [*((blob, rf"is damaged or unreadable \({detail}") for blob, detail in damaged),
+                          (data[:-10], r"is damaged or unreadable \(BadZipFile"),
+                          (other_shapes, "holds tensors of other shapes"), (other_code, foreign), (unrecorded, foreign)]:
         path.write_bytes(blob)
-        message = "holds tensors of other shapes" if detail is None else rf"is damaged or unreadable \({detail}"
         with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(path))} {message}.*; delete it"):
             train("mhsa", 2)
     path.write_bytes(data)
