@@ -1141,8 +1141,8 @@ def load_weights(model, path, source=None):
 # Training checkpoints: a file for train's checkpoint hooks (checkpoint=None never touches them)
 
 def training_checkpoint(path, code=None):
-    """train's checkpoint argument for a file: (load, save) of the training state in path, written atomically. code,
-    what trains (run's: advmask.py's sha256 and torch's version), is saved with it; another's state is not resumed."""
+    """train's checkpoint argument for a file: (load, save) of the training state in path, written atomically. code
+    (run's: advmask.py's sha256 and torch's version) is saved with the state; one saved by other code is not resumed."""
     return (partial(_load_training_state, Path(path), code=code),
             partial(_save_training_state, Path(path), code=code))
 
