@@ -861,6 +861,9 @@ def load_clip(model, pretrained):
         except OSError as e:
             raise ValueError(f"could not fetch the tokenizer of {identity['model']} ({str(e).splitlines()[0]}); run "
                              f"once where there is a network, so that Hugging Face's cache holds it") from None
+        if getattr(tokenizer, "vocab_size", 0) > clip.vocab_size:  # a config's own: its tokens index past the table
+            raise ValueError(f"{model} embeds {clip.vocab_size} tokens, fewer than its tokenizer's "
+                             f"{tokenizer.vocab_size}; give its text_cfg a vocab_size of at least that")
     identity.update(activation=activation(clip), preprocess=preprocess_cfg(clip),
                     weights_sha256=weights_fingerprint(clip), open_clip=open_clip.__version__)
     return clip, tokenizer, identity

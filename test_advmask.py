@@ -800,7 +800,8 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_in_one_sentence_never_resume
     foreign = "was saved by another advmask.py or torch than this run's"
     for blob, message in [*((blob, rf"is damaged or unreadable \({detail}") for blob, detail in damaged),
                           (data[:-10], r"is damaged or unreadable \(BadZipFile"),
-                          (other_shapes, "holds tensors of other shapes"), (other_code, foreign), (unrecorded, foreign)]:
+                          (other_shapes, "holds tensors of other shapes"),
+                          (other_code, foreign), (unrecorded, foreign)]:
         path.write_bytes(blob)
         with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(path))} {message}.*; delete it"):
             train("mhsa", 2)
@@ -3654,6 +3655,8 @@ def bad_input_cases(files):
          "unrunnable.json is not a config that open_clip builds and runs (RuntimeError: "),  # torch's words vary
         (["--model", str(files / "textless.json")],
          "textless.json is not a config that open_clip builds and runs (IndexError: "),
+        (["--model", str(files / "few-tokens.json"), "--pretrained", str(files / "few-tokens.pt")],
+         "few-tokens.json embeds 1000 tokens, fewer than its tokenizer's 49408; give its text_cfg a vocab_size"),
         (["--model", f"local-dir:{files / 'two-means'}"],
          "two-means is not a config that open_clip builds and runs (RuntimeError: shape '[1, 3, 1, 1]'"),
         (["--model", str(files / "other.json")], "other.json is not an open_clip model config"),
@@ -3701,9 +3704,11 @@ def bad_files(tiny_files):
     (tiny_files / "other.json").write_text(json.dumps({"embed_dim": 32}))  # JSON, but not a model's config
     for name, tower, change in (("unbuildable", "vision_cfg", {"patch_size": 0}),
                                 ("unrunnable", "vision_cfg", {"image_size": 7}),  # smaller than a patch, 8
-                                ("textless", "text_cfg", {"layers": -1})):  # built, with no text block to run
+                                ("textless", "text_cfg", {"layers": -1}),  # built, with no text block to run
+                                ("few-tokens", "text_cfg", {"vocab_size": 1000})):  # below its tokenizer's 49408
         config = {**am.TINY_CLIP, tower: {**am.TINY_CLIP[tower], **change}}
         (tiny_files / f"{name}.json").write_text(json.dumps(config))
+    torch.save(open_clip.CLIP(**config).state_dict(), tiny_files / "few-tokens.pt")  # its weights: they load
     (tiny_files / "no-test.json").write_text(json.dumps({"train": [["Abyssinian_1.jpg", 0, "abyssinian"]], "val": [],
                                                          "test": []}))  # a split file without a test list
     model = tiny_clip(7)
