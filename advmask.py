@@ -3168,7 +3168,7 @@ def _folder_lock(out_dir):
             try:
                 if here and not gone:
                     os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
-            except ProcessLookupError:
+            except (ProcessLookupError, OverflowError):  # no such process; a pid past any (a hand edit) neither
                 gone = True
             except PermissionError:
                 pass  # it exists, another user's
