@@ -117,7 +117,7 @@ except ImportError as e:  # an interpreter without requirements.txt's packages
              f"that requirements.txt was installed into; see run_all.sh --help")
 visible, count = os.environ.get("CUDA_VISIBLE_DEVICES"), advmask.torch.cuda.device_count()
 for gpu in sys.argv[2].split():  # ids as CUDA_VISIBLE_DEVICES takes them: the job's list, else 0 .. count - 1
-    if gpu not in (visible.split(",") if visible is not None else [str(i) for i in range(count)]):
+    if gpu not in (visible.replace(" ", "").split(",") if visible is not None else [str(i) for i in range(count)]):
         job = f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else f"{count} GPUs visible"
         sys.exit(f"run_all.sh: --gpus lists {gpu}, which is not a GPU of this job ({job}); pass ids of its GPUs; "
                  f"see run_all.sh --help")

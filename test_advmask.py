@@ -3584,9 +3584,10 @@ def test_run_all_usage_errors_are_one_line_and_exit_2(tmp_path, tmp_path_factory
              (["--dry-run", "--python", str(bare)], f"{sys.executable} has no open_clip, which"),
              (["--dry-run", "--runs", "/dev/null/runs", "--python", "true"],  # `true`: any cell passes
               "cannot write to /dev/null/runs; pass --runs a folder you can write to"),
-             # a Slurm job's GPUs 2 and 3: GPU 0 is another job's (where none is visible, every id is refused so)
-             (["--datasets", "dtd", "--shots", "1", "--seeds", "1", "--gpus", "2 0"],
-              "--gpus lists 0, which is not a GPU of this job (CUDA_VISIBLE_DEVICES=2,3)", "2,3")]
+             # a job's GPUs 2 and 3 (a space in the list, as a hand-set one may have): GPU 0 is another job's (where
+             # none is visible, every id is refused so)
+             (["--datasets", "dtd", "--shots", "1", "--seeds", "1", "--gpus", "3 0"],
+              "--gpus lists 0, which is not a GPU of this job (CUDA_VISIBLE_DEVICES=2, 3)", "2, 3")]
     for args, message, *visible in cases:
         proc = subprocess.run(["bash", str(HERE / "run_all.sh"), *args], cwd=tmp_path, capture_output=True, text=True,
                               timeout=60, env={**os.environ, "PYTHON": sys.executable,
