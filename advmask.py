@@ -3403,9 +3403,11 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
         if previous and previous.get("tuned_file_sha256") != sha256:
             print(f"{tuned_file} is not the file that the cells of {results_path} measured; evaluating them again")
             previous = {}
-    # before anything new: an interrupted overwrite, or retraining, leaves no old result behind
+    # before anything new: an interrupted overwrite, or retraining, leaves no old result behind; a checkpoint is
+    # resumed by a run of its config.json's settings alone (without that file, what trained it is unknown), and a file
+    # reused supersedes one left beside it (by a kill between the file's save and the checkpoint's deletion)
     for old in (checkpoint, results_path, *(out_dir / f for f in TUNED_FILES.values())) if args.overwrite else (
-            [results_path] if train_now else []):
+            [results_path] * train_now + [checkpoint] * (not (train_now and same_run))):
         old.unlink(missing_ok=True)
     write_json(out_dir / "config.json", loaded.settings)
     if not train_now:

@@ -3353,7 +3353,7 @@ def test_a_failure_keeps_every_finished_cell_and_the_rerun_evaluates_only_the_re
 def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_cells(tmp_path, monkeypatch, capsys):
     """The same command with --attack pgd,cw after a PGD run, on another device of the same kind (cpu:0 after cpu,
     as cuda:1 after cuda): masks.bin byte for byte, the PGD cell as it was, the CW cell and the per-image worst case
-    over both added, and no training step; with --attack cw,pgd then, every cell is reused (the worst case is over a
+    over both added, no training step, and a checkpoint left beside the saved mask (a kill between the two) gone; with --attack cw,pgd then, every cell is reused (the worst case is over a
     set); with a third attack, a worst case over the three is added, and summarize tables each set apart."""
     monkeypatch.chdir(tmp_path)
     run = "runs/few_shot/oxford_pets/16shot/seed1"
@@ -3361,8 +3361,10 @@ def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_c
     mask = (tmp_path / run / "masks.bin").read_bytes()
     before = json.loads((tmp_path / run / "results.json").read_text())
     capsys.readouterr()
+    (tmp_path / run / "checkpoint.pt").write_bytes(b"left by a kill after the mask was saved")
     am.main([*dry_run_args(run, 2), "--attack", "pgd,cw", "--device", "cpu:0"])
     assert "step " not in capsys.readouterr().out and (tmp_path / run / "masks.bin").read_bytes() == mask
+    assert not (tmp_path / run / "checkpoint.pt").exists()  # the saved mask supersedes it
     after = json.loads((tmp_path / run / "results.json").read_text())
     assert after["results"][0] == before["results"][0] and [e["attack"] for e in after["results"]] == [
         "pgd", "cw", "worst"]
@@ -3945,6 +3947,29 @@ def test_an_interrupted_overwrite_trains_again_and_never_passes_off_the_old_mask
     assert "reusing" not in capsys.readouterr().out and (tmp_path / "r" / "masks.bin").read_bytes() != old
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["complete"] and results["train_log"][-1]["step"] == 12 and results["settings"]["epochs"] == 6
+
+
+def test_a_checkpoint_whose_config_is_gone_is_never_resumed(tmp_path, monkeypatch, capsys):
+    """A run folder's checkpoint whose config.json is gone (deleted, as the line for a corrupt one advises) is not
+    resumed by a run of other settings, which would go on under its Adam state, schedule and step count: that run
+    trains anew, to the mask a fresh run of its settings gives."""
+    monkeypatch.chdir(tmp_path)
+    base, step, calls = ["--dry-run", "--epochs", "6", "--checkpoint-every", "1"], am.train_step, itertools.count()
+
+    def interrupted(*args, **kwargs):  # Ctrl-C in epoch 2 (2 steps an epoch): the checkpoint of epoch 1 stays
+        if next(calls) == 3:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(am, "train_step", interrupted)
+        refused(capsys, [*base, "--out-dir", "r"], status=130)
+    assert (tmp_path / "r" / "checkpoint.pt").is_file()
+    (tmp_path / "r" / "config.json").unlink()
+    for out in ("r", "fresh"):
+        am.main([*base, "--lr", "0.02", "--out-dir", out])
+    assert "resuming" not in capsys.readouterr().out
+    assert torch.equal(am.read_mask_file(tmp_path / "r" / "masks.bin")[1],
+                       am.read_mask_file(tmp_path / "fresh" / "masks.bin")[1])
 
 
 def test_a_corrupt_lost_or_replaced_mask_never_keeps_the_old_masks_cells(tmp_path, monkeypatch, capsys):
