@@ -861,7 +861,7 @@ def load_clip(model, pretrained):
         except OSError as e:
             raise ValueError(f"could not fetch the tokenizer of {identity['model']} ({str(e).splitlines()[0]}); run "
                              f"once where there is a network, so that Hugging Face's cache holds it") from None
-        if getattr(tokenizer, "vocab_size", 0) > clip.vocab_size:  # a config's own: its tokens index past the table
+        if getattr(tokenizer, "vocab_size", 0) > getattr(clip, "vocab_size", math.inf):  # a config's own (CoCa: none)
             raise ValueError(f"{model} embeds {clip.vocab_size} tokens, fewer than its tokenizer's "
                              f"{tokenizer.vocab_size}; give its text_cfg a vocab_size of at least that")
     identity.update(activation=activation(clip), preprocess=preprocess_cfg(clip),
