@@ -1143,18 +1143,20 @@ def load_weights(model, path, source=None):
 # ----------------------------------------------------------------------------------------------------------------------
 # Training checkpoints: a file for train's checkpoint hooks (checkpoint=None never touches them)
 
-def training_checkpoint(path, code=None):
-    """train's checkpoint argument for a file: (load, save) of the training state in path, written atomically. code
-    (run's: advmask.py's sha256 and torch's version) is saved with the state; one saved by other code is not resumed."""
-    return (partial(_load_training_state, Path(path), code=code),
-            partial(_save_training_state, Path(path), code=code))
+def training_checkpoint(path, trainer=None):
+    """train's checkpoint argument for a file: (load, save) of the training state in path, written atomically. trainer,
+    what trains (run's: its code, training settings and model, a JSON object), is saved with the state; a state saved
+    by another trainer is not resumed."""
+    trainer = json.loads(json.dumps(trainer or {}))  # as it is read back: tuples as lists
+    return (partial(_load_training_state, Path(path), trainer=trainer),
+            partial(_save_training_state, Path(path), trainer=trainer))
 
 
-def _save_training_state(path, state, epoch, history, code=None):
+def _save_training_state(path, state, epoch, history, trainer):
     """Save train's state (the trained tensors, Adam, the schedule, the generators, the running sums of the log row in
-    progress), the epochs done, the log so far and the code that trains."""
-    # the code as JSON: torch.load's weights_only unpickler takes plain data alone (torch.__version__ is a TorchVersion)
-    saved = {"code": json.dumps(code, sort_keys=True), "epoch": epoch,
+    progress), the epochs done, the log so far and what trains."""
+    # as JSON: torch.load's weights_only unpickler takes plain data alone (torch.__version__ is a TorchVersion)
+    saved = {"trainer": json.dumps(trainer), "epoch": epoch,
              "params": [p.detach().cpu() for p in state["params"]],
              "optimizer": state["optimizer"].state_dict(), "scheduler": state["scheduler"].state_dict(),
              "generators": [g.get_state() for g in state["generators"]], "history": history,
@@ -1164,11 +1166,8 @@ def _save_training_state(path, state, epoch, history, code=None):
     _atomic_write(path, buffer.getvalue())
 
 
-def _load_training_state(path, state, code=None):
-    """Restore into train's state what _save_training_state wrote with the same code; returns (epochs done, log so
-    far), or None without a checkpoint."""
-    if not path.is_file():
-        return None
+def _read_training_state(path, trainer):
+    """What _save_training_state wrote in path, after checking that it is intact and that the same trainer saved it."""
     try:  # torch.load checks no CRC of its zip archive: a flipped bit in a tensor would resume from a changed value
         with zipfile.ZipFile(path) as archive:
             if (damaged := archive.testzip()) is not None:
@@ -1178,10 +1177,22 @@ def _load_training_state(path, state, code=None):
         detail = " ".join(str(e).split())[:80]
         raise ValueError(f"checkpoint {path} is damaged or unreadable ({type(e).__name__}: {detail}); delete it to "
                          f"start the run over") from None
-    # resumed under other code, the mask would be two versions' training passed off as this one's
-    if not isinstance(saved, dict) or saved.get("code") != json.dumps(code, sort_keys=True):
-        raise ValueError(f"checkpoint {path} was saved by another advmask.py or torch than this run's (or by one that "
-                         f"did not record it); delete it to start the run over, or resume with the code that saved it")
+    # resumed by other code, settings or weights, the mask would be two trainings' passed off as this one's
+    theirs = json.loads(saved.get("trainer", "{}")) if isinstance(saved, dict) else {}
+    if theirs != trainer:
+        differ = sorted(k for k in {*theirs, *trainer} if theirs.get(k) != trainer.get(k))
+        saved_by = f"with another {', '.join(differ)} than this run's" if theirs else "by an older advmask.py"
+        raise ValueError(f"checkpoint {path} was saved {saved_by}; delete it to start the run over, or resume it with "
+                         f"what saved it")
+    return saved
+
+
+def _load_training_state(path, state, trainer):
+    """Restore into train's state what _save_training_state wrote for the same trainer; returns (epochs done, log so
+    far), or None without a checkpoint."""
+    if not path.is_file():
+        return None
+    saved = _read_training_state(path, trainer)
     if [p.shape for p in saved["params"]] != [p.shape for p in state["params"]]:
         raise ValueError(f"checkpoint {path} holds tensors of other shapes; delete it or train into another folder")
     with torch.no_grad():
@@ -3391,6 +3402,12 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
     previous = read_json(results_path, ("results",)) if same_run and not train_now and results_path.is_file() else {}
     _check_reusable(results_path, previous, args, loaded.sets)
     if train_now:
+        # what trains, which its checkpoint records: only the same code, settings and model resume it, checked here
+        # (before anything is written) against the checkpoint itself, as its config.json may be gone or edited
+        trainer = {"code": loaded.settings["code"], "model_identity": {k: loaded.identity.get(k) for k in SAME_MODEL},
+                   **{k: v for k, v in loaded.settings.items() if k not in EVAL_ONLY}}
+        if checkpoint.is_file() and not args.overwrite:
+            _read_training_state(checkpoint, trainer)
         train_set, indices = _k_shot(args, loaded.train_on, loaded.train_set, loaded.train_names)
         images, labels = cache_images(train_set, indices, device, args.workers)
         lap("cache")
@@ -3403,11 +3420,10 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
         if previous and previous.get("tuned_file_sha256") != sha256:
             print(f"{tuned_file} is not the file that the cells of {results_path} measured; evaluating them again")
             previous = {}
-    # before anything new: an interrupted overwrite, or retraining, leaves no old result behind; a checkpoint is
-    # resumed by a run of its config.json's settings alone (without that file, what trained it is unknown), and a file
-    # reused supersedes one left beside it (by a kill between the file's save and the checkpoint's deletion)
+    # before anything new: an interrupted overwrite, or retraining, leaves no old result behind; a file reused
+    # supersedes a checkpoint left beside it (by a kill between the file's save and the checkpoint's deletion)
     for old in (checkpoint, results_path, *(out_dir / f for f in TUNED_FILES.values())) if args.overwrite else (
-            [results_path] * train_now + [checkpoint] * (not (train_now and same_run))):
+            [results_path] if train_now else [checkpoint]):
         old.unlink(missing_ok=True)
     write_json(out_dir / "config.json", loaded.settings)
     if not train_now:
@@ -3418,7 +3434,7 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
             tune=args.tune, epochs=epochs, tokenizer=loaded.tokenizer, batch_size=args.batch_size, lr=args.lr,
             lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255, steps=args.train_steps,
             loss=args.loss, seed=args.seed, precision=args.precision,
-            checkpoint=training_checkpoint(checkpoint, loaded.settings["code"]), checkpoint_every=args.checkpoint_every)
+            checkpoint=training_checkpoint(checkpoint, trainer), checkpoint_every=args.checkpoint_every)
     provenance = {**{k: getattr(args, k) for k in PROVENANCE}, "code": loaded.settings["code"]}  # that trained it
     source = describe(loaded.identity)
     if args.tune == "mask":

@@ -10,6 +10,7 @@ import csv
 import errno
 import functools
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -764,28 +765,33 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_a_damaged_or_foreign_checkpoint_is_refused_in_one_sentence_never_resumed(tmp_path, capsys):
     """A checkpoint with one bit flipped in any tensor's bytes (which torch.load reads without complaint: it checks
-    no CRC), one cut short, one of other tensors' shapes, one saved by other code (another advmask.py or torch: the
-    mask would be two versions' training) or by code that recorded none (an earlier layout) is refused with a
-    sentence that says to delete it; the intact one resumes under the code that saved it."""
+    no CRC), one cut short, one of other tensors' shapes, one saved by another trainer (other code, another advmask.py
+    or torch, or other settings: the mask would be two trainings') or by one that recorded none (an earlier layout)
+    is refused with a sentence that says to delete it; the intact one resumes under the trainer that saved it."""
     x, y = synthetic_training_set(4, 2)
-    path, ours = tmp_path / "ckpt.pt", {"advmask_sha256": "ab" * 32, "torch": torch.__version__}
+    path = tmp_path / "ckpt.pt"
+    ours = {"code": {"advmask_sha256": "ab" * 32, "torch": torch.__version__}, "lr": 0.1}
 
-    def train(target, epochs, code=ours):
+    def train(target, epochs, trainer=ours):
         model = tiny_classifier(n_classes=4)
         am.train(model, am.apply_masks(model, target), x, y, epochs=epochs, batch_size=8,
-                 checkpoint=am.training_checkpoint(path, code))
+                 checkpoint=am.training_checkpoint(path, trainer))
 
     train("mlp", 1)
     other_shapes = path.read_bytes()
     path.unlink()
-    train("mhsa", 1, {**ours, "advmask_sha256": "cd" * 32})
+    train("mhsa", 1, {**ours, "code": {**ours["code"], "advmask_sha256": "cd" * 32}})
     other_code = path.read_bytes()
     path.unlink()
-    train("mhsa", 1, None)
-    unrecorded = path.read_bytes()
+    train("mhsa", 1, {**ours, "lr": 0.2})
+    other_lr = path.read_bytes()
     path.unlink()
     train("mhsa", 1)
     data = path.read_bytes()
+    earlier = torch.load(path, weights_only=True)
+    earlier["code"] = earlier.pop("trainer")  # as the layout that recorded the code alone names it
+    buffer = io.BytesIO()
+    torch.save(earlier, buffer)
     with zipfile.ZipFile(path) as archive:
         tensors = [info for info in archive.infolist() if "/data/" in info.filename]
     damaged = []
@@ -797,11 +803,12 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_in_one_sentence_never_resume
         flipped[start + info.file_size // 2] ^= 1
         damaged.append((bytes(flipped), rf"BadZipFile: {info.filename} fails its CRC"))
     assert len(damaged) > 10  # the scores, Adam's moments, the generators' states, the log row's sums
-    foreign = "was saved by another advmask.py or torch than this run's"
     for blob, message in [*((blob, rf"is damaged or unreadable \({detail}") for blob, detail in damaged),
                           (data[:-10], r"is damaged or unreadable \(BadZipFile"),
                           (other_shapes, "holds tensors of other shapes"),
-                          (other_code, foreign), (unrecorded, foreign)]:
+                          (other_code, "was saved with another code than this run's"),
+                          (other_lr, "was saved with another lr than this run's"),
+                          (buffer.getvalue(), "was saved by an older advmask.py")]:
         path.write_bytes(blob)
         with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(path))} {message}.*; delete it"):
             train("mhsa", 2)
@@ -3351,10 +3358,11 @@ def test_a_failure_keeps_every_finished_cell_and_the_rerun_evaluates_only_the_re
 
 
 def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_cells(tmp_path, monkeypatch, capsys):
-    """The same command with --attack pgd,cw after a PGD run, on another device of the same kind (cpu:0 after cpu,
-    as cuda:1 after cuda): masks.bin byte for byte, the PGD cell as it was, the CW cell and the per-image worst case
-    over both added, no training step, and a checkpoint left beside the saved mask (a kill between the two) gone; with --attack cw,pgd then, every cell is reused (the worst case is over a
-    set); with a third attack, a worst case over the three is added, and summarize tables each set apart."""
+    """The same command with --attack pgd,cw after a PGD run, on another device of the same kind (cpu:0 after cpu, as
+    cuda:1 after cuda): masks.bin byte for byte, the PGD cell as it was, the CW cell and the per-image worst case over
+    both added, no training step, and a checkpoint left beside the saved mask (a kill between the two) gone; with
+    --attack cw,pgd then, every cell is reused (the worst case is over a set); with a third attack, a worst case over
+    the three is added, and summarize tables each set apart."""
     monkeypatch.chdir(tmp_path)
     run = "runs/few_shot/oxford_pets/16shot/seed1"
     am.main([*dry_run_args(run, 2), "--device", "cpu"])
@@ -3949,12 +3957,15 @@ def test_an_interrupted_overwrite_trains_again_and_never_passes_off_the_old_mask
     assert results["complete"] and results["train_log"][-1]["step"] == 12 and results["settings"]["epochs"] == 6
 
 
-def test_a_checkpoint_whose_config_is_gone_is_never_resumed(tmp_path, monkeypatch, capsys):
-    """A run folder's checkpoint whose config.json is gone (deleted, as the line for a corrupt one advises) is not
-    resumed by a run of other settings, which would go on under its Adam state, schedule and step count: that run
-    trains anew, to the mask a fresh run of its settings gives."""
+def test_a_checkpoint_is_resumed_by_its_own_settings_alone_whatever_its_config_json_says(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """A run folder's checkpoint records what trained it: with its config.json edited to a run of other settings, or
+    deleted (as the line for a corrupt one advises), that run (which would go on under the checkpoint's Adam state
+    and schedule) is refused in one line naming the setting, with nothing written; a run of its own settings resumes
+    it."""
     monkeypatch.chdir(tmp_path)
-    base, step, calls = ["--dry-run", "--epochs", "6", "--checkpoint-every", "1"], am.train_step, itertools.count()
+    base, step, calls = ["--dry-run", "--epochs", "6", "--checkpoint-every", "1", "--out-dir", "r"], am.train_step, \
+        itertools.count()
 
     def interrupted(*args, **kwargs):  # Ctrl-C in epoch 2 (2 steps an epoch): the checkpoint of epoch 1 stays
         if next(calls) == 3:
@@ -3962,14 +3973,18 @@ def test_a_checkpoint_whose_config_is_gone_is_never_resumed(tmp_path, monkeypatc
         return step(*args, **kwargs)
     with monkeypatch.context() as m:
         m.setattr(am, "train_step", interrupted)
-        refused(capsys, [*base, "--out-dir", "r"], status=130)
-    assert (tmp_path / "r" / "checkpoint.pt").is_file()
-    (tmp_path / "r" / "config.json").unlink()
-    for out in ("r", "fresh"):
-        am.main([*base, "--lr", "0.02", "--out-dir", out])
-    assert "resuming" not in capsys.readouterr().out
-    assert torch.equal(am.read_mask_file(tmp_path / "r" / "masks.bin")[1],
-                       am.read_mask_file(tmp_path / "fresh" / "masks.bin")[1])
+        refused(capsys, base, status=130)
+    config = tmp_path / "r" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "lr": 0.02}))  # edited to the next run's lr
+    for _ in ("edited", "deleted"):
+        before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+        err = refused(capsys, [*base, "--lr", "0.02"])
+        assert "checkpoint r/checkpoint.pt was saved with another lr than this run's; delete it" in err
+        assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
+        config.unlink(missing_ok=True)
+    am.main(base)
+    assert "resuming from r/checkpoint.pt, saved after epoch 1" in capsys.readouterr().out
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
 def test_a_corrupt_lost_or_replaced_mask_never_keeps_the_old_masks_cells(tmp_path, monkeypatch, capsys):
@@ -4168,8 +4183,8 @@ def test_another_hosts_lock_is_refused_while_fresh_and_taken_over_once_stale(tmp
     lives here: while fresh, a run is refused in one line naming that host and saying to delete the lock if its process
     is gone; unrefreshed for LOCK_STALE seconds (a job gone with its node), it is taken over with one line, as a
     pre-empted job requeued on another node needs, and so is a stale lock of this host whose pid another process has
-    now, or a fresh one whose pid no process can have; a lock whose holder ends while it is read is tried again. A holder refreshes its lock every LOCK_BEAT
-    seconds."""
+    now, or a fresh one whose pid no process can have; a lock whose holder ends while it is read is tried again. A
+    holder refreshes its lock every LOCK_BEAT seconds."""
     monkeypatch.chdir(tmp_path)
     lock = tmp_path / "run" / ".lock"
     lock.parent.mkdir()
