@@ -1078,7 +1078,7 @@ def save_masks(model, path, source=None, provenance=None):
     """Store M_bin of a masked model only, 1 bit a weight (ViT-B/32's attention: 28.3 M weights, 3.5 MB), with what
     load_masks needs to refuse a model it does not fit (the fingerprint of the pre-trained weights under the mask, and
     source, their name, e.g. describe(identity)), what the per-head analysis needs (attention heads per block), and
-    provenance, a dict of how it was trained (the CLI's dataset, shots, seed, lr, loss, lam), if given."""
+    provenance if given, a dict of how it was trained (the CLI's: the code, the training settings, the model)."""
     entries = list(_masks(model))
     masks = [m.mask for m in entries]
     if not masks:
@@ -1871,7 +1871,8 @@ def _split_source(splits, *datasets):
 #          value evaluates new cells and keeps the old ones
 #   basis  seeds of a summary cell must agree on it to be averaged
 #   tuned  the same, for the tuned model's cells alone: a baseline's numbers do not rest on how the mask was trained
-#   source recorded in a trained file's header (provenance): it labels, and files, the runs that evaluate the file
+#   source labels, and files, the runs that evaluate a trained file, from its header's provenance (which records
+#          every training setting)
 # and, where a summary tables cells apart by it, the words its heading adds when it differs from the parser's default.
 SETTINGS = {
     "dry_run": ("train basis", "dry run: random model and images"), "synthetic": ("train basis", "synthetic images"),
@@ -3377,9 +3378,10 @@ def _load_tuned_file(out_dir, args, loaded):
             raise ValueError(f"{args.masks or args.weights} covers the {target} weights; pass --mask-target {target} "
                              f"with it")
         return Path(args.masks or args.weights)
-    trained = out_dir / TUNED_FILES[args.tune]
+    trained, trainer = out_dir / TUNED_FILES[args.tune], _trainer(loaded)
     recorded = read_tuned_file(trained, args.tune)[0].get("provenance", {})
-    differ = [k for k in PROVENANCE if recorded.get(k) != getattr(args, k)]
+    # reused under new code (cells record theirs), but not under settings other than its own, whatever config.json says
+    differ = sorted(k for k in trainer if k != "code" and recorded.get(k) != trainer[k])
     if differ:  # its cells would be filed under this folder's settings
         raise ValueError(f"{trained} was trained with another {', '.join(differ)} than the run of {out_dir} "
                          f"({out_dir / 'config.json'}); put that run's own file back, or pass --overwrite to train "
@@ -3387,6 +3389,14 @@ def _load_tuned_file(out_dir, args, loaded):
     (load_masks if args.tune == "mask" else load_weights)(clip, trained, source)
     print(f"reusing {trained}, trained by an earlier run with the same settings")
     return trained
+
+
+def _trainer(loaded):
+    """What trains a run's file, as its checkpoint and the file's provenance record it: the code, the training settings
+    (all but EVAL_ONLY) and the model's identity (SAME_MODEL), as JSON reads them back."""
+    settings = loaded.settings
+    return json.loads(json.dumps({"code": settings["code"], **{k: v for k, v in settings.items() if k not in EVAL_ONLY},
+                                  "model_identity": {k: loaded.identity.get(k) for k in SAME_MODEL}}))
 
 
 def _train_or_reuse(out_dir, args, device, loaded, lap):
@@ -3402,12 +3412,10 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
     previous = read_json(results_path, ("results",)) if same_run and not train_now and results_path.is_file() else {}
     _check_reusable(results_path, previous, args, loaded.sets)
     if train_now:
-        # what trains, which its checkpoint records: only the same code, settings and model resume it, checked here
-        # (before anything is written) against the checkpoint itself, as its config.json may be gone or edited
-        trainer = {"code": loaded.settings["code"], "model_identity": {k: loaded.identity.get(k) for k in SAME_MODEL},
-                   **{k: v for k, v in loaded.settings.items() if k not in EVAL_ONLY}}
+        # only the trainer that saved a checkpoint resumes it, checked here (before anything is written) against the
+        # checkpoint itself, as its config.json may be gone or edited
         if checkpoint.is_file() and not args.overwrite:
-            _read_training_state(checkpoint, trainer)
+            _read_training_state(checkpoint, _trainer(loaded))
         train_set, indices = _k_shot(args, loaded.train_on, loaded.train_set, loaded.train_names)
         images, labels = cache_images(train_set, indices, device, args.workers)
         lap("cache")
@@ -3434,9 +3442,8 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
             tune=args.tune, epochs=epochs, tokenizer=loaded.tokenizer, batch_size=args.batch_size, lr=args.lr,
             lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255, steps=args.train_steps,
             loss=args.loss, seed=args.seed, precision=args.precision,
-            checkpoint=training_checkpoint(checkpoint, trainer), checkpoint_every=args.checkpoint_every)
-    provenance = {**{k: getattr(args, k) for k in PROVENANCE}, "code": loaded.settings["code"]}  # that trained it
-    source = describe(loaded.identity)
+            checkpoint=training_checkpoint(checkpoint, _trainer(loaded)), checkpoint_every=args.checkpoint_every)
+    provenance, source = _trainer(loaded), describe(loaded.identity)
     if args.tune == "mask":
         save_masks(loaded.clip, trained, source, provenance)
     else:

@@ -3990,8 +3990,9 @@ def test_a_checkpoint_is_resumed_by_its_own_settings_alone_whatever_its_config_j
 def test_a_corrupt_lost_or_replaced_mask_never_keeps_the_old_masks_cells(tmp_path, monkeypatch, capsys):
     """A corrupt masks.bin under the same settings is one line naming it and --overwrite, which then trains again and
     keeps none of the old mask's cells; a masks.bin deleted by hand is trained again the same way, its old cells
-    gone with it. One replaced by hand by a mask of another budget (--epochs, which its header does not record) is
-    evaluated anew, its sha256 recorded and the old log dropped; one of another seed is refused, naming it."""
+    gone with it. One replaced by hand by a mask of the same record (as a retrain by other code gives) is evaluated
+    anew, its sha256 recorded and the old log dropped; one of another budget (--epochs) or seed is refused, naming it,
+    whatever config.json says (edited to the new budget, a mask of the old one is refused all the same)."""
     monkeypatch.chdir(tmp_path)
     base = ["--dry-run", "--epochs", "1", "--lr", "0.01", "--out-dir", "r"]
     am.main([*base, "--attack", "pgd,cw"])
@@ -4008,10 +4009,9 @@ def test_a_corrupt_lost_or_replaced_mask_never_keeps_the_old_masks_cells(tmp_pat
     am.main([*base, "--attack", "cw"])
     assert "few_shot on oxford_pets" in capsys.readouterr().out and mask.is_file()
     assert [r["attack"] for r in json.loads((tmp_path / "r" / "results.json").read_text())["results"]] == ["cw"]
-    am.main([*base[:-1], "longer", "--epochs", "2", "--attack", "cw"])
-    other = (tmp_path / "longer" / "masks.bin").read_bytes()
-    assert am.read_mask_file(tmp_path / "longer" / "masks.bin")[1].tolist() != am.read_mask_file(mask)[1].tolist()
-    mask.write_bytes(other)
+    header, bits = am.read_mask_file(mask)  # the same record, other bits: as a retrain by other code gives
+    am.write_mask_file(mask, header, ~bits)
+    other = mask.read_bytes()
     capsys.readouterr()
     am.main([*base, "--attack", "cw"])
     out = capsys.readouterr().out
@@ -4019,12 +4019,17 @@ def test_a_corrupt_lost_or_replaced_mask_never_keeps_the_old_masks_cells(tmp_pat
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["tuned_file_sha256"] == hashlib.sha256(other).hexdigest() and results["train_log"] == []
     assert [r["attack"] for r in results["results"]] == ["cw"]
-    am.main([*base[:-1], "seed2", "--seed", "2", "--attack", "cw"])
-    mask.write_bytes((tmp_path / "seed2" / "masks.bin").read_bytes())
-    before = (tmp_path / "r" / "results.json").read_bytes()
-    err = refused(capsys, [*base, "--attack", "cw"])
-    assert "r/masks.bin was trained with another seed" in err and "--overwrite" in err, err
-    assert (tmp_path / "r" / "results.json").read_bytes() == before
+    before, config = (tmp_path / "r" / "results.json").read_bytes(), tmp_path / "r" / "config.json"
+    settings = config.read_text()
+    config.write_text(json.dumps({**json.loads(settings), "epochs": 2}))  # edited to the next run's budget
+    assert "r/masks.bin was trained with another epochs" in refused(capsys, [*base, "--attack", "cw", "--epochs", "2"])
+    config.write_text(settings)
+    for flags, what in ((["--epochs", "2"], "epochs"), (["--seed", "2"], "seed")):  # another run's mask copied in
+        am.main([*base[:-1], what, *flags, "--attack", "cw"])
+        mask.write_bytes((tmp_path / what / "masks.bin").read_bytes())
+        err = refused(capsys, [*base, "--attack", "cw"])
+        assert re.search(rf"r/masks.bin was trained with another [\w, ]*\b{what}\b.* --overwrite", err), err
+        assert (tmp_path / "r" / "results.json").read_bytes() == before
 
 
 def limited_cli(limit, *args, cwd):
