@@ -3366,6 +3366,14 @@ def _load_run(args, device):
                   baseline_sha256=(baseline_identity or {}).get("weights_sha256"))  # a folder baseline's weights
 
 
+def _trainer(loaded):
+    """What trains a run's file, as its checkpoint and the file's provenance record it: the code, the training settings
+    (all but EVAL_ONLY) and the model's identity (SAME_MODEL), as JSON reads them back."""
+    settings = loaded.settings
+    return json.loads(json.dumps({"code": settings["code"], **{k: v for k, v in settings.items() if k not in EVAL_ONLY},
+                                  "model_identity": {k: loaded.identity.get(k) for k in SAME_MODEL}}))
+
+
 def _load_tuned_file(out_dir, args, loaded):
     """Put on loaded.clip the file a run evaluates without training it: the --masks or --weights file, or the one a
     run of the same training settings saved in out_dir. A file that does not fit, or a run folder's file whose
@@ -3389,14 +3397,6 @@ def _load_tuned_file(out_dir, args, loaded):
     (load_masks if args.tune == "mask" else load_weights)(clip, trained, source)
     print(f"reusing {trained}, trained by an earlier run with the same settings")
     return trained
-
-
-def _trainer(loaded):
-    """What trains a run's file, as its checkpoint and the file's provenance record it: the code, the training settings
-    (all but EVAL_ONLY) and the model's identity (SAME_MODEL), as JSON reads them back."""
-    settings = loaded.settings
-    return json.loads(json.dumps({"code": settings["code"], **{k: v for k, v in settings.items() if k not in EVAL_ONLY},
-                                  "model_identity": {k: loaded.identity.get(k) for k in SAME_MODEL}}))
 
 
 def _train_or_reuse(out_dir, args, device, loaded, lap):
