@@ -1173,12 +1173,14 @@ def _read_training_state(path, trainer):
             if (damaged := archive.testzip()) is not None:
                 raise zipfile.BadZipFile(f"{damaged} fails its CRC")
         saved = torch.load(path, map_location="cpu", weights_only=True)
+        theirs = json.loads(saved.get("trainer", "{}"))  # what saved it (none recorded before it was)
+        if not isinstance(theirs, dict):
+            raise TypeError(f"its trainer is a JSON {type(theirs).__name__}, not an object")
     except Exception as e:  # whatever the parser trips on, the file is not an intact checkpoint
         detail = " ".join(str(e).split())[:80]
         raise ValueError(f"checkpoint {path} is damaged or unreadable ({type(e).__name__}: {detail}); delete it to "
                          f"start the run over") from None
     # resumed by other code, settings or weights, the mask would be two trainings' passed off as this one's
-    theirs = json.loads(saved.get("trainer", "{}")) if isinstance(saved, dict) else {}
     if theirs != trainer:
         differ = sorted(k for k in {*theirs, *trainer} if theirs.get(k) != trainer.get(k))
         saved_by = f"with another {', '.join(differ)} than this run's" if theirs else "by an older advmask.py"

@@ -764,10 +764,11 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_a_damaged_or_foreign_checkpoint_is_refused_in_one_sentence_never_resumed(tmp_path, capsys):
-    """A checkpoint with one bit flipped in any tensor's bytes (which torch.load reads without complaint: it checks
-    no CRC), one cut short, one of other tensors' shapes, one saved by another trainer (other code, another advmask.py
-    or torch, or other settings: the mask would be two trainings') or by one that recorded none (an earlier layout)
-    is refused with a sentence that says to delete it; the intact one resumes under the trainer that saved it."""
+    """A checkpoint with one bit flipped in any tensor's bytes (which torch.load reads without complaint: it checks no
+    CRC), one cut short, one of other tensors' shapes, one saved by another trainer (other code, another advmask.py or
+    torch, or other settings: the mask would be two trainings') or by one that recorded none (an earlier layout), or
+    whose trainer is not a JSON object (a hand-made file) is refused with a sentence that says to delete it; the intact
+    one resumes under the trainer that saved it."""
     x, y = synthetic_training_set(4, 2)
     path = tmp_path / "ckpt.pt"
     ours = {"code": {"advmask_sha256": "ab" * 32, "torch": torch.__version__}, "lr": 0.1}
@@ -789,6 +790,11 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_in_one_sentence_never_resume
     train("mhsa", 1)
     data = path.read_bytes()
     earlier = torch.load(path, weights_only=True)
+    forged = []  # intact archives whose trainer is not a JSON object: a hand-made file's, not run's
+    for trainer in (5, "[1]", "{"):
+        buffer = io.BytesIO()
+        torch.save({**earlier, "trainer": trainer}, buffer)
+        forged.append((buffer.getvalue(), r"is damaged or unreadable \((TypeError|JSONDecodeError)"))
     earlier["code"] = earlier.pop("trainer")  # as the layout that recorded the code alone names it
     buffer = io.BytesIO()
     torch.save(earlier, buffer)
@@ -804,7 +810,7 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_in_one_sentence_never_resume
         damaged.append((bytes(flipped), rf"BadZipFile: {info.filename} fails its CRC"))
     assert len(damaged) > 10  # the scores, Adam's moments, the generators' states, the log row's sums
     for blob, message in [*((blob, rf"is damaged or unreadable \({detail}") for blob, detail in damaged),
-                          (data[:-10], r"is damaged or unreadable \(BadZipFile"),
+                          (data[:-10], r"is damaged or unreadable \(BadZipFile"), *forged,
                           (other_shapes, "holds tensors of other shapes"),
                           (other_code, "was saved with another code than this run's"),
                           (other_lr, "was saved with another lr than this run's"),
