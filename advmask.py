@@ -984,6 +984,17 @@ def _atomic_write(path, data):
         tmp.unlink(missing_ok=True)
 
 
+def _require_writable(folder):
+    """Refuse, before any work and without creating anything, a folder that cannot be written: its nearest existing
+    ancestor must be a folder that takes a file (not a read-only disk, not a file in the way)."""
+    existing = next(f for f in (Path(folder).absolute(), *Path(folder).absolute().parents) if f.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write to {folder} ({e.strerror}); pass a folder you can write to") from None
+
+
 def _content_sha256(meta, tensors):
     """sha256 of a file's header (its JSON, keys sorted) and its tensors' names, dtypes, shapes and bytes, in name
     order: the checksum a file carries of everything else it holds."""
@@ -1999,6 +2010,7 @@ def summarize(runs_dir, defaults, out_dir=None):
     if not runs_dir.is_dir():  # a typo: nothing to table
         raise ValueError(f"{runs_dir} {'is not a folder' if runs_dir.exists() else 'does not exist'}; pass a runs "
                          f"root, the folder that holds <protocol>/<dataset>/<K>shot/seed<S>/")
+    _require_writable(out_dir or runs_dir)  # before the runs are read
     acc = {}  # SummaryCell -> {seed: its results entry}
     source = {}  # (SummaryCell, seed) -> the run folder of its entry
     seen = {}  # protocol -> (datasets, shots, seeds) that have a run folder, finished or not
@@ -3040,17 +3052,6 @@ def _check_out_dir(out_dir, checkpoint, settings, overwrite):
     return False
 
 
-def _require_writable(folder):
-    """Refuse, before any work and without creating anything, a folder that cannot be written: its nearest existing
-    ancestor must be a folder that takes a file (not a read-only disk, not a file in the way)."""
-    existing = next(f for f in (Path(folder).absolute(), *Path(folder).absolute().parents) if f.exists())
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot write to {folder} ({e.strerror}); pass a folder you can write to") from None
-
-
 def _cell_label(attack, eps):
     """An evaluation cell as results and warnings name it: "pgd ε 1/255"."""
     return f"{attack} ε {eps:g}/255"
@@ -3562,10 +3563,8 @@ def main(argv=None):
     try:
         if argv[:1] == ["summarize"]:
             args = parse_summarize_args(argv[1:])
-            out = args.out or args.runs_dir
-            _require_writable(out)
-            summarize(args.runs_dir, parser_defaults, out)
-            plot_few_shot(out)
+            summarize(args.runs_dir, parser_defaults, args.out)
+            plot_few_shot(args.out or args.runs_dir)
             return
         if argv[:1] == ["export"]:
             args = parse_export_args(argv[1:])
