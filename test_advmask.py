@@ -958,7 +958,8 @@ class OffGridOracle(torch.nn.Module):
 
 
 class PartlyFlat(torch.nn.Module):
-    """Logits ±mean(x), except on images whose first pixel is 0, where they are 0: an exactly zero input gradient."""
+    """Logits ±(mean of the red channel), except on images whose first pixel is 0, where they are 0: an exactly zero
+    input gradient; the other images' gradient is zero on the green and blue channels alone."""
 
     def __init__(self):
         super().__init__()
@@ -966,7 +967,7 @@ class PartlyFlat(torch.nn.Module):
 
     def forward(self, x):
         keep = (x[:, 0, 0, 0] != 0).float()  # (B,)
-        m = self.scale * x.mean(dim=(1, 2, 3)) * keep
+        m = self.scale * x[:, 0].mean(dim=(1, 2)) * keep
         return torch.stack([m, -m], dim=1)
 
 
@@ -1111,15 +1112,47 @@ def test_apgd_attacks_stay_in_the_ball_and_leave_no_trace(name, training):
     assert all(torch.equal(a, mask.scores) for a, (*_, mask) in zip(scores, am._masks(model)))
 
 
-def test_autoattack_is_never_above_its_apgd_ce_stage():
-    """On the same images and seed, AutoAttack's accuracy is at most APGD-CE's: its second stage only removes images.
-    """
+def test_autoattack_is_never_above_its_apgd_ce_stage(monkeypatch):
+    """On the same images and seed, AutoAttack's accuracy is at most APGD-CE's: its second stage, APGD-T, attacks from
+    the clean images exactly those that APGD-CE left correctly classified, so it only removes images."""
     model = am.bake_masks(tiny_classifier(n_classes=6).requires_grad_(False))
     x_u8, y = synthetic_training_set(6, 4, seed=9)
-    attacks = {name: am.make_attack(name, 8 / 255, 8 / 255, 5) for name in ("apgd-ce", "aa")}
+    # at ε = 2/255 APGD-CE leaves correct some images that clean CLIP gets right, which the second stage attacks
+    attacks = {name: am.make_attack(name, 2 / 255, 2 / 255, 5) for name in ("apgd-ce", "aa")}
     result = am.evaluate(model, x_u8, y, attacks, batch_size=8)["attacks"]
     assert not (result["aa"]["correct"] & ~result["apgd-ce"]["correct"]).any()
     assert result["aa"]["adv_acc"] <= result["apgd-ce"]["adv_acc"] < 1
+    batches, apgd = [], am.apgd_attack  # per batch, each stage's (loss, images, labels, adversarial images)
+
+    def recorded(model, images, labels, loss, **kwargs):
+        x_adv = apgd(model, images, labels, loss=loss, **kwargs)
+        (batches.append([]) if loss == "ce" else None) or batches[-1].append((loss, images, labels, x_adv.clone()))
+        return x_adv
+    monkeypatch.setattr(am, "apgd_attack", recorded)
+    am.evaluate(model, x_u8, y, {"aa": attacks["aa"]}, batch_size=8)
+    assert len(batches) == 3 and any(len(stages) == 2 for stages in batches)  # the second stage ran
+    for (_, x, labels, x_adv), *second in batches:
+        with torch.no_grad():
+            left = model(x_adv).argmax(1) == labels  # (B,): what APGD-CE did not break
+        assert [(loss, torch.equal(x_left, x[left]), torch.equal(y_left, labels[left]))
+                for loss, x_left, y_left, _ in second] == ([("dlr-targeted", True, True)] if left.any() else [])
+
+
+def test_apgd_t_targets_the_top_9_other_classes_as_autoattack_does(monkeypatch):
+    """APGD-T attacks towards each of the top min(9, C − 1) other classes in turn (AutoAttack's n_target_classes = 9),
+    however many classes the model has."""
+    import torchattacks
+    targets = []
+
+    class Recorded(torchattacks.APGDT):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            targets.append(self.n_target_classes)
+    monkeypatch.setattr(torchattacks, "APGDT", Recorded)
+    for n_classes in (12, 5):
+        am.apgd_attack(tiny_classifier(n_classes=n_classes), images(2), torch.tensor([0, 1]), steps=1,
+                       loss="dlr-targeted")
+    assert targets == [9, 4]
 
 
 def test_apgd_t_refuses_fewer_than_four_classes_and_apgd_dlr_fewer_than_three():
