@@ -3811,7 +3811,8 @@ def test_every_bad_input_ends_in_one_line_exit_2_and_no_files(bad_files, case, t
     assert_one_line_exit_2_no_files(exit_.value.code, capsys.readouterr().err, tmp_path, message)
 
 
-@pytest.mark.parametrize("command", [["--dry-run", "--out-dir", "a-file/run"], ["analyze", "m.bin", "--out", "a-file/x"],
+@pytest.mark.parametrize("command", [["--dry-run", "--out-dir", "a-file/run"],
+                                     ["analyze", "m.bin", "--out", "a-file/x"],
                                      ["summarize", ".", "--out", "a-file/x"]])
 def test_an_unwritable_output_folder_is_one_line_before_any_work(command, tmp_path, monkeypatch, capsys):
     """--out-dir, analyze --out and summarize's folder that cannot be written (here a file is in the way; as root, a
@@ -4155,9 +4156,9 @@ def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_pa
 
 
 def test_a_finished_run_is_not_overwritten_by_other_training_settings(tmp_path, monkeypatch, capsys):
-    """Rerunning into a finished run's folder with another learning rate is refused in one line naming the setting and
-    the file that holds the run's own (the mask stays); evaluation flags alone re-evaluate; --overwrite trains
-    again."""
+    """Rerunning into a finished run's folder with another learning rate, or other pre-trained weights (even with its
+    mask file gone), is refused in one line naming the setting and the file that holds the run's own (the mask and
+    the results stay); evaluation flags alone re-evaluate; --overwrite trains again."""
     monkeypatch.chdir(tmp_path)
     am.main([*dry_run_args("out", 2), "--seed", "5"])
     mask = (tmp_path / "out" / "masks.bin").read_bytes()
@@ -4167,6 +4168,13 @@ def test_a_finished_run_is_not_overwritten_by_other_training_settings(tmp_path, 
     assert (tmp_path / "out" / "masks.bin").read_bytes() == mask
     am.main([*dry_run_args("out", 2), "--seed", "5", "--test-eps", "2"])  # evaluation only: allowed
     assert (tmp_path / "out" / "masks.bin").read_bytes() == mask
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    config["model_identity"]["weights_sha256"] = "0" * 64  # the run's, as if trained on other pre-trained weights
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "out" / "masks.bin").unlink()  # no file's provenance left to compare: config.json alone tells
+    results = (tmp_path / "out" / "results.json").read_bytes()
+    assert "other training settings (model weights_sha256)" in refused(capsys, [*dry_run_args("out", 2), "--seed", "5"])
+    assert (tmp_path / "out" / "results.json").read_bytes() == results
     am.main([*dry_run_args("out", 2), "--seed", "5", "--lr", "0.5", "--overwrite"])
     assert json.loads((tmp_path / "out" / "config.json").read_text())["lr"] == 0.5
     assert (tmp_path / "out" / "masks.bin").read_bytes() != mask
