@@ -2033,6 +2033,15 @@ def fabricate_tinyimagenet(root, wnids=TINY_WNIDS, train_per_class=3, val=(("n02
     return files
 
 
+def test_fap_trains_fgvc_aircraft_on_the_train_list_that_coops_code_reads(tmp_path):
+    """FGVC Aircraft has no CoOp split file: under --conventions fap its training images are the official train list
+    alone (CoOp's fgvc_aircraft.py reads images_variant_train.txt), under coop train + val (trainval)."""
+    fabricate_tga_zsr_rest(tmp_path)
+    for conventions, files in (("fap", ["0000000.jpg", "0000001.jpg"]), ("coop", [f"{i:07d}.jpg" for i in range(4)])):
+        train = am.load_dataset("fgvc_aircraft", tmp_path, PRE, download=False, conventions=conventions)["train"]
+        assert [Path(am._image_file(train, i)).name for i in range(len(train))] == files
+
+
 def test_tinyimagenet_reads_the_official_tree_with_readable_names(tmp_path):
     """TinyImageNet's classes are its wnids sorted, named by each one's first synonym (no wnid reaches a prompt);
     train is train/<wnid>/images; the test set is exactly the val images with the labels val_annotations.txt gives."""
@@ -2133,7 +2142,8 @@ def fabricate_tga_zsr_rest(root):
     for i in range(len(variants)):
         jpeg(data / "images" / f"{i:07d}.jpg", i)
     (data / "variants.txt").write_text("\n".join(variants) + "\n")
-    (data / "images_variant_test.txt").write_text("".join(f"{i:07d} {v}\n" for i, v in enumerate(variants)))
+    for split, images in (("test", range(4)), ("train", (0, 1)), ("val", (2, 3)), ("trainval", range(4))):
+        (data / f"images_variant_{split}.txt").write_text("".join(f"{i:07d} {variants[i]}\n" for i in images))
     wnids = ["n01440764", "n01443537", "n01484850"]
     for w in wnids:
         jpeg(Path(root) / "imagenet" / "val" / w / f"ILSVRC2012_val_{w}.JPEG", 1)
@@ -3035,6 +3045,20 @@ def test_an_exported_run_loads_in_open_clip_alone_with_the_tuned_models_logits(t
         torch.testing.assert_close(torch.load(tmp_path / tune / "logits.pt"), expected[tune], rtol=1e-5, atol=1e-5)
 
 
+def test_a_tags_network_is_exported_as_it_was_tuned(tiny_files, tmp_path, monkeypatch):
+    """A run of OpenAI's tag (its weights trained with QuickGELU, where its name's config says GELU; download replaced
+    by a local file as in the tag test above) exports a folder from which open_clip alone builds QuickGELU."""
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "ViT-B-32", {**am.TINY_CLIP, "quick_gelu": False})
+    weights = tmp_path / "ViT-B-32.pt"
+    torch.save(open_clip.CLIP(**am.TINY_CLIP, quick_gelu=True).state_dict(), weights)
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, cache_dir=None: str(weights))
+    monkeypatch.chdir(tmp_path)
+    am.main(["--model", "ViT-B-32", "--pretrained", "openai", *tiny_cli_args(tiny_files)[4:], "--epochs", "1",
+             "--shots", "1", "--out-dir", "run"])
+    am.main(["export", "run", "exported"])
+    assert activations(open_clip.create_model("local-dir:exported")) == {"QuickGELU"}
+
+
 def test_the_card_of_a_synthetic_run_says_its_data_and_weights_are_random_and_each_cells_attack_steps(tmp_path,
                                                                                                      monkeypatch):
     """A --synthetic run's model card says, above its numbers, that its images and base weights were random, words
@@ -3274,6 +3298,7 @@ def test_a_seed_fixes_the_mask_whatever_the_evaluation_flags(tmp_path, monkeypat
     for name, flags in runs.items():
         am.main([*common, *flags, "--out-dir", name])
         test_set, chosen = decoded[-1]
+        assert chosen == am.balanced_subset(test_set.targets, 10)  # whose own properties are tested above
         assert sorted(collections.Counter(test_set.targets[i] for i in chosen).values()) == [2, 2, 3, 3]
     assert decoded[-1][1] == decoded[1][1] and len(decoded[1][1]) == 10  # --eval-limit: the same images, seed 3 or 4
     masks = {d: (tmp_path / d / "masks.bin").read_bytes() for d in runs}
