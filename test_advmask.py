@@ -1076,7 +1076,8 @@ def test_no_parameter_or_local_shadows_a_name_of_the_module():
 
 def test_evaluate_runs_every_attack_make_attack_builds_and_refuses_float_images():
     """evaluate plus make_attack, without the CLI: every attack runs in the one calling convention, none beats clean
-    accuracy; evaluate and train refuse float images (they take uint8 and scale them), naming the dtype."""
+    accuracy, PGD and CW start at a uniform point of the ε-ball; evaluate and train refuse float images (they take
+    uint8 and scale them), naming the dtype."""
     model = tiny_classifier(5)
     x = (images(6) * 255).round().to(torch.uint8)
     y = torch.arange(6) % 5
@@ -1084,6 +1085,11 @@ def test_evaluate_runs_every_attack_make_attack_builds_and_refuses_float_images(
     result = am.evaluate(model, x, y, attacks, seed=0)
     assert set(result["attacks"]) == set(am.ATTACKS)
     assert all(r["adv_acc"] <= result["clean_acc"] for r in result["attacks"].values())
+    for name in ("pgd", "cw"):  # from a uniform start in the ε-ball, drawn from the generator, as FAP's PGD starts
+        x_unit, g = am.to_unit(x), torch.Generator().manual_seed(0)
+        start = am.make_attack(name, 8 / 255, 2 / 255, steps=0)(model, x_unit, y, generator=g)
+        noise = torch.empty_like(x_unit).uniform_(-8 / 255, 8 / 255, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(start, (x_unit + noise).clamp(0, 1))
     with pytest.raises(ValueError, match="uint8 images in 0..255.* not torch.float32"):
         am.evaluate(model, am.to_unit(x), y, attacks)
     scores = am.apply_masks(model)
