@@ -2830,6 +2830,26 @@ def test_summary_png_draws_a_line_per_learning_rate_with_shot_ticks_on_every_pan
             f"AdvMask (lr {lr}) {metric}" for lr in ("0.0001", "0.001") for metric in ("clean", "adv")}
 
 
+def test_summary_png_shows_the_papers_attack_pgd_at_the_smallest_eps(tmp_path, monkeypatch):
+    """Of cells under CW and PGD at ε = 1/255 and 4/255, summary.png draws PGD at ε = 1/255, the paper's, its axis
+    saying so."""
+    for shots in (1, 16):
+        cell = tmp_path / "few_shot" / "dtd" / f"{shots}shot" / "seed1"
+        cell.mkdir(parents=True)
+        rows = [{"model": "advmask", "attack": attack, "eps": eps, "eval": "dtd", "clean_acc": 0.5, "adv_acc": adv,
+                 "n": 10} for attack, eps, adv in (("cw", 1.0, 0.1), ("pgd", 4.0, 0.05), ("pgd", 1.0, 0.3))]
+        (cell / "results.json").write_text(json.dumps({"results": rows}))
+    saved, savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig) or savefig(fig, *a,
+                                                                                                              **k))
+    am.main(["summarize", str(tmp_path)])
+    [fig] = saved
+    for ax in fig.axes:
+        assert ax.get_ylabel() == "accuracy (%), PGD ε = 1/255"
+        [adv] = [line for line in ax.get_lines() if line.get_label() == "AdvMask adv"]
+        assert list(adv.get_ydata()) == pytest.approx([30.0, 30.0])  # 1 and 16 shots
+
+
 def test_heatmaps_span_their_values_and_the_overlap_shows_jaccard_over_its_chance_level(tmp_path, monkeypatch):
     """A mask's per-head heatmaps share one colour scale from their smallest value to their largest (not from 0, which
     would paint a few points' spread one colour), and overlap.png shows each pair's Jaccard index ÷ its chance."""
