@@ -2628,7 +2628,10 @@ def export(run_dir, out_dir, visual=False, overwrite=False, model=None, pretrain
         if file_key in settings.get("model_identity", {}) and not Path(path).is_file():  # moved, or another cwd's
             raise ValueError(f"the run's {flag} file {path} is not there from here (a relative path is relative to "
                              f"where the run started); pass export {flag} PATH, where that file is now")
-    clip, _, identity = load_clip(model, pretrained)
+    try:  # the model its results.json records (hand-edited, it may name none), or export's --model and --pretrained
+        clip, _, identity = load_clip(model, pretrained)
+    except ValueError as e:
+        raise ValueError(f"the base model of {run_dir} does not load here: {e}") from None
     if tuned.name == "masks.bin":  # either load refuses other base weights than the run's
         sparsity = mask_sparsity(load_masks(clip, tuned, describe(identity)))
         bake_masks(clip)

@@ -2578,6 +2578,7 @@ def test_a_hand_edited_run_file_is_tabled_exported_and_rerun_or_refused_in_one_l
     @example(("results.json", "results", 0, "clean_acc"), None, ("worst",))
     @example(("results.json", "settings", "lam"), [], ())
     @example(("results.json", "settings", "model"), 3, ())
+    @example(("results.json", "settings", "model"), "x", ())  # a string, but no model's name
     @example(("config.json", "model_identity"), "x", ())
     def check(where, value, deleted):
         files = copy.deepcopy(originals)
