@@ -1132,7 +1132,9 @@ def test_autoattack_is_never_above_its_apgd_ce_stage(monkeypatch):
 
     def recorded(model, images, labels, loss, **kwargs):
         x_adv = apgd(model, images, labels, loss=loss, **kwargs)
-        (batches.append([]) if loss == "ce" else None) or batches[-1].append((loss, images, labels, x_adv.clone()))
+        if loss == "ce":  # a batch's first stage
+            batches.append([])
+        batches[-1].append((loss, images, labels, x_adv.clone()))
         return x_adv
     monkeypatch.setattr(am, "apgd_attack", recorded)
     am.evaluate(model, x_u8, y, {"aa": attacks["aa"]}, batch_size=8)
