@@ -3380,10 +3380,11 @@ def _trainer(loaded):
                                   "model_identity": {k: loaded.identity.get(k) for k in SAME_MODEL}}))
 
 
-def _load_tuned_file(out_dir, args, loaded):
+def _load_tuned_file(out_dir, args, loaded, trainer):
     """Put on loaded.clip the file a run evaluates without training it: the --masks or --weights file, or the one a
     run of the same training settings saved in out_dir. A file that does not fit, or a run folder's file whose
-    header records other training (one copied in by hand), is refused before anything is written."""
+    header records another trainer (_trainer) than this run's, trainer (one copied in by hand), is refused before
+    anything is written."""
     clip, source = loaded.clip, describe(loaded.identity)
     if args.masks or args.weights:
         target = (next(_masks(load_masks(clip, args.masks, source))).mask.target if args.masks else
@@ -3392,7 +3393,7 @@ def _load_tuned_file(out_dir, args, loaded):
             raise ValueError(f"{args.masks or args.weights} covers the {target} weights; pass --mask-target {target} "
                              f"with it")
         return Path(args.masks or args.weights)
-    trained, trainer = out_dir / TUNED_FILES[args.tune], _trainer(loaded)
+    trained = out_dir / TUNED_FILES[args.tune]
     recorded = read_tuned_file(trained, args.tune)[0].get("provenance", {})
     # reused under new code (cells record theirs), but not under settings other than its own, whatever config.json says
     differ = sorted(k for k in trainer if k != "code" and recorded.get(k) != trainer[k])
@@ -3410,7 +3411,7 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
     saved in out_dir, or one trained now (from its checkpoint, if any) and saved there. Returns (the results.json
     beside that file, or {}; the training log; the file's sha256)."""
     checkpoint, results_path = out_dir / "checkpoint.pt", out_dir / "results.json"
-    trained = out_dir / TUNED_FILES[args.tune]
+    trained, trainer = out_dir / TUNED_FILES[args.tune], _trainer(loaded)
     same_run = _check_out_dir(out_dir, checkpoint, loaded.settings, args.overwrite)
     train_now = not (args.masks or args.weights or same_run and trained.is_file())
     # finished cells stay only beside the file they measured: a mask trained now (its file gone) starts them over,
@@ -3421,7 +3422,7 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
         # only the trainer that saved a checkpoint resumes it, checked here (before anything is written) against the
         # checkpoint itself, as its config.json may be gone or edited
         if checkpoint.is_file() and not args.overwrite:
-            _read_training_state(checkpoint, _trainer(loaded))
+            _read_training_state(checkpoint, trainer)
         train_set, indices = _k_shot(args, loaded.train_on, loaded.train_set, loaded.train_names)
         images, labels = cache_images(train_set, indices, device, args.workers)
         lap("cache")
@@ -3429,7 +3430,7 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
         print(f"{args.protocol} on {args.dataset}: {len(labels)} training images ({args.shots} per class, "
               f"{len(loaded.train_names)} classes), {epochs} epoch{'s' * (epochs != 1)} on {device} ({args.precision})")
     else:
-        tuned_file = _load_tuned_file(out_dir, args, loaded)
+        tuned_file = _load_tuned_file(out_dir, args, loaded, trainer)
         sha256 = hashlib.sha256(tuned_file.read_bytes()).hexdigest()
         if previous and previous.get("tuned_file_sha256") != sha256:
             print(f"{tuned_file} is not the file that the cells of {results_path} measured; evaluating them again")
@@ -3448,12 +3449,12 @@ def _train_or_reuse(out_dir, args, device, loaded, lap):
             tune=args.tune, epochs=epochs, tokenizer=loaded.tokenizer, batch_size=args.batch_size, lr=args.lr,
             lam=args.lam, eps=args.train_eps / 255, alpha=args.train_alpha / 255, steps=args.train_steps,
             loss=args.loss, seed=args.seed, precision=args.precision,
-            checkpoint=training_checkpoint(checkpoint, _trainer(loaded)), checkpoint_every=args.checkpoint_every)
-    provenance, source = _trainer(loaded), describe(loaded.identity)
-    if args.tune == "mask":
-        save_masks(loaded.clip, trained, source, provenance)
+            checkpoint=training_checkpoint(checkpoint, trainer), checkpoint_every=args.checkpoint_every)
+    source = describe(loaded.identity)
+    if args.tune == "mask":  # the file's provenance: what trained it
+        save_masks(loaded.clip, trained, source, provenance=trainer)
     else:
-        save_weights(loaded.clip, trained, target=args.mask_target, source=source, provenance=provenance)
+        save_weights(loaded.clip, trained, target=args.mask_target, source=source, provenance=trainer)
     checkpoint.unlink()  # its result is in the trained file now
     return {}, history, hashlib.sha256(trained.read_bytes()).hexdigest()
 
