@@ -3178,7 +3178,9 @@ def _folder_lock(out_dir):
         except FileExistsError:
             try:
                 holder, _, pid = lock.read_text().strip().rpartition(" ")  # "": the other is still writing it
-                gone = time.time() - lock.stat().st_mtime > LOCK_STALE  # a live holder refreshes it (pids get reused)
+                # a live holder refreshes it (pids get reused), and writes its pid at once: a lock left empty for a
+                # beat is a process killed between making it and writing it
+                gone = time.time() - lock.stat().st_mtime > (LOCK_STALE if pid else LOCK_BEAT)
             except FileNotFoundError:  # its holder has just ended: try again
                 continue
             here = holder == host and pid.isdigit()  # another host's pid means nothing here
@@ -3191,7 +3193,8 @@ def _folder_lock(out_dir):
             except PermissionError:
                 pass  # it exists, another user's
             if gone:
-                print(f"{lock}: process {pid}{where}, which held it, is gone; taking the folder over")
+                print(f"{lock}: process {pid or '(never written)'}{where}, which held it, is gone; taking the folder "
+                      f"over")
                 lock.unlink(missing_ok=True)
                 continue
             raise ValueError(f"{out_dir} is in use by process {pid or '(starting)'}{where} ({lock}); wait until it "

@@ -4288,8 +4288,9 @@ def test_another_hosts_lock_is_refused_while_fresh_and_taken_over_once_stale(tmp
     lives here: while fresh, a run is refused in one line naming that host and saying to delete the lock if its process
     is gone; unrefreshed for LOCK_STALE seconds (a job gone with its node), it is taken over with one line, as a
     pre-empted job requeued on another node needs, and so is a stale lock of this host whose pid another process has
-    now, or a fresh one whose pid no process can have; a lock whose holder ends while it is read is tried again. A
-    holder refreshes its lock every LOCK_BEAT seconds."""
+    now, or a fresh one whose pid no process can have; an empty lock (its maker killed before writing its pid) is
+    refused while fresh and taken over once LOCK_BEAT old; a lock whose holder ends while it is read is tried again.
+    A holder refreshes its lock every LOCK_BEAT seconds."""
     monkeypatch.chdir(tmp_path)
     lock = tmp_path / "run" / ".lock"
     lock.parent.mkdir()
@@ -4309,6 +4310,12 @@ def test_another_hosts_lock_is_refused_while_fresh_and_taken_over_once_stale(tmp
     lock.write_text(f"{socket.gethostname()} {2**64}")  # this host, fresh, a pid past any: a hand edit, no process
     am.main(dry_run_args("run", 1))
     assert f"process {2**64}, which held it, is gone" in capsys.readouterr().out
+    lock.write_text("")  # made, and its maker killed before it wrote its pid: refused while it may still be writing
+    assert "in use by process (starting)" in refused(capsys, dry_run_args("run", 1))
+    beat_ago = time.time() - am.LOCK_BEAT - 5  # a beat later, long before LOCK_STALE
+    os.utime(lock, (beat_ago, beat_ago))
+    am.main(dry_run_args("run", 1))
+    assert "process (never written), which held it, is gone" in capsys.readouterr().out
     read_text = Path.read_text
 
     def ended(path, *args, **kwargs):  # the holder ends between this run's try for the lock and its read of it
