@@ -2084,7 +2084,7 @@ def summarize(runs_dir, defaults, out_dir=None):
         # the datasets with cells on this basis, and those with none finished on any (their rows say "—")
         datasets = in_paper_order({k.dataset for k in here} | (datasets - {k.dataset for k in acc}))
         all_shots, seeds = sorted(all_shots), sorted(seeds)
-        methods = sorted({k.method for k in here}, key=lambda m: m != "CLIP")
+        methods = sorted({k.method for k in here}, key=lambda m: (m != "CLIP", m))  # as the figure's legend
 
         def stat(method, dataset, shots, evaluated):  # per-seed values of one cell, a list per metric
             runs = acc.get(SummaryCell(protocol=protocol, attack=attack, eps=eps, basis=basis, method=method,

@@ -2406,6 +2406,20 @@ def test_summary_means_stds_averages_and_missing_cells(tmp_path, capsys):
         assert f"{path} {what}; pass a runs root" in refused(capsys, ["summarize", str(path)])  # a typo, said so
 
 
+def test_summary_lists_its_methods_in_one_order_whatever_the_hash_seed(tmp_path):
+    """A table's rows come CLIP first, then the other methods by name (the figure's order), not in the order of a set
+    of strings, which changes with each process's hash seed: eight methods, whose set order matches no fixed one but
+    once in thousands of processes."""
+    write_results(tmp_path, "few_shot", "dtd", 16, 1, [("dtd", 0.5, 0.2)])
+    results = tmp_path / "few_shot" / "dtd" / "16shot" / "seed1" / "results.json"
+    row = json.loads(results.read_text())["results"][0]
+    baselines = [f"hf-hub:org/{name}" for name in ("zebra", "apple", "mango", "kiwi", "fig")]
+    results.write_text(json.dumps({"results": [{**row, "model": m} for m in ["advmask", "clip", "adv_ft", *baselines]]}))
+    md = am.summarize(tmp_path, am.parser_defaults)
+    methods = [line.split(" | ")[0].removeprefix("| ") for line in md.splitlines() if " | dtd | " in line]
+    assert methods == ["CLIP", *sorted(["AdvMask", "adversarial fine-tuning", *baselines])]
+
+
 def test_summarize_refuses_to_average_runs_of_different_splits(tmp_path):
     """Two seeds of one dataset, one on the default split and one on CoOp's file, are refused with one line."""
     write_results(tmp_path, "few_shot", "dtd", 16, 1, [("dtd", 0.5, 0.2)])
