@@ -1995,22 +1995,9 @@ def _summary_cells(finished, protocol, dataset, shots, defaults):
     return cells
 
 
-def summarize(runs_dir, defaults, out_dir=None):
-    """Tables over seeds of runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json, in out_dir (default:
-    runs_dir) as summary.md (returned) and summary.csv: a table per protocol, attack, ε and basis (_heading, from
-    defaults(dry_run), the parser's defaults), a row per method and dataset, mean ± std in %, an "Average" row over
-    datasets per method, and for base2new the paper's five columns with H, the harmonic mean of the four averaged
-    accuracies. A cell with no finished seed is "—", never 0, and so is an average over a column with such a cell.
-    Of a run folder's cells, those measured on test sets that a later run there replaced are left out, in one line,
-    and so are the runs outside that layout (a consensus mask's).
-    Seeds of a cell that differ in anything else their numbers rest on (_basis: split source, prompts and resizing,
-    model, data, training and evaluation settings) are refused, and so are a folder whose results.json records another
-    protocol, dataset, shots or seed than its path, and two folders with a trained model's run of one cell and seed."""
-    runs_dir, metrics = Path(runs_dir), ("clean", "adv")  # each cell's two numbers: clean_acc and adv_acc
-    if not runs_dir.is_dir():  # a typo: nothing to table
-        raise ValueError(f"{runs_dir} {'is not a folder' if runs_dir.exists() else 'does not exist'}; pass a runs "
-                         f"root, the folder that holds <protocol>/<dataset>/<K>shot/seed<S>/")
-    _require_writable(out_dir or runs_dir)  # before the runs are read
+def _seeds_by_cell(runs_dir, defaults):
+    """summarize's reading of the run folders under runs_dir, with its refusals: {SummaryCell: {seed: its results
+    entry}}, and {protocol: (datasets, shots, seeds)} of the run folders there are, finished or not."""
     acc = {}  # SummaryCell -> {seed: its results entry}
     source = {}  # (SummaryCell, seed) -> the run folder of its entry
     seen = {}  # protocol -> (datasets, shots, seeds) that have a run folder, finished or not
@@ -2061,6 +2048,13 @@ def summarize(runs_dir, defaults, out_dir=None):
                          (f", only {outside}: read them there" if others else "; run some first"))
     if others:
         print(f"{runs_dir}: leaving out {outside}; read them there", file=sys.stderr)
+    return acc, seen
+
+
+def _summary_tables(runs_dir, acc, seen):
+    """summary.md's text and summary.csv's records (a row per cell and metric) of _seeds_by_cell's cells acc, with a
+    row for each dataset of seen that has no finished cell."""
+    metrics = ("clean", "adv")  # each cell's two numbers: clean_acc and adv_acc
     order = {name: i for i, name in enumerate(DATASETS)}
 
     def in_paper_order(names):  # the paper's order of datasets, then the rest
@@ -2127,7 +2121,26 @@ def summarize(runs_dir, defaults, out_dir=None):
                         texts.append("—" if None in means else f"{100 * harmonic_mean(means):.1f}")
                     md.append("| " + " | ".join([method, f"**{name}**" if cells is None else name] + texts) + " |")
             md.append("")
-    text = "\n".join(md)
+    return "\n".join(md), records
+
+
+def summarize(runs_dir, defaults, out_dir=None):
+    """Tables over seeds of runs_dir/<protocol>/<dataset>/<K>shot/seed<s>/results.json, in out_dir (default:
+    runs_dir) as summary.md (returned) and summary.csv: a table per protocol, attack, ε and basis (_heading, from
+    defaults(dry_run), the parser's defaults), a row per method and dataset, mean ± std in %, an "Average" row over
+    datasets per method, and for base2new the paper's five columns with H, the harmonic mean of the four averaged
+    accuracies. A cell with no finished seed is "—", never 0, and so is an average over a column with such a cell.
+    Of a run folder's cells, those measured on test sets that a later run there replaced are left out, in one line,
+    and so are the runs outside that layout (a consensus mask's).
+    Seeds of a cell that differ in anything else their numbers rest on (_basis: split source, prompts and resizing,
+    model, data, training and evaluation settings) are refused, and so are a folder whose results.json records another
+    protocol, dataset, shots or seed than its path, and two folders with a trained model's run of one cell and seed."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():  # a typo: nothing to table
+        raise ValueError(f"{runs_dir} {'is not a folder' if runs_dir.exists() else 'does not exist'}; pass a runs "
+                         f"root, the folder that holds <protocol>/<dataset>/<K>shot/seed<S>/")
+    _require_writable(out_dir or runs_dir)  # before the runs are read
+    text, records = _summary_tables(runs_dir, *_seeds_by_cell(runs_dir, defaults))
     write_report(out_dir or runs_dir, "summary", text, records)
     return text
 
