@@ -3319,16 +3319,23 @@ def _k_shot(args, train_on, train_set, train_names):
         raise ValueError(f"{e} with --shots") from None
 
 
-def run(args, device):
+def _adopt_provenance(args):
+    """The provenance of the --masks or --weights file a run evaluates ({} without one), its settings of PROVENANCE made
+    the run's: the run is labelled, and its folder named, by what trained the file, and its seed draws random base
+    weights (--pretrained none) as the file's run drew them. The file's sha256 becomes args.tuned_file_sha256."""
+    if not (args.masks or args.weights):
+        return {}
+    path = args.masks or args.weights
+    provenance = read_tuned_file(path, "mask" if args.masks else "weights")[0].get("provenance", {})
+    vars(args).update({k: v for k, v in provenance.items() if k in PROVENANCE})
+    args.tuned_file_sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()  # a path can name another file later
+    return provenance
+
+
+def run(args, device, provenance):
     """One run of a protocol in its folder, which it holds alone (_folder_lock): load CLIP and data, tune (or load)
-    the mask, save it, evaluate clean and under attack."""
-    provenance = {}
-    if args.masks or args.weights:  # labelled, and its folder named, by what trained the file, where it records it
-        path = args.masks or args.weights
-        provenance = read_tuned_file(path, "mask" if args.masks else "weights")[0].get("provenance", {})
-        vars(args).update({k: v for k, v in provenance.items() if k in PROVENANCE})
-        # the file evaluated, by its content: a path can name another file later
-        args.tuned_file_sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    the mask, save it, evaluate clean and under attack. provenance: _adopt_provenance's."""
+    path = args.masks or args.weights
     # dry and synthetic runs default to folders of their own, so that no real cell is ever taken for done
     root = "runs_dry" if args.dry_run else "runs_synthetic" if args.synthetic else "runs"
     if "consensus" in provenance:  # filed by what it is: k of n masks, and its content
@@ -3601,6 +3608,7 @@ def main(argv=None):
             analyze(args.paths, args.out, args.consensus, args.save)
             return
         args = parse_args(argv)
+        provenance = _adopt_provenance(args)  # before the seed is set: a --masks or --weights file's own seed
         # device and seed are decided here, once, and passed down (precision by the flags, TRAIN_/EVAL_PRECISION)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # --device: _device
         if device.type == "cuda" and device.index is not None:  # --device's GPU as the current one: the GPU that
@@ -3623,7 +3631,7 @@ def main(argv=None):
             for row in rows:
                 print(json.dumps({"model": model, **row}))
         else:
-            run(args, device)
+            run(args, device, provenance)
     except ValueError as e:  # library functions raise ValueError with a sentence that says what to do
         print(f"advmask: error: {e}", file=sys.stderr)
         sys.exit(2)

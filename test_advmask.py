@@ -3272,6 +3272,17 @@ def test_cli_base2new_and_transfer_protocols(tiny_files, tmp_path, capsys):
     assert [(e["eval"], e["n"]) for e in entries] == [("dtd", 6), ("eurosat", 9)]
 
 
+def test_a_masks_file_on_random_weights_is_evaluated_on_those_of_its_own_seed(tmp_path, monkeypatch, capsys):
+    """Random base weights (--pretrained none) are drawn from the seed: a transfer run of a --masks file draws them
+    from the seed its provenance records, so seed 3's dry-run mask is evaluated (on the weights it was trained on,
+    which load_masks checks) without --seed 3, and filed and labelled as seed 3."""
+    monkeypatch.chdir(tmp_path)
+    am.main([*dry_run_args("trained", 1), "--seed", "3"])
+    am.main(["--dry-run", "--protocol", "transfer", "--masks", "trained/masks.bin", "--eval-datasets", "dtd"])
+    assert "done | off" in capsys.readouterr().out
+    assert json.loads((tmp_path / "runs_dry/transfer/oxford_pets/16shot/seed3/results.json").read_text())["seed"] == 3
+
+
 def test_cli_split_dir_picks_each_datasets_coop_file_and_falls_back(tiny_files, tmp_path, capsys):
     """--split-dir uses split_zhou_OxfordPets.json for the source and split_zhou_DescribableTextures.json for DTD, a
     target whose test set that changes, in one line; EuroSAT, with no file there, keeps its default split and says so
@@ -4278,7 +4289,7 @@ def test_an_interrupt_outside_training_and_a_closed_pipe_end_in_a_line_or_silenc
     """Ctrl-C before or after training prints "advmask: interrupted" and exits 130; a reader that leaves the pipe
     (summarize RUNS | head) ends the process with status 1 and no traceback; SIGTERM does what Ctrl-C does while
     main runs, and once main has returned it ends the process as SIGTERM does, with no traceback."""
-    def interrupted(args, device):
+    def interrupted(args, device, provenance):
         raise KeyboardInterrupt
     monkeypatch.setattr(am, "run", interrupted)
     assert refused(capsys, ["--dry-run"], status=130) == "advmask: interrupted\n"
