@@ -4310,12 +4310,12 @@ def test_an_interrupt_outside_training_and_a_closed_pipe_end_in_a_line_or_silenc
 
 def test_another_hosts_lock_is_refused_while_fresh_and_taken_over_once_stale(tmp_path, monkeypatch, capsys):
     """A lock written on another host (a shared file system) cannot be checked here, even when no process of its pid
-    lives here: while fresh, a run is refused in one line naming that host and saying to delete the lock if its process
-    is gone; unrefreshed for LOCK_STALE seconds (a job gone with its node), it is taken over with one line, as a
-    pre-empted job requeued on another node needs, and so is a stale lock of this host whose pid another process has
-    now, or a fresh one whose pid no process can have; an empty lock (its maker killed before writing its pid) is
-    refused while fresh and taken over once LOCK_BEAT old; a lock whose holder ends while it is read is tried again.
-    A holder refreshes its lock every LOCK_BEAT seconds."""
+    lives here: while fresh (a beat late included), a run is refused in one line naming that host and saying to delete
+    the lock if its process is gone; unrefreshed for LOCK_STALE seconds (a job gone with its node), it is taken over
+    with one line, as a pre-empted job requeued on another node needs, and so is a stale lock of this host whose pid
+    another process has now, or a fresh one whose pid no process can have; an empty lock (its maker killed before
+    writing its pid) is refused while fresh and taken over once LOCK_BEAT old; a lock whose holder ends while it is read
+    is tried again. A holder refreshes its lock every LOCK_BEAT seconds."""
     monkeypatch.chdir(tmp_path)
     lock = tmp_path / "run" / ".lock"
     lock.parent.mkdir()
@@ -4323,6 +4323,9 @@ def test_another_hosts_lock_is_refused_while_fresh_and_taken_over_once_stale(tmp
     err = refused(capsys, dry_run_args("run", 1))
     assert f"in use by process {2**22 + 1} on elsewhere" in err
     assert f"if it is gone, delete {Path('run', '.lock')}" in err
+    beat_ago = time.time() - am.LOCK_BEAT - 5  # a refresh late by seconds (a busy file server): still held
+    os.utime(lock, (beat_ago, beat_ago))
+    assert f"in use by process {2**22 + 1} on elsewhere" in refused(capsys, dry_run_args("run", 1))
     stale = time.time() - am.LOCK_STALE - 60
     os.utime(lock, (stale, stale))
     am.main(dry_run_args("run", 1))
@@ -4337,8 +4340,7 @@ def test_another_hosts_lock_is_refused_while_fresh_and_taken_over_once_stale(tmp
     assert f"process {2**64}, which held it, is gone" in capsys.readouterr().out
     lock.write_text("")  # made, and its maker killed before it wrote its pid: refused while it may still be writing
     assert "in use by process (starting)" in refused(capsys, dry_run_args("run", 1))
-    beat_ago = time.time() - am.LOCK_BEAT - 5  # a beat later, long before LOCK_STALE
-    os.utime(lock, (beat_ago, beat_ago))
+    os.utime(lock, (beat_ago, beat_ago))  # a beat later, long before LOCK_STALE
     am.main(dry_run_args("run", 1))
     assert "process (never written), which held it, is gone" in capsys.readouterr().out
     read_text = Path.read_text
