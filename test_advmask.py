@@ -2414,7 +2414,8 @@ def test_summary_lists_its_methods_in_one_order_whatever_the_hash_seed(tmp_path)
     results = tmp_path / "few_shot" / "dtd" / "16shot" / "seed1" / "results.json"
     row = json.loads(results.read_text())["results"][0]
     baselines = [f"hf-hub:org/{name}" for name in ("zebra", "apple", "mango", "kiwi", "fig")]
-    results.write_text(json.dumps({"results": [{**row, "model": m} for m in ["advmask", "clip", "adv_ft", *baselines]]}))
+    models = ["advmask", "clip", "adv_ft", *baselines]
+    results.write_text(json.dumps({"results": [{**row, "model": m} for m in models]}))
     md = am.summarize(tmp_path, am.parser_defaults)
     methods = [line.split(" | ")[0].removeprefix("| ") for line in md.splitlines() if " | dtd | " in line]
     assert methods == ["CLIP", *sorted(["AdvMask", "adversarial fine-tuning", *baselines])]
@@ -2986,7 +2987,11 @@ def test_benchmark_reports_every_figure_and_one_bit_per_weight(proc, tmp_path, m
     for key in ("train_img_s_masked", "train_img_s_plain", "eval_img_s_baked", "eval_img_s_plain", *memory * proc):
         assert result[key] > 0, key
     assert proc or [result[key] for key in memory] == [None] * 3
+    # every ratio is the mask's cost over plain CLIP's: > 1 where masking is slower or larger
     assert result["train_time_ratio"] == pytest.approx(result["train_img_s_plain"] / result["train_img_s_masked"])
+    assert result["eval_time_ratio"] == pytest.approx(result["eval_img_s_plain"] / result["eval_img_s_baked"])
+    assert not proc or result["train_mem_ratio"] == pytest.approx(result["train_peak_mem_masked_mb"] /
+                                                                  result["train_peak_mem_plain_mb"])
     overhead_bytes = (result["mask_bits_per_weight"] - 1) * result["masked_weights"] / 8
     # safetensors' header and ours, uncompressed JSON: about 1 KB whatever the size (ViT-B/32: 1.0006 bits a weight)
     assert 0 <= overhead_bytes <= 1536
@@ -3222,7 +3227,8 @@ def tiny_files(tmp_path_factory):
 
 def test_cli_trains_and_evaluates_on_a_fabricated_oxford_pets_tree(tiny_files, tmp_path):
     """The real CLI, with a config JSON, a local checkpoint and torchvision's loader, writes sane results and masks;
-    with PGD and AutoAttack it adds their per-image worst case, which summarize shows as a table of its own."""
+    with PGD and AutoAttack it adds their per-image worst case (its time: theirs), which summarize shows as a table of
+    its own."""
     out = tmp_path / "runs" / "few_shot" / "oxford_pets" / "2shot" / "seed1"
     proc = run_cli("--dataset", "oxford_pets", "--data-root", str(tiny_files / "data"), "--no-download",
                    "--model", str(tiny_files / "tiny-test-clip.json"), "--pretrained", str(tiny_files / "tiny.pt"),
@@ -3241,6 +3247,7 @@ def test_cli_trains_and_evaluates_on_a_fabricated_oxford_pets_tree(tiny_files, t
                              "torch": torch.__version__}  # the code that measured the cell, and trained the mask
     assert am.read_mask_file(out / "masks.bin")[0]["provenance"]["code"] == entry["code"]
     assert entries["worst"]["adv_acc"] <= min(entries["pgd"]["adv_acc"], entries["aa"]["adv_acc"])
+    assert entries["worst"]["seconds"] == entries["pgd"]["seconds"] + entries["aa"]["seconds"]  # its attacks' time
     assert 0 <= results["sparsity"] < 1 and results["settings"]["shots"] == 2 and len(results["train_log"]) == 1
     assert set(results["phases"]) == {"load", "cache", "train", "decode oxford_pets", "eval advmask oxford_pets"}
     assert results["splits"] == {"oxford_pets": {"source": "default"}}
