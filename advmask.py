@@ -1765,7 +1765,7 @@ def cache_images(dataset, indices, device, num_workers=0):
                 images = torch.empty((len(indices), *x.shape[1:]), dtype=x.dtype, device=device)  # (N, 3, H, W)
             images[filled:filled + len(y)], labels[filled:filled + len(y)] = x, y
             filled += len(y)
-    except (OSError, RuntimeError):  # PIL's error, as raised here or re-raised from a loader worker: find the file
+    except OSError:  # PIL's, raised here or by a loader worker (torch re-raises its type): find the file
         for i in indices:
             try:
                 dataset[i]
