@@ -1481,14 +1481,20 @@ def test_a_tower_without_known_blocks_is_refused_and_a_target_a_family_lacks_too
 
 
 @pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "EVA02-B-16"])
-def test_a_timm_family_runs_through_the_cli_and_analyze(name, tmp_path, monkeypatch):
+def test_a_timm_family_runs_through_the_cli_and_analyze(name, tmp_path, monkeypatch, capsys):
     """A tiny SigLIP and a tiny EVA02 tower run the CLI end to end (training, mask file, baseline, evaluation), and
-    analyze breaks their mask down per part and head."""
+    analyze breaks their mask down per part and head; fp16 evaluation, FAP's conversion of OpenAI's ViT, is refused
+    in one line before anything is trained or written."""
     config = tiny_family_config(name, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
-    am.main(["--model", str(config), "--pretrained", "none", "--synthetic", "--dataset", "dtd", "--shots", "1",
-             "--epochs", "1", "--test-steps", "1", "--eval-limit", "8", "--out-dir", "out", "--device", "cpu",
-             "--baseline"])
+    args = ["--model", str(config), "--pretrained", "none", "--synthetic", "--dataset", "dtd", "--shots", "1",
+            "--epochs", "1", "--test-steps", "1", "--eval-limit", "8", "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_:  # after the line that its weights are random
+        am.main([*args, "--eval-precision", "fp16", "--out-dir", "fp16"])
+    assert exit_.value.code == 2 and not (tmp_path / "fp16").exists()
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("advmask: error: --eval-precision fp16 converts OpenAI's ViT") and config.stem in line
+    am.main([*args, "--out-dir", "out", "--baseline"])
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["complete"] and {r["model"] for r in results["results"]} == {"clip", "advmask"}
     header = am.read_mask_file(tmp_path / "out" / "masks.bin")[0]
@@ -2338,6 +2344,19 @@ def test_cache_images_holds_the_decoded_images_about_once():
     got = json.loads(proc.stdout)
     assert got["ratio"] < 1.3 and got["right"] and got["shape"] == [2000, 3, 224, 224]
     assert got["dtypes"] == ["torch.uint8", "torch.int64"]
+
+
+
+def test_an_image_that_does_not_decode_in_a_loader_worker_is_named_in_one_line(tmp_path):
+    """A truncated file among more images than one batch, decoded by two loader workers (which re-raise PIL's error as
+    its own type), ends in a ValueError naming that file."""
+    files = [tmp_path / f"{i}.jpg" for i in range(65)]
+    for i, path in enumerate(files):
+        jpeg(path, i, size=(8, 8))
+    files[40].write_bytes(files[40].read_bytes()[:100])
+    images = am.ImageFiles([(path, 0) for path in files], T.PILToTensor())
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(files[40]))} does not decode \("):
+        am.cache_images(images, range(65), "cpu", num_workers=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -3290,10 +3309,20 @@ def test_a_masks_file_on_random_weights_is_evaluated_on_those_of_its_own_seed(tm
     assert json.loads((tmp_path / "runs_dry/transfer/oxford_pets/16shot/seed3/results.json").read_text())["seed"] == 3
 
 
+def test_tga_zsr_conventions_prompt_the_training_datasets_own_classes_with_tga_zsrs_template(tmp_path, monkeypatch):
+    """Under --conventions tga-zsr the training dataset's own class sets (base and new) are prompted with TGA-ZSR's
+    template for it, as its transfer targets are, not with CoOp's."""
+    monkeypatch.chdir(tmp_path)
+    am.main([*dry_run_args("t", 1), "--conventions", "tga-zsr", "--dataset", "cifar10", "--protocol", "base2new"])
+    class_sets = json.loads((tmp_path / "t" / "results.json").read_text())["class_sets"]
+    assert {name: c["templates"] for name, c in class_sets.items()} == {"base": [am.TGA_ZSR_TEMPLATE],
+                                                                        "new": [am.TGA_ZSR_TEMPLATE]}
+
+
 def test_cli_split_dir_picks_each_datasets_coop_file_and_falls_back(tiny_files, tmp_path, capsys):
     """--split-dir uses split_zhou_OxfordPets.json for the source and split_zhou_DescribableTextures.json for DTD, a
     target whose test set that changes, in one line; EuroSAT, with no file there, keeps its default split and says so
-    in one line; results.json records each."""
+    in one line; results.json records each. --split-json is the source's file alone: a target keeps its default."""
     splits = tmp_path / "coop_splits"
     splits.mkdir()
     pets = {"train": [[f"{b}_{n}.jpg", c, b.lower()] for c, b in enumerate(PET_CLASSES) for n in (1, 2)],
@@ -3302,11 +3331,9 @@ def test_cli_split_dir_picks_each_datasets_coop_file_and_falls_back(tiny_files, 
     dtd = {"train": [], "val": [], "test": [["banded/banded_2000.jpg", 0, "banded"],
                                             ["zigzagged/zigzagged_2001.jpg", 1, "zigzagged"]]}
     (splits / "split_zhou_DescribableTextures.json").write_text(json.dumps(dtd))
-    proc = run_here(capsys, "--protocol", "transfer", "--eval-datasets", "dtd,eurosat", "--split-dir", str(splits),
-                    "--data-root", str(tiny_files / "data"), "--no-download", "--model",
-                    str(tiny_files / "tiny-test-clip.json"), "--pretrained", str(tiny_files / "tiny.pt"),
-                    "--device", "cpu", "--workers", "0", "--shots", "2", "--epochs", "1", "--test-steps", "1",
-                    "--out-dir", "out", cwd=tmp_path)
+    transfer = [*tiny_cli_args(tiny_files), "--protocol", "transfer", "--shots", "2", "--epochs", "1"]
+    proc = run_here(capsys, *transfer, "--eval-datasets", "dtd,eurosat", "--split-dir", str(splits), "--out-dir", "out",
+                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     said = [line for line in proc.stdout.splitlines() if "split_zhou_" in line]  # one line each: what, and which file
     assert len(said) == 2 and re.match(r"dtd: tested on the test list of CoOp's split_zhou_DescribableTextures\.json",
@@ -3321,6 +3348,10 @@ def test_cli_split_dir_picks_each_datasets_coop_file_and_falls_back(tiny_files, 
                 "sha256": digest["split_zhou_DescribableTextures.json"]},
         "eurosat": {"source": "default"}}
     assert [(e["eval"], e["n"]) for e in results["results"]] == [("dtd", 2), ("eurosat", 9)]
+    proc = run_here(capsys, *transfer, "--eval-datasets", "eurosat", "--split-json",
+                    str(splits / "split_zhou_OxfordPets.json"), "--out-dir", "one", cwd=tmp_path)  # the source's file
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["splits"]["eurosat"] == {"source": "default"}
 
 
 def test_the_baseline_is_evaluated_with_no_parameter_requiring_grad(tmp_path, monkeypatch):
@@ -3381,7 +3412,8 @@ def tiny_cli_args(files):
 def test_fap_conventions_train_on_dassls_draw_and_evaluate_fp16_in_batches_of_200(tiny_files, tmp_path, monkeypatch):
     """--conventions fap: base2new trains on exactly the images Dassl's draw picks from the CoOp file's train list
     (every class drawn, the base ones kept), evaluates in fp16 in test batches of 200, records both in each cell,
-    and summarize tables those cells under that heading; a rerun with another test batch evaluates anew."""
+    and summarize tables those cells under that heading; a rerun with another test batch evaluates anew, the
+    --baseline's CLIP in fp16 too."""
     monkeypatch.chdir(tmp_path)
     splits = tmp_path / "splits"
     splits.mkdir()
@@ -3399,9 +3431,13 @@ def test_fap_conventions_train_on_dassls_draw_and_evaluate_fp16_in_batches_of_20
     results = json.loads((tmp_path / "runs/base2new/oxford_pets/2shot/seed3/results.json").read_text())
     assert {(e["eval"], e["eval_precision"], e["test_batch"]) for e in results["results"]} == {
         ("base", "fp16", 200), ("new", "fp16", 200)}
-    am.main([*args, "--eval-batch-size", "2"])
+    evaluated, evaluate = [], am.evaluate  # the dtype of each model evaluated: the baseline's converted too
+    monkeypatch.setattr(am, "evaluate", lambda m, *a, **k: evaluated.append(m.clip.visual.conv1.weight.dtype) or
+                        evaluate(m, *a, **k))
+    am.main([*args, "--eval-batch-size", "2", "--baseline"])
+    assert evaluated == [torch.float16] * 4  # CLIP and AdvMask on the base and the new classes
     results = json.loads((tmp_path / "runs/base2new/oxford_pets/2shot/seed3/results.json").read_text())
-    assert sorted(e["test_batch"] for e in results["results"]) == [2, 2, 200, 200]
+    assert sorted(e["test_batch"] for e in results["results"] if e["model"] == "advmask") == [2, 2, 200, 200]
     summary = am.summarize(tmp_path / "runs", am.parser_defaults)
     assert "fp16 evaluation; test batch 200;" in summary and "fp16 evaluation; test batch 2;" in summary
 
@@ -3485,8 +3521,8 @@ def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_c
     """The same command with --attack pgd,cw after a PGD run, on another device of the same kind (cpu:0 after cpu, as
     cuda:1 after cuda): masks.bin byte for byte, the PGD cell as it was, the CW cell and the per-image worst case over
     both added, no training step, and a checkpoint left beside the saved mask (a kill between the two) gone; with
-    --attack cw,pgd then, every cell is reused (the worst case is over a set); with a third attack, a worst case over
-    the three is added, and summarize tables each set apart."""
+    --attack cw,pgd then, every cell is reused (the worst case is over a set) and no test image decoded; with a third
+    attack, a worst case over the three is added, and summarize tables each set apart."""
     monkeypatch.chdir(tmp_path)
     run = "runs/few_shot/oxford_pets/16shot/seed1"
     am.main([*dry_run_args(run, 2), "--device", "cpu"])
@@ -3507,7 +3543,8 @@ def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_c
     assert worst["adv_acc"] == (both[0] & both[1]).mean() and worst["attacks"] == ["pgd", "cw"]
     am.main([*dry_run_args(run, 2), "--attack", "cw,pgd", "--device", "cpu"])
     assert "reusing 3 finished cells" in capsys.readouterr().out
-    assert json.loads((tmp_path / run / "results.json").read_text())["results"] == after["results"]
+    reused = json.loads((tmp_path / run / "results.json").read_text())
+    assert reused["results"] == after["results"] and not any(p.startswith("decode") for p in reused["phases"])
     am.main([*dry_run_args(run, 2), "--attack", "pgd,cw,apgd-ce", "--device", "cpu"])
     summary = am.summarize(tmp_path / "runs", am.parser_defaults)
     for attacks in ("PGD,CW", "PGD,CW,APGD-CE"):
@@ -3603,13 +3640,15 @@ def test_eval_dataset_presets_expand_through_the_parser():
 
 def test_synthetic_runs_at_the_real_size_of_the_dataset(tiny_files, tmp_path, capsys):
     """--synthetic gives DTD's 47 classes, a K-shot training set and all 1,880 test images (decoded by two loader
-    workers, the one run here that starts them: a set of one batch is decoded in the process), every phase timed."""
+    workers, the one run here that starts them: a set of one batch is decoded in the process), every phase timed, in
+    runs_synthetic/ by default."""
     proc = run_here(capsys, "--synthetic", "--dataset", "dtd", "--model", str(tiny_files / "tiny-test-clip.json"),
                     "--pretrained", "none", "--shots", "1", "--epochs", "1", "--test-steps", "1", "--device", "cpu",
-                    "--workers", "2", "--eval-batch-size", "512", "--out-dir", "out", cwd=tmp_path)
+                    "--workers", "2", "--eval-batch-size", "512", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "47 training images (1 per class, 47 classes)" in proc.stdout
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["runs_synthetic"]  # a folder of its own, as a dry run's
+    results = json.loads((tmp_path / "runs_synthetic/few_shot/dtd/1shot/seed1/results.json").read_text())
     assert am.DATASET_SIZES["dtd"] == (47, 1880) and results["results"][0]["n"] == 1880
     assert set(results["phases"]) == {"load", "cache", "train", "decode dtd", "eval advmask dtd"}
     assert all(s > 0 for s in results["phases"].values()) and results["splits"] == {"dtd": {"source": "synthetic"}}
@@ -3911,6 +3950,18 @@ def test_an_unwritable_output_folder_is_one_line_before_any_work(command, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "m.bin"]
 
 
+def test_device_cuda_n_is_made_the_current_gpu_before_the_run(monkeypatch):
+    """--device cuda:N makes GPU N CUDA's current device before the run starts, so that torchattacks, which seeds the
+    current GPU's generator, and calls that name no device act on N (CUDA's device count and set_device stubbed, as
+    this machine has no GPU)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    monkeypatch.setattr(am, "run", lambda args, device, provenance: calls.append(("run", str(device))))
+    am.main(["--dry-run", "--device", "cuda:1"])
+    assert calls == [("set_device", "cuda:1"), ("run", "cuda:1")]
+
+
 def test_a_bad_input_of_the_real_cli_process(tmp_path):
     """As a separate process too, with HF_HUB_OFFLINE=1 (the README's way to fail fast offline), a tag whose weights
     cannot be fetched: one line naming the offline way, exit status 2, nothing written, and no line that open_clip or
@@ -4166,8 +4217,9 @@ def limited_cli(limit, *args, cwd):
 
 def test_a_write_that_fails_is_one_line_and_leaves_finished_files_whole(tmp_path, monkeypatch, capsys):
     """A file that cannot be written (as on a full disk) ends a fresh run (a real process under RLIMIT_FSIZE), a rerun
-    and analyze (here, with writes cut off as that limit cuts them) in one line naming it, exit status 2, with the
-    files written before intact, no temporary file and no lock left behind."""
+    and analyze (here, with writes cut off as that limit cuts them: too large, no space, over quota, a read-only or
+    forbidden place) in one line naming it, exit status 2, with the files written before intact, no temporary file
+    and no lock left behind."""
     run = ["--dry-run", "--workers", "0", "--device", "cpu", "--out-dir"]
     fresh = limited_cli(64_000, *run, "fresh", cwd=tmp_path)  # the training checkpoint is the first big file
     assert fresh.returncode == 2 and fresh.stderr.count("\n") == 1, fresh.stderr
@@ -4178,16 +4230,18 @@ def test_a_write_that_fails_is_one_line_and_leaves_finished_files_whole(tmp_path
     results = (tmp_path / "done" / "results.json").read_bytes()
     write_bytes = Path.write_bytes
 
-    def limited(limit, *args):  # main with every file cut at limit bytes and its write failing, as under the rlimit
+    def limited(limit, *args, error=errno.EFBIG):  # main with every file cut at limit bytes and its write failing
         def cut(path, data):
             write_bytes(path, data[:limit])
             if len(data) > limit:
-                raise OSError(errno.EFBIG, "File too large")
+                raise OSError(error, os.strerror(error))
         with monkeypatch.context() as m:
             m.setattr(Path, "write_bytes", cut)
             return refused(capsys, list(args))
 
-    assert "could not write done/results.json" in limited(len(results) + 100, *run, "done", "--attack", "pgd,cw")
+    for error in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        err = limited(len(results) + 100, *run, "done", "--attack", "pgd,cw", error=error)
+        assert f"could not write done/results.json ({os.strerror(error)})" in err
     assert json.loads((tmp_path / "done" / "results.json").read_text())["results"] == json.loads(results)["results"]
     assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["config.json", "masks.bin", "results.json"]
     assert "could not write an/heads_0.png" in limited(8_000, "analyze", "done", "--out", "an")  # a heatmap: > 8 kB
@@ -4222,9 +4276,9 @@ def test_a_consensus_mask_records_its_inputs_and_its_runs_are_filed_by_them(tmp_
 
 
 def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_path, monkeypatch, capsys):
-    """A --dry-run without --out-dir writes under runs_dry/, never runs/, records the model and settings it used and
-    turns weights off; the flags it overrides are named in one line; analyze of two masks prints no nan, even where
-    a mask has nothing off (no chance level: no ratio)."""
+    """A --dry-run without --out-dir writes under runs_dry/, never runs/ (its --tune weights arm in seed<S>-weights),
+    records the model and settings it used and turns weights off; the flags it overrides are named in one line; analyze
+    of two masks prints no nan, even where a mask has nothing off (no chance level: no ratio)."""
     monkeypatch.chdir(tmp_path)
     am.main(["--dry-run", "--model", "ViT-L-14", "--test-steps", "20"])
     assert "--dry-run runs the tiny random CLIP and PGD-3; it ignores --model ViT-L-14, --test-steps 20" in (
@@ -4234,6 +4288,8 @@ def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_pa
     config = json.loads((cell / "config.json").read_text())
     assert (config["model"], config["pretrained"], config["test_steps"]) == ("tiny", "none", 3)
     assert json.loads((cell / "results.json").read_text())["sparsity"] > 0.05
+    am.main(["--dry-run", "--tune", "weights", "--epochs", "1"])  # beside the mask's run, not in its folder
+    assert (cell.parent / "seed1-weights" / "weights.bin").is_file() and not (cell / "weights.bin").exists()
     none_off = tiny_clip()
     am.apply_masks(none_off)
     am.save_masks(none_off, tmp_path / "none_off.bin")
