@@ -1236,13 +1236,20 @@ def jpeg_image(seed, size=(30, 40)):
 
 def test_a_model_folder_brings_its_preprocessing_to_the_classifier_the_images_and_the_record(tiny_files, tmp_path,
                                                                                           monkeypatch):
-    """A local-dir: folder with its own mean, std, resize mode and interpolation: the classifier's logits equal the
-    same weights normalised by hand with that mean and std, images are resized as open_clip's transform for that
-    config does (checked against torchvision by hand), and a run records it all, also for a folder as --baseline."""
+    """A local-dir: folder with its own mean, std, resize mode and interpolation (its weights as safetensors or as a
+    torch file): the classifier's logits equal the same weights normalised by hand with that mean and std, images are
+    resized as open_clip's transform for that config does (checked against torchvision by hand), and a run records it
+    all, also for a folder as --baseline."""
     pre = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear", "resize_mode": "squash"}
     name = model_folder(tmp_path / "folder", tiny_clip(7), **pre)
     clip, tokenizer, identity = am.load_clip(name, None)
     assert {k: identity["preprocess"][k] for k in pre} == pre
+    pickled = tmp_path / "pickled"  # the weights as a torch file, as older hub folders have them
+    shutil.copytree(tmp_path / "folder", pickled)
+    weights = pickled / "open_clip_model.safetensors"
+    torch.save(safetensors.torch.load_file(weights), pickled / "open_clip_pytorch_model.bin")
+    weights.unlink()
+    assert am.load_clip(f"local-dir:{pickled}", None)[2]["weights_sha256"] == identity["weights_sha256"]
     names, templates, x = ["cat", "dog"], ["a photo of a {}."], images(3)
     by_hand = tiny_clip(7)
     with torch.no_grad():
@@ -3038,19 +3045,19 @@ assert "advmask" not in sys.modules
 def test_an_exported_run_loads_in_open_clip_alone_with_the_tuned_models_logits(tiny_files, tmp_path, monkeypatch,
                                                                                 capsys):
     """For each arm, export writes an open_clip model folder whose logits, in a fresh process with open_clip alone,
-    equal the run's tuned model's on the run's classes (the mask on a base folder with QuickGELU and its own mean and
-    std, the weights on a config and checkpoint file); the folder is a --model here too, holds the run's file and the
-    image tower alone, and its card names the base model, the sparsity and every evaluation cell. Exported from
-    another folder, a run's config and checkpoint given by relative paths are each one line naming its flag, and
-    export --model and --pretrained find them."""
+    equal the run's tuned model's on the run's classes (the mask on a base folder with QuickGELU and its own mean, std,
+    resize mode and interpolation, the weights on a config and checkpoint file); the folder is a --model here too, with
+    the base model's preprocessing, holds the run's file and the image tower alone, and its card names the base model,
+    the sparsity and every evaluation cell. Exported from another folder, a run's config and checkpoint given by
+    relative paths are each one line naming its flag, and export --model and --pretrained find them."""
     expected, alone = {}, []  # alone: (folder, inputs, logits) of each arm, for one fresh process
     for tune in ("mask", "weights"):
         work = tmp_path / tune
         work.mkdir()
         monkeypatch.chdir(work)
         if tune == "mask":
-            base = [model_folder(work / "base", tiny_clip(7), quick_gelu=True, mean=[0.5, 0.4, 0.3],
-                                 std=[0.2] * 3), None]
+            base = [model_folder(work / "base", tiny_clip(7), quick_gelu=True, mean=[0.5, 0.4, 0.3], std=[0.2] * 3,
+                                 interpolation="bilinear", resize_mode="squash"), None]
         else:  # relative paths, as typed in the run's folder
             base = ["tiny-test-clip.json", "tiny.pt"]
             for f in base:
@@ -3059,6 +3066,7 @@ def test_an_exported_run_loads_in_open_clip_alone_with_the_tuned_models_logits(t
                  "--tune", tune, "--epochs", "2", "--lr", "0.05", "--shots", "2", "--attack", "pgd,cw", "--out-dir",
                  "run"])
         am.main(["export", "run", "exported"])
+        assert not (work / "exported" / "visual.safetensors").exists()  # the image tower alone only with --visual
         am.main(["export", "run", "exported", "--visual", "--overwrite"])  # replaces the earlier export
         tuned_file = "masks.bin" if tune == "mask" else "weights.bin"
         assert sorted(p.name for p in (work / "exported").iterdir()) == sorted(
@@ -3078,6 +3086,7 @@ def test_an_exported_run_loads_in_open_clip_alone_with_the_tuned_models_logits(t
         alone += [str(work / f) for f in ("exported", "inputs.pt", "logits.pt")]
         _, _, here_identity = am.load_clip(f"local-dir:{work / 'exported'}", None)
         assert here_identity["weights_sha256"] == am.weights_fingerprint(clip)
+        assert here_identity["preprocess"] == identity["preprocess"]  # the base model's resizing and normalisation
         folder = f"local-dir:{work / 'exported'}"  # as the model to mask and as the baseline of a transfer run
         am.main(["--model", folder, *tiny_cli_args(tiny_files)[4:], "--protocol", "transfer", "--eval-datasets",
                  "dtd", "--baseline", folder, "--epochs", "1", "--shots", "1", "--out-dir", "again"])
@@ -3114,7 +3123,8 @@ def test_an_exported_run_loads_in_open_clip_alone_with_the_tuned_models_logits(t
 
 def test_a_tags_network_is_exported_as_it_was_tuned(tiny_files, tmp_path, monkeypatch):
     """A run of OpenAI's tag (its weights trained with QuickGELU, where its name's config says GELU; download replaced
-    by a local file as in the tag test above) exports a folder from which open_clip alone builds QuickGELU."""
+    by a local file as in the tag test above) exports a folder from which open_clip alone builds QuickGELU, its card
+    under the weights' licence (MIT)."""
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "ViT-B-32", {**am.TINY_CLIP, "quick_gelu": False})
     weights = tmp_path / "ViT-B-32.pt"
     torch.save(open_clip.CLIP(**am.TINY_CLIP, quick_gelu=True).state_dict(), weights)
@@ -3124,6 +3134,7 @@ def test_a_tags_network_is_exported_as_it_was_tuned(tiny_files, tmp_path, monkey
              "--shots", "1", "--out-dir", "run"])
     am.main(["export", "run", "exported"])
     assert activations(open_clip.create_model("local-dir:exported")) == {"QuickGELU"}
+    assert "\nlicense: mit\n" in (tmp_path / "exported" / "README.md").read_text()  # OpenAI's weights' licence
 
 
 def test_the_card_of_a_synthetic_run_says_its_data_and_weights_are_random_and_each_cells_attack_steps(tmp_path,
@@ -3864,8 +3875,8 @@ def bad_input_cases(files):
         ([*tiny, "--baseline", f"local-dir:{files / 'squash'}"], "takes other images than the masked model (resize"),
         ([*transfer, "--masks", str(files / "masks-other-weights.bin")], "masks-other-weights.bin was trained on "
                                                                           "other weights (source unrecorded"),
-        (["--model", "hf-hub:chs20/fare2-clip"], "(hf download chs20/fare2-clip --local-dir DIR) and pass --model "
-                                                 "local-dir:DIR"),  # the hub offline, as in every case here
+        (["--model", "hf-hub:timm/ViT-B-16-SigLIP"], "(hf download timm/ViT-B-16-SigLIP --local-dir DIR) and pass "
+                                                     "--model local-dir:DIR"),  # the hub offline, as in every case
     ]
 
 
