@@ -1924,7 +1924,8 @@ def _heading(finished, entry, defaults):
     default = {**defaults(True), "dry_run": False} if s.get("dry_run") else defaults(False)
     values = {k: entry.get(k, s.get(k)) if k in CELL_SETTINGS else s.get(k)  # a cell's own, else its run's
               for k, (_, heading) in SETTINGS.items() if heading}
-    return "; ".join(SETTINGS[k][1].format(v) for k, v in values.items() if v not in (None, False, default[k]))
+    # by value alone: 0 attack steps (or α = 0) is a setting of its own, though 0 == False
+    return "; ".join(SETTINGS[k][1].format(v) for k, v in values.items() if v is not None and v != default[k])
 
 
 def _test_split(dataset, name):

@@ -2488,12 +2488,13 @@ def test_summarize_refuses_a_run_folder_that_holds_another_folders_run(tmp_path)
 
 @pytest.mark.parametrize("what, first, second, words", [
     ("eval_limit", 1000, None, "at most 1000 test images per dataset"), ("dry_run", True, False, "dry run"),
-    ("model", "ViT-B-16", "ViT-B-32", "model ViT-B-16"), ("test_steps", 10, 100, "10 attack steps")])
+    ("model", "ViT-B-16", "ViT-B-32", "model ViT-B-16"), ("test_steps", 10, 100, "10 attack steps"),
+    ("test_steps", 0, 100, "0 attack steps"), ("test_alpha", 0.0, 1.0, "α = 0/255")])  # 0 is not False
 def test_summarize_tables_seeds_of_other_settings_apart_and_refuses_what_no_heading_names(tmp_path, what, first,
                                                                                          second, words):
     """Two seeds of one cell that differ in an evaluation limit, in being a dry run, in the model or in the attack's
-    steps go to two tables, the heading of one naming the setting, one seed each, never averaged; seeds that differ
-    in a setting no heading names (λ) are refused with one line naming it."""
+    steps or step size (0 included) go to two tables, the heading of one naming the setting, one seed each, never
+    averaged; seeds that differ in a setting no heading names (λ) are refused with one line naming it."""
     for seed, value in ((1, first), (2, second)):
         write_results(tmp_path, "few_shot", "dtd", 16, seed, [("dtd", 0.5 + seed / 10, 0.2)])
         path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
