@@ -734,6 +734,28 @@ def test_the_learning_rate_follows_a_cosine_from_lr_to_zero_over_all_steps(monke
     assert rates == pytest.approx([1e-3 * (1 + math.cos(math.pi * t / total)) / 2 for t in range(total)], rel=1e-9)
 
 
+@pytest.mark.parametrize("loss, word, tune", [("ce+lafa", "lafa", "mask"), ("ce+kl", "kl", "mask"),
+                                              ("ce", "reg", "mask"), ("ce+lafa", "lafa", "weights")])
+def test_each_logged_row_is_one_greppable_line_naming_its_regulariser(loss, word, tune, capsys):
+    """Every logged row is printed as one line, "step s/S | ce … | <regulariser> … | adv-acc … | off …% | … img/s",
+    the regulariser named by the loss (lafa, kl; "reg" for none), the share off only for a mask, its numbers the
+    row's."""
+    model = tiny_classifier()
+    x, y = synthetic_training_set(3, 2)
+    params = (am.apply_masks if tune == "mask" else am.tune_weights)(model)
+    log = am.train(model, params, x, y, epochs=2, batch_size=3, lr=0.05, loss=loss, log_every=1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    off = r" \| off ([\d.]+)%" if tune == "mask" else "()"
+    pattern = rf"step (\d+)/4 \| ce ([\d.]+) \| {word} ([\d.]+) \| adv-acc ([\d.]+){off} \| \d+ img/s"
+    assert len(lines) == len(log) == 4
+    for line, row in zip(lines, log):
+        step, ce, reg, adv_acc, share_off = re.fullmatch(pattern, line).groups()
+        assert int(step) == row["step"] and float(adv_acc) == pytest.approx(row["adv_acc"], abs=0.005)
+        assert float(ce) == pytest.approx(row["ce"], abs=5e-4) and float(reg) == pytest.approx(row["reg"], abs=5e-5)
+        if tune == "mask":
+            assert float(share_off) == pytest.approx(100 * row["off"], abs=0.005)
+
+
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 5000), batch_size=st.integers(1, 64), budget=st.integers(1, 2000))
 def test_default_epochs_is_the_fewest_that_reach_the_budget(n, batch_size, budget):
@@ -1822,6 +1844,12 @@ def test_dtd_eurosat_and_imagefolder_load_through_torchvision(tmp_path):
     assert len(dtd["train"]) == 3 * 4 and len(dtd["test"]) == 3 * 2  # train + val, test
     image, label = dtd["train"][0]
     assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE) and label == dtd["train"].targets[0]
+    # the file behind each training image (which an error that it does not decode names) is train1.txt's, then
+    # val1.txt's, in the class folder of its label
+    files = [am._image_file(dtd["train"], i) for i in range(len(dtd["train"]))]
+    listed = [(tmp_path / "dtd" / "dtd" / "labels" / f"{s}1.txt").read_text().split() for s in ("train", "val")]
+    assert [f"{Path(f).parent.name}/{Path(f).name}" for f in files] == listed[0] + listed[1]
+    assert [Path(f).parent.name for f in files] == [dtd["classes"][y] for y in dtd["train"].targets]
     fabricate_eurosat(tmp_path)
     euro = am.load_dataset("eurosat", tmp_path, PRE, download=False)
     assert euro["classes"] == ["Annual Crop Land", "River", "Sea or Lake"]
@@ -2269,7 +2297,8 @@ def test_tga_zsr_keeps_all_101_and_257_caltech_classes(tmp_path):
 def test_tga_zsr_resizing_is_its_torchvision_transforms():
     """tga_zsr_preprocess through image_transform gives, pixel for pixel, the images TGA-ZSR's utils.py makes:
     Resize((224, 224)) for CIFAR and STL-10, Resize(256) + CenterCrop(224) for the others (bilinear, torchvision's
-    default), from a non-square picture."""
+    default), from a non-square picture; a model of another input size resizes by the same ratio, to the nearest
+    pixel."""
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 410, 3), dtype=np.uint8))
     theirs = {"cifar10": T.Compose([T.Resize((224, 224)), T.PILToTensor()]),
               "dtd": T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])}
@@ -2278,6 +2307,8 @@ def test_tga_zsr_resizing_is_its_torchvision_transforms():
         assert ours.shape == (3, 224, 224) and torch.equal(ours, transform(image)), name
     assert not torch.equal(am.image_transform(am.tga_zsr_preprocess("dtd", 224))(image),
                            am.image_transform({**PRE, "size": 224})(image))  # not the model's own resizing
+    for size in range(16, 513):  # a model of another input size: TGA-ZSR's ratio 256/224, to the nearest pixel
+        assert abs(am.tga_zsr_preprocess("dtd", size)["resize"] * 224 - size * 256) <= 112
 
 
 def fabricate_imagenet_shift(root, folder, classes, per_class=2):
@@ -2378,6 +2409,13 @@ def test_harmonic_mean_reproduces_the_papers_h(row):
     low, high = am.harmonic_mean([v - 0.05 for v in row[:4]]), am.harmonic_mean([v + 0.05 for v in row[:4]])
     assert low - 0.05 <= row[4] <= high + 0.05
     assert high - low < 0.25  # tight enough that an arithmetic mean or a 2-term H could not pass
+
+
+@given(st.lists(st.just(0.0) | st.integers(0, 50_000).map(lambda k: k / 50_000), min_size=4, max_size=4))
+def test_harmonic_mean_is_the_statistics_modules_and_zero_with_an_accuracy_of_zero(accuracies):
+    """H equals statistics.harmonic_mean for any four accuracies (shares of up to 50,000 test images), and is 0, not a
+    division by zero, where an attack breaks every image."""
+    assert am.harmonic_mean(accuracies) == pytest.approx(statistics.harmonic_mean(accuracies), rel=1e-12, abs=0)
 
 
 def write_results(runs, protocol, dataset, shots, seed, entries):
@@ -2617,6 +2655,7 @@ def test_a_hand_edited_run_file_is_tabled_exported_and_rerun_or_refused_in_one_l
     # its line's values), of a setting a summary's basis holds, of the model export loads, of the model's identity
     @example(("results.json", "results", 0, "correct"), "x", ("worst",))
     @example(("results.json", "results", 0, "correct"), "00", ("worst",))  # 8 of the 64 images' outcomes
+    @example(("results.json", "results", 0, "correct"), "00" * 9, ("worst",))  # 72 outcomes for 64 images
     @example(("results.json", "results", 1, "n"), 3, ("worst",))
     @example(("results.json", "results", 0, "n"), 60, ("worst", "cw"))  # 60 outcomes fill as many bytes as 64
     @example(("results.json", "results", 0, "clean_acc"), None, ("worst",))
@@ -2935,6 +2974,24 @@ def test_analyze_tells_apart_two_roots_and_leaves_no_old_figure(tmp_path):
     assert not (tmp_path / "out" / "heads_7.png").exists() and (tmp_path / "out" / "heads_1.png").is_file()
 
 
+def test_analyze_compares_only_masks_of_the_same_weights(tmp_path, monkeypatch):
+    """Of three masks, two of one tiny CLIP and one of a wider CLIP (the same weight names, other shapes), only the
+    first two are compared: one overlap row; the wider mask's pairs have none, and a blank cell in the figure."""
+    wide = open_clip.CLIP(**{**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], "width": 96}})
+    am.apply_masks(wide)
+    for seed, (name, model) in enumerate((("a.bin", masked_tiny_clip()), ("b.bin", masked_tiny_clip()),
+                                          ("wide.bin", wide))):
+        randomize_scores(model, seed)
+        am.save_masks(model, tmp_path / name)
+    figures = {}
+    monkeypatch.setattr(am, "_heatmap", lambda path, panels, *args, **kwargs: figures.update({path.name: panels}))
+    md = am.analyze([tmp_path / f for f in ("a.bin", "wide.bin", "b.bin")], tmp_path / "out")
+    rows = [line for line in md.splitlines() if line.startswith(f"| {tmp_path}")]
+    assert len(rows) == 1 and "a.bin" in rows[0] and "b.bin" in rows[0] and "wide" not in rows[0]
+    [(_, grid)] = figures["overlap.png"]  # masks in the order given: a, wide, b
+    assert math.isfinite(grid[0][2]) and all(math.isnan(grid[i][j]) for i, j in ((0, 1), (1, 2), (1, 0), (2, 1)))
+
+
 def analyze_bad_inputs(root):
     other = open_clip.CLIP(**{**am.TINY_CLIP, "vision_cfg": {**am.TINY_CLIP["vision_cfg"], "width": 32}})
     am.apply_masks(other)
@@ -2992,14 +3049,31 @@ def test_tf32_is_set_through_the_flags_this_torch_has_and_restored():
 def test_the_training_precision_keeps_lafa_faithful_where_bf16_does_not():
     """On a small CLIP, bf16 autocast (the former CUDA default) drowns LAFA's clean − adversarial signal in rounding
     (error ÷ signal > 0.1 in every block, so this test fails on that default), while the training precision the CLI
-    uses meets error ÷ signal ≤ 0.1 in every block, LAFA within 1 % and a score-gradient cosine ≥ 0.99."""
-    rows = {r["precision"]: r for r in am.precision_check(am.TINY_CLIP, torch.device("cpu"), repeats=1)}
+    uses meets error ÷ signal ≤ 0.1 in every block, LAFA within 1 % and a score-gradient cosine ≥ 0.99; TF32 is left
+    as it was."""
+    tf32 = am.set_tf32(True)  # as main sets it: precision_check turns it off for its true-fp32 reference alone
+    try:
+        rows = {r["precision"]: r for r in am.precision_check(am.TINY_CLIP, torch.device("cpu"), repeats=1)}
+    finally:
+        assert am.set_tf32(tf32) is True
     assert min(rows["bf16"]["block_error_to_signal"]) > 0.1
     assert am.parse_args([]).precision == am.TRAIN_PRECISION
     chosen = rows[am.TRAIN_PRECISION]
     assert max(chosen["block_error_to_signal"]) <= 0.1 and len(chosen["block_error_to_signal"]) == 2
     assert abs(chosen["lafa_ratio"] - 1) <= 0.01 and chosen["grad_cosine"] >= 0.99
     assert rows["bf16"]["pgd_sign_agreement"] > 0.9 and chosen["step_time_ratio"] == 1
+
+
+def test_the_fp32_residual_stream_mode_keeps_every_blocks_output_in_fp32():
+    """precision_check's "bf16, fp32 residual stream" keeps the residual stream (every block's output) in fp32, where
+    bf16 autocast alone makes it bf16; its hook on the patch embedding is gone after the block."""
+    model, x = tiny_classifier(), images(2)
+    for mode, dtype in (("bf16", torch.bfloat16), ("bf16, fp32 residual stream", torch.float32)):
+        with am._precision(model, torch.device("cpu"), mode):
+            _, feats = model(x, return_features=True)
+        assert {f.dtype for f in feats} == {dtype}, mode
+    assert {f.dtype for f in model(x, return_features=True)[1]} == {torch.float32}
+    assert not am.visual_tower(model).conv1._forward_hooks
 
 
 @pytest.mark.parametrize("proc", [True, False])
@@ -3805,6 +3879,7 @@ def bad_input_cases(files):
         (["--loss", "ce+trades"], "argument --loss: invalid choice: 'ce+trades'"),
         (["--attack", "fgsm"], "--attack: fgsm is not one of pgd, cw, apgd-ce, apgd-dlr, apgd-t, aa"),
         ([*tiny, "--protocol", "base2new", "--attack", "pgd,aa"], "'base' has 2 classes, fewer than the 4 that aa's"),
+        ([*tiny, "--protocol", "base2new", "--attack", "apgd-dlr"], "'base' has 2 classes, fewer than the 3 that"),
         (["--split-dir", str(files / "nowhere")], f"--split-dir {files / 'nowhere'} is not a folder"),
         (["--dry-run", "--split-json", str(files / "nowhere.json")], f"--split-json {files / 'nowhere.json'} is not a"),
         (["--eval-precision", "fp64"], "argument --eval-precision: invalid choice: 'fp64'"),
