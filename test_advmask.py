@@ -1955,9 +1955,9 @@ def fabricate_stanford_cars(root, names=("AM General Hummer SUV 2000", "Acura RL
 UCF_FOLDERS = ["Apply_Eye_Makeup", "Hammer_Throw", "Hammering", "Jump_Rope", "Jumping_Jack"]  # sorted as ImageFolder
 
 
-def fabricate_ucf101(root, groups=range(1, 10)):
+def fabricate_ucf101(root, groups=range(1, 10), folders=UCF_FOLDERS):
     """CoOp's UCF-101-midframes: <Class_Name>/v_<ClassName>_gNN_cMM.jpg, one middle frame per clip, 2 clips a group."""
-    for folder in UCF_FOLDERS:
+    for folder in folders:
         for g in groups:
             for clip in (1, 2):
                 name = f"v_{folder.replace('_', '')}_g{g:02d}_c{clip:02d}.jpg"
@@ -1976,7 +1976,8 @@ def fabricate_sun397(root, classes=("/a/abbey", "/b/bakery/shop", "/c/coast"), p
 def test_class_names_and_labels_are_coops(tmp_path):
     """Fabricated trees come out with CoOp's names in CoOp's label order: Caltech101 without Faces_easy (its images
     gone, later labels moved up), Stanford Cars year first (and read with downloads allowed, though torchvision can
-    no longer download it), UCF101 single-spaced in classInd order, pets lower-case."""
+    no longer download it), UCF101 single-spaced in classInd order (from CoOp's folders or UCF's own CamelCase ones),
+    pets lower-case."""
     fabricate_caltech101(tmp_path)
     caltech = am.load_dataset("caltech101", tmp_path, PRE, download=False)
     assert caltech["classes"] == ["face", "leopard", "accordion", "airplane"]
@@ -1992,6 +1993,9 @@ def test_class_names_and_labels_are_coops(tmp_path):
     fabricate_ucf101(tmp_path)
     ucf = am.load_dataset("ucf101", tmp_path, PRE, download=False)
     assert ucf["classes"] == ["Apply Eye Makeup", "Hammering", "Hammer Throw", "Jumping Jack", "Jump Rope"]
+    shutil.rmtree(tmp_path / "ucf101")
+    fabricate_ucf101(tmp_path, folders=[f.replace("_", "") for f in UCF_FOLDERS])  # UCF's own names: ApplyEyeMakeup
+    assert am.load_dataset("ucf101", tmp_path, PRE, download=False)["classes"] == ucf["classes"]
     fabricate_oxford_pets(tmp_path)
     pets = am.load_dataset("oxford_pets", tmp_path, PRE, download=False)
     assert pets["classes"] == ["abyssinian", "american bulldog", "bengal", "yorkshire terrier"]
@@ -2035,7 +2039,8 @@ def test_sun397_split_does_not_depend_on_the_listing_order(tmp_path, monkeypatch
 
 
 def test_coop_split_json_is_used_exactly(tmp_path):
-    """--split-json: exactly its train and test lists, paths under the dataset's image folder, its class names."""
+    """--split-json: exactly its train and test lists, paths under the dataset's image folder, its class names; not
+    under TGA-ZSR's conventions, which split as its code does."""
     fabricate_oxford_pets(tmp_path)
     spec = {"train": [["Abyssinian_1.jpg", 0, "abyssinian"], ["american_bulldog_2.jpg", 1, "american_bulldog"]],
             "val": [], "test": [["american_bulldog_100.jpg", 1, "american_bulldog"]]}
@@ -2055,6 +2060,9 @@ def test_coop_split_json_is_used_exactly(tmp_path):
         (tmp_path / "bad.json").write_text(json.dumps(spec))
         with pytest.raises(ValueError, match="does not label its classes 0 to n − 1 with one name each"):
             am.load_dataset("oxford_pets", tmp_path, PRE, split_json=tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="--conventions tga-zsr reads TGA-ZSR's 16 datasets as its code does, without"):
+        am.load_dataset("oxford_pets", tmp_path, PRE, split_json=tmp_path / "split_zhou_OxfordPets.json",
+                        conventions="tga-zsr")
 
 
 TINY_WNIDS = {"n01443537": "goldfish, Carassius auratus",
@@ -2715,7 +2723,8 @@ def set_off(model, where):
 
 @pytest.mark.parametrize("block, head", [(0, 0), (0, 1), (1, 1)])
 def test_a_heads_q_rows_off_is_100_percent_in_its_cell_and_0_elsewhere(tmp_path, block, head):
-    """Switching off exactly head h's q rows of block b reads 100 % in (b, q, h) and 0 % in every other cell."""
+    """Switching off exactly head h's q rows of block b reads 100 % in (b, q, h) and 0 % in every other cell, and
+    analyze names that head first among those with the most weights off (a quarter of its rows and columns)."""
     width, head_width = am.TINY_CLIP["vision_cfg"]["width"], am.TINY_CLIP["vision_cfg"]["head_width"]
     model = masked_tiny_clip()
 
@@ -2732,6 +2741,8 @@ def test_a_heads_q_rows_off_is_100_percent_in_its_cell_and_0_elsewhere(tmp_path,
     assert cells[block, "q", head] == (head_width * width,) * 2
     assert cells[block, "q", None] == (head_width * width, width * width)
     assert {part for _, part, _ in cells} == {"q", "k", "v", "out"} and {h for *_, h in cells} == {None, 0, 1}
+    md = am.analyze([tmp_path / "m.bin"], tmp_path / "out")
+    assert f"Heads with the most weights off (q, k, v rows and out columns): block {block} head {head} 25.0 %, " in md
 
 
 @MODEL_SETTINGS
