@@ -3534,7 +3534,6 @@ def _evaluate_missing(args, device, loaded, splits, class_sets, results, save, l
                     rows = {_cell_key(r): r for r in results}
                     results.append(_worst_row([rows[_cell_key({**cells[model_name], "attack": a, "eps": eps})]
                                                for a in args.attack], args.attack))
-            done.update(_cell_key(r) for r in results)
             save(complete=False)
             lap(f"eval {model_name} {name}")
 
