@@ -3419,7 +3419,8 @@ def test_tga_zsr_conventions_prompt_the_training_datasets_own_classes_with_tga_z
 def test_cli_split_dir_picks_each_datasets_coop_file_and_falls_back(tiny_files, tmp_path, capsys):
     """--split-dir uses split_zhou_OxfordPets.json for the source and split_zhou_DescribableTextures.json for DTD, a
     target whose test set that changes, in one line; EuroSAT, with no file there, keeps its default split and says so
-    in one line; results.json records each. --split-json is the source's file alone: a target keeps its default."""
+    in one line; results.json records each. --split-json is the source's file alone: a target keeps its default; a
+    rerun into its folder without it (other training images) is refused, the mask kept."""
     splits = tmp_path / "coop_splits"
     splits.mkdir()
     pets = {"train": [[f"{b}_{n}.jpg", c, b.lower()] for c, b in enumerate(PET_CLASSES) for n in (1, 2)],
@@ -3449,6 +3450,10 @@ def test_cli_split_dir_picks_each_datasets_coop_file_and_falls_back(tiny_files, 
                     str(splits / "split_zhou_OxfordPets.json"), "--out-dir", "one", cwd=tmp_path)  # the source's file
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "one" / "results.json").read_text())["splits"]["eurosat"] == {"source": "default"}
+    mask = (tmp_path / "one" / "masks.bin").read_bytes()  # trained on the file's images: the default's are others
+    proc = run_here(capsys, *transfer, "--eval-datasets", "eurosat", "--out-dir", "one", cwd=tmp_path)
+    assert proc.returncode == 2 and "one holds a finished run with other training settings (train_split)" in proc.stderr
+    assert (tmp_path / "one" / "masks.bin").read_bytes() == mask
 
 
 def test_the_baseline_is_evaluated_with_no_parameter_requiring_grad(tmp_path, monkeypatch):
@@ -4351,22 +4356,22 @@ def test_a_consensus_mask_records_its_inputs_and_its_runs_are_filed_by_them(tmp_
     datasets joined); a transfer run of it is labelled so and filed under transfer/consensus/<k>of<n>-<its sha256>,
     which summarize's tables leave out in one line naming it."""
     monkeypatch.chdir(tmp_path)
-    runs = [f"runs_dry/few_shot/{dataset}/16shot/seed1" for dataset in ("dtd", "eurosat")]
-    for run, epochs in zip(runs, (1, 2)):  # one seed: the same random base weights
+    runs = [f"runs_dry/few_shot/{dataset}/16shot/seed1" for dataset in ("dtd", "eurosat", "oxford_pets")]
+    for run, epochs in zip(runs, (1, 2, 3)):  # one seed: the same random base weights
         am.main(["--dry-run", "--epochs", str(epochs), "--dataset", run.split("/")[2]])
     am.main(["analyze", *runs, "--out", "an", "--consensus", "2", "--save", "cons.bin"])
     provenance = am.read_mask_file("cons.bin")[0]["provenance"]
     inputs = provenance["consensus"]["masks"]
-    assert provenance["consensus"]["k"] == 2 and [i["dataset"] for i in inputs] == ["dtd", "eurosat"]
+    assert provenance["consensus"]["k"] == 2 and [i["dataset"] for i in inputs] == ["dtd", "eurosat", "oxford_pets"]
     assert [i["sha256"] for i in inputs] == [hashlib.sha256((tmp_path / run / "masks.bin").read_bytes()).hexdigest()
                                              for run in runs]
-    assert provenance["dataset"] == "dtd+eurosat" and provenance["seed"] == 1 and provenance["shots"] == 16
+    assert provenance["dataset"] == "dtd+eurosat+oxford_pets" and provenance["seed"] == 1 and provenance["shots"] == 16
     am.main(["--dry-run", "--protocol", "transfer", "--masks", "cons.bin", "--eval-datasets", "eurosat"])
     sha = hashlib.sha256((tmp_path / "cons.bin").read_bytes()).hexdigest()
-    results = json.loads((tmp_path / "runs_dry" / "transfer" / "consensus" / f"2of2-{sha[:12]}" / "results.json")
+    results = json.loads((tmp_path / "runs_dry" / "transfer" / "consensus" / f"2of3-{sha[:12]}" / "results.json")
                          .read_text())
-    assert results["dataset"] == "dtd+eurosat" and results["settings"]["tuned_file_sha256"] == sha
-    outside = f"1 results.json outside that layout (such as runs_dry/transfer/consensus/2of2-{sha[:12]})"
+    assert results["dataset"] == "dtd+eurosat+oxford_pets" and results["settings"]["tuned_file_sha256"] == sha
+    outside = f"1 results.json outside that layout (such as runs_dry/transfer/consensus/2of3-{sha[:12]})"
     capsys.readouterr()
     am.main(["summarize", "runs_dry"])  # the two training runs' tables
     assert capsys.readouterr().err == f"runs_dry: leaving out {outside}; read them there\n"
@@ -4398,7 +4403,8 @@ def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_pa
 def test_a_finished_run_is_not_overwritten_by_other_training_settings(tmp_path, monkeypatch, capsys):
     """Rerunning into a finished run's folder with another learning rate, or other pre-trained weights (even with its
     mask file gone), is refused in one line naming the setting and the file that holds the run's own (the mask and
-    the results stay); evaluation flags alone re-evaluate; --overwrite trains again."""
+    the results stay); evaluation flags alone re-evaluate (not the test batch of an fp32 evaluation); --overwrite
+    trains again."""
     monkeypatch.chdir(tmp_path)
     am.main([*dry_run_args("out", 2), "--seed", "5"])
     mask = (tmp_path / "out" / "masks.bin").read_bytes()
@@ -4408,6 +4414,10 @@ def test_a_finished_run_is_not_overwritten_by_other_training_settings(tmp_path, 
     assert (tmp_path / "out" / "masks.bin").read_bytes() == mask
     am.main([*dry_run_args("out", 2), "--seed", "5", "--test-eps", "2"])  # evaluation only: allowed
     assert (tmp_path / "out" / "masks.bin").read_bytes() == mask
+    capsys.readouterr()
+    am.main([*dry_run_args("out", 2), "--seed", "5", "--test-eps", "1,2", "--eval-batch-size", "3"])
+    out = capsys.readouterr().out  # in fp32 the test batch is no cell's setting: both cells reused, none evaluated
+    assert "reusing 2 finished cells" in out and "advmask |" not in out
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     config["model_identity"]["weights_sha256"] = "0" * 64  # the run's, as if trained on other pre-trained weights
     (tmp_path / "out" / "config.json").write_text(json.dumps(config))
