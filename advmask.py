@@ -2750,7 +2750,9 @@ def _list(kind, choices=None, distinct=True):
     def parse(text):
         values = [kind(item.strip()) for item in text.split(",") if item.strip()]
         unknown = [v for v in values if choices is not None and v not in choices]
-        repeated = [f"{v:g}" if isinstance(v, float) else v for v in values if values.count(v) > 1]
+        # by how a value prints: ε 1 and 1.0000001 would share a cell's label (_cell_label), and one of them its result
+        shown = [f"{v:g}" if isinstance(v, float) else v for v in values]
+        repeated = [v for v in shown if shown.count(v) > 1]
         if not values or unknown:
             raise argparse.ArgumentTypeError(f"{unknown[0] if unknown else 'nothing'} is not one of "
                                              f"{', '.join(choices)}" if choices else "give at least one value")

@@ -3960,6 +3960,7 @@ def bad_input_cases(files):
         (["--test-eps", "4/256"], "--test-eps: '4/256' is not a number in /255 units, e.g. 4 or 4/255"),
         (["--model", "tiny", "--pretrained", "openai"], "--model tiny is a random model of this file's own"),
         (["--test-eps", "1,2,1"], "--test-eps: lists 1 twice; give each value once"),
+        (["--test-eps", "1,1.0000001"], "--test-eps: lists 1 twice; give each value once"),  # one label, "1/255"
         (["--test-eps", "0.0157"], "ε 0.0157 is in /255 units"),
         (["--model", f"local-dir:{files / 'nowhere'}"], f"{files / 'nowhere'} is not an open_clip model folder"),
         (["--model", f"local-dir:{files / 'squash'}", "--pretrained", "openai"], "drop --pretrained openai"),
