@@ -2819,10 +2819,11 @@ def _parser(prog, description, formatter_class=argparse.HelpFormatter):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown once: not for flags whose help states its own default, nor None or False ones."""
+    """Defaults shown once: not for flags whose help states its own default, nor None or False ones (a default of 0
+    is shown, though 0 == False)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -4433,9 +4433,9 @@ def test_a_finished_run_is_not_overwritten_by_other_training_settings(tmp_path, 
 
 
 def test_help_shows_each_default_once_and_budgets_take_either_spelling(capsys):
-    """Every flag has help and at most one default, printed plainly (no None, no Python lists); the description names
-    the four commands; summarize --help prints usage and exits 0; --test-eps 4/255 is --test-eps 4; --eval-datasets
-    without --protocol transfer says in one line that it is not used."""
+    """Every flag has help and at most one default, printed plainly (no None, no Python lists; 0 shown); the
+    description names the four commands; summarize --help prints usage and exits 0; --test-eps 4/255 is --test-eps 4;
+    --eval-datasets without --protocol transfer says in one line that it is not used."""
     with pytest.raises(SystemExit) as exit_:
         am.main(["--help"])
     text = capsys.readouterr().out
@@ -4446,6 +4446,9 @@ def test_help_shows_each_default_once_and_budgets_take_either_spelling(capsys):
     for option in options:
         assert option.count("(default") <= 1 and "None)" not in option and "['" not in option, option
         assert len(" ".join(option.split()).split(" ", 2)) > 2 or option.startswith("-h"), option  # has a help text
+    counted = am._parser("count", "", am._HelpFormatter)  # a default of 0 is a value to show, though 0 == False
+    counted.add_argument("--steps", type=int, default=0, help="attack steps")
+    assert "attack steps (default: 0)" in " ".join(counted.format_help().split())
     with pytest.raises(SystemExit) as exit_:
         am.main(["summarize", "--help"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: advmask.py summarize")
