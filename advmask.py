@@ -3524,6 +3524,7 @@ def _evaluate_missing(args, device, loaded, splits, class_sets, results, save, l
             test_images, test_labels = cache_images(test_set, chosen, "cpu", args.workers)  # decoded once
             lap(f"decode {name}")
         for model_name, model in models.items():
+            had = len(results)
             if todo[model_name]:
                 attacks = {_cell_label(a, eps): make_attack(a, eps / 255, args.test_alpha / 255, args.test_steps)
                            for a, eps in todo[model_name]}
@@ -3537,8 +3538,9 @@ def _evaluate_missing(args, device, loaded, splits, class_sets, results, save, l
                     rows = {_cell_key(r): r for r in results}
                     results.append(_worst_row([rows[_cell_key({**cells[model_name], "attack": a, "eps": eps})]
                                                for a in args.attack], args.attack))
-            save(complete=False)
-            lap(f"eval {model_name} {name}")
+            if len(results) > had:  # a phase is recorded only where something was evaluated
+                save(complete=False)
+                lap(f"eval {model_name} {name}")
 
 
 def _run_in(out_dir, args, device):

@@ -3624,8 +3624,8 @@ def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_c
     """The same command with --attack pgd,cw after a PGD run, on another device of the same kind (cpu:0 after cpu, as
     cuda:1 after cuda): masks.bin byte for byte, the PGD cell as it was, the CW cell and the per-image worst case over
     both added, no training step, and a checkpoint left beside the saved mask (a kill between the two) gone; with
-    --attack cw,pgd then, every cell is reused (the worst case is over a set) and no test image decoded; with a third
-    attack, a worst case over the three is added, and summarize tables each set apart."""
+    --attack cw,pgd then, every cell is reused (the worst case is over a set), no test image decoded and no evaluation
+    phase timed; with a third attack, a worst case over the three is added, and summarize tables each set apart."""
     monkeypatch.chdir(tmp_path)
     run = "runs/few_shot/oxford_pets/16shot/seed1"
     am.main([*dry_run_args(run, 2), "--device", "cpu"])
@@ -3647,7 +3647,7 @@ def test_a_finished_run_evaluated_again_with_another_attack_keeps_its_mask_and_c
     am.main([*dry_run_args(run, 2), "--attack", "cw,pgd", "--device", "cpu"])
     assert "reusing 3 finished cells" in capsys.readouterr().out
     reused = json.loads((tmp_path / run / "results.json").read_text())
-    assert reused["results"] == after["results"] and not any(p.startswith("decode") for p in reused["phases"])
+    assert reused["results"] == after["results"] and not any(p.startswith(("decode", "eval")) for p in reused["phases"])
     am.main([*dry_run_args(run, 2), "--attack", "pgd,cw,apgd-ce", "--device", "cpu"])
     summary = am.summarize(tmp_path / "runs", am.parser_defaults)
     for attacks in ("PGD,CW", "PGD,CW,APGD-CE"):
