@@ -1739,15 +1739,17 @@ def load_dataset(name, root, preprocess, download=True, split_json=None, with_tr
 def synthetic_dataset(n_classes, train_per_class, n_test, image_size, seed):
     """Random images in load_dataset's format, the data of --dry-run and --synthetic: train_per_class of every class,
     n_test balanced test images. torchvision's FakeData draws each image from its index when it is read, through the
-    PIL -> tensor path of real files, so a test set of ImageNet's size takes no memory."""
-    n_train = n_classes * train_per_class
+    PIL -> tensor path of real files, so a test set of ImageNet's size takes no memory. The test images are drawn
+    from an offset of their own, so they are the same whatever the training set's size (the shots)."""
     transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
-    whole = torchvision.datasets.FakeData(n_train + n_test, (3, image_size, image_size), n_classes, transform,
-                                          random_offset=seed * 10_000_000)
+    n_train = n_classes * train_per_class
+    train_set, test_set = (torchvision.datasets.FakeData(n, (3, image_size, image_size), n_classes, transform,
+                                                         random_offset=seed * 10_000_000 + offset)
+                           for n, offset in ((n_train, 0), (n_test, 5_000_000)))
     train_labels = torch.arange(n_classes).repeat_interleave(train_per_class).tolist()
     test_labels = (torch.arange(n_test) % n_classes).tolist()
-    return {"train": Split(whole, range(n_train), train_labels),
-            "test": Split(whole, range(n_train, n_train + n_test), test_labels),
+    return {"train": Split(train_set, range(n_train), train_labels),
+            "test": Split(test_set, range(n_test), test_labels),
             "classes": [f"class {c}" for c in range(n_classes)], "split": {"source": "synthetic"}}
 
 
@@ -3243,7 +3245,8 @@ def _load_data(name, args, identity, size, with_train=True):
     gives it, or random images for --synthetic and --dry-run (resizing "synthetic"); with_train=False reads the test
     split alone (a dataset only evaluated)."""
     if args.synthetic or args.dry_run:  # every dataset name gets synthetic data of its own
-        n_classes, n_test = DATASET_SIZES[name] if args.synthetic else (4, 4 * max(args.shots, 4))
+        # a dry run tests on 64 images whatever its shots, so that summarize tables its shot counts side by side
+        n_classes, n_test = DATASET_SIZES[name] if args.synthetic else (4, 64)
         return synthetic_dataset(n_classes, args.shots if args.synthetic else max(args.shots, 4), n_test, size,
                                  seed=list(DATASETS).index(name)), "synthetic"
     resizing = tga_zsr_preprocess(name, size) if args.conventions == "tga-zsr" else identity["preprocess"]

@@ -2359,6 +2359,18 @@ def test_imagenet_shifts_use_clips_names_in_imagenets_label_order(tmp_path):
         shutil.rmtree(tmp_path / "imagenetv2" / "imagenetv2-matched-frequency-format-val" / odd)
 
 
+@settings(max_examples=10, deadline=None)
+@given(shots=st.lists(st.integers(1, 5), min_size=2, max_size=2, unique=True), seed=st.integers(0, 21))
+def test_synthetic_data_has_one_test_set_whatever_the_shots(shots, seed):
+    """synthetic_dataset's test images and labels are the same for any number of training images per class, and none
+    of them is a training image."""
+    data = [am.synthetic_dataset(3, k, 6, 8, seed) for k in shots]
+    tests = [am.cache_images(d["test"], range(6), "cpu") for d in data]
+    assert all(torch.equal(a, b) for a, b in zip(*tests))
+    train_images, _ = am.cache_images(data[1]["train"], range(3 * shots[1]), "cpu")
+    assert not any(torch.equal(x, t) for x in tests[0][0] for t in train_images)
+
+
 CACHE_MEMORY = """
 import json, os, re, sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -3697,8 +3709,8 @@ def test_a_fixed_seed_cpu_run_is_deterministic_and_trains_as_it_always_has(tmp_p
         assert row["ce"] == pytest.approx(want["ce"], rel=0.005)
         assert row["reg"] == pytest.approx(want["reg"], rel=0.05)
         assert abs(row["adv_acc"] - want["adv_acc"]) < 0.02 and abs(row["off"] - want["off"]) < 0.002
-    [entry] = results["results"]  # 64 test images: one image is 1/64
-    assert abs(entry["clean_acc"] - 0.265625) < 1.5 / 64 and abs(entry["adv_acc"] - 0.0625) < 1.5 / 64
+    [entry] = results["results"]  # 64 test images, 1/64 each (recorded anew when drawn apart from training)
+    assert abs(entry["clean_acc"] - 0.25) < 1.5 / 64 and abs(entry["adv_acc"] - 0.046875) < 1.5 / 64
 
 
 def test_every_setting_a_run_records_has_a_role_in_the_settings_table(tiny_files, tmp_path, monkeypatch):
@@ -4382,8 +4394,9 @@ def test_a_consensus_mask_records_its_inputs_and_its_runs_are_filed_by_them(tmp_
 
 def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_path, monkeypatch, capsys):
     """A --dry-run without --out-dir writes under runs_dry/, never runs/ (its --tune weights arm in seed<S>-weights),
-    records the model and settings it used and turns weights off; the flags it overrides are named in one line; analyze
-    of two masks prints no nan, even where a mask has nothing off (no chance level: no ratio)."""
+    records the model and settings it used and turns weights off; the flags it overrides are named in one line; dry
+    runs of two shot counts are tested on the same images and summarized side by side; analyze of two masks prints no
+    nan, even where a mask has nothing off (no chance level: no ratio)."""
     monkeypatch.chdir(tmp_path)
     am.main(["--dry-run", "--model", "ViT-L-14", "--test-steps", "20"])
     assert "--dry-run runs the tiny random CLIP and PGD-3; it ignores --model ViT-L-14, --test-steps 20" in (
@@ -4395,6 +4408,9 @@ def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_pa
     assert json.loads((cell / "results.json").read_text())["sparsity"] > 0.05
     am.main(["--dry-run", "--tune", "weights", "--epochs", "1"])  # beside the mask's run, not in its folder
     assert (cell.parent / "seed1-weights" / "weights.bin").is_file() and not (cell / "weights.bin").exists()
+    am.main(["--dry-run", "--shots", "1"])
+    row, _ = table(am.summarize(tmp_path / "runs_dry", am.parser_defaults), "few_shot")  # the dataset, its Average
+    assert row[0] == "oxford_pets" and len(row) == 5 and "—" not in row  # 1-shot and 16-shot, clean and adv
     none_off = tiny_clip()
     am.apply_masks(none_off)
     am.save_masks(none_off, tmp_path / "none_off.bin")
