@@ -2024,7 +2024,7 @@ def _seeds_by_cell(runs_dir, defaults):
                 raise ValueError(f"{cell} holds the run of {', '.join(moved)} (its results.json says so), which this "
                                  f"folder would table as another; move it to its own folder, or delete it")
             with _hand_edited(cell / "results.json", "summarize", "delete it and rerun its command"):
-                cells = _summary_cells(finished, protocol, dataset, shots, defaults)
+                cells = _summary_cells(finished, protocol=protocol, dataset=dataset, shots=shots, defaults=defaults)
             if (gone := len(finished["results"]) - len(cells)) > 0:
                 print(f"{cell}: leaving out {gone} cell{'s' * (gone != 1)} measured on test sets that its latest run "
                       f"replaced", file=sys.stderr)
@@ -2569,12 +2569,12 @@ def precision_check(clip_config, device, batch_size=4, eps=TRAIN_EPS, repeats=3,
     x, y = _bench_batch(clip_config, batch_size, device)
     noise = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator(device).manual_seed(seed))
     x_adv = (x + noise).clamp(0, 1)
-    measure = partial(_lafa_under, model, scores, x, x_adv, y, device)
+    measure = partial(_lafa_under, model, scores, x=x, x_adv=x_adv, y=y, device=device)
     modes = ("bf16", "bf16, fp32 residual stream", "fp32")
     tf32 = set_tf32(False)
-    ref_dz, ref_lafa, ref_grad, ref_signs = measure("fp32")  # true fp32
+    ref_dz, ref_lafa, ref_grad, ref_signs = measure(mode="fp32")  # true fp32
     set_tf32(tf32)
-    measured = {mode: measure(mode) for mode in modes}  # before the timed steps, which move the scores
+    measured = {mode: measure(mode=mode) for mode in modes}  # before the timed steps, which move the scores
 
     def step(mode):
         with _precision(model, device, mode):
