@@ -1016,6 +1016,19 @@ def test_evaluate_warns_about_a_broken_attack(capsys):
     assert "input gradient is exactly zero for 100.0% of the images" in err
 
 
+@pytest.mark.parametrize("moved, warned", [(1, True), (0, False)])
+def test_evaluate_warns_when_an_attack_beats_clean_accuracy_by_a_single_image(moved, warned, capsys):
+    """An attack whose accuracy exceeds clean accuracy by one image of 40 is reported; one that equals it is not."""
+    def nudge(model, x, y, generator):  # the first `moved` images off the 1/255 grid, where OffGridOracle is right
+        x = x.clone()
+        x[:moved] += 0.4 / 255
+        return x
+    x_u8 = torch.full((40, 3, SIZE, SIZE), 128, dtype=torch.uint8)
+    result = am.evaluate(OffGridOracle(), x_u8, torch.ones(40, dtype=torch.long), {"nudge": nudge}, batch_size=40)
+    assert (result["clean_acc"], result["attacks"]["nudge"]["adv_acc"]) == (0.0, moved / 40)
+    assert ("exceeds clean accuracy" in capsys.readouterr().err) == warned
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # AdvMask in one call
 
@@ -1204,7 +1217,8 @@ def test_apgd_t_refuses_fewer_than_four_classes_and_apgd_dlr_fewer_than_three():
 
 def test_tga_zsrs_autoattack_adds_apgd_dlr_and_on_two_classes_is_apgd_ce_alone():
     """aa-tga-zsr (APGD-CE, then untargeted APGD-DLR on what survived) keeps no image its APGD-CE stage broke, and on
-    a 2-class set (PCAM), where DLR is undefined, it is exactly APGD-CE, as TGA-ZSR runs it there."""
+    a 2-class set (PCAM), where DLR is undefined, it is exactly APGD-CE, as TGA-ZSR runs it there, also where APGD-CE
+    leaves images correctly classified."""
     for n_classes in (6, 2):
         model = am.bake_masks(tiny_classifier(n_classes=n_classes).requires_grad_(False))
         x_u8, y = synthetic_training_set(n_classes, 4, seed=9)
@@ -1214,6 +1228,12 @@ def test_tga_zsrs_autoattack_adds_apgd_dlr_and_on_two_classes_is_apgd_ce_alone()
         assert not (result["aa-tga-zsr"]["correct"] & ~result["apgd-ce"]["correct"]).any()
         if n_classes == 2:
             assert torch.equal(result["aa-tga-zsr"]["correct"], result["apgd-ce"]["correct"])
+    # a 2-class set whose images APGD-CE leaves correct still gets no DLR stage (PartlyFlat's margin: 2 × red mean)
+    x, y = am.to_unit(synthetic_training_set(2, 4)[0]), torch.zeros(8, dtype=torch.long)
+    ce = am.apgd_attack(PartlyFlat(), x, y, 2 / 255, steps=2, generator=torch.Generator().manual_seed(0))
+    assert (PartlyFlat()(ce).argmax(1) == y).all()
+    assert torch.equal(am.autoattack(PartlyFlat(), x, y, 2 / 255, steps=2, second="dlr",
+                                     generator=torch.Generator().manual_seed(0)), ce)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1548,7 +1568,8 @@ def test_a_timm_family_runs_through_the_cli_and_analyze(name, tmp_path, monkeypa
 @MODEL_SETTINGS
 @given(seed=st.integers(0, 10_000), target=st.sampled_from(["mhsa", "mlp", "all"]))
 def test_mask_file_round_trip_is_bit_exact_and_one_bit_per_weight(tmp_path_factory, seed, target):
-    """save/load reproduces every bit, onto a bare or an unmasked model, in a file of about n/8 bytes."""
+    """save/load reproduces every bit, onto a bare or an unmasked model, in a file of about n/8 bytes; the loaded
+    scores sit at threshold ± 1, a margin from which training can go on."""
     path = tmp_path_factory.mktemp("m") / "masks.bin"
     model = tiny_classifier()
     am.apply_masks(model, target)
@@ -1560,6 +1581,7 @@ def test_mask_file_round_trip_is_bit_exact_and_one_bit_per_weight(tmp_path_facto
     am.load_masks(fresh, path)
     for (_, ours, s, t), (_, theirs, s2, t2) in zip(masked_weights(model), masked_weights(fresh)):
         assert torch.equal(s > t, s2 > t2) and torch.equal(ours, theirs)
+        assert torch.equal(s2, torch.where(s > t, t2 + 1.0, t2 - 1.0))
 
 
 def test_vit_b32_mhsa_mask_file_is_about_3_5_mb(tmp_path):
@@ -1642,7 +1664,8 @@ def json_places(value, where=()):
 def test_a_header_edited_or_corrupted_fails_the_checksum_as_a_tensor_does(tmp_path):
     """Any value of a mask or weights file's header changed, of another type or deleted (the provenance a transfer
     run files its cells by, the shapes, threshold and heads that loading and analysis read, the checksum itself; by
-    hand, or by a flipped byte that still parses) fails the file's checksum in one line, as a changed tensor does."""
+    hand, or by a flipped byte that still parses) fails the file's checksum in one line, as a changed tensor does, and
+    as one renamed or reshaped with its bytes kept."""
     files = {"mask": tmp_path / "masks.bin", "weights": tmp_path / "weights.bin"}
     model = masked_tiny_clip(7)
     am.save_masks(model, files["mask"], "tiny seed 7", provenance={"dataset": "dtd", "shots": 16, "lr": 1e-4})
@@ -1676,6 +1699,13 @@ def test_a_header_edited_or_corrupted_fails_the_checksum_as_a_tensor_does(tmp_pa
             am.read_tuned_file(tmp_path / "edited.bin", kind)
 
     check()
+    for kind, (meta, tensors) in headers.items():  # a tensor's bytes kept under another name, or another shape
+        name = sorted(tensors)[0]
+        for edited in ({("renamed" if k == name else k): v for k, v in tensors.items()},
+                       {**tensors, name: tensors[name].reshape(1, -1)}):
+            (tmp_path / "edited.bin").write_bytes(safetensors.torch.save(edited, {"advmask": json.dumps(meta)}))
+            with pytest.raises(ValueError, match=f"edited.bin fails its checksum: its header or its {kind} tensor"):
+                am.read_tuned_file(tmp_path / "edited.bin", kind)
 
 
 def test_a_mask_file_reads_with_safetensors_alone_and_an_earlier_format_is_refused(tmp_path):
@@ -3926,6 +3956,7 @@ def bad_input_cases(files):
         ([*tiny, "--conventions", "fap", "--split-dir", str(files)], "no CoOp split file split_zhou_OxfordPets.json"),
         (["--split-dir", str(files), "--split-json", str(files / "tiny.pt")], "(a folder for every dataset), not both"),
         (["--device", "cuda:99", "--dry-run"], "--device: cuda:99 was asked for but"),
+        (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA devices are visible"),  # one past the last GPU
         (["--device", "mps"], "argument --device: 'mps' is not cpu, cuda or cuda:N"),
         (["--device", "cuda:x"], "argument --device: 'cuda:x' is not cpu, cuda or cuda:N"),
         ([*tiny, "--data-root", str(files / "nowhere")], "it is read from oxford-iiit-pet/images/<Breed>_<n>.jpg"),
