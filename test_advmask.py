@@ -2543,15 +2543,17 @@ def test_summary_lists_its_methods_in_one_order_whatever_the_hash_seed(tmp_path)
     assert methods == ["CLIP", *sorted(["AdvMask", "adversarial fine-tuning", *baselines])]
 
 
-def test_summarize_refuses_to_average_runs_of_different_splits(tmp_path):
-    """Two seeds of one dataset, one on the default split and one on CoOp's file, are refused with one line."""
-    write_results(tmp_path, "few_shot", "dtd", 16, 1, [("dtd", 0.5, 0.2)])
-    write_results(tmp_path, "few_shot", "dtd", 16, 2, [("dtd", 0.5, 0.2)])
+@pytest.mark.parametrize("protocol, trained_on", [("few_shot", "dtd"), ("transfer", "imagenet")])
+def test_summarize_refuses_to_average_runs_of_different_splits(protocol, trained_on, tmp_path):
+    """Two seeds of one cell whose evaluated dataset is split by default in one and by CoOp's file in the other are
+    refused with one line: the training dataset's own, or a transfer target's."""
     for seed, split in ((1, {"source": "default"}),
                         (2, {"source": "coop", "file": "split_zhou_DescribableTextures.json", "sha256": "ab" * 32})):
-        path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "splits": {"dtd": split}}))
-    with pytest.raises(ValueError, match=r"few_shot/dtd .*mixes splits.*dtd: default in .*seed1.*"
+        write_results(tmp_path, protocol, trained_on, 16, seed, [("dtd", 0.5, 0.2)])
+        path = tmp_path / protocol / trained_on / "16shot" / f"seed{seed}" / "results.json"
+        splits = {trained_on: {"source": "default"}, "dtd": split}
+        path.write_text(json.dumps({**json.loads(path.read_text()), "splits": splits}))
+    with pytest.raises(ValueError, match=rf"{protocol}/{trained_on} .*mixes splits.*dtd: default in .*seed1.*"
                                          r"split_zhou_DescribableTextures.json sha256 abababababab in .*seed2"):
         am.summarize(tmp_path, am.parser_defaults)
     assert not (tmp_path / "summary.md").exists()
@@ -2753,6 +2755,19 @@ def test_a_hand_edited_run_file_is_tabled_exported_and_rerun_or_refused_in_one_l
                 assert r["n"] == n and (r["attack"] == "worst" or len(bytes.fromhex(r["correct"])) == -(-n // 8))
 
     check()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=40))
+def test_a_cells_per_image_outcome_reads_back_in_image_order(correct):
+    """The per-image outcome a results.json entry keeps (packed into hex) reads back image by image as evaluate gave
+    it, for any number of images: what a worst case made later, and any per-image analysis, rest on."""
+    correct = torch.tensor(correct)
+    attack = {"adv_acc": correct.float().mean().item(), "seconds": 0.0, "correct": correct}
+    result = {"n": len(correct), "clean_acc": 1.0, "zero_grad_share": 0.0,
+              "attacks": {am._cell_label("pgd", 1): attack}}
+    [row] = am._result_rows({"model": "advmask", "eval": "dtd", "test_steps": 3}, result, [("pgd", 1)])
+    assert torch.equal(am._outcome(row), correct)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
