@@ -2607,8 +2607,9 @@ def test_summarize_tables_seeds_of_other_settings_apart_and_refuses_what_no_head
 
 def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_learning_rate(tmp_path, monkeypatch):
     """AdvMask runs at lr 1e-4 and adversarial fine-tuning runs at 1e-5 under one root are two methods side by side
-    in one table, each at its learning rate, not a cell that mixes learning rates; summary.png draws both. The CLIP
-    baseline both arms evaluated (seed1 and seed1-weights) is one row: its numbers rest on no learning rate."""
+    in one table, each at its learning rate, not a cell that mixes learning rates; summary.png draws both, and its
+    Average only at shot counts every dataset has. The CLIP baseline both arms evaluated (seed1 and seed1-weights) is
+    one row: its numbers rest on no learning rate."""
     for seed, (model, lr) in enumerate([("advmask", 1e-4), ("advmask", 1e-4), ("adv_ft", 1e-5), ("adv_ft", 1e-5)]):
         write_results(tmp_path, "few_shot", "dtd", 16, seed + 1, [("dtd", 0.5, 0.2)])
         path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed + 1}" / "results.json"
@@ -2633,6 +2634,20 @@ def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_
         (cell / "results.json").write_text(json.dumps({"results": rows, "settings": {"lr": lr}}))
     clip_rows = {r[0]: r[1:] for r in table(am.summarize(tmp_path, am.parser_defaults), "few_shot", method="CLIP")}
     assert clip_rows["eurosat"] == ["40.0 (1/4)", "10.0 (1/4)"]
+    write_results(tmp_path, "few_shot", "dtd", 4, 1, [("dtd", 0.5, 0.2)])  # 4 shots of dtd alone: no 4-shot Average
+    path = tmp_path / "few_shot" / "dtd" / "4shot" / "seed1" / "results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {"lr": 1e-4}}))
+    am.summarize(tmp_path, am.parser_defaults)
+    lines = []
+
+    def recorded(ax, *args, **kwargs):  # each line's panel, label and shot counts
+        lines.append((ax, kwargs.get("label"), args[0]))
+        return plot(ax, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recorded)
+    am.plot_few_shot(tmp_path)
+    drawn = {(ax.get_title(), label): shots for ax, label, shots in lines}
+    assert drawn["dtd", "AdvMask (lr 0.0001) clean"] == (4, 16)
+    assert drawn["Average", "AdvMask (lr 0.0001) clean"] == (16,)  # the Average of complete columns alone
 
 
 def test_summarize_gives_each_evaluation_basis_a_table_of_its_own_named_in_its_heading(tmp_path):
@@ -4449,8 +4464,9 @@ def test_a_consensus_mask_records_its_inputs_and_its_runs_are_filed_by_them(tmp_
 def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_path, monkeypatch, capsys):
     """A --dry-run without --out-dir writes under runs_dry/, never runs/ (its --tune weights arm in seed<S>-weights),
     records the model and settings it used and turns weights off; the flags it overrides are named in one line; dry
-    runs of two shot counts are tested on the same images and summarized side by side; analyze of two masks prints no
-    nan, even where a mask has nothing off (no chance level: no ratio)."""
+    runs of two shot counts are tested on the same images and summarized side by side, under a heading that names
+    the dry run alone; analyze of two masks prints no nan, even where a mask has nothing off (no chance level: no
+    ratio)."""
     monkeypatch.chdir(tmp_path)
     am.main(["--dry-run", "--model", "ViT-L-14", "--test-steps", "20"])
     assert "--dry-run runs the tiny random CLIP and PGD-3; it ignores --model ViT-L-14, --test-steps 20" in (
@@ -4463,8 +4479,11 @@ def test_dry_runs_land_in_a_folder_of_their_own_and_show_the_mask_working(tmp_pa
     am.main(["--dry-run", "--tune", "weights", "--epochs", "1"])  # beside the mask's run, not in its folder
     assert (cell.parent / "seed1-weights" / "weights.bin").is_file() and not (cell / "weights.bin").exists()
     am.main(["--dry-run", "--shots", "1"])
-    row, _ = table(am.summarize(tmp_path / "runs_dry", am.parser_defaults), "few_shot")  # the dataset, its Average
+    md = am.summarize(tmp_path / "runs_dry", am.parser_defaults)
+    row, _ = table(md, "few_shot")  # the dataset, its Average
     assert row[0] == "oxford_pets" and len(row) == 5 and "—" not in row  # 1-shot and 16-shot, clean and adv
+    # the heading says what a dry run is, and nothing of the settings --dry-run sets (model, weights, PGD-3, lr)
+    assert "## few_shot | PGD ε = 1/255 | dry run: random model and images | mean" in md
     none_off = tiny_clip()
     am.apply_masks(none_off)
     am.save_masks(none_off, tmp_path / "none_off.bin")
