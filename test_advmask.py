@@ -2476,12 +2476,15 @@ def test_harmonic_mean_is_the_statistics_modules_and_zero_with_an_accuracy_of_ze
     assert am.harmonic_mean(accuracies) == pytest.approx(statistics.harmonic_mean(accuracies), rel=1e-12, abs=0)
 
 
-def write_results(runs, protocol, dataset, shots, seed, entries):
+def write_results(runs, protocol, dataset, shots, seed, entries, **fields):
+    """A run folder's results.json: a PGD cell per (evaluated set, clean, adv) entry, and fields beside the results
+    (settings, splits, class_sets); returns its path."""
     cell = Path(runs) / protocol / dataset / f"{shots}shot" / f"seed{seed}"
     cell.mkdir(parents=True)
     rows = [{"model": "advmask", "attack": "pgd", "eps": 1.0, "eval": e, "clean_acc": c, "adv_acc": a, "n": 10}
             for e, c, a in entries]
-    (cell / "results.json").write_text(json.dumps({"results": rows}))
+    (cell / "results.json").write_text(json.dumps({"results": rows, **fields}))
+    return cell / "results.json"
 
 
 def table(markdown, heading, method="AdvMask"):
@@ -2549,10 +2552,8 @@ def test_summarize_refuses_to_average_runs_of_different_splits(protocol, trained
     refused with one line: the training dataset's own, or a transfer target's."""
     for seed, split in ((1, {"source": "default"}),
                         (2, {"source": "coop", "file": "split_zhou_DescribableTextures.json", "sha256": "ab" * 32})):
-        write_results(tmp_path, protocol, trained_on, 16, seed, [("dtd", 0.5, 0.2)])
-        path = tmp_path / protocol / trained_on / "16shot" / f"seed{seed}" / "results.json"
-        splits = {trained_on: {"source": "default"}, "dtd": split}
-        path.write_text(json.dumps({**json.loads(path.read_text()), "splits": splits}))
+        write_results(tmp_path, protocol, trained_on, 16, seed, [("dtd", 0.5, 0.2)],
+                      splits={trained_on: {"source": "default"}, "dtd": split})
     with pytest.raises(ValueError, match=rf"{protocol}/{trained_on} .*mixes splits.*dtd: default in .*seed1.*"
                                          r"split_zhou_DescribableTextures.json sha256 abababababab in .*seed2"):
         am.summarize(tmp_path, am.parser_defaults)
@@ -2594,9 +2595,8 @@ def test_summarize_tables_seeds_of_other_settings_apart_and_refuses_what_no_head
     steps or step size (0 included) go to two tables, the heading of one naming the setting, one seed each, never
     averaged; seeds that differ in a setting no heading names (λ) are refused with one line naming it."""
     for seed, value in ((1, first), (2, second)):
-        write_results(tmp_path, "few_shot", "dtd", 16, seed, [("dtd", 0.5 + seed / 10, 0.2)])
-        path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {what: value}}))
+        path = write_results(tmp_path, "few_shot", "dtd", 16, seed, [("dtd", 0.5 + seed / 10, 0.2)],
+                             settings={what: value})
     summary = am.summarize(tmp_path, am.parser_defaults)
     assert table(summary, words)[0] == ["dtd", "60.0 (1/2)", "20.0 (1/2)"]
     assert len([line for line in summary.splitlines() if line.startswith("## few_shot")]) == 2
@@ -2634,9 +2634,8 @@ def test_summarize_tables_a_mask_and_fine_tuned_weights_in_one_root_each_at_its_
         (cell / "results.json").write_text(json.dumps({"results": rows, "settings": {"lr": lr}}))
     clip_rows = {r[0]: r[1:] for r in table(am.summarize(tmp_path, am.parser_defaults), "few_shot", method="CLIP")}
     assert clip_rows["eurosat"] == ["40.0 (1/4)", "10.0 (1/4)"]
-    write_results(tmp_path, "few_shot", "dtd", 4, 1, [("dtd", 0.5, 0.2)])  # 4 shots of dtd alone: no 4-shot Average
-    path = tmp_path / "few_shot" / "dtd" / "4shot" / "seed1" / "results.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {"lr": 1e-4}}))
+    # 4 shots of dtd alone: no 4-shot Average
+    write_results(tmp_path, "few_shot", "dtd", 4, 1, [("dtd", 0.5, 0.2)], settings={"lr": 1e-4})
     am.summarize(tmp_path, am.parser_defaults)
     lines = []
 
@@ -2686,9 +2685,7 @@ def test_results_record_each_class_sets_prompts_and_summarize_refuses_seeds_whos
     for runs, differ in ((tmp_path / "a", {"preprocess": am.tga_zsr_preprocess("dtd", SIZE)}),
                          (tmp_path / "b", {"templates": ["This is a photo of a {}"]})):
         for seed, class_set in ((1, dtd), (2, {**dtd, **differ})):
-            write_results(runs, "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)])
-            path = runs / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
-            path.write_text(json.dumps({**json.loads(path.read_text()), "class_sets": {"dtd": class_set}}))
+            write_results(runs, "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)], class_sets={"dtd": class_set})
         with pytest.raises(ValueError, match=r"mixes prompts and resizing, \w{12} in .*seed1 and \w{12} in .*seed2"):
             am.summarize(runs, am.parser_defaults)
 
@@ -2698,10 +2695,8 @@ def test_summarize_refuses_seeds_of_different_model_identities(tmp_path):
     averages as usual."""
     identity = am.load_clip("tiny", "none")[2] | {"weights_sha256": "ab" * 32}
     for seed, activation in ((1, "GELU"), (2, "QuickGELU")):
-        write_results(tmp_path, "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)])
-        path = tmp_path / "few_shot" / "dtd" / "16shot" / f"seed{seed}" / "results.json"
         settings = {"pretrained": "openai", "model_identity": {**identity, "activation": activation}}
-        path.write_text(json.dumps({**json.loads(path.read_text()), "settings": settings}))
+        path = write_results(tmp_path, "few_shot", "dtd", 16, seed, [("dtd", 0.5, 0.2)], settings=settings)
     with pytest.raises(ValueError, match=r'mixes model activation, "GELU" in .*seed1 and "QuickGELU" in .*seed2'):
         am.summarize(tmp_path, am.parser_defaults)
     settings["model_identity"]["activation"] = "GELU"
@@ -2990,9 +2985,8 @@ def test_summary_png_draws_a_line_per_learning_rate_with_shot_ticks_on_every_pan
     for seed, lr in ((1, 1e-4), (2, 1e-3)):
         for shots in (1, 2, 4, 8, 16):
             for dataset in ("dtd", "eurosat"):
-                write_results(tmp_path, "few_shot", dataset, shots, seed, [(dataset, 0.3 + shots / 100, 0.1)])
-                path = tmp_path / "few_shot" / dataset / f"{shots}shot" / f"seed{seed}" / "results.json"
-                path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {"lr": lr}}))
+                write_results(tmp_path, "few_shot", dataset, shots, seed, [(dataset, 0.3 + shots / 100, 0.1)],
+                              settings={"lr": lr})
     saved, savefig = [], matplotlib.figure.Figure.savefig
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig) or savefig(fig, *a,
                                                                                                               **k))
